@@ -1,0 +1,17 @@
+"""Shared fixtures: the tests pick the device (CUDA where present, else CPU + interpreter)."""
+
+import pytest
+import torch
+
+from kernels import runtime
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return runtime.default_device()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_database(tmp_path, monkeypatch):
+    """Every test gets its own workbench database, never the user's."""
+    monkeypatch.setenv("WORKBENCH_DB", str(tmp_path / "workbench.db"))

@@ -1,0 +1,1 @@
+"""The CLI and the end-to-end flows: models, data, training, tuning, the demo."""

@@ -1,0 +1,31 @@
+"""`workbench`: the command line. Subcommands live one per module in `workbench.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+import workbench.commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with every module in `workbench.commands` registered as a subcommand."""
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in sorted(pkgutil.iter_modules(workbench.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"workbench.commands.{module.name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"workbench {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""One module per `workbench` subcommand; each exposes `register(subparsers)`."""
