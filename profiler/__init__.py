@@ -1,0 +1,20 @@
+"""NVML sampling, measurement windows and energy per call.
+
+    from profiler import NvmlSampler, measure_energy
+    with NvmlSampler(device=0, interval_s=0.01) as sampler:
+        with sampler.window("step 1"):
+            ...
+        result = measure_energy(lambda: kernel(x), sampler, "gemm 512", synchronize=torch.cuda.synchronize)
+    sampler.frame(), sampler.windows()
+
+See profiler/README.md for what NVML can and cannot measure and why the defaults are what they are.
+"""
+
+from profiler.energy import DEFAULT_MIN_WINDOW_S, ENERGY_RESULT_KEYS, cool_down, measure_energy
+from profiler.nvml_sampler import SAMPLE_COLUMNS, NvmlSampler
+from profiler.windows import WINDOW_COLUMNS, WindowStats, window_stats
+
+__all__ = [
+    "DEFAULT_MIN_WINDOW_S", "ENERGY_RESULT_KEYS", "SAMPLE_COLUMNS", "WINDOW_COLUMNS",
+    "NvmlSampler", "WindowStats", "cool_down", "measure_energy", "window_stats",
+]  # fmt: skip

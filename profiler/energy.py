@@ -1,0 +1,125 @@
+"""Energy per kernel call: back-to-back launches over a window long enough for NVML to see.
+
+NVML cannot see one kernel call. Its power reading and energy counter are refreshed every few tens
+of milliseconds (about 20-100 ms depending on the GPU), nvmlDeviceGetPowerUsage is a 1 s average
+on Ampere and newer (except GA100), and on A100 and H100 the sensor samples only about 25 % of
+the time (Yang et al., SC'24, "Accurate and Convenient Energy Measurements for GPUs"). So one
+trial keeps the GPU continuously busy with back-to-back calls, which makes its power steady (a
+steady signal is measured correctly even when only part of the time is sampled), for at least
+`min_window_s`, and divides the energy the counter saw by the number of calls. The default of
+1 s spans about ten refreshes of a 100 ms counter (each refresh then weighs ~10 % of the total,
+and the quantisation error of the two edges shrinks with the window) and the whole 1 s averaging
+period of the averaged power reading; profiler/README.md gives the sources. For final
+comparisons, a longer window (zeus.profile uses several seconds) and a cool-down between trials
+give lower variance.
+
+Nothing is subtracted: `energy_j_per_call` is the board's whole energy during the window over
+the calls, idle power included. The idle power, measured just before the trial, is reported
+beside it, so a caller who wants the net figure computes
+`(avg_power_w - idle_power_w) * window_s / calls`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from profiler.nvml_sampler import NvmlSampler
+from profiler.windows import value_at
+
+DEFAULT_MIN_WINDOW_S = 1.0
+ENERGY_RESULT_KEYS = (
+    "energy_j_per_call", "avg_power_w", "peak_power_w", "start_temp_c", "end_temp_c", "mean_sm_clock_mhz",
+    "throttled", "idle_power_w", "calls", "window_s", "energy_j",
+)  # fmt: skip
+
+
+def _no_sync() -> None:
+    return None
+
+
+def cool_down(sampler: NvmlSampler, target_temp_c: float, timeout_s: float = 60.0, poll_s: float = 0.1) -> float:
+    """Wait until the GPU is at or below target_temp_c (or timeout_s passes); returns the last temperature.
+
+    Without NVML (or without a temperature reading) it returns NaN at once.
+    """
+    deadline = sampler.now_s() + timeout_s
+    while True:
+        sampler.sample(full=True)
+        temp_c = sampler.latest("gpu_temp_c")
+        if math.isnan(temp_c) or temp_c <= target_temp_c or sampler.now_s() >= deadline:
+            return temp_c
+        sampler.sleep(poll_s)
+
+
+def measure_energy(fn: Callable[[], object], sampler: NvmlSampler, name: str, *,
+                   min_window_s: float = DEFAULT_MIN_WINDOW_S, warmup_s: float = 0.1, idle_s: float = 0.5,
+                   cooldown_s: float = 0.0, cooldown_temp_c: float | None = None, cooldown_timeout_s: float = 60.0,
+                   synchronize: Callable[[], object] = _no_sync, batch_s: float = 0.05) -> dict:  # fmt: skip
+    """Measure the energy of one call of `fn` as described in the module docstring; returns a dict.
+
+    Steps, all on `sampler`'s clock (the sampler should be running, so that windows have samples
+    inside them; edges are sampled anyway):
+    1. cool-down: wait `cooldown_s`, then, if `cooldown_temp_c` is given, until the GPU is at or
+       below it (at most `cooldown_timeout_s`);
+    2. idle: window "<name>/idle" of `idle_s` seconds doing nothing -> idle_power_w;
+    3. warm-up: call `fn` for `warmup_s` (at least once), synchronised, to settle clocks and to time
+       one call, from which calls are grouped in batches of about `batch_s`;
+    4. the trial: window "<name>", back-to-back calls, `synchronize()` after each batch, until at
+       least `min_window_s` has passed; the window closes after the last synchronize.
+
+    `synchronize` waits for queued GPU work (pass torch.cuda.synchronize for CUDA kernels).
+    Returns ENERGY_RESULT_KEYS: energy_j_per_call, avg_power_w, peak_power_w, start_temp_c,
+    end_temp_c, mean_sm_clock_mhz, throttled (bool, None if unknown), idle_power_w, calls,
+    window_s, energy_j. Measurements are NaN without NVML; calls and window_s are always real.
+    """
+    if not callable(fn) or not callable(synchronize):
+        raise TypeError("fn and synchronize must be callables taking no arguments")
+    for label, value, least in (("min_window_s", min_window_s, "positive"), ("batch_s", batch_s, "positive"),
+                                ("warmup_s", warmup_s, "non-negative"), ("idle_s", idle_s, "non-negative"),
+                                ("cooldown_s", cooldown_s, "non-negative")):  # fmt: skip
+        if not isinstance(value, (int, float)) or value < 0 or (least == "positive" and value == 0):
+            raise ValueError(f"{label} must be a {least} number of seconds, got {value!r}")
+
+    if sampler.available:
+        if cooldown_s:
+            sampler.sleep(cooldown_s)
+        if cooldown_temp_c is not None:
+            cool_down(sampler, cooldown_temp_c, cooldown_timeout_s)
+        synchronize()
+        with sampler.window(f"{name}/idle") as idle:
+            sampler.sleep(idle_s)
+        idle_power_w = sampler.window_stats(idle).avg_power_w
+    else:
+        idle_power_w = math.nan
+
+    warmup_start_s, warmup_calls = sampler.now_s(), 0
+    while warmup_calls == 0 or sampler.now_s() - warmup_start_s < warmup_s:
+        fn()
+        synchronize()
+        warmup_calls += 1
+    seconds_per_call = (sampler.now_s() - warmup_start_s) / warmup_calls
+    batch = max(1, int(batch_s / seconds_per_call)) if seconds_per_call > 0 else 1
+
+    calls = 0
+    with sampler.window(name) as trial:
+        while calls == 0 or sampler.now_s() - trial.start_s < min_window_s:
+            for _ in range(batch):
+                fn()
+            synchronize()
+            calls += batch
+    stats = sampler.window_stats(trial)
+    frame = sampler.frame()
+    return {
+        "energy_j_per_call": stats.energy_j / calls,
+        "avg_power_w": stats.avg_power_w,
+        "peak_power_w": stats.peak_power_w,
+        "start_temp_c": value_at(frame, "gpu_temp_c", trial.start_s),
+        "end_temp_c": value_at(frame, "gpu_temp_c", trial.end_s),
+        "mean_sm_clock_mhz": stats.mean_sm_clock_mhz,
+        "throttled": stats.throttled,
+        "idle_power_w": idle_power_w,
+        "calls": calls,
+        "window_s": stats.duration_s,
+        "energy_j": stats.energy_j,
+    }

@@ -1,0 +1,287 @@
+"""The NVML sampler: power, energy, temperature and clocks of one GPU, sampled in a background thread.
+
+It talks to the hardware only through nvidia-ml-py's `pynvml` module, imported when a sampler is
+made (so a test double placed in `sys.modules["pynvml"]` stands in for it).
+
+What is read, and how often:
+- every sample (`interval_s`, default 10 ms): instant power (field NVML_FI_DEV_POWER_INSTANT,
+  else nvmlDeviceGetPowerUsage, which on Ampere and newer except GA100 is a 1 s average) and the
+  board's energy counter (nvmlDeviceGetTotalEnergyConsumption, mJ since the driver loaded);
+- every `slow_every`-th sample (default 10th, so every 100 ms), and at the edges of every window:
+  GPU and memory temperature (field NVML_FI_DEV_MEMORY_TEMP), SM and memory clocks, GPU
+  utilisation, memory used and the clock-event (throttle) reasons. Between reads these are
+  forward-filled: a row carries the latest reading, so every row is complete and a short window
+  still has a temperature and a clock. NaN means "not supported here", never "not read this time".
+
+A field NVML does not support on this GPU is NaN in every row and logged once. Where NVML is
+missing (no nvidia-ml-py, no driver, no GPU, no such device) the sampler is `available=False`
+with the `reason`, samples nothing and its frames are empty (with the right columns); windows
+still record their times, with NaN measurements. Nothing raises.
+
+Times are `clock()` (monotonic) seconds since the sampler was made. NVML itself refreshes power
+and the energy counter only every few tens of ms (see profiler/README.md), so sampling faster
+than `interval_s=0.01` buys nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+
+from profiler.device_index import NvmlDevice, resolve_device
+from profiler.windows import WindowStats, window_stats, windows_frame
+
+log = logging.getLogger("profiler")
+
+SAMPLE_COLUMNS: tuple[str, ...] = (
+    "time_s", "power_w", "energy_j", "gpu_temp_c", "mem_temp_c", "sm_clock_mhz", "mem_clock_mhz",
+    "gpu_util_pct", "mem_used_bytes", "clock_event_reasons",
+)  # fmt: skip
+_FAST = ("power_w", "energy_j")
+_SLOW = SAMPLE_COLUMNS[3:]
+# nvmlFieldValue_t.valueType -> the member of the value union that holds it (nvml.h)
+_VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+# Errors meaning "this GPU / driver / user will never give this field": stop asking.
+_PERMANENT_ERRORS = ("NVMLError_NotSupported", "NVMLError_FunctionNotFound", "NVMLError_NoPermission")
+
+
+@dataclass
+class _Window:
+    name: str
+    start_s: float
+    end_s: float = math.nan
+
+
+class NvmlSampler:
+    """Samples one GPU through NVML in a background thread; attributes energy to named windows.
+
+    Use it as a context manager (or call start()/stop(); one start per sampler):
+
+        with NvmlSampler(device=0, interval_s=0.01) as sampler:
+            with sampler.window("epoch 1"):
+                train_one_epoch()
+        sampler.frame()    # one row per sample: SAMPLE_COLUMNS
+        sampler.windows()  # one row per closed window: profiler.windows.WINDOW_COLUMNS
+
+    device: the CUDA ordinal as this process sees it (CUDA_VISIBLE_DEVICES honoured), or a GPU
+        UUID / PCI bus id. interval_s: seconds between samples of power and energy.
+    slow_every: read temperatures, clocks, utilisation, memory and throttle reasons every n-th sample.
+    clock, sleep: the time source (monotonic seconds) and how to wait; injectable for tests.
+    """
+
+    def __init__(self, device: int | str = 0, interval_s: float = 0.01, slow_every: int = 10,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):  # fmt: skip
+        if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not interval_s > 0:
+            raise ValueError(f"interval_s must be a positive number of seconds, got {interval_s!r}")
+        if isinstance(slow_every, bool) or not isinstance(slow_every, int) or slow_every < 1:
+            raise ValueError(f"slow_every must be an integer >= 1, got {slow_every!r}")
+        self.interval_s = float(interval_s)
+        self.slow_every = slow_every
+        self.clock, self.sleep = clock, sleep
+        self._t0 = clock()
+        self._lock = threading.RLock()
+        self._rows: list[tuple[float, ...]] = []
+        self._slow_values = dict.fromkeys(_SLOW, math.nan)
+        self._count = 0
+        self._energy0_mj: float | None = None
+        self._unsupported: set[str] = set()
+        self._noted: set[str] = set()
+        self._windows: list[_Window] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._started = self._closed = False
+        self._nvml: Any = None
+        self.device: NvmlDevice | None = None
+        self.available, self.reason = self._open(device)
+        if not self.available:
+            log.info("no power data: %s", self.reason)
+
+    # ------------------------------------------------------------------ NVML
+    def _open(self, device: int | str) -> tuple[bool, str]:
+        try:
+            nvml = importlib.import_module("pynvml")
+        except ImportError as error:
+            return False, f"nvidia-ml-py (pynvml) is not importable: {error}"
+        try:
+            nvml.nvmlInit()
+        except Exception as error:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
+            return False, f"NVML could not start: {error or type(error).__name__}"
+        try:
+            self.device = resolve_device(nvml, device)
+        except Exception as error:  # no GPU, device not visible, bad selector, NVML error
+            nvml.nvmlShutdown()
+            return False, f"no NVML device for device={device!r}: {error or type(error).__name__}"
+        self._nvml = nvml
+        return True, ""
+
+    def _read(self, column: str, read: Callable[[], float]) -> float:
+        """One field's value; NaN (noted once) when NVML will not give it."""
+        if column in self._unsupported:
+            return math.nan
+        try:
+            return float(read())
+        except Exception as error:
+            permanent = type(error).__name__ in _PERMANENT_ERRORS
+            if permanent:
+                self._unsupported.add(column)
+            if column not in self._noted:
+                self._noted.add(column)
+                what = "not available on this GPU" if permanent else "could not be read"
+                log.info("NVML: %s %s (%s); it is NaN%s", column, what, error or type(error).__name__,
+                         "" if permanent else " where it fails")  # fmt: skip
+            return math.nan
+
+    def _field(self, field_id: int) -> float:
+        """A field value through nvmlDeviceGetFieldValues, decoded by its value type."""
+        value = self._nvml.nvmlDeviceGetFieldValues(self.device.handle, [field_id])[0]
+        if value.nvmlReturn != 0:
+            raise self._nvml.NVMLError(value.nvmlReturn)
+        return getattr(value.value, _VALUE_MEMBERS[value.valueType])
+
+    def _power_w(self) -> float:
+        if "power_instant" not in self._unsupported:
+            instant = self._read("power_instant", lambda: self._field(self._nvml.NVML_FI_DEV_POWER_INSTANT))
+            if not math.isnan(instant):
+                return instant / 1000.0
+            if "power_instant" in self._unsupported:
+                log.info("NVML: using nvmlDeviceGetPowerUsage instead (a 1 s average on Ampere and newer except GA100)")
+        return self._read("power_w", lambda: self._nvml.nvmlDeviceGetPowerUsage(self.device.handle)) / 1000.0
+
+    def _clock_event_reasons(self) -> float:
+        nvml, handle = self._nvml, self.device.handle
+        if hasattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons"):
+            reasons = self._read("clock_events", lambda: nvml.nvmlDeviceGetCurrentClocksEventReasons(handle))
+            if "clock_events" not in self._unsupported:
+                return reasons
+        return self._read("clock_event_reasons", lambda: nvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle))
+
+    def _read_slow(self) -> None:
+        nvml, handle = self._nvml, self.device.handle
+        self._slow_values = {
+            "gpu_temp_c": self._read("gpu_temp_c", lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
+            "mem_temp_c": self._read("mem_temp_c", lambda: self._field(nvml.NVML_FI_DEV_MEMORY_TEMP)),
+            "sm_clock_mhz": self._read("sm_clock_mhz", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
+            "mem_clock_mhz": self._read("mem_clock_mhz", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)),
+            "gpu_util_pct": self._read("gpu_util_pct", lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+            "mem_used_bytes": self._read("mem_used_bytes", lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used),
+            "clock_event_reasons": self._clock_event_reasons(),
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ sampling
+    def now_s(self) -> float:
+        """Seconds on the sampler's time base (since it was made)."""
+        return self.clock() - self._t0
+
+    def sample(self, full: bool = False) -> float:
+        """Take one sample now (the thread calls this every interval_s); returns its time_s.
+
+        full: also read the slow fields (done every slow_every-th sample and at window edges).
+        Without NVML, or once stopped, nothing is recorded.
+        """
+        with self._lock:
+            time_s = self.now_s()
+            if not self.available or self._closed:
+                return time_s
+            power_w = self._power_w()
+            energy_mj = self._read("energy_j", lambda: self._nvml.nvmlDeviceGetTotalEnergyConsumption(self.device.handle))
+            if self._energy0_mj is None and not math.isnan(energy_mj):
+                self._energy0_mj = energy_mj
+            energy_j = (energy_mj - self._energy0_mj) / 1000.0 if self._energy0_mj is not None else math.nan
+            if full or self._count % self.slow_every == 0:
+                self._read_slow()
+            self._count += 1
+            self._rows.append((time_s, power_w, energy_j, *self._slow_values.values()))
+            return time_s
+
+    def _run(self) -> None:
+        next_s = self.clock()
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except Exception:  # never let the thread die silently, never take the process down
+                log.exception("NVML sampler thread failed; sampling stops")
+                return
+            next_s += self.interval_s
+            delay = next_s - self.clock()
+            if delay < 0:  # fell behind (a slow NVML call): do not burst to catch up
+                next_s, delay = self.clock(), 0.0
+            self._stop.wait(delay)
+
+    def start(self) -> "NvmlSampler":
+        """Start the background thread (a no-op thread-wise without NVML). One start per sampler."""
+        if self._started:
+            raise RuntimeError("this NvmlSampler was already started; make a new one")
+        self._started = True
+        if self.available:
+            self.sample(full=True)
+            self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread (waits for it), take a last sample and release NVML. Safe to call twice."""
+        if self._closed:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.available:
+            self.sample(full=True)
+            self._nvml.nvmlShutdown()
+        self._closed = True
+
+    def __enter__(self) -> "NvmlSampler":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ windows
+    @contextmanager
+    def window(self, name: str) -> Iterator[_Window]:
+        """Mark a named window around a block; windows may nest. The window closes when the block
+        ends, also when it raises. A sample (with every field) is taken at each edge."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        record = _Window(name, self.sample(full=True))
+        with self._lock:
+            self._windows.append(record)
+        try:
+            yield record
+        finally:
+            record.end_s = self.sample(full=True)
+
+    # ------------------------------------------------------------------ results
+    def frame(self) -> pd.DataFrame:
+        """Every sample so far: SAMPLE_COLUMNS, float64 (clock_event_reasons is NVML's bitmask)."""
+        with self._lock:
+            rows = list(self._rows)
+        return pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS), dtype=float)
+
+    def window_stats(self, record: _Window) -> WindowStats:
+        """The measurements of one closed window (NaN measurements without samples)."""
+        if math.isnan(record.end_s):
+            raise ValueError(f"window {record.name!r} is still open")
+        return window_stats(self.frame(), record.name, record.start_s, record.end_s)
+
+    def windows(self) -> pd.DataFrame:
+        """One row per closed window, in opening order: profiler.windows.WINDOW_COLUMNS."""
+        frame = self.frame()
+        with self._lock:
+            closed = [w for w in self._windows if not math.isnan(w.end_s)]
+        return windows_frame([window_stats(frame, w.name, w.start_s, w.end_s) for w in closed])
+
+    def latest(self, column: str) -> float:
+        """The most recent value of `column` (NaN before any sample or without NVML)."""
+        if column not in SAMPLE_COLUMNS:
+            raise ValueError(f"column must be one of {SAMPLE_COLUMNS}, got {column!r}")
+        with self._lock:
+            return self._rows[-1][SAMPLE_COLUMNS.index(column)] if self._rows else math.nan

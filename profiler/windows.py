@@ -1,0 +1,119 @@
+"""Window arithmetic: energy, power, temperature and clocks of a time span of a sampler frame.
+
+Pure functions of a frame with the sampler's columns (see `profiler.nvml_sampler.SAMPLE_COLUMNS`),
+so a stored trace gives the same numbers as a live one.
+
+Energy comes from the board's energy counter: the counter is cumulative, so it is interpolated
+linearly at the window's start and end and the difference taken. Where the counter is missing
+(NaN throughout), energy is the integral of sampled power over the window (trapezoids, with power
+interpolated at the edges). Average power is energy / duration either way. Peaks, means and the
+throttle flag use the samples taken inside the window, edges included (the sampler takes one at
+each edge of a window).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass, fields
+
+import numpy as np
+import pandas as pd
+
+# NVML clock-event reasons that mean the clocks were held down by power or heat (nvml.h ABI):
+# SW power cap 0x4, HW slowdown 0x8, SW thermal 0x20, HW thermal 0x40, HW power brake 0x80.
+# Idle (0x1), application clocks (0x2), sync boost (0x10) and display clocks (0x100) are not throttling.
+THROTTLE_REASONS_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """What a window of a trace measured; NaN (or None for `throttled`) where the data is missing."""
+
+    name: str
+    start_s: float
+    end_s: float
+    duration_s: float
+    energy_j: float
+    avg_power_w: float
+    peak_power_w: float
+    peak_gpu_temp_c: float
+    mean_sm_clock_mhz: float
+    throttled: bool | None
+
+
+WINDOW_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(WindowStats))
+
+
+def _valid(times: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keep = ~np.isnan(values)
+    return times[keep], values[keep]
+
+
+def counter_energy_j(times: np.ndarray, energy_j: np.ndarray, start_s: float, end_s: float) -> float:
+    """Energy between start_s and end_s from a cumulative counter (linear interpolation); NaN without 2 readings."""
+    times, energy_j = _valid(times, energy_j)
+    if len(times) < 2:
+        return math.nan
+    start_j, end_j = np.interp([start_s, end_s], times, energy_j)
+    return float(end_j - start_j)
+
+
+def integrated_energy_j(times: np.ndarray, power_w: np.ndarray, start_s: float, end_s: float) -> float:
+    """Integral of power over [start_s, end_s] (trapezoids, power interpolated at the edges); NaN without data."""
+    times, power_w = _valid(times, power_w)
+    if len(times) == 0:
+        return math.nan
+    inside = (times > start_s) & (times < end_s)
+    edges = np.interp([start_s, end_s], times, power_w)
+    t = np.concatenate(([start_s], times[inside], [end_s]))
+    p = np.concatenate(([edges[0]], power_w[inside], [edges[1]]))
+    return float(np.trapezoid(p, t))
+
+
+def _nan_reduce(values: np.ndarray, reduce) -> float:
+    values = values[~np.isnan(values)]
+    return float(reduce(values)) if len(values) else math.nan
+
+
+def window_stats(frame: pd.DataFrame, name: str, start_s: float, end_s: float) -> WindowStats:
+    """The measurements of one window [start_s, end_s] of a sampler frame."""
+    if end_s < start_s:
+        raise ValueError(f"end_s ({end_s}) must not precede start_s ({start_s})")
+    times = frame["time_s"].to_numpy(dtype=float)
+    duration_s = end_s - start_s
+    energy_j = counter_energy_j(times, frame["energy_j"].to_numpy(dtype=float), start_s, end_s)
+    if math.isnan(energy_j):
+        energy_j = integrated_energy_j(times, frame["power_w"].to_numpy(dtype=float), start_s, end_s)
+    lo, hi = np.searchsorted(times, start_s, "left"), np.searchsorted(times, end_s, "right")
+    inside = frame.iloc[lo:hi]
+    reasons = inside["clock_event_reasons"].dropna().to_numpy(dtype=float).astype(np.int64)
+    return WindowStats(
+        name=name,
+        start_s=float(start_s),
+        end_s=float(end_s),
+        duration_s=float(duration_s),
+        energy_j=energy_j,
+        avg_power_w=energy_j / duration_s if duration_s > 0 else math.nan,
+        peak_power_w=_nan_reduce(inside["power_w"].to_numpy(dtype=float), np.max),
+        peak_gpu_temp_c=_nan_reduce(inside["gpu_temp_c"].to_numpy(dtype=float), np.max),
+        mean_sm_clock_mhz=_nan_reduce(inside["sm_clock_mhz"].to_numpy(dtype=float), np.mean),
+        throttled=bool(np.any(reasons & THROTTLE_REASONS_MASK)) if len(reasons) else None,
+    )
+
+
+def value_at(frame: pd.DataFrame, column: str, time_s: float) -> float:
+    """The last reading of `column` at or before time_s (the first one if time_s precedes them); NaN if none."""
+    readings = frame[["time_s", column]].dropna()
+    if readings.empty:
+        return math.nan
+    index = max(int(np.searchsorted(readings["time_s"].to_numpy(dtype=float), time_s, "right")) - 1, 0)
+    return float(readings[column].iloc[index])
+
+
+def windows_frame(stats: list[WindowStats]) -> pd.DataFrame:
+    """Window records as a DataFrame with WINDOW_COLUMNS (throttled is a nullable boolean)."""
+    frame = pd.DataFrame([astuple(s) for s in stats], columns=list(WINDOW_COLUMNS))
+    frame = frame.astype({c: float for c in WINDOW_COLUMNS if c not in ("name", "throttled")})
+    frame["name"] = frame["name"].astype(object)
+    frame["throttled"] = frame["throttled"].astype("boolean")
+    return frame
