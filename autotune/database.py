@@ -37,7 +37,8 @@ TRIAL_MEASURES = (
 )  # fmt: skip
 TRIAL_COLUMNS = ("run_id", "trial_id", "kernel", "problem", "config", "status", "reason") + TRIAL_MEASURES
 KEY_COLUMNS = ("kernel", "source_hash", "problem", "device", "capability", "triton_version", "torch_version")
-_RESERVED_TABLES = {"runs", "trials", "best_configs"}
+_KEY_MATCH = " AND ".join(f"{c} = ?" for c in KEY_COLUMNS)
+_RESERVED_TABLES = {"runs", "trials", "best_configs", "running_trials"}
 _TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 BUSY_TIMEOUT_MS = 60_000
 
@@ -54,6 +55,9 @@ CREATE TABLE IF NOT EXISTS best_configs (
     {", ".join(f"{c} TEXT NOT NULL" for c in KEY_COLUMNS)}, config TEXT NOT NULL, objective TEXT NOT NULL,
     value REAL, time_ms REAL, run_id INTEGER, updated_at TEXT NOT NULL,
     PRIMARY KEY ({", ".join(KEY_COLUMNS)}));
+CREATE TABLE IF NOT EXISTS running_trials (
+    {", ".join(f"{c} TEXT NOT NULL" for c in KEY_COLUMNS)}, config TEXT NOT NULL, attempts INTEGER NOT NULL,
+    PRIMARY KEY ({", ".join(KEY_COLUMNS)}, config));
 """
 
 
@@ -274,10 +278,43 @@ class Database:
         updates = ", ".join(f"{f} = excluded.{f}" for f in fields if f not in KEY_COLUMNS and f != "config")
         with self._write() as connection:
             connection.execute(
+                f"DELETE FROM running_trials WHERE {_KEY_MATCH} AND config = ?",
+                (*key.values(), config_id(config)),
+            )
+            connection.execute(
                 f"INSERT INTO trials ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))}) "
                 f"ON CONFLICT ({', '.join(KEY_COLUMNS)}, config) DO UPDATE SET {updates}",
                 values,
             )
+
+    def mark_running(self, key: TuningKey, config: Config) -> None:
+        """Note that a config is being evaluated (cleared by record_trial or forget_running).
+
+        A note left behind means the process died during that trial (killed, crashed, or hung and
+        killed); the tuner retries such a config once and records it as 'timeout' the second time.
+        """
+        with self._write() as connection:
+            connection.execute(
+                f"INSERT INTO running_trials ({', '.join(KEY_COLUMNS)}, config, attempts) "
+                f"VALUES ({', '.join('?' * (len(KEY_COLUMNS) + 2))}) "
+                f"ON CONFLICT ({', '.join(KEY_COLUMNS)}, config) DO UPDATE SET attempts = attempts + 1",
+                (*key.values(), config_id(config), 1),
+            )
+
+    def forget_running(self, key: TuningKey, config: Config) -> None:
+        with self._write() as connection:
+            connection.execute(
+                f"DELETE FROM running_trials WHERE {_KEY_MATCH} AND config = ?",
+                (*key.values(), config_id(config)),
+            )
+
+    def died_running(self, key: TuningKey) -> dict[str, int]:
+        """config_id -> how many processes died while evaluating it, for one tuning key."""
+        frame = self._query(
+            f"SELECT config, attempts FROM running_trials WHERE {_KEY_MATCH}",
+            key.values(),
+        )
+        return dict(zip(frame["config"], frame["attempts"].astype(int)))
 
     def trials(self, run_id: int | None = None, key: TuningKey | None = None) -> pd.DataFrame:
         """Tuning trials (one run, one tuning key, or all), in the order they were first stored."""
@@ -286,7 +323,7 @@ class Database:
             where.append("run_id = ?")
             parameters.append(int(run_id))
         if key is not None:
-            where += [f"{column} = ?" for column in KEY_COLUMNS]
+            where.append(_KEY_MATCH)
             parameters += key.values()
         extras = ("source_hash", "device", "capability", "triton_version", "torch_version")
         sql = f"SELECT {', '.join(TRIAL_COLUMNS + extras)} FROM trials"

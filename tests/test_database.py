@@ -1,0 +1,157 @@
+"""The workbench database: the contract other packages code against, trials, best configs, safety."""
+
+import multiprocessing
+import sqlite3
+
+import pandas as pd
+import pytest
+
+from autotune.database import Database, DatabaseFileError, TuningKey, default_path, lookup_best
+from autotune.environment import device_key
+from kernels import tuned
+from kernels.spec import KernelSpec, problem_id
+
+
+def _scale(x, factor):  # the "kernel" of the spec below: only its source hash and name matter here
+    return x * factor
+
+
+class IdentitySpec(KernelSpec):
+    """Hashed by identity, as kernels.tuned's cache needs (KernelSpec's generated hash fails on its dicts)."""
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+SPEC = IdentitySpec(
+    name="scale", kernel=_scale, params={"BLOCK": [16, 32, 64]}, constraints=(),
+    default_config=lambda problem: {"BLOCK": 16}, make_inputs=None, launch=None, reference=None,
+    flops=lambda p: p["n"], bytes=lambda p: 8 * p["n"], aot_signature=None, grid=None, shape_keys=("n",),
+)  # fmt: skip
+
+
+def test_default_path_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_DB", str(tmp_path / "x.db"))
+    assert default_path() == tmp_path / "x.db"
+    assert Database().path == tmp_path / "x.db"
+    monkeypatch.delenv("WORKBENCH_DB")
+    assert default_path().name == "workbench.db" and "triton-workbench" in str(default_path())
+
+
+def test_runs_record_status_meta_and_environment():
+    db = Database()
+    first = db.start_run("tune", "gemm", {"budget": 3})
+    second = db.start_run("train", "resnet")
+    db.finish_run(first, "interrupted")
+    runs = db.runs().set_index("run_id")
+    assert list(runs.index) == [first, second]
+    assert runs.loc[first, "status"] == "interrupted" and runs.loc[second, "status"] == "running"
+    assert runs.loc[first, "meta"] == {"budget": 3} and runs.loc[second, "meta"] == {}
+    assert runs.loc[first, "finished_at"] and runs.loc[first, "started_at"] <= runs.loc[first, "finished_at"]
+    environment = runs.loc[first, "environment"]
+    assert environment["gpu"] == device_key().device and environment["triton"] and environment["torch"]
+    with pytest.raises(ValueError, match="kind"):
+        db.start_run("nonsense", "x")
+    with pytest.raises(ValueError, match="status"):
+        db.finish_run(first, "ok")
+    with pytest.raises(ValueError, match="run_id 999"):
+        db.finish_run(999)
+
+
+def test_append_and_read_series_grow_columns_and_keep_runs_apart():
+    db = Database()
+    run_a, run_b = db.start_run("monitor", "a"), db.start_run("monitor", "b")
+    db.append("samples", run_a, pd.DataFrame({"time_s": [0.0, 0.5], "power_w": [100.0, float("nan")]}))
+    db.append("samples", run_b, pd.DataFrame({"time_s": [1.0], "gpu_temp_c": [55], "throttled": [True]}))
+    everything = db.read("samples")
+    assert list(everything.columns) == ["run_id", "time_s", "power_w", "gpu_temp_c", "throttled"]
+    assert len(everything) == 3
+    only_a = db.read("samples", run_a)
+    assert only_a["time_s"].tolist() == [0.0, 0.5] and pd.isna(only_a["power_w"][1])
+    assert db.read("samples", run_b)["gpu_temp_c"].tolist() == [55]
+    assert db.read("windows").empty and db.read("windows", run_a).empty
+    for table in ("trials", "runs", "Bad-Name", "1x"):
+        with pytest.raises(ValueError, match="table"):
+            db.append(table, run_a, pd.DataFrame({"x": [1]}))
+    with pytest.raises(TypeError, match="frame"):
+        db.append("samples", run_a, {"x": [1]})
+
+
+def test_trials_are_unique_per_key_and_config_and_rerecording_replaces():
+    db = Database()
+    run = db.start_run("tune", "scale")
+    key = TuningKey.of(SPEC, {"n": 100, "dtype": "fp32"})
+    db.record_trial(run, key, {"BLOCK": 16}, "ok", time_ms=2.0, timer="interpreter")
+    db.record_trial(run, key, {"BLOCK": 32}, "wrong", "relative error 1 exceeds tolerance 0.0001")
+    db.record_trial(run, key, {"BLOCK": 16}, "ok", time_ms=1.5, timer="interpreter", energy_j_per_call=0.25)
+    trials = db.trials(run)
+    assert trials["config"].tolist() == ['{"BLOCK":16}', '{"BLOCK":32}']
+    assert trials["time_ms"].iloc[0] == 1.5 and trials["energy_j_per_call"].iloc[0] == 0.25
+    assert trials["status"].tolist() == ["ok", "wrong"] and "tolerance" in trials["reason"].iloc[1]
+    assert trials["problem"].iloc[0] == problem_id({"n": 100, "dtype": "fp32"})
+    assert pd.isna(trials["time_ms"].iloc[1]) and trials["started_at"].notna().all()
+    assert db.trials(key=TuningKey.of(SPEC, {"n": 7, "dtype": "fp32"})).empty
+    with pytest.raises(ValueError, match="status"):
+        db.record_trial(run, key, {"BLOCK": 64}, "fine")
+    with pytest.raises(ValueError, match="unknown trial fields"):
+        db.record_trial(run, key, {"BLOCK": 64}, "ok", speed=3)
+
+
+def test_lookup_best_exact_then_nearest_bucket_same_dtype_and_source():
+    db = Database()
+    run = db.start_run("tune", "scale")
+    for n, block in ((1000, 16), (100_000, 64)):
+        db.set_best(TuningKey.of(SPEC, {"n": n, "dtype": "fp32"}), {"BLOCK": block}, "time", 1.0, 1.0, run)
+    assert lookup_best(SPEC, {"n": 1000, "dtype": "fp32"}) == {"BLOCK": 16}
+    assert lookup_best(SPEC, {"n": 3000, "dtype": "fp32"}) == {"BLOCK": 16}  # log-nearer to 1000
+    assert lookup_best(SPEC, {"n": 40_000, "dtype": "fp32"}) == {"BLOCK": 64}
+    assert lookup_best(SPEC, {"n": 1000, "dtype": "fp16"}) is None  # no tuned problem with this dtype
+    other_source = TuningKey(**{**TuningKey.of(SPEC, {"n": 5, "dtype": "fp16"}).__dict__, "source_hash": "0" * 16})
+    db.set_best(other_source, {"BLOCK": 32}, "time", 1.0, 1.0, run)
+    assert lookup_best(SPEC, {"n": 5, "dtype": "fp16"}) is None  # tuned for an older kernel source
+    tuned.clear_cache()
+    assert tuned.config_for(SPEC, {"n": 2000, "dtype": "fp32"}) == {"BLOCK": 16}
+    assert tuned.config_for(SPEC, {"n": 2000, "dtype": "fp16"}) == {"BLOCK": 16}  # the default
+
+
+def test_lookup_best_without_a_database_file_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_DB", str(tmp_path / "absent" / "w.db"))
+    assert lookup_best(SPEC, {"n": 1, "dtype": "fp32"}) is None
+    assert not (tmp_path / "absent").exists()
+
+
+def _writer(path: str, label: str, barrier) -> None:
+    db = Database(path)
+    run = db.start_run("tune", label)
+    key = TuningKey.of(SPEC, {"n": 1, "dtype": "fp32"})
+    barrier.wait()
+    for i in range(60):
+        db.append("samples", run, pd.DataFrame({"time_s": [float(i)], "writer": [label]}))
+        db.record_trial(run, key, {"BLOCK": i, "writer": len(label)}, "ok", time_ms=float(i))
+    db.finish_run(run)
+
+
+def test_two_processes_writing_at_once_corrupt_nothing(tmp_path):
+    path = str(tmp_path / "shared.db")
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    writers = [context.Process(target=_writer, args=(path, label, barrier)) for label in ("a", "bb")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    db = Database(path)
+    assert sorted(db.runs()["status"]) == ["done", "done"]
+    samples = db.read("samples")
+    assert samples.groupby("writer").size().to_dict() == {"a": 60, "bb": 60}
+    assert len(db.trials()) == 120 and db.trials()["config"].is_unique
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_damaged_file_gives_a_clear_error_naming_it(tmp_path):
+    path = tmp_path / "damaged.db"
+    path.write_bytes(b"this is not a database, it only sits where one should be" * 100)
+    with pytest.raises(DatabaseFileError, match=str(path)):
+        Database(path).runs()
+    assert lookup_best(SPEC, {"n": 1, "dtype": "fp32"}) is None  # other, healthy default path
