@@ -1,0 +1,773 @@
+"""Implicit-GEMM conv2d in Triton: forward with a fused bias + activation epilogue, dgrad and wgrad.
+
+None of the kernels materialises the unrolled (im2col) input: each tile gathers its operands
+straight from the NCHW or channels_last tensors through their strides. The GEMM views, per group:
+
+- forward  y[(n,oh,ow), co]  = sum over (kh, kw, ci) of x[n, ci, ih, iw] * w[co, ci, kh, kw]
+- dgrad    dx[(n,ih,iw), ci] = sum over (kh, kw, co) of dz[n, co, oh, ow] * w[co, ci, kh, kw],
+           where oh = (ih + pad - kh*dil) / stride must be a whole number in range (the stride is
+           handled by masking inside the kernel, no zero-inserted copy of dz is built)
+- wgrad    dw[co, (ci,kh,kw)] = sum over (n,oh,ow) of dz[n, co, oh, ow] * x[n, ci, ih, iw],
+           split along (n,oh,ow) into SPLIT_K fp32 partials; grad_bias is the same reduction of dz.
+
+dz = dy * activation'(z) is formed on the fly from the saved pre-activation z. Channel counts
+below tl.dot's minimum of 16 are handled by masking the K tile. Offsets are 64-bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels import runtime
+from kernels.activation import DEFAULT_NEGATIVE_SLOPE, Spec, activation_code, apply, derivative, torch_activation
+from kernels.gemm import TARGET_ARCHS, SHARED_LIMIT_BYTES, shared_bytes_estimate
+from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, Problem, dtype_name
+from kernels.tuned import config_for
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry: everything besides the tensors that fixes one convolution.
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Stride, explicit per-side padding, dilation and groups of a conv2d (ints, height first)."""
+
+    stride_h: int = 1
+    stride_w: int = 1
+    pad_top: int = 0
+    pad_bottom: int = 0
+    pad_left: int = 0
+    pad_right: int = 0
+    dilation_h: int = 1
+    dilation_w: int = 1
+    groups: int = 1
+
+    def output_hw(self, h: int, w: int, kh: int, kw: int) -> tuple[int, int]:
+        ho = (h + self.pad_top + self.pad_bottom - self.dilation_h * (kh - 1) - 1) // self.stride_h + 1
+        wo = (w + self.pad_left + self.pad_right - self.dilation_w * (kw - 1) - 1) // self.stride_w + 1
+        return ho, wo
+
+    def kernel_args(self) -> tuple[int, ...]:
+        """stride_h, stride_w, pad_h, pad_w, dil_h, dil_w: the leading padding is all a kernel needs."""
+        return (self.stride_h, self.stride_w, self.pad_top, self.pad_left, self.dilation_h, self.dilation_w)
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        pair = (value[0], value[-1])
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def make_geometry(
+    weight_hw: tuple[int, int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> ConvGeometry:
+    """Validate F.conv2d-style arguments and resolve 'same'/'valid' padding to explicit sides."""
+    stride_h, stride_w = _pair(stride, "stride")
+    dilation_h, dilation_w = _pair(dilation, "dilation")
+    if min(stride_h, stride_w) < 1:
+        raise ValueError(f"stride must be positive, got {stride!r}")
+    if min(dilation_h, dilation_w) < 1:
+        raise ValueError(f"dilation must be positive, got {dilation!r}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if (stride_h, stride_w) != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (stride must be 1)")
+            total_h = dilation_h * (weight_hw[0] - 1)
+            total_w = dilation_w * (weight_hw[1] - 1)
+            pads = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+        else:
+            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        pad_h, pad_w = _pair(padding, "padding")
+        if min(pad_h, pad_w) < 0:
+            raise ValueError(f"padding must be non-negative, got {padding!r}")
+        pads = (pad_h, pad_h, pad_w, pad_w)
+    return ConvGeometry(stride_h, stride_w, *pads, dilation_h, dilation_w, groups)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether x (4-D) is laid out channels_last and not also plain contiguous."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _empty_like_layout(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype, memory_format=fmt)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """TF32 for fp32 on a GPU when cuDNN is allowed it (PyTorch's conv policy); exact otherwise."""
+    if dtype == torch.float32 and not runtime.INTERPRETER and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _tile_coordinates(rows, cols, GROUP_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program 0-axis id -> (tile row, tile column), GROUP_M row tiles walked together for L2 reuse."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(rows, BLOCK_M)
+    num_pid_n = tl.cdiv(cols, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def conv2d_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
+    N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, negative_slope, GROUP_M,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y = act(conv(x, w) + bias) for one (output-position tile, output-channel tile, group)."""
+    group = tl.program_id(1)
+    M = N * Ho * Wo
+    pid_m, pid_n = _tile_coordinates(M, C_out_g, GROUP_M, BLOCK_M, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < C_out_g
+    image = (offs_m // (Ho * Wo)).to(tl.int64)
+    oh = (offs_m % (Ho * Wo)) // Wo
+    ow = offs_m % Wo
+    c_out = (group * C_out_g + offs_n).to(tl.int64)
+    x_image = x_ptr + image * sxn + (group * C_in_g).to(tl.int64) * sxc
+    w_cols = w_ptr + c_out * swo
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        ih = oh * stride_h - pad_h + kh * dil_h
+        iw = ow * stride_w - pad_w + kw * dil_w
+        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_rows = x_image + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        w_tap = w_cols + kh * swh + kw * sww
+        for c0 in range(0, C_in_g, BLOCK_K):
+            channel = c0 + offs_k
+            c_ok = channel < C_in_g
+            a = tl.load(x_rows[:, None] + channel.to(tl.int64)[None, :] * sxc,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_tap[None, :] + channel.to(tl.int64)[:, None] * swi,
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c_out, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_offsets = (image * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] + c_out[None, :] * syc
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if SAVE_PREACT:
+        tl.store(z_ptr + y_offsets, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(y_ptr + y_offsets, apply(acc, ACTIVATION, negative_slope).to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _output_grad(dy_ptr, z_ptr, dy_offsets, z_offsets, mask, negative_slope, ACTIVATION: tl.constexpr):
+    """dz = dy * act'(z) in fp32 (z is only read when there is an activation)."""
+    grad = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(tl.float32)
+    if ACTIVATION != 0:
+        preact = tl.load(z_ptr + z_offsets, mask=mask, other=0.0).to(tl.float32)
+        grad = grad * derivative(preact, ACTIVATION, negative_slope)
+    return grad
+
+
+@triton.jit
+def conv2d_dgrad_kernel(
+    dy_ptr, z_ptr, w_ptr, dx_ptr,
+    N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, negative_slope, GROUP_M,
+    sdyn, sdyc, sdyh, sdyw, szn, szc, szh, szw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx for one (input-position tile, input-channel tile, group); strided taps are masked."""
+    group = tl.program_id(1)
+    M = N * H * W
+    pid_m, pid_n = _tile_coordinates(M, C_in_g, GROUP_M, BLOCK_M, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < C_in_g
+    image = (offs_m // (H * W)).to(tl.int64)
+    ih = (offs_m % (H * W)) // W
+    iw = offs_m % W
+    c_in = (group * C_in_g + offs_n).to(tl.int64)
+    c_out0 = (group * C_out_g).to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        th = ih + pad_h - kh * dil_h
+        tw = iw + pad_w - kw * dil_w
+        oh = th // stride_h
+        ow = tw // stride_w
+        row_ok = m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) & (oh < Ho) & (ow < Wo)
+        dy_rows = image * sdyn + c_out0 * sdyc + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
+        z_rows = image * szn + c_out0 * szc + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw
+        w_tap = w_ptr + offs_n.to(tl.int64) * swi + kh * swh + kw * sww
+        for k0 in range(0, C_out_g, BLOCK_K):
+            channel = (k0 + offs_k).to(tl.int64)
+            k_ok = channel < C_out_g
+            mask = row_ok[:, None] & k_ok[None, :]
+            grad = _output_grad(dy_ptr, z_ptr, dy_rows[:, None] + channel[None, :] * sdyc,
+                                z_rows[:, None] + channel[None, :] * szc, mask, negative_slope, ACTIVATION)
+            b = tl.load(w_tap[None, :] + (c_out0 + channel)[:, None] * swo,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+
+    dx_offsets = (image * sdxn + ih.to(tl.int64) * sdxh + iw.to(tl.int64) * sdxw)[:, None] + c_in[None, :] * sdxc
+    tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def conv2d_wgrad_kernel(
+    dy_ptr, z_ptr, x_ptr, dw_ptr, db_ptr,
+    N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g, positions_per_split,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, negative_slope, GROUP_M,
+    sdyn, sdyc, sdyh, sdyw, szn, szc, szh, szw, sxn, sxc, sxh, sxw,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 partial dw (and db) of one split of the (n,oh,ow) reduction, per (co tile, (ci,kh,kw) tile, group)."""
+    group = tl.program_id(1)
+    split = tl.program_id(2)
+    taps = KH * KW
+    cols = C_in_g * taps
+    C_out = C_out_g * tl.num_programs(1)
+    pid_m, pid_n = _tile_coordinates(C_out_g, cols, GROUP_M, BLOCK_M, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < C_out_g
+    n_ok = offs_n < cols
+    c_out = (group * C_out_g + offs_m).to(tl.int64)
+    c_in = (group * C_in_g + offs_n // taps).to(tl.int64)
+    kh = (offs_n % taps) // KW
+    kw = offs_n % KW
+
+    positions = N * Ho * Wo
+    start = split * positions_per_split
+    end = tl.minimum(positions, start + positions_per_split)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_K):
+        p = p0 + offs_k
+        p_ok = p < end
+        image = (p // (Ho * Wo)).to(tl.int64)
+        oh = (p % (Ho * Wo)) // Wo
+        ow = p % Wo
+        mask = m_ok[:, None] & p_ok[None, :]
+        grad = _output_grad(
+            dy_ptr, z_ptr,
+            c_out[:, None] * sdyc + (image * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw)[None, :],
+            c_out[:, None] * szc + (image * szn + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw)[None, :],
+            mask, negative_slope, ACTIVATION)
+        if HAS_BIAS:
+            bias_acc += tl.sum(grad, axis=1)
+        ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
+        iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
+        x_ok = p_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_offsets = image[:, None] * sxn + c_in[None, :] * sxc + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        b = tl.load(x_ptr + x_offsets, mask=x_ok, other=0.0)
+        acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+
+    split64 = split.to(tl.int64)
+    dw_offsets = split64 * C_out * cols + c_out[:, None] * cols + offs_n[None, :]
+    tl.store(dw_ptr + dw_offsets, acc, mask=m_ok[:, None] & n_ok[None, :])
+    if HAS_BIAS:
+        if pid_n == 0:  # one column of tiles stores the bias gradient
+            tl.store(db_ptr + split64 * C_out + c_out, bias_acc, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def conv_problem(
+    n: int, c_in: int, h: int, w: int, c_out: int, kh: int, kw: int, geometry: ConvGeometry = ConvGeometry(),
+    dtype: str = "fp32", layout: str = "nchw", activation_name: str | None = None, bias: bool = True,
+) -> Problem:
+    """The problem dict (JSON-serialisable) the three conv specs share; fp32 records its TF32 policy."""
+    activation_code(activation_name)  # validates the name
+    problem: Problem = {
+        "n": n, "c_in": c_in, "h": h, "w": w, "c_out": c_out, "kh": kh, "kw": kw,
+        "stride": [geometry.stride_h, geometry.stride_w],
+        "padding": [geometry.pad_top, geometry.pad_bottom, geometry.pad_left, geometry.pad_right],
+        "dilation": [geometry.dilation_h, geometry.dilation_w], "groups": geometry.groups,
+        "dtype": dtype, "layout": layout, "activation": activation_name, "bias": bias,
+    }
+    if dtype == "fp32":
+        problem["tf32"] = _dot_precision(torch.float32) == "tf32"
+    return problem
+
+
+def _problem_of(x: torch.Tensor, weight_shape: Sequence[int], geometry: ConvGeometry,
+                activation_name: str | None, bias: bool) -> Problem:
+    return conv_problem(*x.shape, weight_shape[0], *weight_shape[2:], geometry, dtype_name(x.dtype),
+                        "nhwc" if _channels_last(x) else "nchw", activation_name, bias)
+
+
+def problem_geometry(problem: Problem) -> ConvGeometry:
+    return ConvGeometry(*problem["stride"], *problem["padding"], *problem["dilation"], problem["groups"])
+
+
+def conv2d_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry,
+    activation_name: str | None = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+    keep_pre: bool = False, config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(act(conv2d(x, weight) + bias), the pre-activation if keep_pre and there is an activation, else None).
+
+    x is 4-D; the outputs have its memory format. Arguments are assumed validated (kernels.conv2d does that).
+    """
+    n, _, h, w = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    ho, wo = geometry.output_hw(h, w, kh, kw)
+    problem = _problem_of(x, weight.shape, geometry, activation_name, bias is not None)
+    config = config if config is not None else config_for(CONV_FWD_SPEC, problem)
+    y = _empty_like_layout(x, (n, c_out, ho, wo))
+    pre = _empty_like_layout(x, y.shape) if keep_pre and activation_name is not None else None
+    if y.numel() == 0:
+        return y, pre
+    runtime.announce()
+    conv2d_fwd_kernel[_grid_fwd(problem, config)](
+        x, weight, bias if bias is not None else y, y, pre if pre is not None else y,
+        n, h, w, ho, wo, kh, kw, c_in_g, c_out // geometry.groups,
+        *geometry.kernel_args(), float(negative_slope), config["GROUP_M"],
+        *x.stride(), *weight.stride(), *y.stride(),
+        HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return y, pre
+
+
+def conv2d_input_grad(
+    grad_output: torch.Tensor, pre: torch.Tensor | None, weight: torch.Tensor, x: torch.Tensor,
+    geometry: ConvGeometry, activation_name: str | None = None,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE, config: Config | None = None,
+) -> torch.Tensor:
+    """grad_input of act(conv2d(x, weight) + b), shaped, typed and laid out like x (only its metadata is read).
+
+    `pre` is the kept pre-activation (None when there is no activation).
+    """
+    n, c_in, h, w = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    ho, wo = grad_output.shape[2:]
+    problem = _problem_of(x, weight.shape, geometry, activation_name, False)
+    config = config if config is not None else config_for(CONV_DGRAD_SPEC, problem)
+    dx = _empty_like_layout(x, (n, c_in, h, w))
+    if dx.numel() == 0:
+        return dx
+    if grad_output.numel() == 0:
+        return dx.zero_()
+    pre = pre if activation_name is not None else grad_output
+    runtime.announce()
+    conv2d_dgrad_kernel[_grid_dgrad(problem, config)](
+        grad_output, pre, weight, dx,
+        n, h, w, ho, wo, kh, kw, c_in_g, c_out // geometry.groups,
+        *geometry.kernel_args(), float(negative_slope), config["GROUP_M"],
+        *grad_output.stride(), *pre.stride(), *weight.stride(), *dx.stride(),
+        ACTIVATION=activation_code(activation_name), DOT_PRECISION=_dot_precision(weight.dtype),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return dx
+
+
+def conv2d_weight_grad(
+    grad_output: torch.Tensor, pre: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+    geometry: ConvGeometry, activation_name: str | None = None,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE, bias_grad: bool = True, config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_weight shaped, typed and laid out like weight, grad_bias or None) of act(conv2d(x, weight) + b).
+
+    Each of SPLIT_K programs along the (n, oh, ow) reduction writes an fp32 partial; the partials are summed here.
+    """
+    n, _, h, w = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    ho, wo = grad_output.shape[2:]
+    problem = _problem_of(x, weight.shape, geometry, activation_name, bias_grad)
+    config = config if config is not None else config_for(CONV_WGRAD_SPEC, problem)
+    grid = _grid_wgrad(problem, config)
+    split_k = grid[2]
+    dw_partial = torch.zeros((split_k, c_out, c_in_g, kh, kw), device=x.device, dtype=torch.float32)
+    db_partial = torch.zeros((split_k, c_out), device=x.device, dtype=torch.float32)
+    if grad_output.numel() and dw_partial.numel():
+        pre = pre if activation_name is not None else grad_output
+        runtime.announce()
+        conv2d_wgrad_kernel[grid](
+            grad_output, pre, x, dw_partial, db_partial,
+            n, h, w, ho, wo, kh, kw, c_in_g, c_out // geometry.groups, _positions_per_split(problem, config),
+            *geometry.kernel_args(), float(negative_slope), config["GROUP_M"],
+            *grad_output.stride(), *pre.stride(), *x.stride(),
+            ACTIVATION=activation_code(activation_name), HAS_BIAS=bias_grad, DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+    dw = dw_partial.sum(0).to(weight.dtype)
+    if _channels_last(weight):
+        dw = dw.contiguous(memory_format=torch.channels_last)
+    return dw, (db_partial.sum(0).to(weight.dtype) if bias_grad else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# KernelSpecs: one per kernel, so each is tuned on its own
+
+
+def _output_hw(problem: Problem) -> tuple[int, int]:
+    return problem_geometry(problem).output_hw(problem["h"], problem["w"], problem["kh"], problem["kw"])
+
+
+def _gemm_dims_fwd(problem: Problem) -> tuple[int, int, int]:
+    """(rows, columns, channels per K loop) of the forward's GEMM view, per group."""
+    ho, wo = _output_hw(problem)
+    return problem["n"] * ho * wo, problem["c_out"] // problem["groups"], problem["c_in"] // problem["groups"]
+
+
+def _gemm_dims_dgrad(problem: Problem) -> tuple[int, int, int]:
+    g = problem["groups"]
+    return problem["n"] * problem["h"] * problem["w"], problem["c_in"] // g, problem["c_out"] // g
+
+
+def _gemm_dims_wgrad(problem: Problem) -> tuple[int, int, int]:
+    ho, wo = _output_hw(problem)
+    g = problem["groups"]
+    return problem["c_out"] // g, problem["c_in"] // g * problem["kh"] * problem["kw"], problem["n"] * ho * wo
+
+
+def _grid_fwd(problem: Problem, config: Config) -> tuple[int, ...]:
+    rows, cols, _ = _gemm_dims_fwd(problem)
+    return triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]), problem["groups"]
+
+
+def _grid_dgrad(problem: Problem, config: Config) -> tuple[int, ...]:
+    rows, cols, _ = _gemm_dims_dgrad(problem)
+    return triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]), problem["groups"]
+
+
+def _positions_per_split(problem: Problem, config: Config) -> int:
+    positions = _gemm_dims_wgrad(problem)[2]
+    return triton.cdiv(triton.cdiv(max(positions, 1), config["SPLIT_K"]), config["BLOCK_K"]) * config["BLOCK_K"]
+
+
+def _grid_wgrad(problem: Problem, config: Config) -> tuple[int, ...]:
+    rows, cols, positions = _gemm_dims_wgrad(problem)
+    splits = triton.cdiv(max(positions, 1), _positions_per_split(problem, config))  # no empty split
+    return triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]), problem["groups"], splits
+
+
+def _shared_memory_problem(problem: Problem, backward: bool) -> Problem:
+    """The GEMM estimate's view: the backward kernels load the pre-activation beside operand A."""
+    return {"dtype": problem["dtype"], "act_grad_a": backward and problem.get("activation") is not None}
+
+
+def _constraints(dims, backward: bool):
+    """Constraints shared by the three specs: fits sm_80/sm_90 shared memory and the register file,
+    keeps every warp busy, and no tile is more than one power of two beyond the problem's extent."""
+
+    def fits_shared_memory(config: Config, problem: Problem) -> bool:
+        needed = shared_bytes_estimate(config, _shared_memory_problem(problem, backward))
+        return needed <= min(SHARED_LIMIT_BYTES[arch] for arch in TARGET_ARCHS)
+
+    def fits_registers(config: Config, problem: Problem) -> bool:
+        return config["BLOCK_M"] * config["BLOCK_N"] <= 128 * 32 * config["num_warps"]
+
+    def uses_its_warps(config: Config, problem: Problem) -> bool:
+        return config["BLOCK_M"] * config["BLOCK_N"] >= 256 * config["num_warps"]
+
+    def fits_problem(config: Config, problem: Problem) -> bool:
+        rows, cols, depth = dims(problem)
+        return (config["BLOCK_M"] <= max(32, triton.next_power_of_2(rows))
+                and config["BLOCK_N"] <= max(16, triton.next_power_of_2(cols))
+                and config["BLOCK_K"] <= max(16, triton.next_power_of_2(depth)))
+
+    return (fits_shared_memory, fits_registers, uses_its_warps, fits_problem)
+
+
+def _default_config(dims, backward: bool, finish: Callable[[Problem, Config], Config] | None = None):
+    """Tiles as large as the problem warrants (128x64, K 32 fp32 / 64 half), then 3 stages if they fit."""
+    constraints = _constraints(dims, backward)
+
+    def default_config(problem: Problem) -> Config:
+        rows, cols, depth = dims(problem)
+        block_m = min(128, max(32, triton.next_power_of_2(rows)))
+        block_n = min(64 if rows >= 4 * cols else 128, max(16, triton.next_power_of_2(cols)))
+        block_k = min(32 if problem["dtype"] == "fp32" else 64, max(16, triton.next_power_of_2(depth)))
+        config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
+                  "num_warps": max(2, min(8, block_m * block_n // 1024)), "num_stages": 3}
+        fits_shared_memory = constraints[0]
+        while not fits_shared_memory(config, problem) and config["num_stages"] > 2:
+            config["num_stages"] -= 1
+        return finish(problem, config) if finish is not None else config
+
+    return default_config
+
+
+def _wgrad_split(problem: Problem, config: Config) -> Config:
+    """Split the (n, oh, ow) reduction until about two waves of 132 SMs are busy, keeping >= 8 K steps per split."""
+    rows, cols, positions = _gemm_dims_wgrad(problem)
+    tiles = triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]) * problem["groups"]
+    split = 1
+    for candidate in CONV_WGRAD_SPEC.params["SPLIT_K"]:
+        if tiles * candidate <= 264 and candidate * config["BLOCK_K"] * 8 <= positions:
+            split = candidate
+    return config | {"SPLIT_K": split}
+
+
+def _randn(generator: torch.Generator, shape: Sequence[int], problem: Problem, device: torch.device,
+           std: float = 1.0, layout: bool = True) -> torch.Tensor:
+    tensor = (torch.randn(*shape, generator=generator) * std).to(device=device, dtype=DTYPES[problem["dtype"]])
+    if layout and problem["layout"] == "nhwc":
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
+
+
+def _make_inputs(problem: Problem, device: torch.device) -> dict[str, Any]:
+    """x, weight (fan-in scaled), bias, and the output gradient and pre-activation the backward reads."""
+    generator = torch.Generator().manual_seed(0)
+    n, c_in, h, w, c_out, kh, kw = (problem[key] for key in ("n", "c_in", "h", "w", "c_out", "kh", "kw"))
+    c_in_g = c_in // problem["groups"]
+    ho, wo = _output_hw(problem)
+    return {
+        "x": _randn(generator, (n, c_in, h, w), problem, device),
+        "weight": _randn(generator, (c_out, c_in_g, kh, kw), problem, device, std=max(c_in_g * kh * kw, 1) ** -0.5),
+        "bias": _randn(generator, (c_out,), problem, device, layout=False) if problem["bias"] else None,
+        "grad_output": _randn(generator, (n, c_out, ho, wo), problem, device),
+        "pre": _randn(generator, (n, c_out, ho, wo), problem, device),
+        "geometry": problem_geometry(problem),
+        "activation": problem["activation"],
+    }
+
+
+def torch_conv2d(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    """PyTorch's conv2d with the geometry's (possibly asymmetric) padding: cuDNN on a GPU."""
+    if (geometry.pad_top, geometry.pad_left) != (geometry.pad_bottom, geometry.pad_right):
+        x = F.pad(x, (geometry.pad_left, geometry.pad_right, geometry.pad_top, geometry.pad_bottom))
+        padding: tuple[int, int] = (0, 0)
+    else:
+        padding = (geometry.pad_top, geometry.pad_left)
+    return F.conv2d(x, weight, None, (geometry.stride_h, geometry.stride_w), padding,
+                    (geometry.dilation_h, geometry.dilation_w), geometry.groups)
+
+
+def _torch_forward(inputs: dict[str, Any], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What an unfused model computes: conv, then a separate bias add, then the activation."""
+    x, weight, bias = (t.to(dtype) if t is not None and dtype is not None else t
+                       for t in (inputs["x"], inputs["weight"], inputs["bias"]))
+    z = torch_conv2d(x, weight, inputs["geometry"])
+    if bias is not None:
+        z = z + bias[:, None, None]
+    return torch_activation(z, inputs["activation"])
+
+
+def _torch_backward(inputs: dict[str, Any], wrt: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """grad of act(conv) w.r.t. "x" or "weight" by PyTorch's autograd: the activation backward, then the conv's."""
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    pre = cast(inputs["pre"]).detach().requires_grad_(True)
+    (grad_pre,) = torch.autograd.grad(torch_activation(pre, inputs["activation"]), pre,
+                                      cast(inputs["grad_output"]))
+    x = cast(inputs["x"]).detach().requires_grad_(wrt == "x")
+    weight = cast(inputs["weight"]).detach().requires_grad_(wrt == "weight")
+    (grad,) = torch.autograd.grad(torch_conv2d(x, weight, inputs["geometry"]), x if wrt == "x" else weight, grad_pre)
+    return grad
+
+
+def _launch_fwd(inputs: dict[str, Any], config: Config) -> torch.Tensor:
+    return conv2d_forward(inputs["x"], inputs["weight"], inputs["bias"], inputs["geometry"], inputs["activation"],
+                          config=config)[0]
+
+
+def _launch_dgrad(inputs: dict[str, Any], config: Config) -> torch.Tensor:
+    return conv2d_input_grad(inputs["grad_output"], inputs["pre"], inputs["weight"], inputs["x"],
+                             inputs["geometry"], inputs["activation"], config=config)
+
+
+def _launch_wgrad(inputs: dict[str, Any], config: Config) -> torch.Tensor:
+    return conv2d_weight_grad(inputs["grad_output"], inputs["pre"], inputs["x"], inputs["weight"],
+                              inputs["geometry"], inputs["activation"], bias_grad=inputs["bias"] is not None,
+                              config=config)[0]
+
+
+def _aot_signature(kernel, pointer_overrides: dict[str, str], constexprs_of):
+    """Signature from the kernel's argument names: *_ptr are pointers of the problem's dtype (unless
+    overridden), negative_slope is fp32, every other runtime argument i32."""
+
+    def aot_signature(problem: Problem, config: Config) -> tuple[dict[str, str], dict[str, Any]]:
+        constexprs = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
+                      "ACTIVATION": activation_code(problem["activation"]),
+                      "DOT_PRECISION": "tf32" if problem.get("tf32") else "ieee"} | constexprs_of(problem)
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = pointer_overrides.get(name, TRITON_POINTER_TYPES[problem["dtype"]])
+            else:
+                signature[name] = "fp32" if name == "negative_slope" else "i32"
+        return signature, constexprs
+
+    return aot_signature
+
+
+def _flops(problem: Problem) -> int:
+    rows, cols, depth = _gemm_dims_fwd(problem)
+    return 2 * rows * cols * depth * problem["kh"] * problem["kw"] * problem["groups"]
+
+
+def _elements(problem: Problem) -> dict[str, int]:
+    ho, wo = _output_hw(problem)
+    return {"x": problem["n"] * problem["c_in"] * problem["h"] * problem["w"],
+            "weight": problem["c_out"] * problem["c_in"] // problem["groups"] * problem["kh"] * problem["kw"],
+            "y": problem["n"] * problem["c_out"] * ho * wo, "bias": problem["c_out"] if problem["bias"] else 0}
+
+
+def _bytes_fwd(problem: Problem) -> int:
+    e = _elements(problem)
+    return (e["x"] + e["weight"] + e["y"] + e["bias"]) * DTYPES[problem["dtype"]].itemsize
+
+
+def _bytes_dgrad(problem: Problem) -> int:
+    e = _elements(problem)
+    grad_output_reads = 2 if problem["activation"] is not None else 1  # dy, and the pre-activation
+    return (e["y"] * grad_output_reads + e["weight"] + e["x"]) * DTYPES[problem["dtype"]].itemsize
+
+
+def _bytes_wgrad(problem: Problem) -> int:
+    e = _elements(problem)
+    grad_output_reads = 2 if problem["activation"] is not None else 1
+    return (e["y"] * grad_output_reads + e["x"]) * DTYPES[problem["dtype"]].itemsize + (e["weight"] + e["bias"]) * 4
+
+
+# ResNet-18's convolutions at ImageNet resolution (224x224): (name, c_in, h_w, c_out, k, stride, padding).
+RESNET18_CONV_SHAPES: tuple[dict[str, Any], ...] = tuple(
+    {"name": name, "c_in": c_in, "h": hw, "w": hw, "c_out": c_out, "kh": k, "kw": k, "stride": s, "padding": p}
+    for name, c_in, hw, c_out, k, s, p in (
+        ("conv1", 3, 224, 64, 7, 2, 3),
+        ("layer1", 64, 56, 64, 3, 1, 1),
+        ("layer2.0.conv1", 64, 56, 128, 3, 2, 1),
+        ("layer2.0.downsample", 64, 56, 128, 1, 2, 0),
+        ("layer2", 128, 28, 128, 3, 1, 1),
+        ("layer3.0.conv1", 128, 28, 256, 3, 2, 1),
+        ("layer3.0.downsample", 128, 28, 256, 1, 2, 0),
+        ("layer3", 256, 14, 256, 3, 1, 1),
+        ("layer4.0.conv1", 256, 14, 512, 3, 2, 1),
+        ("layer4.0.downsample", 256, 14, 512, 1, 2, 0),
+        ("layer4", 512, 7, 512, 3, 1, 1),
+    )
+)
+
+
+def resnet18_problem(shape: dict[str, Any], batch: int = 32, dtype: str = "fp16", layout: str = "nhwc",
+                     activation_name: str | None = "relu", bias: bool = True) -> Problem:
+    """A conv problem for one RESNET18_CONV_SHAPES entry (ResNet's conv has BN after it; the fused
+    bias + ReLU stands for BN folded into the conv at inference)."""
+    geometry = make_geometry((shape["kh"], shape["kw"]), shape["stride"], shape["padding"])
+    return conv_problem(batch, shape["c_in"], shape["h"], shape["w"], shape["c_out"], shape["kh"], shape["kw"],
+                        geometry, dtype, layout, activation_name, bias)
+
+
+_EXAMPLE_PROBLEMS = tuple(resnet18_problem(RESNET18_CONV_SHAPES[1], dtype=dtype) for dtype in ("fp32", "fp16", "bf16"))
+_TILE_PARAMS = {
+    "BLOCK_M": [32, 64, 128, 256],
+    "BLOCK_N": [16, 32, 64, 128],
+    "BLOCK_K": [16, 32, 64],
+    "GROUP_M": [1, 8],
+    "num_warps": [2, 4, 8],
+    "num_stages": [2, 3, 4],
+}
+_SHAPE_KEYS = ("n", "c_in", "h", "w", "c_out")
+
+CONV_FWD_SPEC = Spec(
+    name="conv_fwd",
+    kernel=conv2d_fwd_kernel,
+    params=_TILE_PARAMS,
+    constraints=_constraints(_gemm_dims_fwd, backward=False),
+    default_config=_default_config(_gemm_dims_fwd, backward=False),
+    make_inputs=_make_inputs,
+    launch=_launch_fwd,
+    reference=lambda inputs: _torch_forward(inputs, torch.float64),
+    flops=_flops,
+    bytes=_bytes_fwd,
+    aot_signature=_aot_signature(conv2d_fwd_kernel, {}, lambda problem: {
+        "HAS_BIAS": bool(problem["bias"]), "SAVE_PREACT": False}),
+    grid=_grid_fwd,
+    baseline=_torch_forward,
+    example_problems=_EXAMPLE_PROBLEMS,
+    shape_keys=_SHAPE_KEYS,
+)
+
+CONV_DGRAD_SPEC = Spec(
+    name="conv_dgrad",
+    kernel=conv2d_dgrad_kernel,
+    params=_TILE_PARAMS,
+    constraints=_constraints(_gemm_dims_dgrad, backward=True),
+    default_config=_default_config(_gemm_dims_dgrad, backward=True),
+    make_inputs=_make_inputs,
+    launch=_launch_dgrad,
+    reference=lambda inputs: _torch_backward(inputs, "x", torch.float64),
+    flops=_flops,
+    bytes=_bytes_dgrad,
+    aot_signature=_aot_signature(conv2d_dgrad_kernel, {}, lambda problem: {}),
+    grid=_grid_dgrad,
+    baseline=lambda inputs: _torch_backward(inputs, "x"),
+    example_problems=_EXAMPLE_PROBLEMS,
+    shape_keys=_SHAPE_KEYS,
+)
+
+CONV_WGRAD_SPEC = Spec(
+    name="conv_wgrad",
+    kernel=conv2d_wgrad_kernel,
+    params={"BLOCK_M": [32, 64, 128], "BLOCK_N": [32, 64, 128], "BLOCK_K": [16, 32, 64], "GROUP_M": [1, 8],
+            "SPLIT_K": [1, 4, 16, 64], "num_warps": [2, 4, 8], "num_stages": [2, 3, 4]},
+    constraints=_constraints(_gemm_dims_wgrad, backward=True) + (
+        lambda config, problem: config["SPLIT_K"] * config["BLOCK_K"] <= max(_gemm_dims_wgrad(problem)[2], 16),),
+    default_config=_default_config(_gemm_dims_wgrad, backward=True, finish=_wgrad_split),
+    make_inputs=_make_inputs,
+    launch=_launch_wgrad,
+    reference=lambda inputs: _torch_backward(inputs, "weight", torch.float64),
+    flops=_flops,
+    bytes=_bytes_wgrad,
+    aot_signature=_aot_signature(conv2d_wgrad_kernel, {"dw_ptr": "*fp32", "db_ptr": "*fp32"},
+                                 lambda problem: {"HAS_BIAS": bool(problem["bias"])}),
+    grid=_grid_wgrad,
+    baseline=lambda inputs: _torch_backward(inputs, "weight"),
+    example_problems=_EXAMPLE_PROBLEMS,
+    shape_keys=_SHAPE_KEYS,
+)
