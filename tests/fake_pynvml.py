@@ -150,9 +150,9 @@ class FakeGpu:
         return {
             "power_instant": lambda: int(round(self.power_at(t) * 1000)),
             "power_usage": lambda: int(round(self.power_at(t) * 1000)),
-            "gpu_temp": lambda: int(self.temp_c(t)),
-            "mem_temp": lambda: int(self.mem_temp_c(t)),
-            "sm_clock": lambda: int(self.sm_clock_mhz(t)),
+            "gpu_temp": lambda: round(self.temp_c(t)),
+            "mem_temp": lambda: round(self.mem_temp_c(t)),
+            "sm_clock": lambda: round(self.sm_clock_mhz(t)),
             "mem_clock": lambda: int(self.mem_clock_mhz),
             "util": lambda: types.SimpleNamespace(gpu=int(self.util_pct), memory=0),
             "memory": lambda: types.SimpleNamespace(total=80 << 30, used=self.mem_used_bytes, free=0),

@@ -1,0 +1,269 @@
+"""The NVML sampler against a scripted fake GPU (fake clock: exact, no sleeps) and, where present, real NVML."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from profiler import SAMPLE_COLUMNS, WINDOW_COLUMNS, NvmlSampler, measure_energy
+from fake_pynvml import (
+    NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_LIBRARY_NOT_FOUND, FakeClock, FakeGpu, NVMLError, NVMLError_NotSupported,
+    make_pynvml,
+)  # fmt: skip
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def gpu(clock) -> FakeGpu:
+    return FakeGpu(clock=clock, power_w=100.0)
+
+
+def install(monkeypatch, *gpus: FakeGpu, **options):
+    module = make_pynvml(list(gpus), **options)
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return module
+
+
+def make_sampler(clock: FakeClock, **options) -> NvmlSampler:
+    return NvmlSampler(clock=clock, sleep=clock.sleep, **options)
+
+
+def run_for(sampler: NvmlSampler, clock: FakeClock, seconds: float) -> None:
+    """What the thread does, deterministically: advance interval_s, sample, until `seconds` passed."""
+    for _ in range(round(seconds / sampler.interval_s)):
+        clock.advance(sampler.interval_s)
+        sampler.sample()
+
+
+def test_fake_errors_are_real_nvml_error_subclasses():
+    error = NVMLError(3)
+    assert type(error) is NVMLError_NotSupported and isinstance(error, NVMLError) and error.value == 3
+    assert NVMLError_NotSupported().value == 3
+
+
+def test_window_energy_comes_from_the_counter(monkeypatch, clock, gpu):
+    install(monkeypatch, gpu)
+    sampler = make_sampler(clock)
+    run_for(sampler, clock, 0.5)
+    gpu.set_power(300.0)
+    with sampler.window("load"):
+        run_for(sampler, clock, 1.0)
+    gpu.set_power(100.0)
+    run_for(sampler, clock, 0.25)
+    frame, window = sampler.frame(), sampler.windows().iloc[0]
+    assert list(frame.columns) == list(SAMPLE_COLUMNS) and (frame.dtypes == float).all()
+    assert frame["energy_j"].iloc[0] == 0.0 and frame["time_s"].is_monotonic_increasing
+    # energy_j counts from the first sample (at 0.01 s)
+    assert frame["energy_j"].iloc[-1] == pytest.approx(100 * 0.49 + 300 * 1.0 + 100 * 0.25, abs=1e-3)
+    assert list(sampler.windows().columns) == list(WINDOW_COLUMNS)
+    assert window["duration_s"] == pytest.approx(1.0)
+    assert window["energy_j"] == pytest.approx(300.0, abs=1e-3)
+    assert window["avg_power_w"] == pytest.approx(300.0, abs=1e-3)
+    assert window["peak_power_w"] == 300.0 and window["peak_gpu_temp_c"] == 40.0
+    assert window["mean_sm_clock_mhz"] == 1755.0 and not window["throttled"]
+
+
+def test_coarse_counter_is_interpolated_between_refreshes(monkeypatch, clock):
+    gpu = FakeGpu(clock=clock, power_w=200.0, counter_period_s=0.1)
+    install(monkeypatch, gpu)
+    sampler = make_sampler(clock)
+    run_for(sampler, clock, 0.33)
+    with sampler.window("steady"):
+        run_for(sampler, clock, 1.27)
+    run_for(sampler, clock, 0.2)
+    # a steady 200 W: counter readings lag by < one refresh at both edges, so the error is < 2 * 200 W * 0.1 s
+    energy_j = sampler.windows()["energy_j"].iloc[0]
+    assert abs(energy_j - 200 * 1.27) < 2 * 200 * 0.1
+    assert energy_j != pytest.approx(200 * 1.27, abs=1e-3)  # the fake really is coarse
+
+
+def test_missing_counter_falls_back_to_the_integral_of_power(monkeypatch, clock, gpu, caplog):
+    gpu.unsupported.add("energy")
+    install(monkeypatch, gpu)
+    sampler = make_sampler(clock)
+    with caplog.at_level(logging.INFO, logger="profiler"):
+        with sampler.window("step"):
+            run_for(sampler, clock, 0.5)
+            gpu.set_power(200.0, at_s=clock.now + 0.005)  # mid-interval: the trapezoids blur one interval
+            run_for(sampler, clock, 0.5)
+    window = sampler.windows().iloc[0]
+    assert sampler.frame()["energy_j"].isna().all()
+    assert abs(window["energy_j"] - (100 * 0.5 + 200 * 0.5)) <= 100 * sampler.interval_s
+    assert window["avg_power_w"] == pytest.approx(window["energy_j"] / window["duration_s"])
+    assert window["peak_power_w"] == 200.0
+    assert sum("energy_j" in r.message for r in caplog.records) == 1
+    assert gpu.calls["energy"] == 1  # not supported: never asked again
+
+
+def test_unsupported_fields_are_nan_and_noted_once(monkeypatch, clock, gpu, caplog):
+    gpu.unsupported |= {"mem_temp", "util", "clock_events", "throttle_reasons"}
+    install(monkeypatch, gpu)
+    sampler = make_sampler(clock, slow_every=2)
+    with caplog.at_level(logging.INFO, logger="profiler"):
+        with sampler.window("w"):
+            run_for(sampler, clock, 0.2)
+    frame = sampler.frame()
+    for column in ("mem_temp_c", "gpu_util_pct", "clock_event_reasons"):
+        assert frame[column].isna().all(), column
+    for column in ("power_w", "energy_j", "gpu_temp_c", "sm_clock_mhz", "mem_clock_mhz", "mem_used_bytes"):
+        assert frame[column].notna().all(), column
+    assert frame["mem_used_bytes"].iloc[0] == 1 << 30
+    notes = [r.message for r in caplog.records]
+    for column in ("mem_temp_c", "gpu_util_pct", "clock_events", "clock_event_reasons"):
+        assert sum(column + " " in note for note in notes) == 1, (column, notes)
+    assert pd.isna(sampler.windows()["throttled"].iloc[0])  # unknown, not "not throttled"
+
+
+def test_instant_power_falls_back_to_power_usage(monkeypatch, clock, gpu):
+    gpu.unsupported.add("power_instant")
+    install(monkeypatch, gpu)
+    sampler = make_sampler(clock)
+    run_for(sampler, clock, 0.1)
+    assert (sampler.frame()["power_w"] == 100.0).all()
+    assert gpu.calls["power_instant"] == 1 and gpu.calls["power_usage"] == len(sampler.frame())
+
+
+def test_slow_fields_are_read_every_nth_sample_and_forward_filled(monkeypatch, clock):
+    start = clock.now
+    gpu = FakeGpu(clock=clock, temp_c=lambda t: 40 + 100 * (t - start))  # +1 C every 10 ms
+    install(monkeypatch, gpu)
+    sampler = make_sampler(clock, slow_every=10)
+    run_for(sampler, clock, 0.25)  # samples at 0.01 .. 0.25 s; reads at samples 0, 10, 20
+    temps = sampler.frame()["gpu_temp_c"].to_numpy()
+    assert gpu.calls["gpu_temp"] == 3
+    assert (temps[:10] == 41).all() and (temps[10:20] == 51).all() and (temps[20:] == 61).all()
+    with sampler.window("edge"):  # window edges read every field
+        clock.advance(0.003)
+    assert sampler.frame()["gpu_temp_c"].iloc[-1] == round(40 + 100 * 0.253)
+
+
+def test_nested_windows(monkeypatch, clock, gpu):
+    start = clock.now
+    gpu.temp_c = lambda t: 40 + 10 * (t - start)
+    install(monkeypatch, gpu)
+    sampler = make_sampler(clock)
+    with sampler.window("outer"):
+        run_for(sampler, clock, 0.5)
+        gpu.set_power(300.0)
+        with sampler.window("inner"):
+            run_for(sampler, clock, 1.0)
+        gpu.set_power(100.0)
+        run_for(sampler, clock, 0.5)
+    windows = sampler.windows().set_index("name")
+    assert list(windows.index) == ["outer", "inner"]  # opening order
+    assert windows.loc["outer", "energy_j"] == pytest.approx(100 * 1.0 + 300 * 1.0, abs=1e-3)
+    assert windows.loc["inner", "energy_j"] == pytest.approx(300.0, abs=1e-3)
+    assert windows.loc["outer", "duration_s"] == pytest.approx(2.0)
+    assert windows.loc["outer", "peak_power_w"] == windows.loc["inner", "peak_power_w"] == 300.0
+    assert windows.loc["inner", "peak_gpu_temp_c"] == round(40 + 10 * 1.5)
+    assert windows.loc["outer", "peak_gpu_temp_c"] == round(40 + 10 * 2.0)
+
+
+@pytest.mark.parametrize("events_api", [True, False], ids=["clock_events", "throttle_reasons_fallback"])
+def test_throttled_only_for_power_or_thermal_reasons(monkeypatch, clock, gpu, events_api):
+    start = clock.now
+    gpu.clock_events = lambda t: 0x1 | (0x40 if 0.3 <= t - start < 0.4 else 0)  # idle always; HW thermal for 100 ms
+    install(monkeypatch, gpu, clock_events_api=events_api)
+    sampler = make_sampler(clock, slow_every=1)
+    with sampler.window("calm"):
+        run_for(sampler, clock, 0.25)
+    with sampler.window("hot"):
+        run_for(sampler, clock, 0.25)
+    assert sampler.windows()["throttled"].tolist() == [False, True]
+    assert ("clock_events" in gpu.calls) == events_api and ("throttle_reasons" in gpu.calls) != events_api
+
+
+def test_windows_close_and_the_thread_stops_when_the_body_raises(monkeypatch):
+    gpu = FakeGpu(power_w=150.0)  # real clock
+    module = install(monkeypatch, gpu)
+    with pytest.raises(RuntimeError, match="boom"):
+        with NvmlSampler(interval_s=0.002) as sampler:
+            with sampler.window("doomed"):
+                time.sleep(0.05)
+                raise RuntimeError("boom")
+    assert not sampler._thread.is_alive()
+    assert "nvml-sampler" not in [t.name for t in threading.enumerate()]
+    assert module.state == {"initialised": 0, "shutdowns": 1}
+    frame, window = sampler.frame(), sampler.windows().iloc[0]
+    assert len(frame) >= 5 and frame["time_s"].is_monotonic_increasing
+    assert window["name"] == "doomed" and window["duration_s"] >= 0.05
+    assert window["avg_power_w"] == pytest.approx(150.0, rel=1e-3)
+    count = len(frame)
+    sampler.sample()
+    assert len(sampler.frame()) == count  # stopped means stopped
+    with pytest.raises(RuntimeError, match="already started"):
+        sampler.start()
+
+
+@pytest.mark.parametrize("case", ["no_pynvml", "no_library", "no_driver", "no_gpu", "not_visible"])
+def test_without_nvml_nothing_breaks(monkeypatch, clock, case):
+    reasons = {"no_pynvml": "pynvml", "no_library": "NVML could not start", "no_driver": "NVML could not start",
+               "no_gpu": "no NVML device", "not_visible": "not visible"}  # fmt: skip
+    if case == "no_pynvml":
+        monkeypatch.setitem(sys.modules, "pynvml", None)  # import raises ImportError
+    else:
+        error = {"no_library": NVML_ERROR_LIBRARY_NOT_FOUND, "no_driver": NVML_ERROR_DRIVER_NOT_LOADED}.get(case)
+        module = install(monkeypatch, *([] if case == "no_gpu" else [FakeGpu(clock=clock)]), init_error=error)
+        if case == "not_visible":
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with make_sampler(clock) as sampler:
+        with sampler.window("w"):
+            clock.advance(0.5)
+        result = measure_energy(lambda: clock.advance(0.01), sampler, "trial", min_window_s=0.2)
+    assert not sampler.available and reasons[case] in sampler.reason
+    if case not in ("no_pynvml", "no_library", "no_driver"):
+        assert module.state["initialised"] == 0  # NVML released again
+    frame, windows = sampler.frame(), sampler.windows()
+    assert frame.empty and list(frame.columns) == list(SAMPLE_COLUMNS)
+    assert windows["name"].tolist() == ["w", "trial"] and windows["duration_s"].iloc[0] == pytest.approx(0.5)
+    assert windows[["energy_j", "avg_power_w", "peak_power_w", "peak_gpu_temp_c"]].isna().all().all()
+    assert result["calls"] >= 20 and result["window_s"] >= 0.2
+    assert math.isnan(result["energy_j_per_call"]) and math.isnan(result["idle_power_w"])
+
+
+@pytest.mark.parametrize("interval_s", [0, -1.0, "fast", True])
+def test_bad_interval_is_rejected(interval_s):
+    with pytest.raises(ValueError, match="interval_s"):
+        NvmlSampler(interval_s=interval_s)
+
+
+def _real_nvml_device() -> None:
+    """Skip unless real NVML and a CUDA device are here."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device and NVML")
+
+
+@pytest.mark.gpu
+def test_real_gpu_energy_grows_and_power_is_within_the_board_limit():
+    _real_nvml_device()
+    import pynvml
+    import torch
+
+    with NvmlSampler(device=torch.cuda.current_device(), interval_s=0.01) as sampler:
+        assert sampler.available, sampler.reason
+        x = torch.randn(4096, 4096, device="cuda")
+        with sampler.window("matmul"):
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                x = (x @ x).tanh_()
+                torch.cuda.synchronize()
+        limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(sampler.device.handle) / 1000
+    frame, window = sampler.frame(), sampler.windows().iloc[0]
+    energy = frame["energy_j"].dropna()
+    assert len(energy) > 50 and energy.iloc[-1] > energy.iloc[0] and energy.is_monotonic_increasing
+    assert 0 < window["energy_j"] and 0 < window["avg_power_w"] <= 1.1 * limit_w
+    assert frame["power_w"].dropna().between(0, 1.1 * limit_w).all()
+    assert 0 < window["peak_gpu_temp_c"] < 110
