@@ -1,3 +1,12 @@
 """Fused Triton kernels (GEMM, conv2d, activations) and their PyTorch faces."""
 
 from kernels import runtime  # first: decides interpreter vs GPU before any kernel is defined
+from kernels.activation import ACTIVATION_SPEC
+from kernels.gemm import GEMM_SPEC
+from kernels.ops import activation, gemm, linear
+from kernels.spec import KernelSpec
+
+# every kernel by name (the compile check and the autotuner look kernels up here)
+SPECS: dict[str, KernelSpec] = {"gemm": GEMM_SPEC, "activation": ACTIVATION_SPEC}
+
+__all__ = ["SPECS", "activation", "gemm", "linear", "runtime"]
