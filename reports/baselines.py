@@ -1,0 +1,47 @@
+"""Our kernels against PyTorch's own ops, per problem: speed-up bars from the "baselines" table.
+
+The speed-up is recomputed as baseline_time_ms / time_ms (above 1: our kernel is faster) so the
+bars mean one thing whatever convention the stored `ratio` used.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from reports.html import escape, style_figure
+from reports.labels import problem_label
+
+
+def speedups(baselines: pd.DataFrame) -> pd.DataFrame:
+    """kernel, problem_label, time_ms, baseline_time_ms, speedup: one row per measured pair."""
+    frame = baselines.dropna(subset=["time_ms", "baseline_time_ms"])
+    frame = frame[(frame["time_ms"] > 0) & (frame["baseline_time_ms"] > 0)]
+    return pd.DataFrame({
+        "kernel": frame["kernel"].astype(str),
+        "problem_label": frame["problem"].map(problem_label),
+        "time_ms": frame["time_ms"].astype(float),
+        "baseline_time_ms": frame["baseline_time_ms"].astype(float),
+        "speedup": frame["baseline_time_ms"].astype(float) / frame["time_ms"].astype(float),
+    }).reset_index(drop=True)
+
+
+def baseline_figure(baselines: pd.DataFrame, interpreter: bool) -> go.Figure | None:
+    """Horizontal bars of speed-up over PyTorch per problem, one colour per kernel; None without data."""
+    frame = speedups(baselines)
+    if frame.empty:
+        return None
+    fig = go.Figure()
+    for kernel, group in frame.groupby("kernel", sort=True):
+        fig.add_trace(go.Bar(
+            y=group["problem_label"].map(escape), x=group["speedup"], orientation="h", name=escape(kernel),
+            text=[f"{value:.2f}×" for value in group["speedup"]], textposition="outside",
+            customdata=group[["time_ms", "baseline_time_ms"]].to_numpy(),
+            hovertemplate="%{y}<br>%{x:.3g}× (ours %{customdata[0]:.3g} ms, PyTorch %{customdata[1]:.3g} ms)"
+                          "<extra>%{fullData.name}</extra>"))
+    fig.add_vline(x=1, line=dict(color="#444", dash="dash", width=1))
+    where = " (interpreter: relative only)" if interpreter else ""
+    fig.update_layout(title=f"Speed-up over PyTorch per problem{where}", barmode="group",
+                      yaxis=dict(autorange="reversed", automargin=True))
+    fig.update_xaxes(title="PyTorch time / our time (>1: ours is faster)", rangemode="tozero")
+    return style_figure(fig, max(300, 110 + 34 * len(frame)))

@@ -1,0 +1,234 @@
+"""Read the database and assemble the report: one section per kind of data, shown only where it exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from autotune.database import Database
+from reports.baselines import baseline_figure, speedups
+from reports.environment import device_label, environment_section, interpreter_banner, is_interpreter
+from reports.html import Section, anchor_for, render_page
+from reports.roofline import roofline_figure
+from reports.strategies import final_budget_table, strategies_figure
+from reports.timeline import timeline_figure
+from reports.training import TrainingRun, curves_figure, energy_figure as training_energy_figure
+from reports.training import op_times_figure, summary_table
+from reports.tuning import (best_so_far_figure, choose_metric, config_heatmap, energy_figure, failures_table,
+                            prepare_trials, top_configs_table)
+
+TITLE = "Triton workbench report"
+SERIES_TABLES = ("samples", "windows", "baselines", "train_steps", "train_epochs", "op_times", "strategy_results")
+
+
+class ReportData:
+    """The selected runs and every stored series of theirs, read once."""
+
+    def __init__(self, db: Database, run_ids: Sequence[int] | None):
+        runs = db.runs().sort_values("run_id").reset_index(drop=True)
+        if run_ids:
+            missing = sorted(set(int(run_id) for run_id in run_ids) - set(runs["run_id"]))
+            if missing:
+                raise ValueError(f"run_ids {missing} are not in {db.path} (it has runs "
+                                 f"{', '.join(map(str, runs['run_id'])) or 'none'})")
+            runs = runs[runs["run_id"].isin([int(run_id) for run_id in run_ids])].reset_index(drop=True)
+        self.runs = runs
+        selected = set(runs["run_id"])
+        self.tables = {table: self._select(db.read(table), selected) for table in SERIES_TABLES}
+        self.trials = self._select(db.trials(), selected)
+
+    @staticmethod
+    def _select(frame: pd.DataFrame, run_ids: set[int]) -> pd.DataFrame:
+        if frame.empty or "run_id" not in frame:
+            return frame
+        return frame[frame["run_id"].isin(run_ids)].reset_index(drop=True)
+
+    def series(self, table: str, run_id: int) -> pd.DataFrame:
+        frame = self.tables[table]
+        if frame.empty:
+            return frame
+        return frame[frame["run_id"] == run_id].reset_index(drop=True)
+
+    def runs_of(self, kind: str | None = None, having: str | None = None) -> list[pd.Series]:
+        """Runs of `kind`, or runs with rows in table `having` (trials included)."""
+        chosen = []
+        for _, run in self.runs.iterrows():
+            if kind is not None and run["kind"] == kind:
+                chosen.append(run)
+            elif having is not None:
+                frame = self.trials if having == "trials" else self.tables[having]
+                if not frame.empty and (frame["run_id"] == run["run_id"]).any():
+                    chosen.append(run)
+        return chosen
+
+
+def _run_title(run: pd.Series) -> str:
+    return f"Run {run['run_id']}: {run['name']}"
+
+
+def _run_meta_text(run: pd.Series) -> str:
+    finished = f", finished {run['finished_at']}" if isinstance(run["finished_at"], str) else ""
+    return (f"{run['kind']} run, status {run['status']}, started {run['started_at']}{finished}; "
+            f"device: {device_label(run['environment'])}.")
+
+
+def _add_timeline(section: Section, data: ReportData, run: pd.Series, window_kind: str) -> None:
+    result = timeline_figure(data.series("samples", run["run_id"]), data.series("windows", run["run_id"]), window_kind)
+    if result is not None:
+        figure, note = result
+        section.add_figure(figure, note)
+
+
+def runs_section(data: ReportData) -> Section:
+    section = Section("Runs", "runs")
+    section.add_table(pd.DataFrame({
+        "run": data.runs["run_id"], "kind": data.runs["kind"], "name": data.runs["name"],
+        "status": data.runs["status"], "started": data.runs["started_at"],
+        "device": [device_label(environment) for environment in data.runs["environment"]],
+    }))
+    return section
+
+
+def tuning_run_section(data: ReportData, run: pd.Series) -> Section:
+    """Heatmap, top configs, failures, best-so-far and energy per kernel/problem; roofline and timeline per run."""
+    section = Section(_run_title(run), anchor_for("tune", run["run_id"]))
+    section.add_text(_run_meta_text(run), "note")
+    trials = data.trials[data.trials["run_id"] == run["run_id"]]
+    interpreter = is_interpreter(run["environment"])
+    if trials.empty:
+        section.add_text("No trials were recorded in this run.")
+    else:
+        frame, params = prepare_trials(trials)
+        for (kernel, problem), group in frame.groupby(["kernel", "problem_label"], sort=False):
+            part = Section(f"{kernel}: {problem}", anchor_for("tune", run["run_id"], kernel, problem))
+            metric = choose_metric(group)
+            ok_count = int((group["status"] == "ok").sum())
+            part.add_text(f"{len(group)} configs evaluated, {ok_count} succeeded.")
+            used = [param for param in params if group[param].notna().any()]
+            if used:
+                figure, note = config_heatmap(group, used, metric, f"{metric.label} by config")
+                part.add_figure(figure, note)
+            top = top_configs_table(group, metric)
+            if not top.empty:
+                part.add_table(top, f"Top {len(top)} configs by {metric.label}")
+            if ok_count < len(group):
+                part.add_table(failures_table(group), "Failed configs")
+            best = best_so_far_figure(group, metric)
+            if best is not None:
+                part.add_figure(best)
+            energy = energy_figure(group)
+            if energy is not None:
+                part.add_figure(energy, "Pareto front: no other config is both faster and uses less energy. "
+                                        "EDP: energy-delay product (energy × time).")
+            section.add(part)
+        roofline = roofline_figure(frame, run["environment"].get("gpu"), interpreter)
+        if roofline is not None:
+            figure, note = roofline
+            section.add_figure(figure, note)
+    _add_timeline(section, data, run, "trial")
+    return section
+
+
+def baselines_section(data: ReportData) -> Section | None:
+    runs = data.runs_of(having="baselines")
+    if not runs:
+        return None
+    section = Section("Baselines: our kernels against PyTorch", "baselines")
+    for run in runs:
+        baselines = data.series("baselines", run["run_id"])
+        part = Section(_run_title(run), anchor_for("baselines", run["run_id"]))
+        part.add_text(_run_meta_text(run), "note")
+        figure = baseline_figure(baselines, is_interpreter(run["environment"]))
+        if figure is None:
+            part.add_text("No complete baseline measurements in this run.")
+        else:
+            part.add_figure(figure)
+            table = speedups(baselines).rename(columns={"problem_label": "problem", "time_ms": "ours (ms)",
+                                                        "baseline_time_ms": "PyTorch (ms)", "speedup": "speed-up"})
+            part.add_table(table)
+        section.add(part)
+    return section
+
+
+def training_section(data: ReportData) -> Section | None:
+    runs = data.runs_of(kind="train")
+    if not runs:
+        return None
+    section = Section("Training runs", "training")
+    training = [TrainingRun(int(run["run_id"]), str(run["name"]), is_interpreter(run["environment"]),
+                            data.series("train_steps", run["run_id"]), data.series("train_epochs", run["run_id"]),
+                            data.series("op_times", run["run_id"])) for run in runs]
+    interpreter = any(run.interpreter for run in training)
+    section.add_text("Every run is overlaid: Triton kernels solid, PyTorch kernels dashed."
+                     + (" Times are interpreter measurements on the CPU." if interpreter else ""), "note")
+    section.add_table(summary_table(training), "Side by side (median step time excludes the first, compiling step)")
+    for figure in (curves_figure(training, interpreter), training_energy_figure(training),
+                   op_times_figure(training, interpreter)):
+        if figure is not None:
+            section.add_figure(figure)
+    for run in runs:
+        if not data.series("samples", run["run_id"]).empty:
+            part = Section(f"{_run_title(run)}: power and thermals", anchor_for("train", run["run_id"], "timeline"))
+            _add_timeline(part, data, run, "step")
+            section.add(part)
+    return section
+
+
+def strategies_section(data: ReportData) -> Section | None:
+    runs = data.runs_of(having="strategy_results")
+    if not runs:
+        return None
+    section = Section("Search strategies", "strategies")
+    for run in runs:
+        results = data.series("strategy_results", run["run_id"])
+        part = Section(_run_title(run), anchor_for("strategies", run["run_id"]))
+        part.add_figure(strategies_figure(results), "Workbench strategies solid, Kernel Tuner's dashed; "
+                                                    "fraction = best possible / best found (1 is the optimum).")
+        part.add_table(final_budget_table(results), "At the largest budget")
+        section.add(part)
+    return section
+
+
+def monitoring_section(data: ReportData, shown: set[int]) -> Section | None:
+    """Timelines of runs with samples that no other section showed (monitor runs, benches)."""
+    runs = [run for run in data.runs_of(having="samples") if run["run_id"] not in shown]
+    if not runs:
+        return None
+    section = Section("Power and thermals", "monitoring")
+    for run in runs:
+        part = Section(_run_title(run), anchor_for("monitor", run["run_id"]))
+        part.add_text(_run_meta_text(run), "note")
+        _add_timeline(part, data, run, "measurement")
+        section.add(part)
+    return section
+
+
+def build_sections(db: Database, run_ids: Sequence[int] | None = None) -> tuple[list[Section], str]:
+    """The report's sections for `run_ids` (all runs when None or empty) and the banner for the page top."""
+    data = ReportData(db, run_ids)
+    if data.runs.empty:
+        return [], f"The database {db.path} has no runs yet: nothing to report."
+    sections: list[Section | None] = [runs_section(data), environment_section(data.runs)]
+    tuning_runs = data.runs_of(kind="tune", having="trials")
+    if tuning_runs:
+        tuning = Section("Tuning runs", "tuning")
+        for run in tuning_runs:
+            tuning.add(tuning_run_section(data, run))
+        sections.append(tuning)
+    sections += [baselines_section(data), training_section(data), strategies_section(data)]
+    shown = {int(run["run_id"]) for run in tuning_runs + data.runs_of(kind="train")}
+    sections.append(monitoring_section(data, shown))
+    return [section for section in sections if section is not None], interpreter_banner(data.runs)
+
+
+def write_report(db: Database, run_ids: Sequence[int] | None, path: str | Path) -> Path:
+    """Write the self-contained HTML report of `run_ids` (all runs when None or empty) to `path`."""
+    if not isinstance(db, Database):
+        raise TypeError(f"db must be an autotune.database.Database, got {type(db).__name__}")
+    path = Path(path)
+    sections, banner = build_sections(db, run_ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_page(TITLE, sections, banner), encoding="utf-8")
+    return path

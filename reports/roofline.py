@@ -1,0 +1,98 @@
+"""Roofline: achieved FLOP/s against arithmetic intensity, under the device's published ceilings.
+
+Arithmetic intensity is flops / bytes; each trial carries both rates (tflops, gbps), so the
+intensity is tflops * 1e12 / (gbps * 1e9). Ceilings come from a table of known GPUs keyed by
+the NVML device name; interpreter measurements are plotted without GPU ceilings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from reports.html import escape, style_figure
+
+
+@dataclass(frozen=True)
+class DevicePeaks:
+    """Published dense peaks of one GPU model (vendor datasheets, boost clocks)."""
+
+    name: str
+    bandwidth_gbps: float  # memory bandwidth, GB/s
+    compute_tflops: dict[str, float]  # ceiling label -> TFLOP/s
+
+
+# Order matters: the first pattern that matches the device name wins.
+KNOWN_PEAKS: tuple[tuple[str, DevicePeaks], ...] = (
+    (r"H200", DevicePeaks("H200 SXM", 4800, {"FP32": 67.0, "TF32 tensor": 494.7, "FP16/BF16 tensor": 989.4})),
+    (r"H100.*PCIe", DevicePeaks("H100 PCIe", 2000, {"FP32": 51.2, "TF32 tensor": 378.0, "FP16/BF16 tensor": 756.0})),
+    (r"H100", DevicePeaks("H100 SXM", 3350, {"FP32": 67.0, "TF32 tensor": 494.7, "FP16/BF16 tensor": 989.4})),
+    (r"A100.*80GB.*PCIe|A100.*PCIe.*80GB",
+     DevicePeaks("A100 80GB PCIe", 1935, {"FP32": 19.5, "TF32 tensor": 156.0, "FP16/BF16 tensor": 312.0})),
+    (r"A100.*80GB", DevicePeaks("A100 80GB SXM", 2039, {"FP32": 19.5, "TF32 tensor": 156.0, "FP16/BF16 tensor": 312.0})),
+    (r"A100", DevicePeaks("A100 40GB", 1555, {"FP32": 19.5, "TF32 tensor": 156.0, "FP16/BF16 tensor": 312.0})),
+    (r"L40S", DevicePeaks("L40S", 864, {"FP32": 91.6, "TF32 tensor": 183.0, "FP16/BF16 tensor": 362.0})),
+    (r"\bL4\b", DevicePeaks("L4", 300, {"FP32": 30.3, "TF32 tensor": 60.0, "FP16/BF16 tensor": 121.0})),
+    (r"\bA10\b", DevicePeaks("A10", 600, {"FP32": 31.2, "TF32 tensor": 62.5, "FP16/BF16 tensor": 125.0})),
+    (r"V100", DevicePeaks("V100 SXM2", 900, {"FP32": 15.7, "FP16 tensor": 125.0})),
+)
+
+
+def peaks_for(device_name: str | None) -> DevicePeaks | None:
+    """The known peaks of a GPU by its (NVML/torch) name, or None when it is not in the table."""
+    if not device_name:
+        return None
+    for pattern, peaks in KNOWN_PEAKS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return peaks
+    return None
+
+
+def roofline_points(trials: pd.DataFrame) -> pd.DataFrame:
+    """Successful trials with both rates known, plus intensity (flop/byte) and achieved TFLOP/s."""
+    ok = trials[(trials["status"] == "ok") & (trials["tflops"] > 0) & (trials["gbps"] > 0)].copy()
+    ok["intensity"] = ok["tflops"] * 1e12 / (ok["gbps"] * 1e9)
+    return ok
+
+
+def roofline_figure(trials: pd.DataFrame, device_name: str | None, interpreter: bool) -> tuple[go.Figure, str] | None:
+    """The roofline of `trials` (one trace per kernel/problem) and a note on the ceilings shown.
+
+    `trials` needs status, tflops, gbps, kernel, problem_label, config_label. None when no
+    trial has both rates.
+    """
+    points = roofline_points(trials)
+    if points.empty:
+        return None
+    fig = go.Figure()
+    for (kernel, problem), group in points.groupby(["kernel", "problem_label"], sort=False):
+        fig.add_trace(go.Scatter(
+            x=group["intensity"], y=group["tflops"], mode="markers", name=escape(f"{kernel} {problem}"),
+            marker=dict(size=8, opacity=0.75), text=group["config_label"].map(escape),
+            hovertemplate="%{text}<br>%{x:.3g} FLOP/byte<br>%{y:.3g} TFLOP/s<extra></extra>"))
+    peaks = None if interpreter else peaks_for(device_name)
+    if interpreter:
+        title = "Roofline: interpreter measurements (CPU)"
+        note = "Measured in Triton's interpreter on the CPU, so no GPU bandwidth or compute ceilings are drawn."
+    elif peaks is None:
+        title = f"Roofline on {device_name}"
+        note = f"No published peaks are known for {device_name}; ceilings are omitted."
+    else:
+        title = f"Roofline on {device_name}"
+        note = (f"Ceilings: {peaks.name} datasheet, {peaks.bandwidth_gbps:,.0f} GB/s memory bandwidth and dense "
+                + ", ".join(f"{label} {value:g} TFLOP/s" for label, value in peaks.compute_tflops.items()) + ".")
+        low = min(points["intensity"].min() / 4, 0.1)
+        high = max(points["intensity"].max() * 4, 1e4)
+        intensity = np.geomspace(low, high, 200)
+        for label, compute in peaks.compute_tflops.items():
+            fig.add_trace(go.Scatter(
+                x=intensity, y=np.minimum(compute, peaks.bandwidth_gbps * 1e9 * intensity / 1e12),
+                mode="lines", name=f"{label} roof", line=dict(dash="dot", width=1.5), hoverinfo="skip"))
+    fig.update_xaxes(type="log", title="arithmetic intensity (FLOP / byte)")
+    fig.update_yaxes(type="log", title="achieved TFLOP/s" + (" (interpreter)" if interpreter else ""))
+    fig.update_layout(title=escape(title))
+    return style_figure(fig, 440), note

@@ -1,0 +1,150 @@
+"""Training runs side by side: loss and accuracy, step time and throughput, energy, time per op.
+
+Runs are overlaid in every figure (Triton kernels solid, PyTorch kernels dashed) so a Triton run
+and a torch run of the same model read against each other directly. Frames are the "train_steps",
+"train_epochs" and "op_times" tables of the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from reports.html import escape, style_figure
+
+TOP_OPS = 12
+DASH = {"triton": "solid", "torch": "dash"}
+
+
+@dataclass
+class TrainingRun:
+    """One training run's stored series."""
+
+    run_id: int
+    name: str
+    interpreter: bool
+    steps: pd.DataFrame  # train_steps
+    epochs: pd.DataFrame  # train_epochs
+    op_times: pd.DataFrame  # op_times
+
+    @property
+    def kernels(self) -> str:
+        """'triton', 'torch' or '' as the steps record it."""
+        if self.steps.empty or "kernels" not in self.steps:
+            return ""
+        return "/".join(sorted(self.steps["kernels"].dropna().astype(str).unique()))
+
+    @property
+    def label(self) -> str:
+        kernels = f" ({self.kernels} kernels)" if self.kernels else ""
+        return f"#{self.run_id} {self.name}{kernels}"
+
+    def ordered_steps(self) -> pd.DataFrame:
+        """Steps in training order, numbered 1.. across epochs (`global_step`)."""
+        steps = self.steps.sort_values(["epoch", "step"], kind="stable").reset_index(drop=True)
+        return steps.assign(global_step=range(1, len(steps) + 1))
+
+
+def _colours(runs: list[TrainingRun]) -> dict[int, str]:
+    palette = px.colors.qualitative.D3
+    return {run.run_id: palette[i % len(palette)] for i, run in enumerate(runs)}
+
+
+def curves_figure(runs: list[TrainingRun], interpreter: bool) -> go.Figure | None:
+    """Loss, accuracy, step time and images/s against step, one colour per run."""
+    runs = [run for run in runs if not run.steps.empty]
+    if not runs:
+        return None
+    where = " (interpreter)" if interpreter else ""
+    panels = (("loss", "loss"), ("accuracy", "accuracy"), ("step_time_ms", f"step time (ms){where}"),
+              ("images_per_s", f"images/s{where}"))
+    fig = make_subplots(rows=2, cols=2, shared_xaxes=True, subplot_titles=[title for _, title in panels],
+                        vertical_spacing=0.12, horizontal_spacing=0.08)
+    colours = _colours(runs)
+    for run in runs:
+        steps = run.ordered_steps()
+        for index, (column, _) in enumerate(panels):
+            if column not in steps or steps[column].isna().all():
+                continue
+            fig.add_trace(go.Scatter(
+                x=steps["global_step"], y=steps[column], mode="lines", name=escape(run.label),
+                legendgroup=str(run.run_id), showlegend=index == 0,
+                line=dict(color=colours[run.run_id], dash=DASH.get(run.kernels, "dot"), width=1.5),
+                hovertemplate="step %{x}: %{y:.4g}<extra>" + escape(run.label) + "</extra>"),
+                row=index // 2 + 1, col=index % 2 + 1)
+    fig.update_xaxes(title_text="step", row=2)
+    fig.update_layout(title="Training curves", legend=dict(orientation="h", y=-0.12))
+    return style_figure(fig, 620)
+
+
+def energy_figure(runs: list[TrainingRun]) -> go.Figure | None:
+    """Energy per step against step; None when no run measured energy."""
+    runs = [run for run in runs if "energy_j" in run.steps and run.steps["energy_j"].notna().any()]
+    if not runs:
+        return None
+    fig = go.Figure()
+    colours = _colours(runs)
+    for run in runs:
+        steps = run.ordered_steps()
+        fig.add_trace(go.Scatter(x=steps["global_step"], y=steps["energy_j"], mode="lines", name=escape(run.label),
+                                 line=dict(color=colours[run.run_id], dash=DASH.get(run.kernels, "dot"))))
+    fig.update_layout(title="Energy per step")
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title="energy (J)", rangemode="tozero")
+    return style_figure(fig, 360)
+
+
+def op_share(op_times: pd.DataFrame) -> pd.DataFrame:
+    """op, self_time_ms, share_pct of the run's total self time, per op (summed over devices)."""
+    totals = op_times.groupby("op", as_index=False)["self_time_ms"].sum()
+    total = totals["self_time_ms"].sum()
+    totals["share_pct"] = 100 * totals["self_time_ms"] / total if total > 0 else 0.0
+    return totals.sort_values("self_time_ms", ascending=False).reset_index(drop=True)
+
+
+def op_times_figure(runs: list[TrainingRun], interpreter: bool) -> go.Figure | None:
+    """Share of self time per op (the TOP_OPS largest over all runs), grouped by run."""
+    runs = [run for run in runs if not run.op_times.empty]
+    if not runs:
+        return None
+    shares = {run.run_id: op_share(run.op_times) for run in runs}
+    ranked = pd.concat(shares.values()).groupby("op")["share_pct"].max().sort_values(ascending=False)
+    top_ops = list(ranked.index[:TOP_OPS])
+    fig = go.Figure()
+    colours = _colours(runs)
+    for run in runs:
+        share = shares[run.run_id].set_index("op").reindex(top_ops)
+        fig.add_trace(go.Bar(y=[escape(op) for op in top_ops], x=share["share_pct"], orientation="h",
+                             name=escape(run.label), marker_color=colours[run.run_id],
+                             customdata=share["self_time_ms"],
+                             hovertemplate="%{y}: %{x:.1f}% (%{customdata:.4g} ms self time)<extra></extra>"))
+    where = ", interpreter" if interpreter else ""
+    fig.update_layout(title=f"Where the time goes: self time per op (profiled steps{where})", barmode="group",
+                      yaxis=dict(autorange="reversed", automargin=True))
+    fig.update_xaxes(title="share of the run's self time (%)", rangemode="tozero")
+    return style_figure(fig, max(320, 120 + 22 * len(top_ops) * len(runs)))
+
+
+def summary_table(runs: list[TrainingRun]) -> pd.DataFrame:
+    """One row per run: the numbers to compare Triton and torch kernels by."""
+    rows = []
+    for run in runs:
+        steps = run.ordered_steps()
+        row = {"run": run.label, "steps": len(steps)}
+        if not steps.empty:
+            later = steps.iloc[1:] if len(steps) > 1 else steps  # the first step pays for compilation
+            row.update({"median step (ms)": later["step_time_ms"].median(),
+                        "median images/s": later["images_per_s"].median(),
+                        "final loss": steps["loss"].iloc[-1], "final accuracy": steps["accuracy"].iloc[-1]})
+            if "energy_j" in steps and steps["energy_j"].notna().any():
+                row["mean energy/step (J)"] = steps["energy_j"].mean()
+        if not run.epochs.empty:
+            last = run.epochs.sort_values("epoch").iloc[-1]
+            row.update({"eval loss": last.get("eval_loss"), "eval accuracy": last.get("eval_accuracy"),
+                        "J/image": last.get("j_per_image")})
+        rows.append(row)
+    return pd.DataFrame(rows).dropna(axis=1, how="all")

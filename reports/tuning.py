@@ -1,0 +1,261 @@
+"""Tuning-run figures: config heatmaps, top configs, best-so-far and the time/energy Pareto front.
+
+All functions take the trials DataFrame of `Database.trials()` (one kernel and problem at a
+time where it matters); `prepare_trials` adds the parsed config and readable labels once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from reports.html import escape, style_figure
+from reports.labels import parameters_label, parse_json_object, problem_label
+
+FAILED_GREY = "#c4c8cd"
+MAX_FACET_COLUMNS = 6
+MAX_FACET_ROWS = 4
+TOP_CONFIGS = 10
+# Parameters worth a panel of their own before any other (configs are stored with sorted keys).
+PREFERRED_FACETS = ("BLOCK_K", "num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The quantity a tuning run is judged by, and how to show it."""
+
+    column: str  # trials column
+    label: str  # axis / colour-bar label, with the display unit
+    scale: float  # display value = column value * scale
+    higher_is_better: bool
+
+    def best_index(self, values: pd.Series) -> int:
+        return values.idxmax() if self.higher_is_better else values.idxmin()
+
+
+def _rate_unit(max_value: float, units: tuple[str, ...]) -> tuple[str, float]:
+    """The largest of `units` (each 1000x smaller than the previous) that shows max_value >= 0.1."""
+    scale = 1.0
+    for unit in units[:-1]:
+        if max_value * scale >= 0.1:
+            return unit, scale
+        scale *= 1000
+    return units[-1], scale
+
+
+def choose_metric(trials: pd.DataFrame) -> Metric:
+    """TFLOP/s when flops are known, else GB/s, else time; rates scaled to readable units."""
+    ok = trials[trials["status"] == "ok"]
+    suffix = " (interpreter)" if (ok["timer"] == "interpreter").any() else ""
+    for column, units in (("tflops", ("TFLOP/s", "GFLOP/s", "MFLOP/s", "kFLOP/s")),
+                          ("gbps", ("GB/s", "MB/s", "kB/s"))):
+        values = ok[column].dropna()
+        if (values > 0).any():
+            unit, scale = _rate_unit(float(values.max()), units)
+            return Metric(column, unit + suffix, scale, True)
+    return Metric("time_ms", "time (ms)" + suffix, 1.0, False)
+
+
+def prepare_trials(trials: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """`trials` with one column per tunable parameter, config_label and problem_label added.
+
+    Returns the frame and the parameter names in the order the kernel declares them.
+    """
+    configs = [parse_json_object(config) for config in trials["config"]]
+    params: list[str] = []
+    for config in configs:
+        params.extend(key for key in config if key not in params)
+    frame = trials.reset_index(drop=True).copy()
+    for param in params:
+        frame[param] = [config.get(param) for config in configs]
+    frame["config_label"] = [parameters_label(config) for config in configs]
+    frame["problem_label"] = frame["problem"].map(problem_label)
+    frame["reason"] = frame["reason"].fillna("").astype(str)
+    return frame, params
+
+
+def _facets(frame: pd.DataFrame, params: list[str]) -> tuple[str, str | None, str | None, str | None, list[str]]:
+    """(y, x, facet column, facet row, aggregated) parameters for the heatmap."""
+    y = "BLOCK_M" if "BLOCK_M" in params else params[0]
+    rest = [param for param in params if param != y]
+    x = "BLOCK_N" if "BLOCK_N" in rest else (rest[0] if rest else None)
+    varying = [param for param in params if param not in (x, y) and frame[param].nunique(dropna=False) > 1]
+    varying.sort(key=lambda p: PREFERRED_FACETS.index(p) if p in PREFERRED_FACETS else len(PREFERRED_FACETS))
+    column = next((param for param in varying if frame[param].nunique() <= MAX_FACET_COLUMNS), None)
+    row = next((param for param in varying if param != column and frame[param].nunique() <= MAX_FACET_ROWS), None)
+    aggregated = [param for param in varying if param not in (column, row)]
+    return y, x, column, row, aggregated
+
+
+def _sorted_values(series: pd.Series) -> list:
+    values = series.dropna().unique().tolist()
+    try:
+        return sorted(values)
+    except TypeError:
+        return sorted(values, key=str)
+
+
+def _cell(group: pd.DataFrame, metric: Metric, cell_label: str) -> tuple[float, float, str]:
+    """(metric value or NaN, failed marker or NaN, hover text) for one heatmap cell."""
+    ok = group[(group["status"] == "ok") & group[metric.column].notna()]
+    failed = group[group["status"] != "ok"]
+    counts = f"{len(group)} config{'s' if len(group) != 1 else ''}" + (f", {len(failed)} failed" if len(failed) else "")
+    if not ok.empty:
+        best = ok.loc[metric.best_index(ok[metric.column])]
+        value = float(best[metric.column]) * metric.scale
+        text = (f"{escape(cell_label)}<br><b>{value:.3g} {escape(metric.label)}</b><br>"
+                f"best: {escape(best['config_label'])}<br>{counts}")
+        return value, math.nan, text
+    reasons = (failed["status"] + ": " + failed["reason"]).drop_duplicates().head(3)
+    text = f"{escape(cell_label)}<br><b>all failed</b> ({counts})<br>" + "<br>".join(
+        escape(reason[:120]) for reason in reasons)
+    return math.nan, 0.0, text
+
+
+def config_heatmap(frame: pd.DataFrame, params: list[str], metric: Metric, title: str) -> tuple[go.Figure, str]:
+    """Best metric per (BLOCK_M, BLOCK_N) cell, faceted by up to two other parameters.
+
+    Parameters beyond the facets are aggregated (each cell shows the best over them); cells whose
+    configs all failed are grey with the reasons on hover; blank cells were never evaluated.
+    """
+    y, x, col, row, aggregated = _facets(frame, params)
+    frame = frame.copy()
+    if x is None:
+        x, frame["_x"] = "_x", ""
+    row_values = _sorted_values(frame[row]) if row else [None]
+    col_values = _sorted_values(frame[col]) if col else [None]
+    x_values, y_values = _sorted_values(frame[x]), _sorted_values(frame[y])
+    titles = [" ".join(part for part in (f"{row}={r}" if row else "", f"{col}={c}" if col else "") if part)
+              for r in row_values for c in col_values]
+    fig = make_subplots(rows=len(row_values), cols=len(col_values), shared_xaxes=True, shared_yaxes=True,
+                        subplot_titles=[escape(t) for t in titles] if (row or col) else None,
+                        horizontal_spacing=0.03, vertical_spacing=0.12 / max(1, len(row_values) - 1) + 0.04)
+    for i, row_value in enumerate(row_values):
+        for j, col_value in enumerate(col_values):
+            panel = frame
+            if row:
+                panel = panel[panel[row] == row_value]
+            if col:
+                panel = panel[panel[col] == col_value]
+            values = np.full((len(y_values), len(x_values)), np.nan)
+            failed = np.full_like(values, np.nan)
+            text = np.full(values.shape, "not evaluated", dtype=object)
+            for (y_value, x_value), group in panel.groupby([y, x]):
+                a, b = y_values.index(y_value), x_values.index(x_value)
+                label = f"{y}={y_value} {x}={x_value}" if x != "_x" else f"{y}={y_value}"
+                values[a, b], failed[a, b], text[a, b] = _cell(group, metric, label)
+            xs, ys = [str(v) for v in x_values], [str(v) for v in y_values]
+            fig.add_trace(go.Heatmap(z=failed, x=xs, y=ys, text=text, hovertemplate="%{text}<extra></extra>",
+                                     colorscale=[[0, FAILED_GREY], [1, FAILED_GREY]], showscale=False,
+                                     xgap=2, ygap=2), row=i + 1, col=j + 1)
+            fig.add_trace(go.Heatmap(z=values, x=xs, y=ys, text=text, hovertemplate="%{text}<extra></extra>",
+                                     coloraxis="coloraxis", xgap=2, ygap=2), row=i + 1, col=j + 1)
+    fig.update_xaxes(type="category", title_text=x if x != "_x" else "", row=len(row_values))
+    fig.update_yaxes(type="category", title_text=y, col=1)
+    fig.update_layout(coloraxis=dict(colorscale="Viridis" if metric.higher_is_better else "Viridis_r",
+                                     colorbar=dict(title=dict(text=escape(metric.label), side="right"))),
+                      title=escape(title))
+    style_figure(fig, 150 + 230 * len(row_values))
+    parts = [f"Each cell shows the best {metric.label} of the configs with that {y}"
+             + (f" and {x}" if x != "_x" else "")]
+    if col or row:
+        parts.append("panels split by " + " and ".join(p for p in (row, col) if p))
+    if aggregated:
+        parts.append("taking the best over " + ", ".join(aggregated))
+    note = ", ".join(parts) + ". Grey: every config in the cell failed (reason on hover); blank: not evaluated."
+    return fig, note
+
+
+def top_configs_table(frame: pd.DataFrame, metric: Metric, limit: int = TOP_CONFIGS) -> pd.DataFrame:
+    """The best `limit` successful configs with their timing spread and resource use."""
+    ok = frame[(frame["status"] == "ok") & frame[metric.column].notna()]
+    ok = ok.sort_values(metric.column, ascending=not metric.higher_is_better).head(limit)
+    table = pd.DataFrame({
+        "config": ok["config_label"],
+        "time (ms)": ok["time_ms"],
+        "p20-p80 (ms)": [f"{a:.3g}-{b:.3g}" if a == a and b == b else "" for a, b in
+                         zip(ok["time_ms_p20"], ok["time_ms_p80"])],
+        "TFLOP/s": ok["tflops"],
+        "GB/s": ok["gbps"],
+        "energy/call (J)": ok["energy_j_per_call"],
+        "registers": ok["registers"],
+        "spills": ok["spills"],
+        "shared (bytes)": ok["shared_bytes"],
+    })
+    return table.dropna(axis=1, how="all")
+
+
+def failures_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Failed configs counted by status, with one example reason each."""
+    failed = frame[frame["status"] != "ok"]
+    grouped = failed.groupby("status", sort=True)
+    return pd.DataFrame({"status": list(grouped.groups),
+                         "configs": grouped.size().tolist(),
+                         "example reason": [group["reason"].iloc[0][:160] for _, group in grouped]})
+
+
+def best_so_far_figure(frame: pd.DataFrame, metric: Metric) -> go.Figure | None:
+    """Every successful evaluation and the best found so far, in evaluation order."""
+    ordered = frame.sort_values("trial_id").reset_index(drop=True)
+    ordered["evaluation"] = np.arange(1, len(ordered) + 1)
+    ok = ordered[(ordered["status"] == "ok") & ordered[metric.column].notna()]
+    if ok.empty:
+        return None
+    values = ok[metric.column] * metric.scale
+    best = values.cummax() if metric.higher_is_better else values.cummin()
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=ok["evaluation"], y=values, mode="markers", name="evaluation",
+                             marker=dict(size=6, color="#8aa4c8"), text=ok["config_label"].map(escape),
+                             hovertemplate="#%{x}: %{y:.3g}<br>%{text}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=ok["evaluation"], y=best, mode="lines", name="best so far",
+                             line=dict(shape="hv", width=2.5, color="#d1495b"), hoverinfo="skip"))
+    failed = len(ordered) - len(ok)
+    fig.update_layout(title=f"Best so far over {len(ordered)} evaluations"
+                      + (f" ({failed} failed, not shown)" if failed else ""))
+    fig.update_xaxes(title="evaluation")
+    fig.update_yaxes(title=escape(metric.label))
+    return style_figure(fig, 360)
+
+
+def pareto_front(times: pd.Series, energies: pd.Series) -> pd.Index:
+    """Index of the points no other point beats in both time and energy (lower is better)."""
+    order = pd.DataFrame({"t": times, "e": energies}).sort_values(["t", "e"])
+    front, lowest = [], math.inf
+    for index, row in order.iterrows():
+        if row["e"] < lowest:
+            front.append(index)
+            lowest = row["e"]
+    return pd.Index(front)
+
+
+def energy_figure(frame: pd.DataFrame) -> go.Figure | None:
+    """Time against energy per call with the Pareto front and the fastest, least-energy, least-EDP configs."""
+    ok = frame[(frame["status"] == "ok") & frame["energy_j_per_call"].notna() & frame["time_ms"].notna()]
+    if ok.empty:
+        return None
+    unit, scale = ("mJ", 1e3) if ok["energy_j_per_call"].max() < 1 else ("J", 1.0)
+    energy = ok["energy_j_per_call"] * scale
+    hover = "%{text}<br>%{x:.3g} ms, %{y:.3g} " + unit + "<extra>%{fullData.name}</extra>"
+    labels = ok["config_label"].map(escape)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=ok["time_ms"], y=energy, mode="markers", name="config", text=labels,
+                             marker=dict(size=7, color="#8aa4c8"), hovertemplate=hover))
+    front = pareto_front(ok["time_ms"], ok["energy_j_per_call"])
+    fig.add_trace(go.Scatter(x=ok.loc[front, "time_ms"], y=energy[front], mode="lines+markers", name="Pareto front",
+                             text=labels[front], line=dict(color="#d1495b", shape="hv"), hovertemplate=hover))
+    edp = ok["time_ms"] * ok["energy_j_per_call"]
+    marks = (("fastest", ok["time_ms"].idxmin(), "star"), ("least energy", ok["energy_j_per_call"].idxmin(), "diamond"),
+             ("least EDP", edp.idxmin(), "square"))
+    for name, index, symbol in marks:
+        fig.add_trace(go.Scatter(x=[ok.at[index, "time_ms"]], y=[energy[index]], mode="markers", name=name,
+                                 text=[labels[index]], hovertemplate=hover,
+                                 marker=dict(symbol=symbol, size=15, line=dict(width=1.5, color="#222"))))
+    fig.update_layout(title="Time against energy per call")
+    fig.update_xaxes(title="time per call (ms)")
+    fig.update_yaxes(title=f"energy per call ({unit})")
+    return style_figure(fig, 400)
