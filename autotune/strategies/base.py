@@ -1,0 +1,70 @@
+"""The ask/tell interface every strategy implements.
+
+`ask()` hands out a valid config never handed out before (None once the space is exhausted);
+`tell(config, value)` reports its objective (lower is better; math.inf for a failed config). Several
+configs may be asked before any is told, and results may be told in any order: strategies treat asked
+but untold configs as pending.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Mapping
+
+import numpy as np
+
+from autotune.space import Config, Space
+
+
+class Strategy(ABC):
+    """Bookkeeping shared by all strategies; subclasses choose the next row of `space.table`."""
+
+    name: str = ""
+
+    def __init__(self, space: Space, seed: int = 0):
+        if not isinstance(space, Space):
+            raise ValueError(f"space: expected an autotune.Space, got {type(space).__name__}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise ValueError(f"seed: expected an int, got {seed!r}")
+        self.space = space
+        self.rng = np.random.default_rng(seed)
+        self.asked = np.zeros(space.size, dtype=bool)
+        self.pending: set[int] = set()
+        self.observed_rows: list[int] = []
+        self.observed_values: list[float] = []
+
+    def ask(self) -> Config | None:
+        """The next config to evaluate, or None when every valid config has been asked."""
+        if self.asked.all():
+            return None
+        row = self._next_row()
+        if row is None:
+            return None
+        if self.asked[row]:
+            raise RuntimeError(f"{type(self).__name__} proposed row {row} twice")
+        self.asked[row] = True
+        self.pending.add(row)
+        return self.space.config(row)
+
+    def tell(self, config: Mapping[str, Any], value: float) -> None:
+        """Report the objective of an asked config (lower is better, math.inf if it failed)."""
+        row = self.space.row(config)
+        if row is None or row not in self.pending:
+            raise ValueError(f"config: {dict(config)!r} was not asked, or was already told")
+        if not isinstance(value, (int, float, np.floating, np.integer)) or math.isnan(value):
+            raise ValueError(f"value: expected a number or math.inf, got {value!r}")
+        self.pending.discard(row)
+        self.observed_rows.append(row)
+        self.observed_values.append(float(value))
+        self._observe(row, float(value))
+
+    @abstractmethod
+    def _next_row(self) -> int | None:
+        """An unasked row of `space.table` (at least one exists when this is called)."""
+
+    def _observe(self, row: int, value: float) -> None:
+        """Hook for strategies that learn from results."""
+
+    def _unasked_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self.asked)

@@ -1,0 +1,99 @@
+"""Surrogate search: an extremely randomised tree ensemble (scikit-learn) models log(objective) over the
+valid configs, and each ask takes the candidate with the highest expected improvement.
+
+Why this design:
+- The valid configs of a kernel space are few enough (thousands to ~10^5) to score every one, or a
+  large random pool plus the neighbourhood of the best configs, so the acquisition is maximised over
+  real valid configs: no rounding of a continuous optimiser, no wasted proposals on invalid configs.
+- Tree ensembles fit the step-like, interacting response of block sizes, vector widths and flags
+  better than a stationary GP kernel, need no hyper-parameter fitting and work for categorical values;
+  the spread of the trees' predictions gives the uncertainty for expected improvement (as in SMAC).
+- Features are each parameter's value index plus, for numeric parameters, log2 of pairwise products
+  and ratios (e.g. threads per block = block_x * block_y): generic, no kernel-specific knowledge.
+- log(time) makes relative differences count equally on fast and slow configs; a failed config is
+  told as inf and modelled as a little worse than the worst success, so its region is avoided.
+- Asked but untold configs (parallel compile) are fitted at the mean observed value ("constant liar"),
+  so a batch of asks spreads out instead of piling onto one spot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.stats import norm
+from sklearn.ensemble import ExtraTreesRegressor
+
+from autotune.space import Space
+from autotune.strategies.base import Strategy
+
+
+def config_features(space: Space) -> np.ndarray:
+    """Feature matrix of every valid config (rows of `space.table`)."""
+    columns = [space.table[:, j].astype(float) for j in range(len(space.names))]
+    logs = []
+    for j, values in enumerate(space.params.values()):
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+        if numeric and len(values) > 1:
+            logs.append(np.log2(np.asarray(values, dtype=float))[space.table[:, j]])
+    for a in range(len(logs)):
+        for b in range(a + 1, len(logs)):
+            columns += [logs[a] + logs[b], logs[a] - logs[b]]
+    return np.column_stack(columns) if columns else np.zeros((space.size, 0))
+
+
+class ForestSearch(Strategy):
+    """Expected-improvement search with an extra-trees surrogate (see the module docstring)."""
+
+    name = "forest"
+    initial_samples = 10
+    trees = 24
+    pool_size = 3000
+    neighbourhood_of = 3  # the neighbours of this many best configs always join the candidate pool
+
+    def __init__(self, space: Space, seed: int = 0):
+        super().__init__(space, seed)
+        self._features = config_features(space)
+        self._random_order = iter(self.rng.permutation(space.size).tolist())
+
+    def _next_row(self) -> int | None:
+        finite = [v for v in self.observed_values if math.isfinite(v)]
+        if len(finite) < min(self.initial_samples, 2) or len(self.observed_rows) < self.initial_samples:
+            return self._random_unasked()
+        candidates = self._candidates()
+        model = self._fit()
+        per_tree = np.stack([tree.predict(self._features[candidates]) for tree in model.estimators_])
+        mean, std = per_tree.mean(axis=0), per_tree.std(axis=0) + 1e-9
+        best = math.log(min(finite))
+        z = (best - mean) / std
+        improvement = (best - mean) * norm.cdf(z) + std * norm.pdf(z)
+        return int(candidates[np.argmax(improvement)])
+
+    def _random_unasked(self) -> int:
+        for row in self._random_order:
+            if not self.asked[row]:
+                return row
+        raise RuntimeError("no unasked row left")  # ask() checks for exhaustion first
+
+    def _fit(self) -> ExtraTreesRegressor:
+        values = np.asarray(self.observed_values)
+        logs = np.log(np.where(np.isfinite(values), values, np.nan))
+        worst, spread = np.nanmax(logs), max(np.nanmax(logs) - np.nanmin(logs), 1e-3)
+        targets = np.where(np.isnan(logs), worst + 0.5 * spread, logs)
+        rows = list(self.observed_rows)
+        if self.pending:
+            rows += sorted(self.pending)
+            targets = np.concatenate([targets, np.full(len(self.pending), targets.mean())])
+        model = ExtraTreesRegressor(n_estimators=self.trees, random_state=int(self.rng.integers(2**31)))
+        return model.fit(self._features[rows], targets)
+
+    def _candidates(self) -> np.ndarray:
+        unasked = self._unasked_rows()
+        if len(unasked) <= self.pool_size:
+            return unasked
+        pool = [self.rng.choice(unasked, size=self.pool_size, replace=False)]
+        order = np.argsort(self.observed_values)[: self.neighbourhood_of]
+        for index in order:
+            pool.append(self.space.neighbour_rows(self.observed_rows[index], "hamming"))
+        pool = np.unique(np.concatenate(pool))
+        return pool[~self.asked[pool]]

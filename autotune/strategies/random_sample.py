@@ -1,0 +1,17 @@
+"""Random search: valid configs uniformly at random, without replacement."""
+
+from __future__ import annotations
+
+from autotune.space import Space
+from autotune.strategies.base import Strategy
+
+
+class RandomSample(Strategy):
+    name = "random"
+
+    def __init__(self, space: Space, seed: int = 0):
+        super().__init__(space, seed)
+        self._order = iter(self.rng.permutation(space.size).tolist())
+
+    def _next_row(self) -> int | None:
+        return next(self._order)
