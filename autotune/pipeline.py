@@ -1,0 +1,254 @@
+"""Evaluating configs of one kernel on one problem: compile ahead, reject, run, check, time.
+
+For each config, in order:
+1. its ahead-of-time compile result for the GPU target (done in a process pool by `kernels.aot`,
+   one batch ahead of the measurements, see `CompileAhead`): a compile error is recorded, and the
+   shared memory / registers it reports are checked against the device's limits *before* anything
+   runs (on a machine without a GPU this proves the config compiles for sm_90 and gives its
+   resources, while the run itself happens in Triton's interpreter);
+2. one launch, compared with `spec.reference` (max-abs error over max-abs reference, against
+   `spec.tolerance(problem)`): a wrong result is recorded as status 'wrong' and never chosen;
+3. the timing harness (`autotune.timing.measure`) and, when an energy meter is given, the energy.
+
+Every failure becomes a recorded outcome with its reason; nothing stops the sweep except Ctrl-C.
+
+Hangs: each trial runs under a watchdog (`timeout_s`, SIGALRM in the main thread). It interrupts
+anything that returns to Python, which covers the interpreter (a hung kernel there is a Python
+loop) and host-side hangs on a GPU. A GPU kernel that never finishes blocks inside the CUDA
+driver, where no signal is acted on and the CUDA context is lost anyway: the realistic remedy is
+to kill the process; the sweep then resumes from the database, and the config that was running
+is recorded as 'timeout' if it is caught running when a process dies twice (see `tuner`).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+
+from autotune.environment import device_limits
+from autotune.timing import measure
+from kernels import runtime
+from kernels.spec import Config, KernelSpec, Problem
+
+OBJECTIVES = ("time", "energy", "edp")
+ENERGY_FIELDS = (
+    "energy_j_per_call", "avg_power_w", "peak_power_w", "start_temp_c", "end_temp_c", "mean_sm_clock_mhz", "throttled",
+)  # fmt: skip
+
+
+class EnergyMeter(Protocol):
+    """Measures a callable's energy: returns ENERGY_FIELDS (energy_j_per_call at least).
+
+    autotune does not import the profiler; `workbench tune --profile` passes one built on it.
+    """
+
+    def __call__(self, name: str, fn: Callable[[], object]) -> dict[str, float]: ...
+
+
+@dataclass
+class Trial:
+    """The outcome of evaluating one config (NaN where not measured)."""
+
+    config: Config
+    status: str = "ok"
+    reason: str = ""
+    time_ms: float = math.nan
+    time_ms_p20: float = math.nan
+    time_ms_p80: float = math.nan
+    timer: str | None = None
+    compile_time_s: float = math.nan
+    shared_bytes: float = math.nan
+    registers: float = math.nan
+    spills: float = math.nan
+    tflops: float = math.nan
+    gbps: float = math.nan
+    energy: dict[str, float] = field(default_factory=dict)
+
+    def measures(self) -> dict[str, Any]:
+        """The database fields of this trial beyond config/status/reason."""
+        values = asdict(self)
+        for name in ("config", "status", "reason", "energy"):
+            values.pop(name)
+        values.update({name: self.energy.get(name, math.nan) for name in ENERGY_FIELDS})
+        return values
+
+
+def objective_value(objective: str, time_ms: float, energy_j_per_call: float, status: str = "ok") -> float:
+    """The number a sweep minimises: time_ms, energy_j_per_call, or energy x delay (J*s); inf unless ok."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if status != "ok":
+        return math.inf
+    value = {"time": time_ms, "energy": energy_j_per_call, "edp": energy_j_per_call * time_ms / 1e3}[objective]
+    return math.inf if value is None or math.isnan(value) else float(value)
+
+
+class TrialTimeout(Exception):
+    """Raised inside a trial by the watchdog."""
+
+
+@contextmanager
+def watchdog(timeout_s: float | None) -> Iterator[None]:
+    """Raise TrialTimeout in the main thread after `timeout_s` (no-op elsewhere or when None)."""
+    if not timeout_s or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TrialTimeout(f"did not finish within {timeout_s:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |result - reference| / max |reference| in float64 (inf on a shape mismatch or NaN)."""
+    if not isinstance(result, torch.Tensor) or result.shape != reference.shape:
+        return math.inf
+    difference = (result.detach().to("cpu", torch.float64) - reference.to("cpu", torch.float64)).abs().max()
+    scale = reference.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    error = float(difference / scale) if result.numel() else 0.0
+    return math.inf if math.isnan(error) else error
+
+
+def classify(error: BaseException) -> str:
+    """The trial status for an exception raised while compiling or running a config."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    if isinstance(error, TrialTimeout):
+        return "timeout"
+    if isinstance(error, OutOfResources) or "out of resource" in str(error).lower():
+        return "out_of_resources"
+    if isinstance(error, CompilationError):
+        return "compile_error"
+    return "runtime_error"
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def over_limits(report: dict[str, Any], config: Config, limits: dict[str, int]) -> str:
+    """Why a compiled config cannot launch on the device ('' if it can)."""
+    shared = report.get("shared_bytes")
+    if shared is not None and not math.isnan(float(shared)) and shared > limits["shared_bytes"]:
+        return f"needs {int(shared)} bytes of shared memory, device allows {limits['shared_bytes']}"
+    registers = report.get("registers")
+    if registers is not None and not math.isnan(float(registers)):
+        threads = 32 * int(config.get("num_warps", 4))
+        if registers > limits["registers_per_thread"] or registers * threads > limits["registers_per_sm"]:
+            return (f"needs {int(registers)} registers x {threads} threads, device allows "
+                    f"{limits['registers_per_thread']} per thread and {limits['registers_per_sm']} per SM")  # fmt: skip
+    return ""
+
+
+class CompileAhead:
+    """Compiles batches of configs for the GPU target in `kernels.aot`'s process pool, in the background.
+
+    `submit(configs)` returns at once; `result()` of the future gives one report per config
+    (dicts with ok, reason, shared_bytes, registers, spills, compile_time_s). While the pool
+    compiles the next batch, the caller measures the previous one.
+    """
+
+    def __init__(self, spec: KernelSpec, problem: Problem, workers: int | None = None):
+        from kernels import aot  # the one compiler wrapper in the workbench
+
+        self._aot = aot
+        self.spec, self.problem, self.workers = spec, problem, workers
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-ahead")
+
+    def submit(self, configs: Sequence[Config]) -> Future:
+        return self._thread.submit(self._compile, list(configs))
+
+    def _compile(self, configs: list[Config]) -> list[dict[str, Any]]:
+        reports = self._aot.compile_space(self.spec, configs, problems=[self.problem], workers=self.workers)
+        return [_as_dict(report) for report in reports]
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _as_dict(report: Any) -> dict[str, Any]:
+    if isinstance(report, dict):
+        return dict(report)
+    return {name: getattr(report, name) for name in dir(report) if not name.startswith("_") and not callable(getattr(report, name))}
+
+
+class Pipeline:
+    """Evaluates configs of `spec` on `problem` on this machine's device (see the module docstring)."""
+
+    def __init__(self, spec: KernelSpec, problem: Problem, *, timeout_s: float | None = 120.0,
+                 energy_meter: EnergyMeter | None = None, interpreter_reps: int = 3):  # fmt: skip
+        self.spec, self.problem = spec, problem
+        self.timeout_s, self.energy_meter, self.interpreter_reps = timeout_s, energy_meter, interpreter_reps
+        self.device = runtime.default_device()
+        self.limits = device_limits()
+        self.inputs = spec.make_inputs(problem, self.device)
+        self.reference = spec.reference(self.inputs)
+        self.tolerance = spec.tolerance(problem)
+        self.flops, self.bytes = spec.flops(problem), spec.bytes(problem)
+
+    def evaluate(self, config: Config, compiled: dict[str, Any] | None = None) -> Trial:
+        """One config's trial; `compiled` is its ahead-of-time compile report, when there is one."""
+        trial = Trial(config=dict(config))
+        if compiled is not None:
+            for name in ("compile_time_s", "shared_bytes", "registers", "spills"):
+                value = compiled.get(name)
+                setattr(trial, name, math.nan if value is None else float(value))
+            if not compiled.get("ok", True):
+                reason = str(compiled.get("reason") or "compile failed")
+                trial.status = "out_of_resources" if "out of resource" in reason.lower() else "compile_error"
+                trial.reason = reason
+                return trial
+            trial.reason = over_limits(compiled, config, self.limits)
+            if trial.reason:
+                trial.status = "out_of_resources"
+                return trial
+        if not self.spec.is_valid(config, self.problem):
+            trial.status, trial.reason = "compile_error", "violates the kernel's constraints for this problem"
+            return trial
+        try:
+            with watchdog(self.timeout_s):
+                self._run(trial)
+        except Exception as error:  # a failed config is an outcome, not the end of the sweep
+            trial.status, trial.reason = classify(error), _short(error)
+        return trial
+
+    def _run(self, trial: Trial) -> None:
+        def call() -> torch.Tensor:
+            return self.spec.launch(self.inputs, trial.config)
+
+        started = time.perf_counter()
+        result = call()
+        if runtime.timer_name() == "cuda_events":
+            torch.cuda.synchronize()
+        if math.isnan(trial.compile_time_s):  # the first call's JIT compile (+ one run) when nothing ran ahead
+            trial.compile_time_s = time.perf_counter() - started
+        error = relative_error(result, self.reference)
+        if not error <= self.tolerance:
+            trial.status = "wrong"
+            trial.reason = f"relative error {error:.3g} exceeds tolerance {self.tolerance:g}"
+            return
+        timing = measure(call, interpreter_reps=self.interpreter_reps)
+        trial.time_ms, trial.time_ms_p20, trial.time_ms_p80, trial.timer = (
+            timing.time_ms, timing.time_ms_p20, timing.time_ms_p80, timing.timer)  # fmt: skip
+        seconds = timing.time_ms / 1e3
+        trial.tflops = self.flops / seconds / 1e12 if seconds > 0 else math.nan
+        trial.gbps = self.bytes / seconds / 1e9 if seconds > 0 else math.nan
+        if self.energy_meter is not None:
+            trial.energy = dict(self.energy_meter(f"{self.spec.name} {trial.config}", call))

@@ -1,0 +1,94 @@
+"""The evaluation pipeline: correctness check, failures as outcomes, resource limits, watchdog, timing."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from autotune.pipeline import Pipeline, Trial, objective_value, over_limits, relative_error
+from autotune.timing import measure
+from kernels import runtime
+from tiny_spec import SPEC
+
+PROBLEM = {"n": 37, "dtype": "fp32"}  # prime, not a multiple of any block
+
+
+def test_good_config_is_ok_timed_and_counted():
+    pipeline = Pipeline(SPEC, PROBLEM, interpreter_reps=2)
+    trial = pipeline.evaluate({"BLOCK": 16, "BROKEN": 0, "HANG": 0})
+    assert trial.status == "ok", trial.reason
+    assert trial.timer == runtime.timer_name()
+    assert 0 < trial.time_ms_p20 <= trial.time_ms <= trial.time_ms_p80
+    assert trial.gbps == pytest.approx(2 * 37 * 4 / (trial.time_ms / 1e3) / 1e9)
+    assert trial.compile_time_s > 0
+
+
+def test_wrong_result_is_recorded_as_wrong_and_never_wins():
+    trial = Pipeline(SPEC, PROBLEM).evaluate({"BLOCK": 32, "BROKEN": 1, "HANG": 0})
+    assert trial.status == "wrong" and "exceeds tolerance" in trial.reason
+    assert math.isnan(trial.time_ms)
+    assert objective_value("time", trial.time_ms, math.nan, trial.status) == math.inf
+
+
+def test_kernel_that_fails_to_build_is_an_outcome_not_an_exception():
+    trial = Pipeline(SPEC, PROBLEM).evaluate({"BLOCK": 24, "BROKEN": 0, "HANG": 0})  # arange needs a power of 2
+    assert trial.status in ("compile_error", "runtime_error")
+    assert "power of 2" in trial.reason
+
+
+def test_hanging_config_is_stopped_by_the_watchdog():
+    started = time.perf_counter()
+    trial = Pipeline(SPEC, PROBLEM, timeout_s=0.5).evaluate({"BLOCK": 16, "BROKEN": 0, "HANG": 1})
+    assert trial.status == "timeout" and "0.5 s" in trial.reason
+    assert time.perf_counter() - started < 5
+
+
+def test_compile_reports_reject_before_running():
+    pipeline = Pipeline(SPEC, PROBLEM, timeout_s=2)
+    config = {"BLOCK": 16, "BROKEN": 0, "HANG": 1}  # would hang if it ran: rejection must come first
+    failed = pipeline.evaluate(config, {"ok": False, "reason": "CompilationError: at 3:4 bad", "compile_time_s": 0.2})
+    assert failed.status == "compile_error" and "bad" in failed.reason and failed.compile_time_s == 0.2
+    too_big = pipeline.evaluate(config, {"ok": True, "shared_bytes": 300_000, "registers": 40, "spills": 0})
+    assert too_big.status == "out_of_resources" and "300000 bytes of shared memory" in too_big.reason
+    assert too_big.shared_bytes == 300_000 and too_big.registers == 40
+    registers = pipeline.evaluate({**config, "num_warps": 16}, {"ok": True, "shared_bytes": 0, "registers": 200})
+    assert registers.status == "out_of_resources" and "registers" in registers.reason
+
+
+def test_over_limits_is_silent_within_limits():
+    limits = {"shared_bytes": 1000, "registers_per_thread": 255, "registers_per_sm": 65536}
+    assert over_limits({"shared_bytes": 1000, "registers": 128}, {"num_warps": 4}, limits) == ""
+    assert over_limits({"shared_bytes": 1001}, {}, limits)
+    assert over_limits({"registers": 129}, {"num_warps": 16}, limits)  # 129 * 512 > 65536
+
+
+def test_energy_meter_is_called_and_objectives_use_it():
+    calls = []
+
+    def meter(name, fn):
+        fn()
+        calls.append(name)
+        return {"energy_j_per_call": 0.5, "avg_power_w": 100.0, "throttled": False}
+
+    trial = Pipeline(SPEC, PROBLEM, energy_meter=meter, interpreter_reps=1).evaluate({"BLOCK": 64, "BROKEN": 0, "HANG": 0})
+    assert trial.status == "ok" and len(calls) == 1 and "tiny_scale" in calls[0]
+    measures = trial.measures()
+    assert measures["energy_j_per_call"] == 0.5 and math.isnan(measures["peak_power_w"])
+    assert objective_value("energy", trial.time_ms, 0.5) == 0.5
+    assert objective_value("edp", 2.0, 0.5) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="objective"):
+        objective_value("speed", 1.0, 1.0)
+
+
+def test_relative_error_and_harness_edges():
+    reference = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    assert relative_error(torch.tensor([1.0, -2.1]), reference) == pytest.approx(0.05)
+    assert relative_error(torch.tensor([1.0]), reference) == math.inf
+    assert relative_error(torch.tensor([float("nan"), 1.0]), reference) == math.inf
+    timing = measure(lambda: time.sleep(0.002), interpreter_reps=3)
+    if timing.timer == "interpreter":
+        assert 2.0 <= timing.time_ms < 50
+    with pytest.raises(TypeError, match="fn"):
+        measure(3)
+    assert Trial(config={}).measures()["timer"] is None
