@@ -25,15 +25,14 @@ import triton
 import triton.language as tl
 
 from kernels import runtime, tuned
+from kernels.aot import SHARED_LIMIT_BYTES
 from kernels.activation import (DEFAULT_NEGATIVE_SLOPE, Spec, activation_code, apply, derivative,
                                 torch_activation)
 from kernels.activation import run as run_activation
 from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, Problem, dtype_name
 
 INT32_MAX = 2**31 - 1
-# usable dynamic shared memory per block: the smallest supported target bounds the default space
-SHARED_LIMIT_BYTES: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
-TARGET_ARCHS: tuple[int, ...] = (80, 90)
+TARGET_ARCHS: tuple[int, ...] = (80, 90)  # the smallest shared memory among these bounds the space
 CHEAP_DERIVATIVES = frozenset({None, "relu", "leaky_relu"})  # a select: recomputing costs nothing
 
 
@@ -319,12 +318,12 @@ GEMM_SPEC = Spec(
     name="gemm",
     kernel=gemm_kernel,
     params={
-        "BLOCK_M": [16, 32, 64, 128, 256],
-        "BLOCK_N": [16, 32, 64, 128, 256],
-        "BLOCK_K": [16, 32, 64, 128],
-        "GROUP_M": [1, 4, 8],
-        "num_warps": [2, 4, 8],
-        "num_stages": [2, 3, 4, 5],
+        "BLOCK_M": [32, 64, 128, 256],
+        "BLOCK_N": [32, 64, 128, 256],
+        "BLOCK_K": [32, 64],  # K below a block is masked, so small K needs no smaller block
+        "GROUP_M": [1, 8],
+        "num_warps": [4, 8],
+        "num_stages": [2, 3, 4],
     },
     constraints=(_fits_shared_memory, _fits_registers, _uses_its_warps),
     default_config=default_config,

@@ -1,0 +1,74 @@
+"""`workbench check-compile KERNEL`: compile a kernel's default space for GPU targets, no GPU needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import pandas as pd
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "check-compile", help="compile a kernel's whole default space (or a sample) for sm_80/sm_90",
+        description="Compile every valid config of KERNEL for each of its example problems, for each "
+                    "architecture, in parallel; print failures and shared-memory use; exit 1 on any failure.")
+    parser.add_argument("kernel", help="kernel name (see kernels.SPECS)")
+    parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    parser.add_argument("--sample", type=int, default=None, metavar="N",
+                        help="compile a seeded sample of N configs per problem instead of the whole space")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: CPUs)")
+    parser.set_defaults(func=run)
+
+
+def _archs(text: str) -> tuple[int, ...]:
+    try:
+        archs = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--arch must be comma-separated integers such as 80,90, got {text!r}") from None
+    if not archs:
+        raise ValueError("--arch names no architecture")
+    return archs
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    """An aligned text table (columns left-aligned, no index)."""
+    return frame.to_string(index=False, justify="left") if len(frame) else "(none)"
+
+
+def run(args: argparse.Namespace) -> int:
+    import kernels
+    from kernels.aot import compile_space, default_space
+
+    if args.kernel not in kernels.SPECS:
+        raise ValueError(f"unknown kernel {args.kernel!r}: expected one of {', '.join(sorted(kernels.SPECS))}")
+    if args.sample is not None and args.sample < 1:
+        raise ValueError(f"--sample must be a positive number of configs, got {args.sample}")
+    spec, archs = kernels.SPECS[args.kernel], _archs(args.arch)
+    pairs = []
+    for problem in spec.example_problems:
+        configs = default_space(spec, problem)
+        if args.sample is not None and args.sample < len(configs):
+            configs = random.Random(args.seed).sample(configs, args.sample)
+        pairs += [(config, problem) for config in configs]
+    started = time.perf_counter()
+    results = compile_space(spec, pairs, archs=archs, workers=args.workers)
+    wall_s = time.perf_counter() - started
+
+    results["dtype"] = [json.loads(problem)["dtype"] for problem in results["problem"]]
+    summary = results.groupby(["dtype", "arch"]).agg(
+        configs=("ok", "size"), failures=("ok", lambda ok: int((~ok).sum())),
+        shared_kib_max=("shared_bytes", lambda b: round(b.max() / 1024, 1)),
+        registers_max=("registers", "max"), spilling=("spills", lambda s: int((s > 0).sum())),
+        compile_s_mean=("compile_time_s", lambda t: round(t.mean(), 2))).reset_index()
+    print(format_table(summary))
+    failures = results[~results["ok"]]
+    print(f"\n{len(results)} compilations of {args.kernel} for sm_{', sm_'.join(map(str, archs))} "
+          f"in {wall_s:.1f} s wall: {len(failures)} failed")
+    if len(failures):
+        print(format_table(failures[["dtype", "arch", "config", "shared_bytes", "reason"]]))
+        return 1
+    return 0
