@@ -73,7 +73,8 @@ def _match(devices: list[NvmlDevice], selector: str, source: str) -> NvmlDevice:
         bus_id = normalize_pci_bus_id(selector)
         found = [d for d in devices if d.pci_bus_id == bus_id]
         if not found:
-            raise ValueError(f"{source} = {selector!r}: no GPU at that PCI bus id among {[d.pci_bus_id for d in devices]}")
+            known = [d.pci_bus_id for d in devices]
+            raise ValueError(f"{source} = {selector!r}: no GPU at that PCI bus id among {known}")
         return found[0]
     try:
         index = int(selector)

@@ -25,7 +25,6 @@ import math
 from typing import Callable
 
 from profiler.nvml_sampler import NvmlSampler
-from profiler.windows import value_at
 
 DEFAULT_MIN_WINDOW_S = 1.0
 ENERGY_RESULT_KEYS = (
@@ -109,13 +108,12 @@ def measure_energy(fn: Callable[[], object], sampler: NvmlSampler, name: str, *,
             synchronize()
             calls += batch
     stats = sampler.window_stats(trial)
-    frame = sampler.frame()
     return {
         "energy_j_per_call": stats.energy_j / calls,
         "avg_power_w": stats.avg_power_w,
         "peak_power_w": stats.peak_power_w,
-        "start_temp_c": value_at(frame, "gpu_temp_c", trial.start_s),
-        "end_temp_c": value_at(frame, "gpu_temp_c", trial.end_s),
+        "start_temp_c": sampler.value_at("gpu_temp_c", trial.start_s),
+        "end_temp_c": sampler.value_at("gpu_temp_c", trial.end_s),
         "mean_sm_clock_mhz": stats.mean_sm_clock_mhz,
         "throttled": stats.throttled,
         "idle_power_w": idle_power_w,

@@ -25,6 +25,7 @@ than `interval_s=0.01` buys nothing.
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import logging
 import math
@@ -37,7 +38,7 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 
 from profiler.device_index import NvmlDevice, resolve_device
-from profiler.windows import WindowStats, window_stats, windows_frame
+from profiler.windows import WindowStats, value_at, window_stats, windows_frame
 
 log = logging.getLogger("profiler")
 
@@ -45,7 +46,6 @@ SAMPLE_COLUMNS: tuple[str, ...] = (
     "time_s", "power_w", "energy_j", "gpu_temp_c", "mem_temp_c", "sm_clock_mhz", "mem_clock_mhz",
     "gpu_util_pct", "mem_used_bytes", "clock_event_reasons",
 )  # fmt: skip
-_FAST = ("power_w", "energy_j")
 _SLOW = SAMPLE_COLUMNS[3:]
 # nvmlFieldValue_t.valueType -> the member of the value union that holds it (nvml.h)
 _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
@@ -54,7 +54,9 @@ _PERMANENT_ERRORS = ("NVMLError_NotSupported", "NVMLError_FunctionNotFound", "NV
 
 
 @dataclass
-class _Window:
+class WindowMark:
+    """A named span on the sampler's time base; end_s is NaN while the window is open."""
+
     name: str
     start_s: float
     end_s: float = math.nan
@@ -89,12 +91,13 @@ class NvmlSampler:
         self._t0 = clock()
         self._lock = threading.RLock()
         self._rows: list[tuple[float, ...]] = []
+        self._times: list[float] = []  # time_s of each row, for bisecting
         self._slow_values = dict.fromkeys(_SLOW, math.nan)
         self._count = 0
         self._energy0_mj: float | None = None
         self._unsupported: set[str] = set()
         self._noted: set[str] = set()
-        self._windows: list[_Window] = []
+        self._windows: list[WindowMark] = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._started = self._closed = False
@@ -129,7 +132,8 @@ class NvmlSampler:
         try:
             return float(read())
         except Exception as error:
-            permanent = type(error).__name__ in _PERMANENT_ERRORS
+            # an older pynvml without the constant or function is as permanent as the GPU saying no
+            permanent = type(error).__name__ in _PERMANENT_ERRORS or isinstance(error, AttributeError)
             if permanent:
                 self._unsupported.add(column)
             if column not in self._noted:
@@ -165,15 +169,16 @@ class NvmlSampler:
 
     def _read_slow(self) -> None:
         nvml, handle = self._nvml, self.device.handle
-        self._slow_values = {
-            "gpu_temp_c": self._read("gpu_temp_c", lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
-            "mem_temp_c": self._read("mem_temp_c", lambda: self._field(nvml.NVML_FI_DEV_MEMORY_TEMP)),
-            "sm_clock_mhz": self._read("sm_clock_mhz", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
-            "mem_clock_mhz": self._read("mem_clock_mhz", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)),
-            "gpu_util_pct": self._read("gpu_util_pct", lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-            "mem_used_bytes": self._read("mem_used_bytes", lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used),
-            "clock_event_reasons": self._clock_event_reasons(),
-        }  # fmt: skip
+        readers = {
+            "gpu_temp_c": lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
+            "mem_temp_c": lambda: self._field(nvml.NVML_FI_DEV_MEMORY_TEMP),
+            "sm_clock_mhz": lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM),
+            "gpu_util_pct": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+            "mem_used_bytes": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used,
+        }
+        self._slow_values = {column: self._read(column, read) for column, read in readers.items()}
+        self._slow_values["clock_event_reasons"] = self._clock_event_reasons()
 
     # ------------------------------------------------------------------ sampling
     def now_s(self) -> float:
@@ -191,14 +196,16 @@ class NvmlSampler:
             if not self.available or self._closed:
                 return time_s
             power_w = self._power_w()
-            energy_mj = self._read("energy_j", lambda: self._nvml.nvmlDeviceGetTotalEnergyConsumption(self.device.handle))
+            handle = self.device.handle
+            energy_mj = self._read("energy_j", lambda: self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
             if self._energy0_mj is None and not math.isnan(energy_mj):
                 self._energy0_mj = energy_mj
             energy_j = (energy_mj - self._energy0_mj) / 1000.0 if self._energy0_mj is not None else math.nan
             if full or self._count % self.slow_every == 0:
                 self._read_slow()
             self._count += 1
-            self._rows.append((time_s, power_w, energy_j, *self._slow_values.values()))
+            self._rows.append((time_s, power_w, energy_j, *(self._slow_values[column] for column in _SLOW)))
+            self._times.append(time_s)
             return time_s
 
     def _run(self) -> None:
@@ -246,12 +253,12 @@ class NvmlSampler:
 
     # ------------------------------------------------------------------ windows
     @contextmanager
-    def window(self, name: str) -> Iterator[_Window]:
+    def window(self, name: str) -> Iterator[WindowMark]:
         """Mark a named window around a block; windows may nest. The window closes when the block
         ends, also when it raises. A sample (with every field) is taken at each edge."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        record = _Window(name, self.sample(full=True))
+        record = WindowMark(name, self.sample(full=True))
         with self._lock:
             self._windows.append(record)
         try:
@@ -266,11 +273,24 @@ class NvmlSampler:
             rows = list(self._rows)
         return pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS), dtype=float)
 
-    def window_stats(self, record: _Window) -> WindowStats:
+    def _frame_around(self, start_s: float, end_s: float) -> pd.DataFrame:
+        """The samples in [start_s, end_s] and one more on each side (cheap on a long trace)."""
+        with self._lock:
+            lo = max(bisect.bisect_left(self._times, start_s) - 1, 0)
+            rows = self._rows[lo:bisect.bisect_right(self._times, end_s) + 1]
+        return pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS), dtype=float)
+
+    def window_stats(self, record: WindowMark) -> WindowStats:
         """The measurements of one closed window (NaN measurements without samples)."""
         if math.isnan(record.end_s):
             raise ValueError(f"window {record.name!r} is still open")
-        return window_stats(self.frame(), record.name, record.start_s, record.end_s)
+        return window_stats(self._frame_around(record.start_s, record.end_s), record.name, record.start_s, record.end_s)
+
+    def value_at(self, column: str, time_s: float) -> float:
+        """The reading of `column` in force at time_s (the last sample at or before it); NaN if none."""
+        if column not in SAMPLE_COLUMNS:
+            raise ValueError(f"column must be one of {SAMPLE_COLUMNS}, got {column!r}")
+        return value_at(self._frame_around(time_s, time_s), column, time_s)
 
     def windows(self) -> pd.DataFrame:
         """One row per closed window, in opening order: profiler.windows.WINDOW_COLUMNS."""
@@ -281,7 +301,4 @@ class NvmlSampler:
 
     def latest(self, column: str) -> float:
         """The most recent value of `column` (NaN before any sample or without NVML)."""
-        if column not in SAMPLE_COLUMNS:
-            raise ValueError(f"column must be one of {SAMPLE_COLUMNS}, got {column!r}")
-        with self._lock:
-            return self._rows[-1][SAMPLE_COLUMNS.index(column)] if self._rows else math.nan
+        return self.value_at(column, math.inf)

@@ -167,9 +167,8 @@ def make_pynvml(gpus: list[FakeGpu], init_error: int | None = None, clock_events
     for name, value in globals().items():
         if name.startswith(("NVML_", "NVMLError")):
             setattr(module, name, value)
-    constants = dict(NVML_TEMPERATURE_GPU=0, NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2, NVML_FI_DEV_MEMORY_TEMP=82,
-                     NVML_FI_DEV_POWER_INSTANT=186, NVML_VALUE_TYPE_DOUBLE=0, NVML_VALUE_TYPE_UNSIGNED_INT=1)  # fmt: skip
-    vars(module).update(constants)
+    vars(module).update(NVML_TEMPERATURE_GPU=0, NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2, NVML_FI_DEV_MEMORY_TEMP=82,
+                        NVML_FI_DEV_POWER_INSTANT=186)  # fmt: skip
     state = {"initialised": 0, "shutdowns": 0}
     module.state = state
 
@@ -196,7 +195,7 @@ def make_pynvml(gpus: list[FakeGpu], init_error: int | None = None, clock_events
             raise NVMLError_InvalidArgument()
         return gpus[index]
 
-    field_names = {constants["NVML_FI_DEV_POWER_INSTANT"]: "power_instant", constants["NVML_FI_DEV_MEMORY_TEMP"]: "mem_temp"}
+    field_names = {module.NVML_FI_DEV_POWER_INSTANT: "power_instant", module.NVML_FI_DEV_MEMORY_TEMP: "mem_temp"}
 
     def field_values(handle, field_ids):
         values = []
@@ -205,8 +204,8 @@ def make_pynvml(gpus: list[FakeGpu], init_error: int | None = None, clock_events
                 number, code = device(handle).read(field_names[field_id]), NVML_SUCCESS
             except NVMLError as error:
                 number, code = 0, error.value
-            values.append(types.SimpleNamespace(fieldId=field_id, scopeId=0, timestamp=0, latencyUsec=0,
-                                                valueType=1, nvmlReturn=code, value=types.SimpleNamespace(uiVal=number)))  # fmt: skip
+            value = types.SimpleNamespace(uiVal=number)  # valueType 1: NVML_VALUE_TYPE_UNSIGNED_INT
+            values.append(types.SimpleNamespace(fieldId=field_id, scopeId=0, valueType=1, nvmlReturn=code, value=value))
         return values
 
     module.nvmlInit = init

@@ -18,7 +18,8 @@ BUS_IDS = ["00000000:1A:00.0", "00000000:3B:00.0", "00000001:C4:00.0"]
 @pytest.fixture
 def nvml(monkeypatch):
     clock = FakeClock()
-    gpus = [FakeGpu(clock=clock, uuid=u, pci_bus_id=b, power_w=100.0 * (i + 1)) for i, (u, b) in enumerate(zip(UUIDS, BUS_IDS))]
+    gpus = [FakeGpu(clock=clock, uuid=uuid, pci_bus_id=bus_id, power_w=100.0 * (index + 1))
+            for index, (uuid, bus_id) in enumerate(zip(UUIDS, BUS_IDS))]  # fmt: skip
     module = make_pynvml(gpus)
     monkeypatch.setitem(sys.modules, "pynvml", module)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

@@ -15,7 +15,6 @@ import argparse
 import math
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 from autotune.database import Database
@@ -29,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "monitor", help="sample GPU power/energy/temperature while a command runs",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--db", type=Path, default=None, help="database file (default: $WORKBENCH_DB or the user cache)")
+    parser.add_argument("--db", type=Path, default=None, help="database file (default: $WORKBENCH_DB, else the user cache)")
     parser.add_argument("--interval-s", type=float, default=0.01, help="seconds between power samples (default 0.01)")
     parser.add_argument("--device", default="0", help="CUDA ordinal, GPU UUID or PCI bus id (default 0)")
     parser.add_argument("--csv", type=Path, default=None, help="also write the trace to this CSV file")
@@ -69,9 +68,11 @@ def _summary(command: str, status: int, sampler: NvmlSampler, window) -> str:
     def number(value: float, unit: str, digits: int = 1) -> str:
         return "n/a" if math.isnan(value) else f"{value:.{digits}f} {unit}"
 
-    lines.append(f"energy {number(window.energy_j, 'J')}, avg power {number(window.avg_power_w, 'W')}, "
-                 f"peak power {number(window.peak_power_w, 'W')}, peak GPU temp {number(window.peak_gpu_temp_c, 'C', 0)}"
-                 f"{', throttled' if window.throttled else ''}")  # fmt: skip
+    lines.append(
+        f"energy {number(window.energy_j, 'J')}, avg power {number(window.avg_power_w, 'W')}, "
+        f"peak power {number(window.peak_power_w, 'W')}, peak GPU temp {number(window.peak_gpu_temp_c, 'C', 0)}"
+        + (", clocks throttled (power/thermal)" if window.throttled else "")
+    )
     lines.append(f"GPU: {sampler.device.name} ({sampler.device.uuid}), sampled every {sampler.interval_s * 1000:g} ms")
     return "\n".join(lines)
 
@@ -87,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--interval-s must be positive, got {args.interval_s}")
     command = shlex.join(cmd)
     with NvmlSampler(device=_device(args.device), interval_s=args.interval_s) as sampler:
-        meta = {"command": cmd, "interval_s": args.interval_s, "device": args.device, "nvml_available": sampler.available,
-                "nvml_reason": sampler.reason, "gpu_uuid": sampler.device.uuid if sampler.device else None}  # fmt: skip
+        meta = {
+            "command": cmd, "interval_s": args.interval_s, "device": args.device, "nvml_available": sampler.available,
+            "nvml_reason": sampler.reason, "gpu_uuid": sampler.device.uuid if sampler.device else None,
+        }  # fmt: skip
         run_id = db.start_run("monitor", command, meta)
         stored, status, returncode = 0, "failed", None
 
