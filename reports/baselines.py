@@ -43,5 +43,6 @@ def baseline_figure(baselines: pd.DataFrame, interpreter: bool) -> go.Figure | N
     where = " (interpreter: relative only)" if interpreter else ""
     fig.update_layout(title=f"Speed-up over PyTorch per problem{where}", barmode="group",
                       yaxis=dict(autorange="reversed", automargin=True))
-    fig.update_xaxes(title="PyTorch time / our time (>1: ours is faster)", rangemode="tozero")
+    fig.update_xaxes(title="PyTorch time / our time (>1: ours is faster)",
+                     range=[0, max(1.0, float(frame["speedup"].max())) * 1.15])
     return style_figure(fig, max(300, 110 + 34 * len(frame)))

@@ -68,24 +68,38 @@ def _run_title(run: pd.Series) -> str:
     return f"Run {run['run_id']}: {run['name']}"
 
 
+def _when(timestamp: object) -> str:
+    """A stored ISO timestamp (UTC) as "2026-11-21 05:43:27 UTC"; '' when missing."""
+    if not isinstance(timestamp, str) or not timestamp:
+        return ""
+    return timestamp.replace("T", " ")[:19] + " UTC"
+
+
 def _run_meta_text(run: pd.Series) -> str:
-    finished = f", finished {run['finished_at']}" if isinstance(run["finished_at"], str) else ""
-    return (f"{run['kind']} run, status {run['status']}, started {run['started_at']}{finished}; "
+    finished = f", finished {_when(run['finished_at'])}" if _when(run["finished_at"]) else ""
+    return (f"{run['kind']} run, status {run['status']}, started {_when(run['started_at'])}{finished}; "
             f"device: {device_label(run['environment'])}.")
 
 
-def _add_timeline(section: Section, data: ReportData, run: pd.Series, window_kind: str) -> None:
+def _timeline_section(data: ReportData, run: pd.Series, window_kind: str, title: str,
+                      intro: str = "") -> Section | None:  # fmt: skip
+    """The run's power/temperature/clock trace as a section of its own; None without samples."""
     result = timeline_figure(data.series("samples", run["run_id"]), data.series("windows", run["run_id"]), window_kind)
-    if result is not None:
-        figure, note = result
-        section.add_figure(figure, note)
+    if result is None:
+        return None
+    section = Section(title, anchor_for(run["kind"], run["run_id"], "timeline"))
+    if intro:
+        section.add_text(intro, "note")
+    figure, note = result
+    section.add_figure(figure, note)
+    return section
 
 
 def runs_section(data: ReportData) -> Section:
     section = Section("Runs", "runs")
     section.add_table(pd.DataFrame({
         "run": data.runs["run_id"], "kind": data.runs["kind"], "name": data.runs["name"],
-        "status": data.runs["status"], "started": data.runs["started_at"],
+        "status": data.runs["status"], "started": data.runs["started_at"].map(_when),
         "device": [device_label(environment) for environment in data.runs["environment"]],
     }))
     return section
@@ -125,9 +139,13 @@ def tuning_run_section(data: ReportData, run: pd.Series) -> Section:
             section.add(part)
         roofline = roofline_figure(frame, run["environment"].get("gpu"), interpreter)
         if roofline is not None:
+            part = Section("Roofline", anchor_for("tune", run["run_id"], "roofline"))
             figure, note = roofline
-            section.add_figure(figure, note)
-    _add_timeline(section, data, run, "trial")
+            part.add_figure(figure, note)
+            section.add(part)
+    timeline = _timeline_section(data, run, "trial", "Power, temperature and clocks")
+    if timeline is not None:
+        section.add(timeline)
     return section
 
 
@@ -169,10 +187,9 @@ def training_section(data: ReportData) -> Section | None:
         if figure is not None:
             section.add_figure(figure)
     for run in runs:
-        if not data.series("samples", run["run_id"]).empty:
-            part = Section(f"{_run_title(run)}: power and thermals", anchor_for("train", run["run_id"], "timeline"))
-            _add_timeline(part, data, run, "step")
-            section.add(part)
+        timeline = _timeline_section(data, run, "step", f"{_run_title(run)}: power, temperature and clocks")
+        if timeline is not None:
+            section.add(timeline)
     return section
 
 
@@ -198,11 +215,10 @@ def monitoring_section(data: ReportData, shown: set[int]) -> Section | None:
         return None
     section = Section("Power and thermals", "monitoring")
     for run in runs:
-        part = Section(_run_title(run), anchor_for("monitor", run["run_id"]))
-        part.add_text(_run_meta_text(run), "note")
-        _add_timeline(part, data, run, "measurement")
-        section.add(part)
-    return section
+        part = _timeline_section(data, run, "measurement", _run_title(run), _run_meta_text(run))
+        if part is not None:
+            section.add(part)
+    return section if section.subsections else None
 
 
 def build_sections(db: Database, run_ids: Sequence[int] | None = None) -> tuple[list[Section], str]:

@@ -43,6 +43,8 @@ def style_figure(fig: go.Figure, height_px: int) -> go.Figure:
     fig.update_layout(template=TEMPLATE, height=height_px, autosize=True,
                       margin=dict(l=60, r=20, t=60, b=50), font=dict(size=12),
                       legend=dict(font=dict(size=11)), hoverlabel=dict(align="left"))
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
     return fig
 
 
@@ -145,7 +147,8 @@ figcaption { color: #59636e; font-size: 0.9em; margin-top: 2px; }
 .table-wrap { overflow-x: auto; margin: 8px 0 18px; }
 table { border-collapse: collapse; font-size: 0.88em; }
 caption { text-align: left; color: #59636e; padding-bottom: 4px; }
-th, td { padding: 4px 10px; border-bottom: 1px solid #e3e6ea; text-align: left; white-space: nowrap; }
+th, td { padding: 4px 10px; border-bottom: 1px solid #e3e6ea; text-align: left; vertical-align: top; }
+th, td.num { white-space: nowrap; }
 th { background: #f6f8fa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 @media (max-width: 700px) { main { padding: 12px; } }

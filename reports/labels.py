@@ -24,3 +24,17 @@ def problem_label(problem: Any) -> str:
     """A stored problem (JSON) as "M=512 N=512 K=512 dtype=fp16", or the text itself if not JSON."""
     parsed = parse_json_object(problem)
     return parameters_label(parsed) if parsed else str(problem)
+
+
+FLOP_RATE_UNITS = ("TFLOP/s", "GFLOP/s", "MFLOP/s", "kFLOP/s")  # each 1000x smaller than the one before
+BYTE_RATE_UNITS = ("GB/s", "MB/s", "kB/s")
+
+
+def rate_unit(max_value: float, units: tuple[str, ...]) -> tuple[str, float]:
+    """The largest of `units` in which `max_value` (given in units[0]) shows as at least 0.1, and its scale."""
+    scale = 1.0
+    for unit in units[:-1]:
+        if max_value * scale >= 0.1:
+            return unit, scale
+        scale *= 1000
+    return units[-1], scale

@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from reports.html import escape, style_figure
+from reports.labels import FLOP_RATE_UNITS, rate_unit
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,15 @@ def roofline_figure(trials: pd.DataFrame, device_name: str | None, interpreter: 
     points = roofline_points(trials)
     if points.empty:
         return None
+    peaks = None if interpreter else peaks_for(device_name)
+    # GPU rooflines stay in TFLOP/s; interpreter rates are scaled to a readable unit.
+    unit, scale = ("TFLOP/s", 1.0) if peaks else rate_unit(float(points["tflops"].max()), FLOP_RATE_UNITS)
     fig = go.Figure()
     for (kernel, problem), group in points.groupby(["kernel", "problem_label"], sort=False):
         fig.add_trace(go.Scatter(
-            x=group["intensity"], y=group["tflops"], mode="markers", name=escape(f"{kernel} {problem}"),
+            x=group["intensity"], y=group["tflops"] * scale, mode="markers", name=escape(f"{kernel} {problem}"),
             marker=dict(size=8, opacity=0.75), text=group["config_label"].map(escape),
-            hovertemplate="%{text}<br>%{x:.3g} FLOP/byte<br>%{y:.3g} TFLOP/s<extra></extra>"))
-    peaks = None if interpreter else peaks_for(device_name)
+            hovertemplate="%{text}<br>%{x:.3g} FLOP/byte<br>%{y:.3g} " + unit + "<extra></extra>"))
     if interpreter:
         title = "Roofline: interpreter measurements (CPU)"
         note = "Measured in Triton's interpreter on the CPU, so no GPU bandwidth or compute ceilings are drawn."
@@ -93,6 +96,6 @@ def roofline_figure(trials: pd.DataFrame, device_name: str | None, interpreter: 
                 x=intensity, y=np.minimum(compute, peaks.bandwidth_gbps * 1e9 * intensity / 1e12),
                 mode="lines", name=f"{label} roof", line=dict(dash="dot", width=1.5), hoverinfo="skip"))
     fig.update_xaxes(type="log", title="arithmetic intensity (FLOP / byte)")
-    fig.update_yaxes(type="log", title="achieved TFLOP/s" + (" (interpreter)" if interpreter else ""))
+    fig.update_yaxes(type="log", title=f"achieved {unit}" + (" (interpreter)" if interpreter else ""))
     fig.update_layout(title=escape(title))
     return style_figure(fig, 440), note

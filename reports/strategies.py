@@ -52,7 +52,9 @@ def strategies_figure(results: pd.DataFrame) -> go.Figure | None:
                               "<extra>" + escape(label) + "</extra>"),
                 row=index // columns + 1, col=index % columns + 1)
             shown.add(key)
-    fig.update_xaxes(title_text="evaluations (budget)", type="log", row=rows)
+    budgets = sorted(means["budget"].unique())
+    fig.update_xaxes(type="log", tickvals=budgets, ticktext=[f"{budget:g}" for budget in budgets])
+    fig.update_xaxes(title_text="evaluations (budget)", row=rows)
     fig.update_yaxes(title_text="mean fraction of optimum", col=1)
     fig.update_layout(title="Strategies: fraction of the optimum found within a budget")
     return style_figure(fig, 180 + 300 * rows)

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from reports.html import escape, style_figure
-from reports.labels import parameters_label, parse_json_object, problem_label
+from reports.labels import BYTE_RATE_UNITS, FLOP_RATE_UNITS, parameters_label, parse_json_object, problem_label, rate_unit
 
 FAILED_GREY = "#c4c8cd"
 MAX_FACET_COLUMNS = 6
@@ -38,25 +38,14 @@ class Metric:
         return values.idxmax() if self.higher_is_better else values.idxmin()
 
 
-def _rate_unit(max_value: float, units: tuple[str, ...]) -> tuple[str, float]:
-    """The largest of `units` (each 1000x smaller than the previous) that shows max_value >= 0.1."""
-    scale = 1.0
-    for unit in units[:-1]:
-        if max_value * scale >= 0.1:
-            return unit, scale
-        scale *= 1000
-    return units[-1], scale
-
-
 def choose_metric(trials: pd.DataFrame) -> Metric:
     """TFLOP/s when flops are known, else GB/s, else time; rates scaled to readable units."""
     ok = trials[trials["status"] == "ok"]
     suffix = " (interpreter)" if (ok["timer"] == "interpreter").any() else ""
-    for column, units in (("tflops", ("TFLOP/s", "GFLOP/s", "MFLOP/s", "kFLOP/s")),
-                          ("gbps", ("GB/s", "MB/s", "kB/s"))):
+    for column, units in (("tflops", FLOP_RATE_UNITS), ("gbps", BYTE_RATE_UNITS)):
         values = ok[column].dropna()
         if (values > 0).any():
-            unit, scale = _rate_unit(float(values.max()), units)
+            unit, scale = rate_unit(float(values.max()), units)
             return Metric(column, unit + suffix, scale, True)
     return Metric("time_ms", "time (ms)" + suffix, 1.0, False)
 
@@ -175,19 +164,21 @@ def top_configs_table(frame: pd.DataFrame, metric: Metric, limit: int = TOP_CONF
     """The best `limit` successful configs with their timing spread and resource use."""
     ok = frame[(frame["status"] == "ok") & frame[metric.column].notna()]
     ok = ok.sort_values(metric.column, ascending=not metric.higher_is_better).head(limit)
-    table = pd.DataFrame({
+    columns = {
         "config": ok["config_label"],
+        metric.label: ok[metric.column] * metric.scale,
         "time (ms)": ok["time_ms"],
-        "p20-p80 (ms)": [f"{a:.3g}-{b:.3g}" if a == a and b == b else "" for a, b in
+        "p20-p80 (ms)": [f"{a:.3g}-{b:.3g}" if a == a and b == b else None for a, b in
                          zip(ok["time_ms_p20"], ok["time_ms_p80"])],
-        "TFLOP/s": ok["tflops"],
-        "GB/s": ok["gbps"],
+        "GB/s": ok["gbps"] if metric.column != "gbps" else np.nan,
         "energy/call (J)": ok["energy_j_per_call"],
         "registers": ok["registers"],
         "spills": ok["spills"],
         "shared (bytes)": ok["shared_bytes"],
-    })
-    return table.dropna(axis=1, how="all")
+    }
+    if metric.column == "time_ms":
+        del columns[metric.label]
+    return pd.DataFrame(columns).dropna(axis=1, how="all")
 
 
 def failures_table(frame: pd.DataFrame) -> pd.DataFrame:
