@@ -112,7 +112,8 @@ def _channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _empty_like_layout(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+def empty_in_layout_of(x: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised 4-D tensor of `shape` in x's memory format (channels_last or contiguous)."""
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
     return torch.empty(shape, device=x.device, dtype=dtype or x.dtype, memory_format=fmt)
 
@@ -167,23 +168,24 @@ def conv2d_fwd_kernel(
     x_image = x_ptr + image * sxn + (group * C_in_g).to(tl.int64) * sxc
     w_cols = w_ptr + c_out * swo
 
+    # one flat loop over (tap, channel block) so Triton's software pipeliner sees a single loop
+    channel_blocks = tl.cdiv(C_in_g, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(0, KH * KW):
+    for step in range(0, KH * KW * channel_blocks):
+        tap = step // channel_blocks
+        channel = (step % channel_blocks) * BLOCK_K + offs_k
         kh = tap // KW
         kw = tap % KW
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c_ok = channel < C_in_g
         x_rows = x_image + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        w_tap = w_cols + kh * swh + kw * sww
-        for c0 in range(0, C_in_g, BLOCK_K):
-            channel = c0 + offs_k
-            c_ok = channel < C_in_g
-            a = tl.load(x_rows[:, None] + channel.to(tl.int64)[None, :] * sxc,
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(w_tap[None, :] + channel.to(tl.int64)[:, None] * swi,
-                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a = tl.load(x_rows[:, None] + channel.to(tl.int64)[None, :] * sxc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + channel.to(tl.int64)[:, None] * swi,
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c_out, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -228,8 +230,12 @@ def conv2d_dgrad_kernel(
     c_in = (group * C_in_g + offs_n).to(tl.int64)
     c_out0 = (group * C_out_g).to(tl.int64)
 
+    w_cols = w_ptr + offs_n.to(tl.int64) * swi
+    channel_blocks = tl.cdiv(C_out_g, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(0, KH * KW):
+    for step in range(0, KH * KW * channel_blocks):  # flat (tap, channel block) loop, as in the forward
+        tap = step // channel_blocks
+        channel = ((step % channel_blocks) * BLOCK_K + offs_k).to(tl.int64)
         kh = tap // KW
         kw = tap % KW
         th = ih + pad_h - kh * dil_h
@@ -237,18 +243,15 @@ def conv2d_dgrad_kernel(
         oh = th // stride_h
         ow = tw // stride_w
         row_ok = m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) & (oh < Ho) & (ow < Wo)
-        dy_rows = image * sdyn + c_out0 * sdyc + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
-        z_rows = image * szn + c_out0 * szc + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw
-        w_tap = w_ptr + offs_n.to(tl.int64) * swi + kh * swh + kw * sww
-        for k0 in range(0, C_out_g, BLOCK_K):
-            channel = (k0 + offs_k).to(tl.int64)
-            k_ok = channel < C_out_g
-            mask = row_ok[:, None] & k_ok[None, :]
-            grad = _output_grad(dy_ptr, z_ptr, dy_rows[:, None] + channel[None, :] * sdyc,
-                                z_rows[:, None] + channel[None, :] * szc, mask, negative_slope, ACTIVATION)
-            b = tl.load(w_tap[None, :] + (c_out0 + channel)[:, None] * swo,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        k_ok = channel < C_out_g
+        mask = row_ok[:, None] & k_ok[None, :]
+        dy_rows = image * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
+        z_rows = image * szn + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw
+        grad = _output_grad(dy_ptr, z_ptr, dy_rows[:, None] + (c_out0 + channel)[None, :] * sdyc,
+                            z_rows[:, None] + (c_out0 + channel)[None, :] * szc, mask, negative_slope, ACTIVATION)
+        b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + (c_out0 + channel)[:, None] * swo,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
 
     dx_offsets = (image * sdxn + ih.to(tl.int64) * sdxh + iw.to(tl.int64) * sdxw)[:, None] + c_in[None, :] * sdxc
     tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -360,8 +363,8 @@ def conv2d_forward(
     ho, wo = geometry.output_hw(h, w, kh, kw)
     problem = _problem_of(x, weight.shape, geometry, activation_name, bias is not None)
     config = config if config is not None else config_for(CONV_FWD_SPEC, problem)
-    y = _empty_like_layout(x, (n, c_out, ho, wo))
-    pre = _empty_like_layout(x, y.shape) if keep_pre and activation_name is not None else None
+    y = empty_in_layout_of(x, (n, c_out, ho, wo))
+    pre = empty_in_layout_of(x, y.shape) if keep_pre and activation_name is not None else None
     if y.numel() == 0:
         return y, pre
     runtime.announce()
@@ -392,7 +395,7 @@ def conv2d_input_grad(
     ho, wo = grad_output.shape[2:]
     problem = _problem_of(x, weight.shape, geometry, activation_name, False)
     config = config if config is not None else config_for(CONV_DGRAD_SPEC, problem)
-    dx = _empty_like_layout(x, (n, c_in, h, w))
+    dx = empty_in_layout_of(x, (n, c_in, h, w))
     if dx.numel() == 0:
         return dx
     if grad_output.numel() == 0:

@@ -91,6 +91,8 @@ def _linear_converter(module: nn.Module, activation: str | None, negative_slope:
 # module type -> converter(module, activation name or None, negative slope) -> the Triton module
 FUSABLE: dict[type[nn.Module], Callable[[nn.Module, str | None, float], nn.Module]] = {nn.Linear: _linear_converter}
 ALREADY_SWAPPED: tuple[type[nn.Module], ...] = (TritonLinear, TritonActivation)  # conv appends its module
+# module type -> check(module) -> why the Triton module cannot stand in for it (None: it can)
+UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {}
 
 
 @dataclass
@@ -104,7 +106,10 @@ class SwapRecord:
 
 
 def _unsupported_reason(module: nn.Module) -> str | None:
-    """Why the kernels cannot run `module`'s parameters here, or None if they can."""
+    """Why the kernels cannot run `module`'s parameters (or its settings, see UNSUPPORTED) here, or None if they can."""
+    check = UNSUPPORTED.get(type(module))
+    if check is not None and (reason := check(module)) is not None:
+        return reason
     for name, parameter in module.named_parameters(recurse=False):
         if parameter.dtype not in ops.supported_dtypes():
             return f"{name} dtype {parameter.dtype} not supported"
@@ -182,3 +187,58 @@ def format_table(records: list[SwapRecord]) -> str:
     lines = [f"{r.path:<{widths[0]}}  {r.module:<{widths[1]}}  {r.action:<{widths[2]}}  {r.detail}" for r in rows]
     lines.insert(1, "-" * max(map(len, lines)))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d
+
+
+class TritonConv2d(nn.Conv2d):
+    """nn.Conv2d (padding_mode 'zeros') computed by the implicit-GEMM Triton kernel, with an optional fused activation."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
+                 activation: str | None = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)
+        self.activation, self.negative_slope = activation, negative_slope
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, activation: str | None = None,
+                  negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> "TritonConv2d":
+        """A TritonConv2d sharing `conv`'s Parameter objects (no copy, no new initialisation)."""
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(module, name, getattr(conv, name))
+        module.weight, module.bias = conv.weight, conv.bias
+        module.activation, module.negative_slope = activation, negative_slope
+        module.train(conv.training)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                          self.activation, **activation_kwargs(self.activation, self.negative_slope))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
+
+
+def _conv2d_converter(module: nn.Module, activation: str | None, negative_slope: float) -> nn.Module:
+    return TritonConv2d.from_conv(module, activation, negative_slope)
+
+
+def _conv2d_unsupported(module: nn.Module) -> str | None:
+    if module.padding_mode != "zeros":
+        return f"padding_mode {module.padding_mode!r} not supported (only 'zeros')"
+    return None
+
+
+FUSABLE[nn.Conv2d] = _conv2d_converter
+UNSUPPORTED[nn.Conv2d] = _conv2d_unsupported
+ALREADY_SWAPPED += (TritonConv2d,)

@@ -16,6 +16,7 @@ import torch
 
 from kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
 from kernels.activation import run as run_activation
+from kernels import conv as conv_kernels
 from kernels import gemm as gemm_kernels
 from kernels import runtime
 from kernels.spec import DTYPES
@@ -218,3 +219,115 @@ def activation(x: torch.Tensor, name: str | None, **kwargs: object) -> torch.Ten
     if kernel_name is None:
         return x
     return _activation_op(x, kernel_name, slope)
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d: y = act(conv2d(x, weight) + bias); geometry travels as int lists (padding: top, bottom, left, right)
+
+
+def _geometry(stride: list[int], padding: list[int], dilation: list[int], groups: int) -> conv_kernels.ConvGeometry:
+    return conv_kernels.ConvGeometry(*stride, *padding, *dilation, groups)
+
+
+@torch.library.custom_op("workbench::conv2d", mutates_args=())
+def _conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
+               padding: list[int], dilation: list[int], groups: int, activation: Optional[str],
+               negative_slope: float, keep_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(conv2d(x, weight) + bias) in x's memory format, pre-activation if keep_pre and an activation, else empty)."""
+    y, pre = conv_kernels.conv2d_forward(x, weight, bias, _geometry(stride, padding, dilation, groups), activation,
+                                         negative_slope, keep_pre)
+    return y, pre if pre is not None else x.new_empty(_EMPTY)
+
+
+@_conv2d_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre):
+    ho, wo = _geometry(stride, padding, dilation, groups).output_hw(*x.shape[2:], *weight.shape[2:])
+    shape = (x.shape[0], weight.shape[0], ho, wo)
+    keeps = keep_pre and activation is not None
+    return conv_kernels.empty_in_layout_of(x, shape), (conv_kernels.empty_in_layout_of(x, shape) if keeps
+                                                         else x.new_empty(_EMPTY))
+
+
+@torch.library.custom_op("workbench::conv2d_backward", mutates_args=())
+def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor,
+                        stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                        activation: Optional[str], negative_slope: float, need_x: bool, need_weight: bool,
+                        need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for x (dgrad kernel), weight and bias (one wgrad kernel); empty where not needed."""
+    geometry = _geometry(stride, padding, dilation, groups)
+    pre_or_none = pre if activation is not None else None
+    grad_x = grad_weight = grad_bias = None
+    if need_x:
+        grad_x = conv_kernels.conv2d_input_grad(grad_out, pre_or_none, weight, x, geometry, activation, negative_slope)
+    if need_weight or need_bias:
+        grad_weight, grad_bias = conv_kernels.conv2d_weight_grad(grad_out, pre_or_none, x, weight, geometry,
+                                                                 activation, negative_slope, bias_grad=need_bias)
+    return (grad_x if grad_x is not None else x.new_empty(_EMPTY),
+            grad_weight if need_weight else x.new_empty(_EMPTY),
+            grad_bias if grad_bias is not None else x.new_empty(_EMPTY))
+
+
+@_conv2d_backward_op.register_fake
+def _(grad_out, x, weight, pre, stride, padding, dilation, groups, activation, negative_slope, need_x, need_weight,
+      need_bias):
+    return (conv_kernels.empty_in_layout_of(x, x.shape) if need_x else x.new_empty(_EMPTY),
+            conv_kernels.empty_in_layout_of(weight, weight.shape) if need_weight else x.new_empty(_EMPTY),
+            x.new_empty(weight.shape[0]) if need_bias else x.new_empty(_EMPTY))
+
+
+def _conv2d_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre = inputs
+    ctx.geometry_args = (stride, padding, dilation, groups)
+    ctx.activation, ctx.negative_slope = activation, negative_slope
+    ctx.kept_pre = keep_pre and activation is not None
+    ctx.save_for_backward(x, weight, bias, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _conv2d_backward(ctx, grad_y, _grad_pre):
+    x, weight, bias, pre = ctx.saved_tensors
+    if ctx.activation is not None and not ctx.kept_pre:  # forward ran without keeping z: recompute it
+        pre = _conv2d_op(x, weight, bias, *ctx.geometry_args, None, 0.0, False)[0]
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and bias is not None
+    grad_x, grad_weight, grad_bias = _conv2d_backward_op(grad_y, x, weight, pre, *ctx.geometry_args, ctx.activation,
+                                                         ctx.negative_slope, need_x, need_weight, need_bias)
+    return (grad_x if need_x else None, grad_weight if need_weight else None, grad_bias if need_bias else None,
+            None, None, None, None, None, None, None)
+
+
+_conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+           dilation: int | tuple[int, int] = 1, groups: int = 1, activation: str | None = None,
+           **activation_kwargs: object) -> torch.Tensor:
+    """act(F.conv2d(x, weight, bias, stride, padding, dilation, groups)) in one implicit-GEMM Triton kernel.
+
+    x is [N, C_in, H, W] or unbatched [C_in, H, W], NCHW or channels_last (the output keeps x's
+    memory format); weight [C_out, C_in / groups, kH, kW]; padding an int, a pair, 'same' or
+    'valid'. `activation` as in `gemm`. Gradients flow to x, weight and bias.
+    """
+    check_tensor("x", x, (3, 4))
+    check_tensor("weight", weight, 4, like=x)
+    if bias is not None:
+        check_tensor("bias", bias, 1, like=x)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have C_out = {weight.shape[0]} elements, got shape {tuple(bias.shape)}")
+    geometry = conv_kernels.make_geometry(tuple(weight.shape[2:]), stride, padding, dilation, groups)
+    if x.shape[-3] != weight.shape[1] * groups:
+        raise ValueError(f"x has {x.shape[-3]} channels but weight {tuple(weight.shape)} with groups={groups} "
+                         f"expects {weight.shape[1] * groups}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"weight's C_out ({weight.shape[0]}) must be divisible by groups ({groups})")
+    ho, wo = geometry.output_hw(*x.shape[-2:], *weight.shape[2:])
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x of spatial size {tuple(x.shape[-2:])} is too small for weight {tuple(weight.shape)} "
+                         f"with this padding and dilation: output would be {ho}x{wo}")
+    name, slope = resolve_activation(activation, **activation_kwargs)
+    batched = x.unsqueeze(0) if x.dim() == 3 else x
+    g = geometry
+    y = _conv2d_op(batched, weight, bias, [g.stride_h, g.stride_w], [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right],
+                   [g.dilation_h, g.dilation_w], groups, name, slope, _keep_pre(name, x, weight, bias))[0]
+    return y.squeeze(0) if x.dim() == 3 else y
