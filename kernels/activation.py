@@ -47,13 +47,15 @@ def activation_code(name: str | None) -> int:
 
 
 # Constants inside the kernels, written out (jit code cannot read plain module globals):
-# 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2*pi), 0.7978845608028654 = sqrt(2/pi),
+# 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2*pi), 1.5957691216057308 = 2*sqrt(2/pi),
 # 0.044715 = the cubic coefficient of gelu's tanh approximation.
 
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    # evaluated on -|x| so exp never overflows and tiny results keep their relative precision
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
@@ -74,7 +76,8 @@ def apply(x, ACTIVATION: tl.constexpr, negative_slope):
     elif ACTIVATION == 3:
         y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACTIVATION == 4:
-        y = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+        # 0.5 * x * (1 + tanh(u)) = x * sigmoid(2u): no cancellation where tanh(u) -> -1
+        y = x * _sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
     elif ACTIVATION == 5:
         y = x * _sigmoid(x)
     elif ACTIVATION == 6:
@@ -97,9 +100,8 @@ def derivative(x, ACTIVATION: tl.constexpr, negative_slope):
         cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
         d = cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
     elif ACTIVATION == 4:
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        t = _tanh(inner)
-        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+        s = _sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        d = s + x * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 3.0 * 0.044715 * x * x)
     elif ACTIVATION == 5:
         s = _sigmoid(x)
         d = s * (1.0 + x * (1.0 - s))
