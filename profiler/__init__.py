@@ -11,10 +11,10 @@ See profiler/README.md for what NVML can and cannot measure and why the defaults
 """
 
 from profiler.energy import DEFAULT_MIN_WINDOW_S, ENERGY_RESULT_KEYS, cool_down, measure_energy
-from profiler.nvml_sampler import SAMPLE_COLUMNS, NvmlSampler
+from profiler.nvml_sampler import SAMPLE_COLUMNS, NvmlSampler, WindowMark
 from profiler.windows import WINDOW_COLUMNS, WindowStats, window_stats
 
 __all__ = [
     "DEFAULT_MIN_WINDOW_S", "ENERGY_RESULT_KEYS", "SAMPLE_COLUMNS", "WINDOW_COLUMNS",
-    "NvmlSampler", "WindowStats", "cool_down", "measure_energy", "window_stats",
+    "NvmlSampler", "WindowMark", "WindowStats", "cool_down", "measure_energy", "window_stats",
 ]  # fmt: skip

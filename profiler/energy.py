@@ -10,8 +10,8 @@ steady signal is measured correctly even when only part of the time is sampled),
 1 s spans about ten refreshes of a 100 ms counter (each refresh then weighs ~10 % of the total,
 and the quantisation error of the two edges shrinks with the window) and the whole 1 s averaging
 period of the averaged power reading; profiler/README.md gives the sources. For final
-comparisons, a longer window (zeus.profile uses several seconds) and a cool-down between trials
-give lower variance.
+comparisons, a longer window (zeus.profile's example settles on 5 s) and a cool-down between
+trials give lower variance.
 
 Nothing is subtracted: `energy_j_per_call` is the board's whole energy during the window over
 the calls, idle power included. The idle power, measured just before the trial, is reported

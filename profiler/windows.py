@@ -1,7 +1,7 @@
 """Window arithmetic: energy, power, temperature and clocks of a time span of a sampler frame.
 
 Pure functions of a frame with the sampler's columns (see `profiler.nvml_sampler.SAMPLE_COLUMNS`),
-so a stored trace gives the same numbers as a live one.
+or a dict of those columns as arrays, so a stored trace gives the same numbers as a live one.
 
 Energy comes from the board's energy counter: the counter is cumulative, so it is interpolated
 linearly at the window's start and end and the difference taken. Where the counter is missing
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import astuple, dataclass, fields
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,7 @@ class WindowStats:
 
 
 WINDOW_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(WindowStats))
+_STATS_COLUMNS = ("time_s", "power_w", "energy_j", "gpu_temp_c", "sm_clock_mhz", "clock_event_reasons")
 
 
 def _valid(times: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,18 +77,22 @@ def _nan_reduce(values: np.ndarray, reduce) -> float:
     return float(reduce(values)) if len(values) else math.nan
 
 
-def window_stats(frame: pd.DataFrame, name: str, start_s: float, end_s: float) -> WindowStats:
-    """The measurements of one window [start_s, end_s] of a sampler frame."""
+Columns = pd.DataFrame | Mapping[str, np.ndarray]
+
+
+def window_stats(frame: Columns, name: str, start_s: float, end_s: float) -> WindowStats:
+    """The measurements of one window [start_s, end_s] of a sampler frame (or a dict of its columns as arrays)."""
     if end_s < start_s:
         raise ValueError(f"end_s ({end_s}) must not precede start_s ({start_s})")
-    times = frame["time_s"].to_numpy(dtype=float)
+    column = {c: np.asarray(frame[c], dtype=float) for c in _STATS_COLUMNS}
+    times = column["time_s"]
     duration_s = end_s - start_s
-    energy_j = counter_energy_j(times, frame["energy_j"].to_numpy(dtype=float), start_s, end_s)
+    energy_j = counter_energy_j(times, column["energy_j"], start_s, end_s)
     if math.isnan(energy_j):
-        energy_j = integrated_energy_j(times, frame["power_w"].to_numpy(dtype=float), start_s, end_s)
-    lo, hi = np.searchsorted(times, start_s, "left"), np.searchsorted(times, end_s, "right")
-    inside = frame.iloc[lo:hi]
-    reasons = inside["clock_event_reasons"].dropna().to_numpy(dtype=float).astype(np.int64)
+        energy_j = integrated_energy_j(times, column["power_w"], start_s, end_s)
+    inside = slice(np.searchsorted(times, start_s, "left"), np.searchsorted(times, end_s, "right"))
+    reasons = column["clock_event_reasons"][inside]
+    reasons = reasons[~np.isnan(reasons)].astype(np.int64)
     return WindowStats(
         name=name,
         start_s=float(start_s),
@@ -94,20 +100,19 @@ def window_stats(frame: pd.DataFrame, name: str, start_s: float, end_s: float) -
         duration_s=float(duration_s),
         energy_j=energy_j,
         avg_power_w=energy_j / duration_s if duration_s > 0 else math.nan,
-        peak_power_w=_nan_reduce(inside["power_w"].to_numpy(dtype=float), np.max),
-        peak_gpu_temp_c=_nan_reduce(inside["gpu_temp_c"].to_numpy(dtype=float), np.max),
-        mean_sm_clock_mhz=_nan_reduce(inside["sm_clock_mhz"].to_numpy(dtype=float), np.mean),
+        peak_power_w=_nan_reduce(column["power_w"][inside], np.max),
+        peak_gpu_temp_c=_nan_reduce(column["gpu_temp_c"][inside], np.max),
+        mean_sm_clock_mhz=_nan_reduce(column["sm_clock_mhz"][inside], np.mean),
         throttled=bool(np.any(reasons & THROTTLE_REASONS_MASK)) if len(reasons) else None,
     )
 
 
-def value_at(frame: pd.DataFrame, column: str, time_s: float) -> float:
+def value_at(frame: Columns, column: str, time_s: float) -> float:
     """The last reading of `column` at or before time_s (the first one if time_s precedes them); NaN if none."""
-    readings = frame[["time_s", column]].dropna()
-    if readings.empty:
+    times, values = _valid(np.asarray(frame["time_s"], dtype=float), np.asarray(frame[column], dtype=float))
+    if len(times) == 0:
         return math.nan
-    index = max(int(np.searchsorted(readings["time_s"].to_numpy(dtype=float), time_s, "right")) - 1, 0)
-    return float(readings[column].iloc[index])
+    return float(values[max(int(np.searchsorted(times, time_s, "right")) - 1, 0)])
 
 
 def windows_frame(stats: list[WindowStats]) -> pd.DataFrame:
