@@ -8,10 +8,12 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from profiler import SAMPLE_COLUMNS, WINDOW_COLUMNS, NvmlSampler, measure_energy
+from profiler import SAMPLE_COLUMNS, WINDOW_COLUMNS, NvmlSampler, measure_energy, window_stats
+from profiler.windows import value_at
 from fake_pynvml import (
     NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_LIBRARY_NOT_FOUND, FakeClock, FakeGpu, NVMLError, NVMLError_NotSupported,
     make_pynvml,
@@ -290,3 +292,22 @@ def test_real_gpu_energy_per_call():
     assert 0 < result["idle_power_w"] < result["avg_power_w"]
     assert result["energy_j_per_call"] == pytest.approx(result["avg_power_w"] * result["window_s"] / result["calls"])
     assert not math.isnan(result["start_temp_c"]) and not math.isnan(result["end_temp_c"])
+
+
+def test_window_arithmetic_on_a_stored_frame_interpolates_between_samples():
+    frame = pd.DataFrame({
+        "time_s": [0.0, 1.0, 2.0, 3.0], "power_w": [100.0, 100.0, 200.0, 300.0], "energy_j": [0.0, 100.0, 300.0, 600.0],
+        "gpu_temp_c": [40.0, 41.0, 43.0, 47.0], "sm_clock_mhz": [1000.0, 1500.0, 2000.0, 2000.0],
+        "clock_event_reasons": [0.0, 0.0, 4.0, 0.0],
+    })  # fmt: skip
+    stats = window_stats(frame, "w", 0.5, 2.5)
+    assert (stats.energy_j, stats.avg_power_w, stats.duration_s) == (400.0, 200.0, 2.0)  # counter at 50 J and 450 J
+    assert (stats.peak_power_w, stats.peak_gpu_temp_c, stats.mean_sm_clock_mhz) == (200.0, 43.0, 1750.0)
+    assert stats.throttled is True  # SW power cap at 2 s
+    no_counter = window_stats(frame.assign(energy_j=np.nan), "w", 0.5, 2.5)
+    assert no_counter.energy_j == 50.0 + 150.0 + 112.5  # trapezoids from p(0.5)=100 to p(2.5)=250
+    between = window_stats(frame, "gap", 1.2, 1.8)  # no sample inside: energy yes, peaks unknown
+    assert between.energy_j == pytest.approx(120.0) and math.isnan(between.peak_power_w) and between.throttled is None
+    with pytest.raises(ValueError, match="end_s"):
+        window_stats(frame, "w", 2.0, 1.0)
+    assert value_at(frame, "gpu_temp_c", 2.5) == 43.0 and value_at(frame, "gpu_temp_c", -1.0) == 40.0
