@@ -1,20 +1,21 @@
 """NVML sampling, measurement windows and energy per call.
 
-    from profiler import NvmlSampler, measure_energy
+    from profiler import NvmlSampler, energy_meter, measure_energy
     with NvmlSampler(device=0, interval_s=0.01) as sampler:
         with sampler.window("step 1"):
             ...
         result = measure_energy(lambda: kernel(x), sampler, "gemm 512", synchronize=torch.cuda.synchronize)
+        meter = energy_meter(sampler, synchronize=torch.cuda.synchronize)  # meter(name, fn) -> the same dict
     sampler.frame(), sampler.windows()
 
 See profiler/README.md for what NVML can and cannot measure and why the defaults are what they are.
 """
 
-from profiler.energy import DEFAULT_MIN_WINDOW_S, ENERGY_RESULT_KEYS, cool_down, measure_energy
+from profiler.energy import DEFAULT_MIN_WINDOW_S, ENERGY_RESULT_KEYS, cool_down, energy_meter, measure_energy
 from profiler.nvml_sampler import SAMPLE_COLUMNS, NvmlSampler, WindowMark
 from profiler.windows import WINDOW_COLUMNS, WindowStats, window_stats
 
 __all__ = [
     "DEFAULT_MIN_WINDOW_S", "ENERGY_RESULT_KEYS", "SAMPLE_COLUMNS", "WINDOW_COLUMNS",
-    "NvmlSampler", "WindowMark", "WindowStats", "cool_down", "measure_energy", "window_stats",
+    "NvmlSampler", "WindowMark", "WindowStats", "cool_down", "energy_meter", "measure_energy", "window_stats",
 ]  # fmt: skip

@@ -121,3 +121,16 @@ def measure_energy(fn: Callable[[], object], sampler: NvmlSampler, name: str, *,
         "window_s": stats.duration_s,
         "energy_j": stats.energy_j,
     }
+
+
+def energy_meter(sampler: NvmlSampler, **options) -> Callable[[str, Callable[[], object]], dict]:
+    """`meter(name, fn) -> dict`: measure_energy bound to a sampler and options (e.g. synchronize,
+    min_window_s, cooldown_s), the shape autotune's EnergyMeter protocol asks for."""
+    unknown = set(options) - set(measure_energy.__kwdefaults__)
+    if unknown:
+        raise TypeError(f"unknown measure_energy options: {sorted(unknown)}")
+
+    def meter(name: str, fn: Callable[[], object]) -> dict:
+        return measure_energy(fn, sampler, name, **options)
+
+    return meter

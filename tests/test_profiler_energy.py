@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fake_pynvml import FakeClock, FakeGpu, make_pynvml
-from profiler import ENERGY_RESULT_KEYS, NvmlSampler, cool_down, measure_energy
+from profiler import ENERGY_RESULT_KEYS, NvmlSampler, cool_down, energy_meter, measure_energy
 
 
 @pytest.fixture
@@ -100,3 +100,14 @@ def test_bad_arguments_are_rejected(monkeypatch, clock, options):
     with pytest.raises(TypeError):
         measure_energy("not callable", sampler, "x")
 
+
+
+def test_energy_meter_binds_sampler_and_options(monkeypatch, clock):
+    gpu, sampler = setup(monkeypatch, clock, power_w=50.0)
+    kernel = Kernel(gpu, clock, busy_w=150.0, seconds_per_call=0.002)
+    meter = energy_meter(sampler, min_window_s=0.5, idle_s=0.1, synchronize=kernel.synchronize)
+    result = meter("conv", kernel)
+    assert result["energy_j_per_call"] == pytest.approx(150.0 * 0.002, rel=1e-6) and result["window_s"] < 0.6
+    assert kernel.syncs > 0 and sampler.windows()["name"].tolist() == ["conv/idle", "conv"]
+    with pytest.raises(TypeError, match="min_window"):
+        energy_meter(sampler, min_window=1.0)
