@@ -1,8 +1,8 @@
 """Evaluating configs of one kernel on one problem: compile ahead, reject, run, check, time.
 
 For each config, in order:
-1. its ahead-of-time compile result for the GPU target (done in a process pool by `kernels.aot`,
-   one batch ahead of the measurements, see `CompileAhead`): a compile error is recorded, and the
+1. its ahead-of-time compile result for the GPU target (`kernels.aot.compile_config` in a process
+   pool, running ahead of the measurements, see `CompileAhead`): a compile error is recorded, and the
    shared memory / registers it reports are checked against the device's limits *before* anything
    runs (on a machine without a GPU this proves the config compiles for sm_90 and gives its
    resources, while the run itself happens in Triton's interpreter);
@@ -23,17 +23,19 @@ is recorded as 'timeout' if it is caught running when a process dies twice (see 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from autotune.environment import device_limits
+from autotune.environment import device_key, device_limits
 from autotune.timing import measure
 from kernels import runtime
 from kernels.spec import Config, KernelSpec, Problem
@@ -157,36 +159,59 @@ def over_limits(report: dict[str, Any], config: Config, limits: dict[str, int]) 
     return ""
 
 
-class CompileAhead:
-    """Compiles batches of configs for the GPU target in `kernels.aot`'s process pool, in the background.
+def _compile_in_worker(spec_name: str, problem: Problem, config: Config, arch: int) -> dict[str, Any]:
+    """Runs in a CompileAhead worker (TRITON_INTERPRET=0): `kernels.aot.compile_config`, as a dict."""
+    import kernels
+    from kernels import aot
 
-    `submit(configs)` returns at once; `result()` of the future gives one report per config
-    (dicts with ok, reason, shared_bytes, registers, spills, compile_time_s). While the pool
-    compiles the next batch, the caller measures the previous one.
+    return asdict(aot.compile_config(kernels.SPECS[spec_name], problem, config, arch))
+
+
+class CompileAhead:
+    """Compiles configs for the GPU target with `kernels.aot.compile_config` in a process pool.
+
+    `submit(config)` returns a future at once; its result is the compile report (ok, reason,
+    shared_bytes, registers, spills, compile_time_s). The caller measures earlier configs while
+    the pool (one process per core, kept for the whole sweep) compiles later ones. The target is
+    this GPU's architecture, or sm_90 where there is none.
+
+    The workers must define kernels with TRITON_INTERPRET=0, and a spawned process copies the
+    environment when it starts; so the pool starts all its workers here, in the constructor, with
+    the variable set, before anything in this process runs a kernel (changing it later, while
+    kernels run, would switch Triton's mode under them). Only specs registered in `kernels.SPECS`
+    can be compiled: the workers look them up by name.
     """
 
     def __init__(self, spec: KernelSpec, problem: Problem, workers: int | None = None):
-        from kernels import aot  # the one compiler wrapper in the workbench
+        if not self.supports(spec):
+            raise ValueError(f"spec {spec.name!r} is not registered in kernels.SPECS: it cannot be compiled ahead")
+        capability = device_key().capability
+        self.arch = int(capability.replace(".", "")) if capability else 90
+        self.spec, self.problem = spec, problem
+        workers = workers or os.cpu_count() or 1
+        previous = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "0"
+        try:
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(workers):  # spawn every worker now, while the variable is set
+                self._pool.submit(int)
+        finally:
+            if previous is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
 
-        self._aot = aot
-        self.spec, self.problem, self.workers = spec, problem, workers
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-ahead")
+    @staticmethod
+    def supports(spec: KernelSpec) -> bool:
+        import kernels
 
-    def submit(self, configs: Sequence[Config]) -> Future:
-        return self._thread.submit(self._compile, list(configs))
+        return kernels.SPECS.get(spec.name) is spec
 
-    def _compile(self, configs: list[Config]) -> list[dict[str, Any]]:
-        reports = self._aot.compile_space(self.spec, configs, problems=[self.problem], workers=self.workers)
-        return [_as_dict(report) for report in reports]
+    def submit(self, config: Config) -> Future:
+        return self._pool.submit(_compile_in_worker, self.spec.name, self.problem, dict(config), self.arch)
 
     def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
-
-
-def _as_dict(report: Any) -> dict[str, Any]:
-    if isinstance(report, dict):
-        return dict(report)
-    return {name: getattr(report, name) for name in dir(report) if not name.startswith("_") and not callable(getattr(report, name))}
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Pipeline:

@@ -1,0 +1,252 @@
+"""A tuning sweep: a strategy proposes configs, the pipeline evaluates them, the database keeps them.
+
+`tune(spec, problem, ...)` is the Python API (the CLI and `workbench tune-model` call it). It is
+resumable and idempotent: trials already stored for the same tuning key (kernel source, problem,
+device, versions) are fed back to the strategy instead of being evaluated again, so re-running a
+finished sweep returns at once and an interrupted one goes on where it stopped. Each trial is
+committed as it finishes.
+
+Distributed: under `torchrun`, rank 0 asks the strategy for a batch, broadcasts it, every rank
+evaluates its share (config i goes to rank i mod world size), and rank 0 gathers the trials and is
+the only one writing the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from autotune.database import Database, TuningKey, config_id
+from autotune.pipeline import OBJECTIVES, CompileAhead, EnergyMeter, Pipeline, Trial, objective_value
+from kernels.spec import Config, KernelSpec, Problem, problem_id
+
+log = logging.getLogger("autotune")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torch.distributed group (rank 0 owns the database)."""
+
+    rank: int
+    world_size: int
+
+    @classmethod
+    def from_environment(cls) -> "Distributed | None":
+        """The group torchrun set up (initialising it: gloo on CPU, nccl on GPU), or None if not under torchrun."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return None
+        import torch
+        import torch.distributed as dist
+
+        from kernels import runtime
+
+        if not dist.is_initialized():
+            backend = "nccl" if runtime.default_device().type == "cuda" else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend)
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def broadcast(self, value: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any] | None:
+        import torch.distributed as dist
+
+        boxes = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(value, boxes, dst=0)
+        return boxes
+
+
+def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: int = 200,
+         db: Database | str | os.PathLike | None = None, objective: str = "time", seed: int = 0,
+         energy_meter: EnergyMeter | None = None, compile_ahead: bool | None = None, workers: int | None = None,
+         timeout_s: float | None = 120.0, interpreter_reps: int = 3, progress: bool = True,
+         distributed: Distributed | None = None, on_trial: Callable[[Trial], None] | None = None) -> pd.DataFrame:  # fmt: skip
+    """Tune `spec` for `problem`; returns every stored trial of this kernel/problem/device (a DataFrame).
+
+    strategy/seed: passed to `autotune.strategies.make_strategy`; budget: how many configs the
+    strategy may propose in all (stored ones count); objective: 'time', or 'energy' / 'edp' which
+    need an `energy_meter`; compile_ahead: compile each batch for the GPU target in a process pool
+    (`workers`, default all cores) one batch ahead of the measurements (default: for specs
+    registered in kernels.SPECS, the only ones the pool can find); timeout_s: per-trial
+    watchdog; distributed: set under torchrun (default: detected from the environment).
+    Non-zero ranks return an empty DataFrame.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective != "time" and energy_meter is None:
+        raise ValueError(f"objective {objective!r} needs an energy meter (workbench tune --profile, on a GPU with NVML)")
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    if compile_ahead is None:
+        compile_ahead = CompileAhead.supports(spec)
+    distributed = distributed or Distributed.from_environment()
+    pipeline = Pipeline(spec, problem, timeout_s=timeout_s, energy_meter=energy_meter,
+                        interpreter_reps=interpreter_reps)  # fmt: skip
+    if distributed is not None and distributed.rank != 0:
+        _follow(pipeline, distributed)
+        return pd.DataFrame()
+    sweep = _Sweep(spec, problem, db if isinstance(db, Database) else Database(db), pipeline, objective)
+    try:
+        return sweep.run(strategy, budget, seed, compile_ahead, workers, progress, distributed, on_trial)
+    finally:
+        if distributed is not None:
+            distributed.broadcast(None)  # releases the other ranks, also when rank 0 failed
+
+
+def _follow(pipeline: Pipeline, distributed: Distributed) -> None:
+    """A non-zero rank: evaluate its share of each broadcast batch until rank 0 says stop (None)."""
+    while (batch := distributed.broadcast(None)) is not None:
+        mine = [(i, config, report) for i, (config, report) in enumerate(batch) if i % distributed.world_size == distributed.rank]
+        distributed.gather([(i, pipeline.evaluate(config, report)) for i, config, report in mine])
+
+
+class _Sweep:
+    """Rank 0's (or a single process's) side of `tune`."""
+
+    def __init__(self, spec: KernelSpec, problem: Problem, database: Database, pipeline: Pipeline, objective: str):
+        self.spec, self.problem, self.database, self.pipeline = spec, problem, database, pipeline
+        self.objective = objective
+        self.key = TuningKey.of(spec, problem)
+        self.values: dict[str, float] = {}  # config_id -> objective value of every usable stored trial
+        for row in database.trials(key=self.key).itertuples(index=False):
+            if row.status == "ok" and objective != "time" and math.isnan(row.energy_j_per_call):
+                continue  # timed without energy: measure again for this objective
+            self.values[row.config] = objective_value(objective, row.time_ms, row.energy_j_per_call, row.status)
+        self.run_id: int | None = None
+        self.best = min(self.values.values(), default=math.inf)
+
+    def run(self, strategy_name: str, budget: int, seed: int, compile_ahead: bool, workers: int | None,
+            progress: bool, distributed: Distributed | None, on_trial: Callable[[Trial], None] | None) -> pd.DataFrame:  # fmt: skip
+        from autotune.space import Space
+        from autotune.strategies import make_strategy
+
+        self.on_trial = on_trial
+        space = Space.from_spec(self.spec, self.problem)
+        if len(self.values) < min(budget, len(space)):
+            world = distributed.world_size if distributed else 1
+            workers = workers or os.cpu_count() or 1
+            self.batch_size = max(world, workers if compile_ahead else 1)
+            self.strategy = make_strategy(strategy_name, space, seed)
+            meta = {"problem": json.loads(problem_id(self.problem)), "strategy": strategy_name, "budget": budget,
+                    "seed": seed, "objective": self.objective, "world_size": world}  # fmt: skip
+            self.run_id = self.database.start_run("tune", self.spec.name, meta)
+            self.asked, self.budget = 0, budget
+            self.bar = tqdm(total=min(budget, len(space)), desc=f"tune {self.spec.name}", unit="cfg", disable=not progress)
+            compiler = CompileAhead(self.spec, self.problem, workers) if compile_ahead else None
+            status = "failed"
+            try:
+                self._loop(compiler, distributed)
+                status = "done"
+            except KeyboardInterrupt:
+                status = "interrupted"
+                raise
+            finally:
+                self.bar.close()
+                if compiler is not None:
+                    compiler.close()
+                self.database.finish_run(self.run_id, status)
+        self._store_best()
+        return self.database.trials(key=self.key)
+
+    def _next_batch(self) -> list[Config]:
+        """Ask the strategy for up to batch_size configs that still need evaluating; stored ones are told back."""
+        batch: list[Config] = []
+        while len(batch) < self.batch_size and self.asked < self.budget:
+            config = self.strategy.ask()
+            if config is None:
+                break
+            self.asked += 1
+            known = self.values.get(config_id(config))
+            if known is not None:
+                self.strategy.tell(config, known)
+                self.bar.update(1)
+            elif any(config_id(c) == config_id(config) for c in batch):
+                continue
+            else:
+                batch.append(dict(config))
+        return batch
+
+    def _loop(self, compiler: CompileAhead | None, distributed: Distributed | None) -> None:
+        died = self.database.died_running(self.key)
+        batch = self._next_batch()
+        futures = [compiler.submit(config) for config in batch] if compiler else []
+        while batch:
+            following = self._next_batch()  # asked now so that it compiles while this batch is measured
+            following_futures = [compiler.submit(config) for config in following] if compiler else []
+            if distributed is None:
+                for index, config in enumerate(batch):
+                    self._evaluate_here(config, self._report(futures, index), died)
+            else:
+                reports = [self._report(futures, index) for index in range(len(batch))]
+                distributed.broadcast(list(zip(batch, reports)))
+                mine = [(i, self.pipeline.evaluate(batch[i], reports[i])) for i in range(0, len(batch), distributed.world_size)]
+                gathered = sorted(pair for share in distributed.gather(mine) for pair in share)
+                for _, trial in gathered:
+                    self._record(trial)
+            batch, futures = following, following_futures
+
+    @staticmethod
+    def _report(futures: list[Future], index: int) -> dict | None:
+        """A config's compile report; None (it is compiled when it runs) without one or if the pool broke."""
+        if not futures:
+            return None
+        try:
+            return futures[index].result()
+        except Exception as error:
+            log.warning("compiling ahead failed (%s: %s); the config is compiled when it runs", type(error).__name__, error)
+            return None
+
+    def _evaluate_here(self, config: Config, report: dict | None, died: dict[str, int]) -> None:
+        if died.get(config_id(config), 0) >= 2:
+            trial = Trial(config=config, status="timeout",
+                          reason="the sweep's process died twice while running this config (hang or crash)")  # fmt: skip
+        else:
+            self.database.mark_running(self.key, config)
+            try:
+                trial = self.pipeline.evaluate(config, report)
+            except KeyboardInterrupt:
+                self.database.forget_running(self.key, config)
+                raise
+        self._record(trial)
+
+    def _record(self, trial: Trial) -> None:
+        self.database.record_trial(self.run_id, self.key, trial.config, trial.status, trial.reason, **trial.measures())
+        value = objective_value(self.objective, trial.time_ms, trial.energy.get("energy_j_per_call", math.nan), trial.status)
+        self.values[config_id(trial.config)] = value
+        self.strategy.tell(trial.config, value)
+        self.best = min(self.best, value)
+        if math.isfinite(self.best):
+            self.bar.set_postfix_str(f"best {self.best:.4g} {_UNITS[self.objective]}")
+        self.bar.update(1)
+        if self.on_trial is not None:
+            self.on_trial(trial)
+
+    def _store_best(self) -> None:
+        """Store the best ok trial (of all stored for this key) and make the kernels pick it up."""
+        if not self.values or not math.isfinite(min(self.values.values())):
+            return
+        winner = min(self.values, key=self.values.get)
+        trials = self.database.trials(key=self.key)
+        row = trials[trials["config"] == winner].iloc[0]
+        self.database.set_best(self.key, json.loads(winner), self.objective, self.values[winner], row["time_ms"],
+                               int(row["run_id"]))  # fmt: skip
+        from kernels import tuned
+
+        tuned.clear_cache()
+
+
+_UNITS = {"time": "ms", "energy": "J", "edp": "J*s"}
