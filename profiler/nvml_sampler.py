@@ -107,8 +107,8 @@ class NvmlSampler:
         self._nvml: Any = None
         self.device: NvmlDevice | None = None
         self.available, self.reason = self._open(device)
-        if not self.available:
-            log.info("no power data: %s", self.reason)
+        if not self.available:  # callers say so in their own words (available, reason); debug here
+            log.debug("no power data: %s", self.reason)
 
     # ------------------------------------------------------------------ NVML
     def _open(self, device: int | str) -> tuple[bool, str]:
