@@ -1,0 +1,114 @@
+"""kernels.nn: the Triton modules and swap (structure, shared parameters, identical training)."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import kernels.nn as knn
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.GELU(),
+        nn.Linear(16, 16), nn.LeakyReLU(0.2),
+        nn.Sequential(nn.Linear(16, 12), nn.GELU(approximate="tanh")),
+        nn.Linear(12, 12, bias=False), nn.SiLU(),
+        nn.Linear(12, 3),
+    )
+
+
+def test_swap_fuses_layers_keeps_state_dict_and_shares_parameters(caplog):
+    model = _model()
+    keys = list(model.state_dict())
+    parameters = list(model.parameters())
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        assert knn.swap(model) is model
+    assert list(model.state_dict()) == keys
+    assert all(a is b for a, b in zip(model.parameters(), parameters))
+    assert [type(m).__name__ for m in model] == [
+        "TritonLinear", "Identity", "TritonLinear", "Identity", "Sequential", "TritonLinear", "Identity",
+        "TritonLinear"]
+    assert (model[0].activation, model[2].activation, model[2].negative_slope) == ("gelu", "leaky_relu", 0.2)
+    assert model[4][0].activation == "gelu_tanh" and model[5].bias is None and model[7].activation is None
+    assert "4 layers fused with their activation, 1 modules swapped, 0 left alone" in caplog.text
+    knn.swap(model)  # swapping again changes nothing
+    assert type(model[0]) is knn.TritonLinear and model[0].activation == "gelu"
+
+
+def test_swap_replaces_lone_activations_and_reports_what_it_left(capsys):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.Tanh()
+            self.proj = nn.Linear(4, 4).double()  # float64: no kernel for it
+            self.norm = nn.LayerNorm(4)
+            self.gate = nn.Sigmoid()
+
+        def forward(self, x):
+            return self.gate(self.norm(self.act(x)))
+
+    model = nn.Sequential(nn.ReLU(), Block())
+    knn.swap(model, verbose=True)
+    assert isinstance(model[0], knn.TritonActivation) and model[0].name == "relu"
+    assert isinstance(model[1].act, knn.TritonActivation) and isinstance(model[1].gate, knn.TritonActivation)
+    assert type(model[1].proj) is nn.Linear
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["module", "path", "type", "action", "detail"]
+    rows = {line.split()[0]: line for line in table[2:]}
+    assert "kept" in rows["1.proj"] and "float64 not supported" in rows["1.proj"]
+    assert "no Triton kernel" in rows["1.norm"] and "swapped" in rows["1.gate"]
+    assert len({line.index("swapped") for line in table if " swapped " in line}) == 1  # aligned columns
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), torch.sigmoid(model[1].norm(torch.tanh(torch.relu(x)))))
+
+
+def test_swap_rejects_a_non_container():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        knn.swap("model")
+    with pytest.raises(ValueError, match="container"):
+        knn.swap(nn.Linear(2, 2))
+
+
+def test_swapped_model_trains_identically_and_optimizer_state_stays_valid():
+    reference, swapped = _model(), _model()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (reference, swapped)]
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(10, 6, generator=generator), torch.randint(0, 3, (10,), generator=generator))
+               for _ in range(5)]
+
+    def step(model, optimizer, x, y):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    losses = [[step(m, o, *batches[0])] for m, o in zip((reference, swapped), optimizers)]
+    knn.swap(swapped)  # mid-training: the momentum buffers must keep belonging to the parameters
+    for x, y in batches[1:]:
+        for history, model, optimizer in zip(losses, (reference, swapped), optimizers):
+            history.append(step(model, optimizer, x, y))
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
+    assert losses[0][-1] < losses[0][0]  # it did learn
+    state = optimizers[1].state
+    assert all(p in state and "momentum_buffer" in state[p] for p in swapped.parameters())
+    for a, b in zip(reference.parameters(), swapped.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_linear_is_a_drop_in_linear():
+    torch.manual_seed(2)
+    layer = knn.TritonLinear(5, 3, activation="sigmoid")
+    plain = nn.Linear(5, 3)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 4, 5)
+    torch.testing.assert_close(layer(x), torch.sigmoid(plain(x)))
+    assert "activation=sigmoid" in repr(layer)
+    clone = copy.deepcopy(layer)
+    assert clone.activation == "sigmoid" and clone.weight is not layer.weight
+    with pytest.raises(ValueError, match="activation must be"):
+        knn.TritonActivation("softplus")
