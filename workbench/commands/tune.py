@@ -1,0 +1,222 @@
+"""`workbench tune KERNEL --shape ...`: autotune one kernel on one problem, store every trial, show the best.
+
+Also usable under torchrun (`torchrun --nproc-per-node N -m workbench tune ...`): the configs are
+shared across the ranks and rank 0 writes the database and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+import pandas as pd
+
+from reports.roofline import peaks_for
+
+TOP_CONFIGS = 10
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tune", help="autotune a kernel for one problem (every trial stored in the database)",
+        description="Search KERNEL's configs for one problem: compile ahead for the GPU target, reject "
+                    "configs over the device's limits, check each result against PyTorch, time it, store it. "
+                    "Re-running a finished sweep evaluates nothing; an interrupted one resumes.")  # fmt: skip
+    add_problem_arguments(parser)
+    parser.add_argument("--strategy", default="auto", help="search strategy (auto, exhaustive, random, forest)")
+    parser.add_argument("--budget", type=int, default=200, help="configs to try at most (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="strategy seed (default 0)")
+    parser.add_argument("--objective", choices=("time", "energy", "edp"), default="time",
+                        help="what to minimise; energy and edp need --profile (default time)")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="measure energy, power, temperature per trial (NVML)")
+    parser.add_argument("--db", default=None, help="database file (default: $WORKBENCH_DB or the user cache)")
+    parser.add_argument("--workers", type=int, default=None, help="ahead-of-time compile processes (default: CPUs)")
+    parser.add_argument("--no-compile-ahead", action="store_true", help="compile each config only when it runs")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a trial may take (default 120)")
+    parser.set_defaults(func=run)
+
+
+def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
+    """--shape/--dtype/--activation/--problem, shared with `workbench bench`."""
+    parser.add_argument("kernel", help="kernel name (gemm, activation, conv, ...: see kernels.SPECS)")
+    parser.add_argument("--shape", default=None,
+                        help="comma-separated sizes in the kernel's shape order (gemm: M,N,K; activation: numel)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="element type")
+    parser.add_argument("--activation", default=None, help="fused activation (e.g. gelu, relu; none for identity)")
+    parser.add_argument("--problem", default=None, metavar="JSON", help="further problem entries as a JSON object")
+
+
+def spec_for(name: str):
+    """The KernelSpec registered under `name` in kernels.SPECS (looked up at run time)."""
+    import kernels
+
+    if name not in kernels.SPECS:
+        raise ValueError(f"unknown kernel {name!r}: expected one of {', '.join(sorted(kernels.SPECS))}")
+    return kernels.SPECS[name]
+
+
+def build_problem(spec, shape: str | None, dtype: str | None, activation: str | None,
+                  extra: str | None) -> dict[str, Any]:  # fmt: skip
+    """A problem from the command line: the spec's example problem for the dtype, with the given entries."""
+    examples = [dict(p) for p in spec.example_problems if dtype is None or p.get("dtype") == dtype]
+    if not examples:
+        raise ValueError(f"--dtype {dtype} is not supported by {spec.name}")
+    problem = examples[0]
+    if shape is not None:
+        try:
+            sizes = [int(part) for part in shape.split(",")]
+        except ValueError:
+            raise ValueError(f"--shape must be comma-separated integers, got {shape!r}") from None
+        if len(sizes) != len(spec.shape_keys) or min(sizes) < 1:
+            raise ValueError(f"--shape for {spec.name} needs {len(spec.shape_keys)} positive sizes "
+                             f"({','.join(spec.shape_keys)}), got {shape!r}")  # fmt: skip
+        problem.update(zip(spec.shape_keys, sizes))
+    if activation is not None:
+        if "activation" not in problem:
+            raise ValueError(f"--activation: {spec.name} has no fused activation")
+        problem["activation"] = None if activation.lower() == "none" else activation
+    if extra is not None:
+        try:
+            entries = json.loads(extra)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--problem must be a JSON object: {error}") from None
+        if not isinstance(entries, dict):
+            raise ValueError(f"--problem must be a JSON object, got {extra!r}")
+        problem.update(entries)
+    return problem
+
+
+def _ceiling(problem: dict[str, Any]) -> str:
+    if problem.get("dtype") in ("fp16", "bf16"):
+        return "FP16/BF16 tensor"
+    return "TF32 tensor" if problem.get("tf32") else "FP32"
+
+
+def baseline_time_ms(spec, problem: dict[str, Any]) -> float:
+    """PyTorch's own op for the problem, timed with the same harness (NaN when the spec has none)."""
+    from autotune.timing import measure
+    from kernels import runtime
+
+    if spec.baseline is None:
+        return math.nan
+    inputs = spec.make_inputs(problem, runtime.default_device())
+    return measure(lambda: spec.baseline(inputs)).time_ms
+
+
+def performance_table(trials: pd.DataFrame, problem: dict[str, Any], baseline_ms: float, device: str,
+                      interpreter: bool) -> pd.DataFrame:  # fmt: skip
+    """Aligned-ready columns: config, time (p20-p80), TFLOP/s, GB/s, % of peak (GPU only), speed-up vs PyTorch."""
+    label = "interpreter ms" if interpreter else "time ms"
+    table = pd.DataFrame({
+        "config": [" ".join(f"{k}={v}" for k, v in json.loads(c).items()) for c in trials["config"]],
+        label: [f"{t:.4g} ({lo:.4g}-{hi:.4g})" for t, lo, hi in
+                zip(trials["time_ms"], trials["time_ms_p20"], trials["time_ms_p80"])],
+        "TFLOP/s": trials["tflops"].map(lambda v: f"{v:.3g}"),
+        "GB/s": trials["gbps"].map(lambda v: f"{v:.3g}"),
+    })  # fmt: skip
+    peaks = None if interpreter else peaks_for(device)
+    if peaks is not None:
+        flop_peak = peaks.compute_tflops.get(_ceiling(problem), math.nan)
+        table["% peak FLOP"] = (100 * trials["tflops"] / flop_peak).map(lambda v: f"{v:.1f}")
+        table["% peak BW"] = (100 * trials["gbps"] / peaks.bandwidth_gbps).map(lambda v: f"{v:.1f}")
+    if not math.isnan(baseline_ms):
+        table["vs torch CPU" if interpreter else "vs torch"] = (baseline_ms / trials["time_ms"]).map(lambda v: f"{v:.3g}x")
+    for column in ("compile s", "shared KiB", "regs"):
+        source = {"compile s": "compile_time_s", "shared KiB": "shared_bytes", "regs": "registers"}[column]
+        if source in trials and trials[source].notna().any():
+            scale = 1024 if column == "shared KiB" else 1
+            table[column] = (trials[source] / scale).map(lambda v: "-" if math.isnan(v) else f"{v:.3g}")
+    return table
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    """An aligned text table: text columns left-aligned, no index."""
+    if not len(frame):
+        return "(none)"
+    frame = frame.astype(str)
+    widths = {c: max(len(c), *(len(v) for v in frame[c])) for c in frame.columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in frame.columns)]
+    lines += ["  ".join(v.ljust(widths[c]) for c, v in zip(frame.columns, row)) for row in frame.itertuples(index=False)]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def energy_meter_for(profile: bool):
+    """(meter, sampler) joining profiler.measure_energy to autotune's EnergyMeter protocol; (None, None) without --profile."""
+    if not profile:
+        return None, None
+    import torch
+
+    from kernels import runtime
+    from profiler import NvmlSampler, measure_energy
+
+    sampler = NvmlSampler()
+    if not sampler.available:
+        raise ValueError(f"--profile needs NVML on a GPU: {sampler.reason}")
+    synchronize = torch.cuda.synchronize if runtime.timer_name() == "cuda_events" else (lambda: None)
+
+    def meter(name: str, fn) -> dict[str, float]:
+        result = measure_energy(fn, sampler, name, synchronize=synchronize)
+        return {key: result[key] for key in ("energy_j_per_call", "avg_power_w", "peak_power_w", "start_temp_c",
+                                             "end_temp_c", "mean_sm_clock_mhz", "throttled")}  # fmt: skip
+
+    return meter, sampler
+
+
+def run(args: argparse.Namespace) -> int:
+    from autotune.database import Database
+    from autotune.environment import device_key
+    from autotune.tuner import Distributed, tune
+
+    spec = spec_for(args.kernel)
+    problem = build_problem(spec, args.shape, args.dtype, args.activation, args.problem)
+    if args.objective != "time" and not args.profile:
+        raise ValueError(f"--objective {args.objective} needs --profile")
+    distributed = Distributed.from_environment()
+    lead = distributed is None or distributed.rank == 0
+    database = Database(args.db)
+    meter, sampler = energy_meter_for(args.profile)
+    key = device_key()
+    interpreter = key.capability == ""
+    if lead:
+        where = "the Triton interpreter (CPU): times are interpreter times, not GPU times" if interpreter else key.device
+        print(f"tuning {spec.name} for {json.dumps(problem)} on {where}; database {database.path}")
+    if sampler is not None:
+        sampler.start()
+    try:
+        trials = tune(spec, problem, strategy=args.strategy, budget=args.budget, db=database, objective=args.objective,
+                      seed=args.seed, energy_meter=meter, compile_ahead=False if args.no_compile_ahead else None,
+                      workers=args.workers, timeout_s=args.timeout, progress=lead, distributed=distributed)  # fmt: skip
+    finally:
+        if sampler is not None:
+            sampler.stop()
+    if not lead:
+        return 0
+    print(summary(spec, problem, trials, args.objective, key.device, interpreter))
+    return 0
+
+
+def summary(spec, problem: dict[str, Any], trials: pd.DataFrame, objective: str, device: str,
+            interpreter: bool) -> str:  # fmt: skip
+    """Counts by status, the top configs as an aligned table, and the winner."""
+    counts = trials["status"].value_counts()
+    lines = [f"{len(trials)} trials stored: " + ", ".join(f"{n} {status}" for status, n in counts.items())]
+    ok = trials[trials["status"] == "ok"].copy()
+    if ok.empty:
+        lines.append("no config produced a correct result; the kernel keeps its default config")
+        failures = trials[["config", "status", "reason"]].head(TOP_CONFIGS)
+        return "\n".join(lines + [format_table(failures)])
+    column = {"time": "time_ms", "energy": "energy_j_per_call", "edp": "edp"}[objective]
+    if objective == "edp":
+        ok["edp"] = ok["energy_j_per_call"] * ok["time_ms"] / 1e3
+    top = ok.sort_values(column).head(TOP_CONFIGS)
+    table = performance_table(top, problem, baseline_time_ms(spec, problem), device, interpreter)
+    if objective != "time":
+        table.insert(1, "J/call", top["energy_j_per_call"].map(lambda v: f"{v:.4g}").to_list())
+    title = f"top {len(top)} of {len(ok)} correct configs by {objective}"
+    if interpreter:
+        title += " (interpreter timings on CPU: not GPU performance)"
+    best = json.loads(top["config"].iloc[0])
+    lines += [title, format_table(table), f"best: {best} (stored; kernels.tuned.config_for now returns it)"]
+    return "\n".join(lines)
