@@ -706,9 +706,11 @@ def resnet18_problem(shape: dict[str, Any], batch: int = 32, dtype: str = "fp16"
                         geometry, dtype, layout, activation_name, bias)
 
 
-_EXAMPLE_PROBLEMS = tuple(resnet18_problem(RESNET18_CONV_SHAPES[1], dtype=dtype) for dtype in ("fp32", "fp16", "bf16"))
+# one per dtype; fp32 as a GPU runs it by default (cuDNN's allow_tf32 is on unless a user turns it off)
+_EXAMPLE_PROBLEMS = tuple(resnet18_problem(RESNET18_CONV_SHAPES[1], dtype=dtype) | ({"tf32": True} if dtype == "fp32" else {})
+                          for dtype in ("fp32", "fp16", "bf16"))
 _TILE_PARAMS = {
-    "BLOCK_M": [32, 64, 128, 256],
+    "BLOCK_M": [32, 64, 128],
     "BLOCK_N": [16, 32, 64, 128],
     "BLOCK_K": [16, 32, 64],
     "GROUP_M": [1, 8],
@@ -757,10 +759,11 @@ CONV_DGRAD_SPEC = Spec(
 CONV_WGRAD_SPEC = Spec(
     name="conv_wgrad",
     kernel=conv2d_wgrad_kernel,
-    params={"BLOCK_M": [32, 64, 128], "BLOCK_N": [32, 64, 128], "BLOCK_K": [16, 32, 64], "GROUP_M": [1, 8],
+    params={"BLOCK_M": [32, 64, 128], "BLOCK_N": [16, 32, 64, 128], "BLOCK_K": [16, 32, 64], "GROUP_M": [1, 8],
             "SPLIT_K": [1, 4, 16, 64], "num_warps": [2, 4, 8], "num_stages": [2, 3, 4]},
     constraints=_constraints(_gemm_dims_wgrad, backward=True) + (
-        lambda config, problem: config["SPLIT_K"] * config["BLOCK_K"] <= max(_gemm_dims_wgrad(problem)[2], 16),),
+        # a split of the reduction is worth launching only if each split gets at least one BLOCK_K of positions
+        lambda config, problem: config["SPLIT_K"] == 1 or config["SPLIT_K"] * config["BLOCK_K"] <= _gemm_dims_wgrad(problem)[2],),
     default_config=_default_config(_gemm_dims_wgrad, backward=True, finish=_wgrad_split),
     make_inputs=_make_inputs,
     launch=_launch_wgrad,
