@@ -1,0 +1,102 @@
+"""`workbench bench KERNEL [--shapes ...]`: the kernel (with its tuned config) against PyTorch, on a GPU.
+
+Uses the same timing harness as `workbench tune`. Interpreter timings say nothing about GPU speed,
+so on a machine without a GPU it says so and exits 0. Results go to the database ("baselines").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+
+from workbench.commands.tune import baseline_time_ms, build_problem, format_table, performance_table, spec_for
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="time a kernel (tuned config) against PyTorch's op (needs a GPU)",
+        description="Time KERNEL with its tuned (or default) config and PyTorch's own op for each shape: "
+                    "time, TFLOP/s, GB/s, % of peak and speed-up, stored as a 'bench' run.")  # fmt: skip
+    parser.add_argument("kernel", help="kernel name in kernels.SPECS, or a family prefix (conv: conv_fwd, conv_dgrad, ...)")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
+                        help="comma-separated sizes per problem, e.g. 1024,1024,1024 4096,4096,4096 "
+                             "(default: the kernel's example problems)")  # fmt: skip
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="element type")
+    parser.add_argument("--activation", default=None, help="fused activation (none for identity)")
+    parser.add_argument("--problem", default=None, metavar="JSON", help="further problem entries as a JSON object")
+    parser.add_argument("--db", default=None, help="database file (default: $WORKBENCH_DB or the user cache)")
+    parser.set_defaults(func=run)
+
+
+def specs_named(name: str) -> list:
+    """The spec registered as `name`, or every spec of the family `name_*` (e.g. conv -> conv_fwd, ...)."""
+    import kernels
+
+    family = sorted(key for key in kernels.SPECS if key.startswith(f"{name}_"))
+    return [spec_for(name)] if name in kernels.SPECS or not family else [kernels.SPECS[key] for key in family]
+
+
+def run(args: argparse.Namespace) -> int:
+    from kernels import runtime
+
+    specs = specs_named(args.kernel)
+    work = []
+    for spec in specs:
+        if args.shapes is None:
+            problems = [dict(p) for p in spec.example_problems if args.dtype in (None, p.get("dtype"))]
+        else:
+            problems = [build_problem(spec, shape, args.dtype, args.activation, args.problem) for shape in args.shapes]
+        work.append((spec, problems))
+    if runtime.timer_name() != "cuda_events":
+        count = sum(len(problems) for _, problems in work)
+        print(f"workbench bench needs a GPU: this machine runs Triton kernels in the interpreter, whose timings "
+              f"say nothing about GPU speed. Nothing was measured ({count} problem(s) of "
+              f"{', '.join(spec.name for spec in specs)}).")  # fmt: skip
+        return 0
+    for spec, problems in work:
+        bench(spec, problems, args.db)
+    return 0
+
+
+def bench(spec, problems: list[dict], db: str | None) -> None:
+    """Time `spec` (tuned or default config) and its PyTorch baseline on each problem; print and store."""
+    from autotune.database import Database
+    from autotune.environment import device_key
+    from autotune.pipeline import relative_error
+    from autotune.timing import measure
+    from kernels import runtime, tuned
+
+    device = device_key().device
+    database = Database(db)
+    run_id = database.start_run("bench", spec.name, {"problems": problems})
+    rows, tables = [], []
+    try:
+        for problem in problems:
+            config = tuned.config_for(spec, problem)
+            inputs = spec.make_inputs(problem, runtime.default_device())
+            error = relative_error(spec.launch(inputs, config), spec.reference(inputs))
+            timing = measure(lambda: spec.launch(inputs, config))
+            baseline_ms = baseline_time_ms(spec, problem)
+            seconds = timing.time_ms / 1e3
+            trial = pd.DataFrame({
+                "config": [json.dumps(config)], "time_ms": [timing.time_ms], "time_ms_p20": [timing.time_ms_p20],
+                "time_ms_p80": [timing.time_ms_p80], "tflops": [spec.flops(problem) / seconds / 1e12],
+                "gbps": [spec.bytes(problem) / seconds / 1e9],
+            })  # fmt: skip
+            table = performance_table(trial, problem, baseline_ms, device, interpreter=False)
+            shape = ",".join(str(problem[k]) for k in spec.shape_keys)
+            table.insert(0, "shape", [f"{shape} {problem.get('dtype', '')}"])
+            table["rel err"] = [f"{error:.2g}"]
+            tables.append(table)
+            rows.append({"kernel": spec.name, "problem": json.dumps(problem, sort_keys=True),
+                         "time_ms": timing.time_ms, "baseline_time_ms": baseline_ms,
+                         "ratio": baseline_ms / timing.time_ms})  # fmt: skip
+        database.append("baselines", run_id, pd.DataFrame(rows))
+    except BaseException as error:
+        database.finish_run(run_id, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+        raise
+    database.finish_run(run_id)
+    print(f"{spec.name} on {device} (tuned or default configs; vs torch = PyTorch time / Triton time)")
+    print(format_table(pd.concat(tables, ignore_index=True)))
