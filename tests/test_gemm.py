@@ -133,7 +133,10 @@ def test_space_respects_shared_memory_and_defaults_are_valid():
     too_big = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
     assert shared_bytes_estimate(too_big, fp32) == 4 * (256 * 64 + 64 * 128) * 4
     assert not GEMM_SPEC.is_valid(too_big, fp32)
-    for M, N in [(1, 1), (7, 3000), (5000, 16)]:
-        small = {"M": M, "N": N, "K": 5, "dtype": "fp16", "activation": None, "bias": False}
-        assert GEMM_SPEC.is_valid(GEMM_SPEC.default_config(small), small)
+    for M, N in [(1, 1), (7, 3000), (5000, 16), (4096, 4096)]:
+        for dtype in ("fp32", "fp16"):
+            for backward in (False, True):  # a backward launch also pipelines the pre-activation tile
+                problem = {"M": M, "N": N, "K": 5, "dtype": dtype, "activation": "gelu", "bias": True,
+                           "backward": backward}
+                assert GEMM_SPEC.is_valid(GEMM_SPEC.default_config(problem), problem)
     assert kernels.SPECS["gemm"] is GEMM_SPEC

@@ -1,0 +1,78 @@
+"""Ahead-of-time compilation for sm_80 and sm_90 without a GPU (spawned TRITON_INTERPRET=0 workers).
+
+The full default spaces are checked by `workbench check-compile KERNEL`; here a seeded sample plus
+the extremes of each space (largest tiles, most stages, most warps) keep the test to a handful.
+"""
+
+import json
+import random
+
+import pytest
+
+import kernels
+from kernels.aot import SHARED_LIMIT_BYTES, compile_space, default_space
+from workbench.cli import main
+
+ARCHS = (80, 90)
+
+
+def _sample_and_extremes(spec, problem, size_keys):
+    """Largest tile, most stages, most warps (and, for cheap kernels, a seeded sample), deduplicated."""
+    space = default_space(spec, problem)
+    tile = lambda c: [c[k] for k in size_keys]
+    extremes = [max(space, key=lambda c: (_product(tile(c)), c["num_warps"], c.get("num_stages", 0))),
+                max(space, key=lambda c: (c.get("num_stages", 0), _product(tile(c)))),
+                max(space, key=lambda c: (c["num_warps"], _product(tile(c))))]
+    chosen = extremes if len(size_keys) > 1 else extremes + random.Random(0).sample(space, 1)
+    return [dict(c) for i, c in enumerate(chosen) if c not in chosen[:i]]
+
+
+def _product(values):
+    result = 1
+    for value in values:
+        result *= value
+    return result
+
+
+def _check_ok(frame, expected_rows):
+    assert len(frame) == expected_rows
+    failures = frame[~frame["ok"]]
+    assert failures.empty, failures[["config", "arch", "reason"]].to_string()
+    assert set(frame["arch"]) == set(ARCHS)
+    for arch, shared in zip(frame["arch"], frame["shared_bytes"]):
+        assert 0 <= shared <= SHARED_LIMIT_BYTES[arch]
+    assert (frame["registers"] > 0).all() and (frame["registers"] <= 255).all()
+    assert (frame["compile_time_s"] > 0).all()
+
+
+def test_gemm_sample_and_extremes_compile_for_sm80_and_sm90():
+    spec = kernels.SPECS["gemm"]
+    fp32, fp16 = spec.example_problems[0], spec.example_problems[1]
+    pairs = [(c, fp16) for c in _sample_and_extremes(spec, fp16, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))]
+    pairs.append((random.Random(1).choice(default_space(spec, fp32)), fp32))  # the seeded sample
+    pairs.append((dict(pairs[0][0], GROUP_M=1), fp16))  # same compilation as pairs[0]: compiled once, two rows
+    frame = compile_space(spec, pairs, archs=ARCHS, workers=2, progress=False)
+    _check_ok(frame, 2 * len(pairs))
+    same = frame[frame["problem"].str.contains("fp16")].groupby("arch")["shared_bytes"].max()
+    assert (same > 0).all()  # the pipelined tiles live in shared memory
+
+
+def test_activation_extremes_compile_and_a_broken_config_is_a_recorded_failure():
+    spec = kernels.SPECS["activation"]
+    problem = spec.example_problems[1]
+    pairs = [(c, problem) for c in _sample_and_extremes(spec, problem, ("BLOCK_SIZE",))]
+    broken = {"BLOCK_SIZE": 100, "num_warps": 4}  # not a power of two: tl.arange refuses it
+    frame = compile_space(spec, [*pairs, (broken, problem)], archs=ARCHS, workers=2, progress=False)
+    is_broken = frame["config"] == json.dumps(broken, sort_keys=True)
+    _check_ok(frame[~is_broken], 2 * len(pairs))
+    assert (~frame[is_broken]["ok"]).all() and frame[is_broken]["reason"].str.len().gt(0).all()
+
+
+def test_check_compile_command(capsys):
+    assert main(["check-compile", "activation", "--sample", "1", "--arch", "90", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 compilations of activation for sm_90" in out and "0 failed" in out
+    assert main(["check-compile", "nonexistent"]) == 2
+    assert "unknown kernel" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not registered"):
+        compile_space(kernels.spec.KernelSpec(**{**kernels.SPECS["gemm"].__dict__, "name": "copy"}), [])
