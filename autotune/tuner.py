@@ -55,6 +55,13 @@ class Distributed:
             dist.init_process_group(backend)
         return cls(dist.get_rank(), dist.get_world_size())
 
+    def close(self) -> None:
+        """Leave the process group (call once, at the end of the program's distributed work)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     def broadcast(self, value: Any) -> Any:
         import torch.distributed as dist
 
@@ -109,9 +116,12 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
 
 def _follow(pipeline: Pipeline, distributed: Distributed) -> None:
     """A non-zero rank: evaluate its share of each broadcast batch until rank 0 says stop (None)."""
+    evaluated = 0
     while (batch := distributed.broadcast(None)) is not None:
         mine = [(i, config, report) for i, (config, report) in enumerate(batch) if i % distributed.world_size == distributed.rank]
         distributed.gather([(i, pipeline.evaluate(config, report)) for i, config, report in mine])
+        evaluated += len(mine)
+    log.info("rank %d of %d evaluated %d configs", distributed.rank, distributed.world_size, evaluated)
 
 
 class _Sweep:

@@ -191,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if sampler is not None:
             sampler.stop()
+        if distributed is not None:
+            distributed.close()
     if not lead:
         return 0
     print(summary(spec, problem, trials, args.objective, key.device, interpreter))
