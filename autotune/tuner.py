@@ -84,6 +84,8 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
          distributed: Distributed | None = None, on_trial: Callable[[Trial], None] | None = None) -> pd.DataFrame:  # fmt: skip
     """Tune `spec` for `problem`; returns every stored trial of this kernel/problem/device (a DataFrame).
 
+    `.attrs["run_id"]` of the result is this sweep's run (None if everything was already stored).
+
     strategy/seed: passed to `autotune.strategies.make_strategy`; budget: how many configs the
     strategy may propose in all (stored ones count); objective: 'time', or 'energy' / 'edp' which
     need an `energy_meter`; compile_ahead: compile each batch for the GPU target in a process pool
@@ -170,7 +172,9 @@ class _Sweep:
                     compiler.close()
                 self.database.finish_run(self.run_id, status)
         self._store_best()
-        return self.database.trials(key=self.key)
+        trials = self.database.trials(key=self.key)
+        trials.attrs["run_id"] = self.run_id  # None when nothing was left to evaluate
+        return trials
 
     def _next_batch(self) -> list[Config]:
         """Ask the strategy for up to batch_size configs that still need evaluating; stored ones are told back."""

@@ -1,5 +1,6 @@
 """The evaluation pipeline: correctness check, failures as outcomes, resource limits, watchdog, timing."""
 
+import json
 import math
 import time
 
@@ -92,3 +93,67 @@ def test_relative_error_and_harness_edges():
     with pytest.raises(TypeError, match="fn"):
         measure(3)
     assert Trial(config={}).measures()["timer"] is None
+
+
+# ---------------------------------------------------------------- sweeps of the tiny kernel (autotune.tune)
+from autotune import Database, tune  # noqa: E402
+from autotune.database import TuningKey  # noqa: E402
+from kernels import tuned  # noqa: E402
+
+
+def _block_energy(name, fn):
+    """A stand-in energy meter: bigger blocks cost less energy per call, whatever their time."""
+    fn()
+    block = int(name.split("'BLOCK': ")[1].split(",")[0])
+    return {"energy_j_per_call": 1.0 / block, "avg_power_w": 10.0 * block, "peak_power_w": 20.0 * block,
+            "start_temp_c": 40.0, "end_temp_c": 41.0, "mean_sm_clock_mhz": 1500.0, "throttled": False}  # fmt: skip
+
+
+def test_energy_objective_measures_stored_time_trials_again_and_picks_by_energy():
+    first = tune(SPEC, PROBLEM, strategy="exhaustive", budget=8, progress=False, interpreter_reps=1)
+    assert first["energy_j_per_call"].isna().all()
+    trials = tune(SPEC, PROBLEM, strategy="exhaustive", budget=8, progress=False, interpreter_reps=1,
+                  objective="energy", energy_meter=_block_energy)  # fmt: skip
+    assert len(trials) == 8 and trials["config"].is_unique and trials.attrs["run_id"] == 2
+    ok = trials[trials["status"] == "ok"]
+    assert ok["energy_j_per_call"].tolist() == pytest.approx([1 / 16, 1 / 32, 1 / 64])
+    assert (ok["run_id"] == 2).all() and (trials[trials["status"] != "ok"]["run_id"] == 1).all()
+    assert ok["peak_power_w"].tolist() == [320.0, 640.0, 1280.0] and (ok["throttled"] == 0).all()
+    best = Database().best_configs("tiny_scale").iloc[0]
+    assert json.loads(best["config"])["BLOCK"] == 64 and best["objective"] == "energy"
+    assert tuned.config_for(SPEC, PROBLEM)["BLOCK"] == 64
+    with pytest.raises(ValueError, match="energy meter"):
+        tune(SPEC, PROBLEM, objective="edp", budget=2, progress=False)
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_the_next_sweep_finishes_it():
+    seen = []
+
+    def interrupt_after_two(trial):
+        seen.append(trial)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(SPEC, PROBLEM, strategy="exhaustive", budget=8, progress=False, interpreter_reps=1, on_trial=interrupt_after_two)
+    db = Database()
+    assert db.runs()["status"].tolist() == ["interrupted"] and len(db.trials()) == 2
+    assert db.died_running(TuningKey.of(SPEC, PROBLEM)) == {}
+    trials = tune(SPEC, PROBLEM, strategy="exhaustive", budget=8, progress=False, interpreter_reps=1)
+    assert len(trials) == 8 and trials["config"].is_unique
+    assert db.runs()["status"].tolist() == ["interrupted", "done"]
+
+
+def test_config_whose_process_died_twice_is_recorded_as_timeout_not_run_again():
+    key = TuningKey.of(SPEC, PROBLEM)
+    hang = {"BLOCK": 16, "BROKEN": 0, "HANG": 0}  # runs fine, so only the notes can make it a timeout
+    retry = {"BLOCK": 32, "BROKEN": 0, "HANG": 0}
+    db = Database()
+    for _ in range(2):
+        db.mark_running(key, hang)
+    db.mark_running(key, retry)  # died once: could have been a kill -9, so it runs again
+    trials = tune(SPEC, PROBLEM, strategy="exhaustive", budget=8, progress=False, interpreter_reps=1).set_index("config")
+    assert trials.loc['{"BLOCK":16,"BROKEN":0,"HANG":0}', "status"] == "timeout"
+    assert "died twice" in trials.loc['{"BLOCK":16,"BROKEN":0,"HANG":0}', "reason"]
+    assert trials.loc['{"BLOCK":32,"BROKEN":0,"HANG":0}', "status"] == "ok"
+    assert db.died_running(key) == {}

@@ -166,3 +166,12 @@ def test_bench_says_it_needs_a_gpu_and_its_measuring_path_stores_baselines(capsy
     assert len(stored) == 2 and (stored["time_ms"] > 0).all()
     assert stored["ratio"].tolist() == pytest.approx((stored["baseline_time_ms"] / stored["time_ms"]).tolist())
     assert not any(math.isnan(v) for v in stored["baseline_time_ms"])
+
+
+def test_profile_without_nvml_an_energy_objective_is_refused(capsys):
+    from profiler import NvmlSampler
+
+    if NvmlSampler().available:
+        pytest.skip("NVML is present here: the no-NVML message is for machines without it")
+    assert main(["tune", "gemm", "--objective", "edp", "--profile", "--shape", "4,4,4"]) == 2
+    assert "needs NVML on a GPU" in capsys.readouterr().err

@@ -142,24 +142,31 @@ def format_table(frame: pd.DataFrame) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def energy_meter_for(profile: bool):
-    """(meter, sampler) joining profiler.measure_energy to autotune's EnergyMeter protocol; (None, None) without --profile."""
+def energy_meter_for(profile: bool, objective: str):
+    """(meter, sampler): profiler.measure_energy joined to autotune's EnergyMeter protocol.
+
+    (None, None) without --profile, and also where NVML is absent and the objective is time: then
+    the sweep goes on without energy, saying so. An energy objective without NVML is an error.
+    """
     if not profile:
         return None, None
     import torch
 
+    from autotune.pipeline import ENERGY_FIELDS
     from kernels import runtime
     from profiler import NvmlSampler, measure_energy
 
     sampler = NvmlSampler()
     if not sampler.available:
-        raise ValueError(f"--profile needs NVML on a GPU: {sampler.reason}")
+        if objective != "time":
+            raise ValueError(f"--objective {objective} needs NVML on a GPU: {sampler.reason}")
+        print(f"--profile: no energy measurements ({sampler.reason}); tuning goes on by time")
+        return None, None
     synchronize = torch.cuda.synchronize if runtime.timer_name() == "cuda_events" else (lambda: None)
 
     def meter(name: str, fn) -> dict[str, float]:
         result = measure_energy(fn, sampler, name, synchronize=synchronize)
-        return {key: result[key] for key in ("energy_j_per_call", "avg_power_w", "peak_power_w", "start_temp_c",
-                                             "end_temp_c", "mean_sm_clock_mhz", "throttled")}  # fmt: skip
+        return {key: result[key] for key in ENERGY_FIELDS}
 
     return meter, sampler
 
@@ -176,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     distributed = Distributed.from_environment()
     lead = distributed is None or distributed.rank == 0
     database = Database(args.db)
-    meter, sampler = energy_meter_for(args.profile)
+    meter, sampler = energy_meter_for(args.profile, args.objective)
     key = device_key()
     interpreter = key.capability == ""
     if lead:
@@ -195,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
             distributed.close()
     if not lead:
         return 0
+    if sampler is not None and trials.attrs.get("run_id") is not None:  # the power trace beside the trials
+        database.append("samples", trials.attrs["run_id"], sampler.frame())
+        database.append("windows", trials.attrs["run_id"], sampler.windows())
     print(summary(spec, problem, trials, args.objective, key.device, interpreter))
     return 0
 
