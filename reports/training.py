@@ -98,9 +98,15 @@ def energy_figure(runs: list[TrainingRun]) -> go.Figure | None:
     return style_figure(fig, 360)
 
 
+def op_device(op_times: pd.DataFrame) -> str:
+    """'cuda' when the trace holds GPU kernel times, else 'cpu' (host time; in the interpreter it includes the kernels)."""
+    return "cuda" if (op_times["device"] == "cuda").any() else "cpu"
+
+
 def op_share(op_times: pd.DataFrame) -> pd.DataFrame:
-    """op, self_time_ms, share_pct of the run's total self time, per op (summed over devices)."""
-    totals = op_times.groupby("op", as_index=False)["self_time_ms"].sum()
+    """op, source, self_time_ms and share_pct of the total, on the trace's main device (see `op_device`)."""
+    rows = op_times[op_times["device"] == op_device(op_times)]
+    totals = rows.groupby("op", as_index=False).agg(self_time_ms=("self_time_ms", "sum"), source=("source", "first"))
     total = totals["self_time_ms"].sum()
     totals["share_pct"] = 100 * totals["self_time_ms"] / total if total > 0 else 0.0
     return totals.sort_values("self_time_ms", ascending=False).reset_index(drop=True)
@@ -120,12 +126,19 @@ def op_times_figure(runs: list[TrainingRun], interpreter: bool) -> go.Figure | N
         share = shares[run.run_id].set_index("op").reindex(top_ops)
         fig.add_trace(go.Bar(y=[escape(op) for op in top_ops], x=share["share_pct"], orientation="h",
                              name=escape(run.label), marker_color=colours[run.run_id],
-                             customdata=share["self_time_ms"],
-                             hovertemplate="%{y}: %{x:.1f}% (%{customdata:.4g} ms self time)<extra></extra>"))
-    where = ", interpreter" if interpreter else ""
-    fig.update_layout(title=f"Where the time goes: self time per op (profiled steps{where})", barmode="group",
+                             customdata=share[["self_time_ms", "source"]].to_numpy(),
+                             hovertemplate="%{y} (%{customdata[1]}): %{x:.1f}% "
+                                           "(%{customdata[0]:.4g} ms self time)<extra></extra>"))
+    devices = {op_device(run.op_times) for run in runs}
+    if devices == {"cuda"}:
+        measured = "GPU kernel time"
+    elif interpreter:
+        measured = "CPU time, interpreter: includes the kernels"
+    else:
+        measured = "CPU time" if devices == {"cpu"} else "GPU kernel time where traced on a GPU, else CPU time"
+    fig.update_layout(title=f"Where a step's time goes: self time per op ({measured})", barmode="group",
                       yaxis=dict(autorange="reversed", automargin=True))
-    fig.update_xaxes(title="share of the run's self time (%)", rangemode="tozero")
+    fig.update_xaxes(title="share of the profiled steps' self time (%)", rangemode="tozero")
     return style_figure(fig, max(320, 120 + 22 * len(top_ops) * len(runs)))
 
 

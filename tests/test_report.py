@@ -12,8 +12,9 @@ import pytest
 
 from autotune.database import Database, TuningKey
 from reports import build_sections, write_report
-from reports.html import escape
 from reports.roofline import peaks_for, roofline_figure
+from reports.timeline import throttled_samples, timeline_figure
+from reports.training import op_share
 from reports.tuning import choose_metric, config_heatmap, pareto_front, prepare_trials
 from workbench.cli import main
 
@@ -228,3 +229,26 @@ def test_roofline_on_a_gpu_draws_ceilings_that_bound_by_bandwidth_then_compute()
     interpreter_fig, interpreter_note = roofline_figure(trials, None, interpreter=True)
     assert len(interpreter_fig.data) == 1 and "no GPU bandwidth or compute ceilings" in interpreter_note
     assert "interpreter" in interpreter_fig.layout.title.text
+
+
+def test_timeline_marks_only_power_or_thermal_throttling_and_groups_many_windows():
+    samples = pd.DataFrame({"time_s": np.arange(6.0), "power_w": 100.0, "gpu_temp_c": 60.0, "sm_clock_mhz": 1800.0,
+                            "clock_event_reasons": [0x1, 0x4, 0x20 | 0x1, 0x2, np.nan, 0x10]})
+    assert list(throttled_samples(samples)) == [False, True, True, False, False, False]
+    starts = np.linspace(0, 5, 700)
+    windows = pd.DataFrame({"name": [f"trial {i}" for i in range(700)], "start_s": starts, "end_s": starts + 0.005,
+                            "duration_s": 0.005, "energy_j": np.nan, "throttled": [1.0] + [np.nan] * 699})
+    fig, note = timeline_figure(samples, windows)
+    assert len(fig.layout.shapes) == 234  # 700 windows shaded in groups of 3
+    assert "groups of 3" in note and "1 throttled ones red" in note and "2 samples were" in note
+    throttle_marks = next(trace for trace in fig.data if trace.name == "throttled")
+    assert list(throttle_marks.x) == [1.0, 2.0]
+
+
+def test_op_share_uses_gpu_kernel_time_when_the_trace_has_it():
+    op_times = pd.DataFrame({"op": ["conv", "conv", "relu", "relu"], "calls": 3, "self_time_ms": [9.0, 3.0, 1.0, 1.0],
+                             "total_time_ms": 0.0, "device": ["cpu", "cuda", "cpu", "cuda"], "source": "torch"})
+    share = op_share(op_times)
+    assert list(share["op"]) == ["conv", "relu"]
+    assert list(share["self_time_ms"]) == [3.0, 1.0] and list(share["share_pct"]) == [75.0, 25.0]
+    assert list(op_share(op_times[op_times["device"] == "cpu"])["share_pct"]) == [90.0, 10.0]
