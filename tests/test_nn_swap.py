@@ -10,15 +10,16 @@ from torch import nn
 import kernels.nn as knn
 
 
-def _model() -> nn.Module:
+def _model(device: torch.device = torch.device("cpu")) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Linear(6, 16), nn.GELU(),
         nn.Linear(16, 16), nn.LeakyReLU(0.2),
         nn.Sequential(nn.Linear(16, 12), nn.GELU(approximate="tanh")),
         nn.Linear(12, 12, bias=False), nn.SiLU(),
         nn.Linear(12, 3),
     )
+    return model.to(device)
 
 
 def test_swap_fuses_layers_keeps_state_dict_and_shares_parameters(caplog):
@@ -39,7 +40,7 @@ def test_swap_fuses_layers_keeps_state_dict_and_shares_parameters(caplog):
     assert type(model[0]) is knn.TritonLinear and model[0].activation == "gelu"
 
 
-def test_swap_replaces_lone_activations_and_reports_what_it_left(capsys):
+def test_swap_replaces_lone_activations_and_reports_what_it_left(capsys, device):
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -51,7 +52,7 @@ def test_swap_replaces_lone_activations_and_reports_what_it_left(capsys):
         def forward(self, x):
             return self.gate(self.norm(self.act(x)))
 
-    model = nn.Sequential(nn.ReLU(), Block())
+    model = nn.Sequential(nn.ReLU(), Block()).to(device)
     knn.swap(model, verbose=True)
     assert isinstance(model[0], knn.TritonActivation) and model[0].name == "relu"
     assert isinstance(model[1].act, knn.TritonActivation) and isinstance(model[1].gate, knn.TritonActivation)
@@ -62,7 +63,7 @@ def test_swap_replaces_lone_activations_and_reports_what_it_left(capsys):
     assert "kept" in rows["1.proj"] and "float64 not supported" in rows["1.proj"]
     assert "no Triton kernel" in rows["1.norm"] and "swapped" in rows["1.gate"]
     assert len({line.index("swapped") for line in table if " swapped " in line}) == 1  # aligned columns
-    x = torch.randn(3, 4)
+    x = torch.randn(3, 4, device=device)
     torch.testing.assert_close(model(x), torch.sigmoid(model[1].norm(torch.tanh(torch.relu(x)))))
 
 
@@ -73,12 +74,12 @@ def test_swap_rejects_a_non_container():
         knn.swap(nn.Linear(2, 2))
 
 
-def test_swapped_model_trains_identically_and_optimizer_state_stays_valid():
-    reference, swapped = _model(), _model()
+def test_swapped_model_trains_identically_and_optimizer_state_stays_valid(device):
+    reference, swapped = _model(device), _model(device)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (reference, swapped)]
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(10, 6, generator=generator), torch.randint(0, 3, (10,), generator=generator))
-               for _ in range(5)]
+    batches = [(torch.randn(10, 6, generator=generator).to(device),
+                torch.randint(0, 3, (10,), generator=generator).to(device)) for _ in range(5)]
 
     def step(model, optimizer, x, y):
         optimizer.zero_grad()
@@ -100,12 +101,12 @@ def test_swapped_model_trains_identically_and_optimizer_state_stays_valid():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_triton_linear_is_a_drop_in_linear():
+def test_triton_linear_is_a_drop_in_linear(device):
     torch.manual_seed(2)
-    layer = knn.TritonLinear(5, 3, activation="sigmoid")
-    plain = nn.Linear(5, 3)
+    layer = knn.TritonLinear(5, 3, activation="sigmoid", device=device)
+    plain = nn.Linear(5, 3, device=device)
     plain.load_state_dict(layer.state_dict())
-    x = torch.randn(2, 4, 5)
+    x = torch.randn(2, 4, 5, device=device)
     torch.testing.assert_close(layer(x), torch.sigmoid(plain(x)))
     assert "activation=sigmoid" in repr(layer)
     clone = copy.deepcopy(layer)

@@ -32,8 +32,8 @@ def _clone_leaves(sample):
 
 
 @pytest.mark.parametrize("op", OPINFOS, ids=lambda op: op.name)
-def test_matches_torch_on_opinfo_samples(op):
-    samples = list(op.sample_inputs("cpu", torch.float32, requires_grad=True))
+def test_matches_torch_on_opinfo_samples(op, device):
+    samples = list(op.sample_inputs(device, torch.float32, requires_grad=True))
     assert samples
     for sample in samples:
         x, args, kwargs = _clone_leaves(sample)
@@ -54,39 +54,39 @@ def test_matches_torch_on_opinfo_samples(op):
 
 @pytest.mark.parametrize("activation", [None, "gelu", "leaky_relu"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_gemm_op_passes_opcheck(activation, with_bias):
+def test_gemm_op_passes_opcheck(activation, with_bias, device):
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(5, 3, generator=generator, requires_grad=True)
-    b = torch.randn(3, 4, generator=generator).t().contiguous().t().requires_grad_(True)  # column-major
-    bias = torch.randn(4, generator=generator, requires_grad=True) if with_bias else None
+    a = torch.randn(5, 3, generator=generator).to(device).requires_grad_(True)
+    b = torch.randn(3, 4, generator=generator).t().contiguous().t().to(device).requires_grad_(True)  # column-major
+    bias = torch.randn(4, generator=generator).to(device).requires_grad_(True) if with_bias else None
     torch.library.opcheck(ops._gemm_op, (a, b, bias, activation, 0.2, activation is not None))
 
 
-def test_activation_op_passes_opcheck():
-    x = torch.randn(3, 7, requires_grad=True)
+def test_activation_op_passes_opcheck(device):
+    x = torch.randn(3, 7, device=device, requires_grad=True)
     torch.library.opcheck(ops._activation_op, (x, "gelu_tanh", 0.01))
     torch.library.opcheck(ops._activation_op, (x[:, ::2], "leaky_relu", 0.3))
 
 
-def test_linear_with_fused_activation_and_any_leading_dims():
+def test_linear_with_fused_activation_and_any_leading_dims(device):
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, 5, 6, generator=generator).transpose(1, 2).requires_grad_(True)  # non-contiguous
-    weight = torch.randn(4, 6, generator=generator, requires_grad=True)
-    bias = torch.randn(4, generator=generator, requires_grad=True)
+    x = torch.randn(2, 3, 5, 6, generator=generator).to(device).transpose(1, 2).requires_grad_(True)  # strided
+    weight = torch.randn(4, 6, generator=generator).to(device).requires_grad_(True)
+    bias = torch.randn(4, generator=generator).to(device).requires_grad_(True)
     ours = kernels.linear(x, weight, bias, "gelu", approximate="tanh")
     x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, weight, bias))
     expected = F.gelu(F.linear(x64, w64, b64), approximate="tanh")
     assert ours.shape == (2, 5, 3, 4)
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)
-    grad = torch.randn(ours.shape, generator=generator)
+    grad = torch.randn(ours.shape, generator=generator).to(device)
     for got, want in zip(torch.autograd.grad(ours, (x, weight, bias), grad),
                          torch.autograd.grad(expected, (x64, w64, b64), grad.double())):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_backward_recomputes_pre_activation_when_forward_did_not_keep_it():
-    a = torch.randn(6, 4, requires_grad=True)
-    b = torch.randn(4, 3, requires_grad=True)
+def test_backward_recomputes_pre_activation_when_forward_did_not_keep_it(device):
+    a = torch.randn(6, 4, device=device, requires_grad=True)
+    b = torch.randn(4, 3, device=device, requires_grad=True)
     out = ops._gemm_op(a, b, None, "silu", 0.01, False)[0]  # as if traced with no grad
     out.sum().backward()
     a64, b64 = a.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
@@ -95,51 +95,52 @@ def test_backward_recomputes_pre_activation_when_forward_did_not_keep_it():
     torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_fp16_gemm_and_activation():
-    a = torch.randn(9, 17).half()
-    b = torch.randn(17, 5).half()
+def test_fp16_gemm_and_activation(device):
+    a = torch.randn(9, 17, device=device).half()
+    b = torch.randn(17, 5, device=device).half()
     torch.testing.assert_close(kernels.gemm(a, b, activation="sigmoid"), torch.sigmoid(a.float() @ b.float()).half(),
                                rtol=2e-3, atol=2e-3)
     assert kernels.activation(a, "relu").dtype == torch.float16
 
 
-def test_empty_inputs_give_empty_results_of_the_right_shape():
-    assert kernels.linear(torch.empty(0, 3), torch.randn(4, 3)).shape == (0, 4)
-    assert kernels.gemm(torch.empty(2, 0), torch.empty(0, 6)).shape == (2, 6)
-    assert torch.equal(kernels.gemm(torch.empty(2, 0), torch.empty(0, 6)), torch.zeros(2, 6))
-    assert kernels.activation(torch.empty(1, 0, 3), "silu").shape == (1, 0, 3)
+def test_empty_inputs_give_empty_results_of_the_right_shape(device):
+    empty = lambda *shape: torch.empty(*shape, device=device)
+    assert kernels.linear(empty(0, 3), torch.randn(4, 3, device=device)).shape == (0, 4)
+    assert torch.equal(kernels.gemm(empty(2, 0), empty(0, 6)), torch.zeros(2, 6, device=device))
+    assert kernels.activation(empty(1, 0, 3), "silu").shape == (1, 0, 3)
 
 
-def test_identity_activation_returns_input():
-    x = torch.randn(3)
+def test_identity_activation_returns_input(device):
+    x = torch.randn(3, device=device)
     assert kernels.activation(x, None) is x and kernels.activation(x, "identity") is x
 
 
 @pytest.mark.parametrize("call,error,match", [
-    (lambda: kernels.gemm(torch.randn(2, 3), torch.randn(4, 5)), ValueError, "share K"),
-    (lambda: kernels.gemm(torch.randn(2, 3, 1), torch.randn(3, 5)), ValueError, "a must have 2"),
-    (lambda: kernels.gemm(torch.randn(2, 3), torch.randn(3, 5), bias=torch.randn(4)), ValueError, "bias"),
-    (lambda: kernels.gemm(torch.randn(2, 3), torch.randn(3, 5).half()), TypeError, "b has dtype"),
-    (lambda: kernels.gemm(torch.randn(2, 3).double(), torch.randn(3, 5).double()), TypeError, "a has dtype"),
-    (lambda: kernels.gemm(torch.randn(2, 3), [[1.0]]), TypeError, "b must be a torch.Tensor"),
-    (lambda: kernels.gemm(torch.randn(2, 3), torch.randn(3, 5), activation="swish"), ValueError, "activation"),
-    (lambda: kernels.linear(torch.randn(2, 3), torch.randn(4, 5)), ValueError, "in_features"),
-    (lambda: kernels.linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(3)), ValueError, "bias"),
-    (lambda: kernels.linear(torch.tensor(1.0), torch.randn(4, 1)), ValueError, "x must have at least"),
-    (lambda: kernels.activation(torch.randn(3), "relu", negative_slope=0.2), TypeError, "negative_slope"),
-    (lambda: kernels.activation(torch.randn(3), "gelu", approximate="erf"), ValueError, "approximate"),
-    (lambda: kernels.activation(torch.randn(3), "tanh", alpha=1.0), TypeError, "alpha"),
-    (lambda: kernels.activation(torch.randn(3), "mish"), ValueError, "activation must be"),
+    (lambda t: kernels.gemm(t(2, 3), t(4, 5)), ValueError, "share K"),
+    (lambda t: kernels.gemm(t(2, 3, 1), t(3, 5)), ValueError, "a must have 2"),
+    (lambda t: kernels.gemm(t(2, 3), t(3, 5), bias=t(4)), ValueError, "bias"),
+    (lambda t: kernels.gemm(t(2, 3), t(3, 5).half()), TypeError, "b has dtype"),
+    (lambda t: kernels.gemm(t(2, 3).double(), t(3, 5).double()), TypeError, "a has dtype"),
+    (lambda t: kernels.gemm(t(2, 3), [[1.0]]), TypeError, "b must be a torch.Tensor"),
+    (lambda t: kernels.gemm(t(2, 3), t(3, 5), activation="swish"), ValueError, "activation"),
+    (lambda t: kernels.linear(t(2, 3), t(4, 5)), ValueError, "in_features"),
+    (lambda t: kernels.linear(t(2, 3), t(4, 3), t(3)), ValueError, "bias"),
+    (lambda t: kernels.linear(t(1)[0], t(4, 1)), ValueError, "x must have at least"),
+    (lambda t: kernels.activation(t(3), "relu", negative_slope=0.2), TypeError, "negative_slope"),
+    (lambda t: kernels.activation(t(3), "gelu", approximate="erf"), ValueError, "approximate"),
+    (lambda t: kernels.activation(t(3), "tanh", alpha=1.0), TypeError, "alpha"),
+    (lambda t: kernels.activation(t(3), "mish"), ValueError, "activation must be"),
 ])
-def test_bad_input_raises_naming_the_argument(call, error, match):
+def test_bad_input_raises_naming_the_argument(call, error, match, device):
     with pytest.raises(error, match=match):
-        call()
+        call(lambda *shape: torch.randn(*shape, device=device))
 
 
-def test_tensors_on_the_wrong_device_are_rejected():
+def test_tensors_on_the_wrong_device_are_rejected(device):
     where = "meta"  # a device kernels never run on, on every machine
     with pytest.raises(ValueError, match="bias is on meta"):
-        kernels.gemm(torch.randn(2, 3), torch.randn(3, 5), bias=torch.randn(5, device=where))
+        kernels.gemm(torch.randn(2, 3, device=device), torch.randn(3, 5, device=device),
+                     bias=torch.randn(5, device=where))
 
 
 @pytest.mark.gpu
