@@ -57,9 +57,9 @@ def resolve_activation(activation: str | None, **kwargs: object) -> tuple[str | 
     """
     activation_code(activation)  # raises ValueError naming the choices
     name = None if activation == "identity" else activation
-    slope = kwargs.pop("negative_slope", DEFAULT_NEGATIVE_SLOPE)
-    if "negative_slope" in kwargs or (slope != DEFAULT_NEGATIVE_SLOPE and name != "leaky_relu"):
+    if "negative_slope" in kwargs and name != "leaky_relu":
         raise TypeError(f"negative_slope applies to leaky_relu only, not to {name!r}")
+    slope = kwargs.pop("negative_slope", DEFAULT_NEGATIVE_SLOPE)
     approximate = kwargs.pop("approximate", "none")
     if approximate not in ("none", "tanh") or (approximate == "tanh" and name != "gelu"):
         raise ValueError(f"approximate must be 'none' or 'tanh' (gelu only), got {approximate!r} for {name!r}")
