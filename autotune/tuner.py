@@ -120,10 +120,17 @@ def _follow(pipeline: Pipeline, distributed: Distributed) -> None:
     """A non-zero rank: evaluate its share of each broadcast batch until rank 0 says stop (None)."""
     evaluated = 0
     while (batch := distributed.broadcast(None)) is not None:
-        mine = [(i, config, report) for i, (config, report) in enumerate(batch) if i % distributed.world_size == distributed.rank]
-        distributed.gather([(i, pipeline.evaluate(config, report)) for i, config, report in mine])
-        evaluated += len(mine)
+        share = _evaluate_share(pipeline, batch, distributed)
+        distributed.gather(share)
+        evaluated += len(share)
     log.info("rank %d of %d evaluated %d configs", distributed.rank, distributed.world_size, evaluated)
+
+
+def _evaluate_share(pipeline: Pipeline, batch: list[tuple[Config, dict | None]],
+                    distributed: Distributed) -> list[tuple[int, Trial]]:  # fmt: skip
+    """This rank's part of a batch of (config, compile report): config i goes to rank i mod world size."""
+    return [(i, pipeline.evaluate(config, report)) for i, (config, report) in enumerate(batch)
+            if i % distributed.world_size == distributed.rank]  # fmt: skip
 
 
 class _Sweep:
@@ -205,11 +212,10 @@ class _Sweep:
                 for index, config in enumerate(batch):
                     self._evaluate_here(config, self._report(futures, index), died)
             else:
-                reports = [self._report(futures, index) for index in range(len(batch))]
-                distributed.broadcast(list(zip(batch, reports)))
-                mine = [(i, self.pipeline.evaluate(batch[i], reports[i])) for i in range(0, len(batch), distributed.world_size)]
-                gathered = sorted(pair for share in distributed.gather(mine) for pair in share)
-                for _, trial in gathered:
+                pairs = [(config, self._report(futures, index)) for index, config in enumerate(batch)]
+                distributed.broadcast(pairs)
+                shares = distributed.gather(_evaluate_share(self.pipeline, pairs, distributed))
+                for _, trial in sorted((pair for share in shares for pair in share), key=lambda pair: pair[0]):
                     self._record(trial)
             batch, futures = following, following_futures
 
