@@ -16,8 +16,10 @@ Hangs: each trial runs under a watchdog (`timeout_s`, SIGALRM in the main thread
 anything that returns to Python, which covers the interpreter (a hung kernel there is a Python
 loop) and host-side hangs on a GPU. A GPU kernel that never finishes blocks inside the CUDA
 driver, where no signal is acted on and the CUDA context is lost anyway: the realistic remedy is
-to kill the process; the sweep then resumes from the database, and the config that was running
-is recorded as 'timeout' if it is caught running when a process dies twice (see `tuner`).
+to kill the process and run the sweep again. It resumes from the database: before each trial the
+tuner leaves a note in it, so a config that was running when its process died is run once more
+(the death may have been a plain kill -9), and recorded as 'timeout' if a second process died
+during it too (single-process sweeps; see `tuner`).
 """
 
 from __future__ import annotations
