@@ -8,5 +8,8 @@ from kernels import runtime  # noqa: F401  first: Triton must see TRITON_INTERPR
 from autotune.database import Database, lookup_best
 from autotune.timing import Timing, measure
 from autotune.tuner import tune
+from autotune.space import Space
+from autotune.strategies import make_strategy
+from autotune.replay import replay
 
-__all__ = ["Database", "Timing", "lookup_best", "measure", "tune"]
+__all__ = ["Database", "Space", "Timing", "lookup_best", "make_strategy", "measure", "replay", "tune"]

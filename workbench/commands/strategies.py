@@ -1,0 +1,70 @@
+"""`workbench strategies --landscapes DIR`: compare search strategies on recorded tuning landscapes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+DEFAULT_KERNEL_TUNER_CSV = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_tuner_baseline.csv"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "strategies", help="compare search strategies on recorded landscapes (Kernel Tuner cache files)",
+        description="Replay each strategy on each landscape for every seed and print, per landscape and budget, "
+                    "the mean fraction of the optimum found (optimum / best found; 1.0 = optimum). Kernel Tuner's "
+                    "strategies are shown beside them from benchmarks/kernel_tuner_baseline.csv where it has rows.")  # fmt: skip
+    parser.add_argument("--landscapes", required=True, type=Path, help="directory of *.json / *.json.gz cache files")
+    parser.add_argument("--budgets", default="25,50,100,200", help="comma-separated evaluation budgets")
+    parser.add_argument("--seeds", type=int, default=20, help="seeds per strategy and landscape (default 20)")
+    parser.add_argument("--strategies", default="auto,random", help="comma-separated strategy names (default auto,random)")
+    parser.add_argument("--kernel-tuner-csv", type=Path, default=DEFAULT_KERNEL_TUNER_CSV,
+                        help="Kernel Tuner baseline rows to show alongside ('none' to leave them out)")  # fmt: skip
+    parser.add_argument("--db", default=None, help="database file (default: $WORKBENCH_DB or the user cache)")
+    parser.set_defaults(func=run)
+
+
+def _budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--budgets: expected comma-separated positive ints, got {text!r}") from None
+    if any(b < 1 for b in budgets):
+        raise ValueError(f"--budgets: expected positive ints, got {text!r}")
+    return budgets
+
+
+def run(args: argparse.Namespace) -> int:
+    from autotune.compare import compare, format_table, landscape_files, load_kernel_tuner_results, summarise
+    from autotune.database import Database
+
+    budgets = _budgets(args.budgets)
+    strategies = [name for name in args.strategies.split(",") if name]
+    if args.seeds < 1:
+        raise ValueError(f"--seeds: expected a positive int, got {args.seeds}")
+    files = landscape_files(args.landscapes)
+    database = Database(args.db)
+    run_id = database.start_run("strategies", ",".join(strategies),
+                                meta={"landscapes": [f.name for f in files], "budgets": budgets, "seeds": args.seeds})  # fmt: skip
+    try:
+        results = compare(files, strategies, budgets, args.seeds)
+    except KeyboardInterrupt:
+        database.finish_run(run_id, "interrupted")
+        raise
+    except Exception:
+        database.finish_run(run_id, "failed")
+        raise
+    frames = [results]
+    if str(args.kernel_tuner_csv) != "none" and Path(args.kernel_tuner_csv).is_file():
+        kernel_tuner = load_kernel_tuner_results(args.kernel_tuner_csv)
+        landscapes = set(results["landscape"])
+        frames.append(kernel_tuner[kernel_tuner["landscape"].isin(landscapes) & kernel_tuner["budget"].isin(budgets)])
+    combined = pd.concat(frames, ignore_index=True)
+    database.append("strategy_results", run_id, combined)
+    database.finish_run(run_id, "done")
+    print(format_table(summarise(combined)))
+    print(f"\nfraction = optimum / best found within the budget, mean over seeds; stored as run {run_id} "
+          f"in {database.path} (table strategy_results)")  # fmt: skip
+    return 0
