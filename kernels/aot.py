@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -105,6 +106,15 @@ def compile_config(spec: KernelSpec, problem: Problem, config: Config, arch: int
 # many configs in parallel
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux, end this worker when the parent dies (even by kill -9)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _worker_compile(spec_name: str, problem: Problem, config: Config, arch: int) -> dict:
     import kernels
 
@@ -163,7 +173,7 @@ def compile_space(spec: KernelSpec, configs_and_problems: Iterable[tuple[Config,
     context = multiprocessing.get_context("spawn")
     with _compiling_environment():
         pool = ProcessPoolExecutor(max_workers=max(1, min(workers or os.cpu_count() or 1, len(unique))),
-                                   mp_context=context)
+                                   mp_context=context, initializer=_die_with_parent)
         futures = {pool.submit(_worker_compile, spec.name, problem, config, arch): key
                    for key, (config, problem, arch) in unique.items()}
     try:

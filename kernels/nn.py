@@ -125,6 +125,7 @@ def _fusable_converter(module: nn.Module) -> Callable[[nn.Module, str | None, fl
 def _swap_children(parent: nn.Module, prefix: str, records: list[SwapRecord]) -> None:
     names = list(parent._modules)
     index = 0
+    kept_layer = ""  # path of a layer just left in torch for its dtype: its activation stays with it
     while index < len(names):
         name = names[index]
         child = parent._modules[name]
@@ -148,6 +149,8 @@ def _swap_children(parent: nn.Module, prefix: str, records: list[SwapRecord]) ->
             else:
                 setattr(parent, name, converter(child, None, DEFAULT_NEGATIVE_SLOPE))
                 records.append(SwapRecord(path, type(child).__name__, "swapped", "no activation to fuse"))
+        elif act is not None and kept_layer:
+            records.append(SwapRecord(path, type(child).__name__, "kept", f"follows {kept_layer}, left in torch"))
         elif act is not None:
             setattr(parent, name, TritonActivation(*act))
             records.append(SwapRecord(path, type(child).__name__, "swapped", act[0]))
@@ -155,6 +158,7 @@ def _swap_children(parent: nn.Module, prefix: str, records: list[SwapRecord]) ->
             _swap_children(child, f"{path}.", records)
         elif not isinstance(child, ALREADY_SWAPPED + (nn.Identity,)):
             records.append(SwapRecord(path, type(child).__name__, "kept", reason or "no Triton kernel for this module"))
+        kept_layer = path if converter is not None and reason is not None else ""
 
 
 def swap(model: nn.Module, verbose: bool = False) -> nn.Module:

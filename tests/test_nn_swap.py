@@ -46,6 +46,7 @@ def test_swap_replaces_lone_activations_and_reports_what_it_left(capsys, device)
             super().__init__()
             self.act = nn.Tanh()
             self.proj = nn.Linear(4, 4).double()  # float64: no kernel for it
+            self.proj_act = nn.ReLU()  # sees float64 after proj: stays in torch with it
             self.norm = nn.LayerNorm(4)
             self.gate = nn.Sigmoid()
 
@@ -61,6 +62,7 @@ def test_swap_replaces_lone_activations_and_reports_what_it_left(capsys, device)
     assert table[0].split() == ["module", "path", "type", "action", "detail"]
     rows = {line.split()[0]: line for line in table[2:]}
     assert "kept" in rows["1.proj"] and "float64 not supported" in rows["1.proj"]
+    assert type(model[1].proj_act) is nn.ReLU and "follows 1.proj" in rows["1.proj_act"]
     assert "no Triton kernel" in rows["1.norm"] and "swapped" in rows["1.gate"]
     assert len({line.index("swapped") for line in table if " swapped " in line}) == 1  # aligned columns
     x = torch.randn(3, 4, device=device)
