@@ -34,7 +34,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e5 else f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 1e3 else f"{value:,.0f}"
     return str(value)
 
 

@@ -100,6 +100,8 @@ def _cell(group: pd.DataFrame, metric: Metric, cell_label: str) -> tuple[float, 
         text = (f"{escape(cell_label)}<br><b>{value:.3g} {escape(metric.label)}</b><br>"
                 f"best: {escape(best['config_label'])}<br>{counts}")
         return value, math.nan, text
+    if failed.empty:
+        return math.nan, math.nan, f"{escape(cell_label)}<br>no {escape(metric.label)} measured ({counts})"
     reasons = (failed["status"] + ": " + failed["reason"]).drop_duplicates().head(3)
     text = f"{escape(cell_label)}<br><b>all failed</b> ({counts})<br>" + "<br>".join(
         escape(reason[:120]) for reason in reasons)
