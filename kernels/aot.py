@@ -77,7 +77,8 @@ def compile_config(spec: KernelSpec, problem: Problem, config: Config, arch: int
 
     if runtime.INTERPRETER:
         row = compile_space(spec, [(config, problem)], archs=(arch,), workers=1, progress=False).iloc[0]
-        return CompileResult(**{name: row[name] for name in CompileResult.__dataclass_fields__})
+        numbers = {name: float(row[name]) for name in ("shared_bytes", "registers", "spills", "compile_time_s")}
+        return CompileResult(bool(row["ok"]), str(row["reason"]), **numbers)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
