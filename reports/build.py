@@ -246,5 +246,5 @@ def write_report(db: Database, run_ids: Sequence[int] | None, path: str | Path) 
     path = Path(path)
     sections, banner = build_sections(db, run_ids)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_page(TITLE, sections, banner), encoding="utf-8")
+    path.write_text(render_page(TITLE, sections, banner, source=str(db.path)), encoding="utf-8")
     return path

@@ -155,9 +155,12 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 """
 
 
-def render_page(title: str, sections: list[Section], banner: str = "", generated_at: datetime | None = None) -> str:
+def render_page(title: str, sections: list[Section], banner: str = "", source: str = "",
+                generated_at: datetime | None = None) -> str:  # fmt: skip
     """The complete HTML document: plotly.js once, a table of contents, then the sections."""
     generated = (generated_at or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M UTC")
+    if source:
+        generated += f" from {source}"
     figure_count = sum(section.figure_count for section in sections)
     banner_html = f'<p class="banner">{escape(banner)}</p>' if banner else ""
     toc = f'<nav class="toc"><strong>Contents</strong>{_toc(sections)}</nav>' if sections else ""
