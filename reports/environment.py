@@ -41,7 +41,7 @@ def device_label(environment: dict[str, Any] | None) -> str:
 
 def interpreter_banner(runs: pd.DataFrame) -> str:
     """A plain-words warning for the top of the page when some or all runs had no GPU; '' otherwise."""
-    flags = [is_interpreter(environment if isinstance(environment, dict) else {}) for environment in runs["environment"]]
+    flags = [is_interpreter(env if isinstance(env, dict) else {}) for env in runs["environment"]]
     if flags and all(flags):
         return ("No GPU: every measurement in this report was taken in Triton's interpreter on the CPU. "
                 "Interpreter timings show relative behaviour only, never GPU speed.")

@@ -50,18 +50,25 @@ def _binned(samples: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return samples.groupby(bins).agg(how).dropna(subset=["time_s"])
 
 
+def _throttled_windows(windows: pd.DataFrame) -> pd.Series:
+    """True for windows the profiler flagged as throttled (unknown counts as not)."""
+    if "throttled" not in windows:
+        return pd.Series(False, index=windows.index)
+    return pd.to_numeric(windows["throttled"], errors="coerce").fillna(0) > 0
+
+
 def _window_groups(windows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Windows to shade (consecutive ones merged when there are too many) and the group size."""
     size = max(1, int(np.ceil(len(windows) / MAX_SHADED_WINDOWS)))
-    ordered = windows.sort_values("start_s").reset_index(drop=True)
-    throttled = ordered["throttled"].fillna(0).astype(float) > 0 if "throttled" in ordered else False
-    ordered = ordered.assign(throttled_flag=throttled, group=np.arange(len(ordered)) // size)
+    ordered = windows.assign(throttled_flag=_throttled_windows(windows)).sort_values("start_s").reset_index(drop=True)
+    ordered = ordered.assign(group=np.arange(len(ordered)) // size)
     grouped = ordered.groupby("group").agg(start_s=("start_s", "min"), end_s=("end_s", "max"),
                                            throttled_flag=("throttled_flag", "any"))
     return grouped, size
 
 
-def timeline_figure(samples: pd.DataFrame, windows: pd.DataFrame, window_kind: str = "trial") -> tuple[go.Figure, str] | None:
+def timeline_figure(samples: pd.DataFrame, windows: pd.DataFrame,
+                    window_kind: str = "trial") -> tuple[go.Figure, str] | None:  # fmt: skip
     """The run's trace, one row per measured quantity; None when no quantity was sampled."""
     if samples.empty or "time_s" not in samples:
         return None
@@ -105,7 +112,7 @@ def timeline_figure(samples: pd.DataFrame, windows: pd.DataFrame, window_kind: s
                                    marker=dict(size=5, color="rgba(70,130,180,0.6)", symbol="triangle-down"),
                                    text=hover, hovertemplate="%{text}<extra></extra>"), row=1, col=1)
         shading = f"{window_kind} windows shaded blue" + (f" in groups of {size}" if size > 1 else "")
-        throttled_windows = int((windows["throttled"].fillna(0).astype(float) > 0).sum()) if "throttled" in windows else 0
+        throttled_windows = int(_throttled_windows(windows).sum())
         if throttled_windows:
             shading += f", {throttled_windows} throttled ones red"
         notes.insert(0, shading + " (hover the triangles for each window)")

@@ -99,7 +99,7 @@ def energy_figure(runs: list[TrainingRun]) -> go.Figure | None:
 
 
 def op_device(op_times: pd.DataFrame) -> str:
-    """'cuda' when the trace holds GPU kernel times, else 'cpu' (host time; in the interpreter it includes the kernels)."""
+    """'cuda' when the trace holds GPU kernel times, else 'cpu' (host time; the interpreter's includes the kernels)."""
     return "cuda" if (op_times["device"] == "cuda").any() else "cpu"
 
 

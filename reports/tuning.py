@@ -15,7 +15,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from reports.html import escape, style_figure
-from reports.labels import BYTE_RATE_UNITS, FLOP_RATE_UNITS, parameters_label, parse_json_object, problem_label, rate_unit
+from reports.labels import (BYTE_RATE_UNITS, FLOP_RATE_UNITS, parameters_label, parse_json_object, problem_label,
+                            rate_unit)
 
 FAILED_GREY = "#c4c8cd"
 MAX_FACET_COLUMNS = 6

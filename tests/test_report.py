@@ -81,7 +81,8 @@ def populate(db: Database) -> dict[str, int]:
         steps = np.arange(40)
         db.append("train_steps", run_id, pd.DataFrame({
             "epoch": steps // 20, "step": steps % 20, "loss": 2.3 * np.exp(-steps / 15) + rng.uniform(0, 0.1, 40),
-            "accuracy": 1 - np.exp(-steps / 12), "step_time_ms": rng.uniform(40, 60, 40) * (1.3 if kernels == "torch" else 1),
+            "accuracy": 1 - np.exp(-steps / 12),
+            "step_time_ms": rng.uniform(40, 60, 40) * (1.3 if kernels == "torch" else 1),
             "images_per_s": rng.uniform(900, 1100, 40), "kernels": kernels, "energy_j": np.nan}))
         db.append("train_epochs", run_id, pd.DataFrame({
             "epoch": [0, 1], "train_loss": [1.2, 0.5], "eval_loss": [1.0, 0.6], "eval_accuracy": [0.7, 0.85],
