@@ -54,7 +54,7 @@ def _throttled_windows(windows: pd.DataFrame) -> pd.Series:
     """True for windows the profiler flagged as throttled (unknown counts as not)."""
     if "throttled" not in windows:
         return pd.Series(False, index=windows.index)
-    return pd.to_numeric(windows["throttled"], errors="coerce").fillna(0) > 0
+    return windows["throttled"].map(lambda value: not pd.isna(value) and bool(value)).astype(bool)
 
 
 def _window_groups(windows: pd.DataFrame) -> tuple[pd.DataFrame, int]:

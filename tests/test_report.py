@@ -238,7 +238,8 @@ def test_timeline_marks_only_power_or_thermal_throttling_and_groups_many_windows
     assert list(throttled_samples(samples)) == [False, True, True, False, False, False]
     starts = np.linspace(0, 5, 700)
     windows = pd.DataFrame({"name": [f"trial {i}" for i in range(700)], "start_s": starts, "end_s": starts + 0.005,
-                            "duration_s": 0.005, "energy_j": np.nan, "throttled": [1.0] + [np.nan] * 699})
+                            "duration_s": 0.005, "energy_j": np.nan,
+                            "throttled": pd.array([True] + [None] * 699, dtype="boolean")})  # as the sampler gives
     fig, note = timeline_figure(samples, windows)
     assert len(fig.layout.shapes) == 234  # 700 windows shaded in groups of 3
     assert "groups of 3" in note and "1 throttled ones red" in note and "2 samples were" in note
