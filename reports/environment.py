@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports.html import Section
+from reports.html import Section, format_value
 
 # (label shown, key in runs.environment, unit suffix)
 FIELDS: tuple[tuple[str, str, str], ...] = (
@@ -74,7 +74,7 @@ def environment_section(runs: pd.DataFrame) -> Section | None:
         if key == "gpu":
             values = [device_label(environment) for environment in environments]
         if any(_present(value) for value in values):
-            rows[label] = [f"{value}{unit}" if _present(value) else "unknown" for value in values]
+            rows[label] = [f"{format_value(value)}{unit}" if _present(value) else "unknown" for value in values]
     names = ["value"] if len(environments) == 1 else [f"environment {i + 1}" for i in range(len(environments))]
     table = pd.DataFrame({"": list(rows), **{name: [rows[label][i] for label in rows] for i, name in enumerate(names)}})
     section.add_table(table)

@@ -61,8 +61,8 @@ def prepare_trials(trials: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     for config in configs:
         params.extend(key for key in config if key not in params)
     frame = trials.reset_index(drop=True).copy()
-    for param in params:
-        frame[param] = [config.get(param) for config in configs]
+    for param in params:  # object columns: integers stay integers where other kernels lack the parameter
+        frame[param] = pd.Series([config.get(param) for config in configs], dtype=object)
     frame["config_label"] = [parameters_label(config) for config in configs]
     frame["problem_label"] = frame["problem"].map(problem_label)
     frame["reason"] = frame["reason"].fillna("").astype(str)
@@ -211,7 +211,7 @@ def best_so_far_figure(frame: pd.DataFrame, metric: Metric) -> go.Figure | None:
     failed = len(ordered) - len(ok)
     fig.update_layout(title=f"Best so far over {len(ordered)} evaluations"
                       + (f" ({failed} failed, not shown)" if failed else ""))
-    fig.update_xaxes(title="evaluation")
+    fig.update_xaxes(title="evaluation", dtick=1 if len(ordered) <= 10 else None)
     fig.update_yaxes(title=escape(metric.label))
     return style_figure(fig, 360)
 
@@ -243,12 +243,13 @@ def energy_figure(frame: pd.DataFrame) -> go.Figure | None:
     fig.add_trace(go.Scatter(x=ok.loc[front, "time_ms"], y=energy[front], mode="lines+markers", name="Pareto front",
                              text=labels[front], line=dict(color="#d1495b", shape="hv"), hovertemplate=hover))
     edp = ok["time_ms"] * ok["energy_j_per_call"]
-    marks = (("fastest", ok["time_ms"].idxmin(), "star"), ("least energy", ok["energy_j_per_call"].idxmin(), "diamond"),
-             ("least EDP", edp.idxmin(), "square"))
-    for name, index, symbol in marks:
+    # Decreasing sizes, so a config that is several of these at once shows every mark.
+    marks = (("fastest", ok["time_ms"].idxmin(), "star", 22),
+             ("least energy", ok["energy_j_per_call"].idxmin(), "diamond", 16), ("least EDP", edp.idxmin(), "square", 10))
+    for name, index, symbol, size in marks:
         fig.add_trace(go.Scatter(x=[ok.at[index, "time_ms"]], y=[energy[index]], mode="markers", name=name,
                                  text=[labels[index]], hovertemplate=hover,
-                                 marker=dict(symbol=symbol, size=15, line=dict(width=1.5, color="#222"))))
+                                 marker=dict(symbol=symbol, size=size, line=dict(width=1.5, color="#222"))))
     fig.update_layout(title="Time against energy per call")
     fig.update_xaxes(title="time per call (ms)")
     fig.update_yaxes(title=f"energy per call ({unit})")
