@@ -15,7 +15,8 @@ from reports import build_sections, write_report
 from reports.roofline import peaks_for, roofline_figure
 from reports.timeline import throttled_samples, timeline_figure
 from reports.training import op_share
-from reports.tuning import choose_metric, config_heatmap, pareto_front, prepare_trials
+from reports.tuning import (best_so_far_figure, choose_metric, config_heatmap, energy_figure, pareto_front,
+                            prepare_trials)
 from workbench.cli import main
 
 HOSTILE = "<script>alert(1)</script>"
@@ -254,3 +255,22 @@ def test_op_share_uses_gpu_kernel_time_when_the_trace_has_it():
     assert list(share["op"]) == ["conv", "relu"]
     assert list(share["self_time_ms"]) == [3.0, 1.0] and list(share["share_pct"]) == [75.0, 25.0]
     assert list(op_share(op_times[op_times["device"] == "cpu"])["share_pct"]) == [90.0, 10.0]
+
+
+def test_energy_figure_marks_fastest_least_energy_and_least_edp_and_best_so_far_is_monotone(populated):
+    db, ids = populated
+    frame, _ = prepare_trials(db.trials(ids["tune"]))
+    fig = energy_figure(frame)
+    traces = {trace.name: trace for trace in fig.data}
+    ok = frame[frame["status"] == "ok"]
+    fastest = ok.loc[ok["time_ms"].idxmin()]
+    frugal = ok.loc[ok["energy_j_per_call"].idxmin()]
+    balanced = ok.loc[(ok["time_ms"] * ok["energy_j_per_call"]).idxmin()]
+    assert traces["fastest"].x[0] == fastest["time_ms"]
+    assert traces["least energy"].y[0] == pytest.approx(frugal["energy_j_per_call"] * 1e3)  # shown in mJ
+    assert traces["least EDP"].text[0] == balanced["config_label"]
+    front_x = list(traces["Pareto front"].x)
+    assert front_x[0] == fastest["time_ms"] and front_x[-1] == frugal["time_ms"]
+
+    best = best_so_far_figure(frame, choose_metric(frame)).data[1]
+    assert list(best.y) == sorted(best.y) and max(best.y) == pytest.approx(ok["tflops"].max() * 1e3)  # GFLOP/s
