@@ -54,7 +54,7 @@ def choose_metric(trials: pd.DataFrame) -> Metric:
 def prepare_trials(trials: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """`trials` with one column per tunable parameter, config_label and problem_label added.
 
-    Returns the frame and the parameter names in the order the kernel declares them.
+    Returns the frame and the parameter names in stored order (the database sorts config keys by name).
     """
     configs = [parse_json_object(config) for config in trials["config"]]
     params: list[str] = []
