@@ -1,0 +1,312 @@
+"""kernels.conv2d against PyTorch in float64: forward and every gradient, PyTorch's own OpInfo samples,
+odd shapes, layouts, groups, strides, every fused activation; the op's registration; the module swap;
+the three KernelSpecs. Shapes stay tiny: the kernels run in Triton's interpreter here."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels import conv, ops
+from kernels.activation import NAMES, torch_activation
+from kernels.nn import TritonConv2d, swap
+
+FP32_TOLERANCE = 1e-4  # relative to the largest reference magnitude
+FP16_TOLERANCE = 2e-2
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(expected.abs().max().item(), 1.0)
+    error = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    assert error <= tolerance * scale, f"{what}: max error {error:.3g} > {tolerance} * {scale:.3g}"
+
+
+def _check_against_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tolerance: float = FP32_TOLERANCE,
+                         activation: str | None = None, **conv_args) -> torch.Tensor:
+    """Forward and gradients (x, weight, bias) of kernels.conv2d vs F.conv2d + activation in float64."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
+    references = [t.detach().double().requires_grad_(True) for t in leaves]
+    with_bias = bias is not None
+    out = kernels.conv2d(leaves[0], leaves[1], leaves[2] if with_bias else None, activation=activation, **conv_args)
+    expected = torch_activation(
+        F.conv2d(references[0], references[1], references[2] if with_bias else None, **conv_args), activation)
+    _assert_close(out, expected, tolerance, "output")
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    expected_grads = torch.autograd.grad(expected, references, grad_out)
+    for name, grad, expected_grad in zip(("grad_input", "grad_weight", "grad_bias"), grads, expected_grads):
+        _assert_close(grad, expected_grad, tolerance, name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's own samples for conv2d
+
+
+def _opinfo_samples() -> list:
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    (op,) = [op for op in op_db if op.name == "nn.functional.conv2d"]
+    return list(op.sample_inputs("cpu", torch.float32, requires_grad=True))
+
+
+def test_matches_pytorch_on_every_opinfo_sample():
+    samples = _opinfo_samples()
+    assert len(samples) >= 20  # the list PyTorch's test suite iterates (30 in torch 2.13)
+    for sample in samples:
+        weight, bias = sample.args[0], sample.args[1] if len(sample.args) > 1 else None
+        _check_against_torch(sample.input, weight, bias, **sample.kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# semantics beyond the samples
+
+
+CASES = {
+    # name: (x shape, weight shape, conv args)
+    "odd_sizes_primes": ((2, 3, 7, 5), (5, 3, 3, 2), {"padding": (1, 0)}),
+    "one_by_one": ((1, 5, 3, 3), (2, 5, 1, 1), {}),
+    "single_pixel_output": ((1, 2, 3, 3), (3, 2, 3, 3), {}),
+    "stride_2_dgrad": ((2, 3, 7, 7), (4, 3, 3, 3), {"stride": 2, "padding": 1}),
+    "stride_3_uneven": ((1, 2, 7, 6), (3, 2, 2, 3), {"stride": (3, 2), "padding": (1, 2)}),
+    "stride_larger_than_kernel": ((1, 2, 7, 7), (2, 2, 1, 1), {"stride": 3}),
+    "dilation": ((1, 3, 7, 7), (2, 3, 3, 3), {"dilation": (2, 3), "padding": 2}),
+    "same_even_kernel": ((1, 2, 6, 5), (3, 2, 4, 2), {"padding": "same", "dilation": (1, 3)}),
+    "valid": ((1, 2, 5, 6), (2, 2, 3, 3), {"padding": "valid"}),
+    "groups": ((2, 4, 5, 5), (6, 2, 3, 3), {"groups": 2, "padding": 1}),
+    "depthwise": ((2, 5, 5, 5), (5, 1, 3, 3), {"groups": 5, "padding": 1, "stride": 2}),
+    "depthwise_multiplier": ((1, 3, 5, 4), (6, 1, 3, 3), {"groups": 3}),
+    "channels_above_16": ((1, 17, 4, 3), (18, 17, 1, 2), {"padding": (0, 1)}),
+}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_pytorch(case, layout):
+    x_shape, w_shape, conv_args = CASES[case]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=generator)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(w_shape, generator=generator)
+    bias = torch.randn(w_shape[0], generator=generator)
+    out = _check_against_torch(x, weight, bias, **conv_args)
+    if layout == "channels_last" and out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
+@pytest.mark.parametrize("activation", NAMES)
+def test_every_activation_fused_with_its_derivative(activation):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 5, 4, generator=generator)
+    weight = torch.randn(4, 3, 3, 3, generator=generator) * 0.5
+    bias = torch.randn(4, generator=generator)
+    _check_against_torch(x, weight, bias, activation=activation, stride=2, padding=1)
+
+
+def test_leaky_relu_slope_and_gelu_tanh_spelling():
+    generator = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(1, 2, 4, 4, generator=generator), torch.randn(3, 2, 3, 3, generator=generator)
+    slope = kernels.conv2d(x, weight, activation="leaky_relu", negative_slope=0.3)
+    _assert_close(slope, F.leaky_relu(F.conv2d(x.double(), weight.double()), 0.3), FP32_TOLERANCE, "leaky 0.3")
+    tanh = kernels.conv2d(x, weight, activation="gelu", approximate="tanh")
+    _assert_close(tanh, F.gelu(F.conv2d(x.double(), weight.double()), approximate="tanh"), FP32_TOLERANCE, "gelu")
+
+
+def test_no_bias_unbatched_and_fp16():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, 5, generator=generator)
+    weight = torch.randn(4, 3, 3, 3, generator=generator)
+    assert _check_against_torch(x, weight, None, padding=1).shape == (4, 6, 5)
+    half = [t.half() for t in (torch.randn(2, 3, 5, 5, generator=generator), weight * 0.3, torch.randn(4))]
+    out = _check_against_torch(*half, tolerance=FP16_TOLERANCE, activation="silu", padding=1)
+    assert out.dtype == torch.float16
+
+
+def test_multiple_tiles_split_k_and_channel_tails():
+    """Small explicit configs: several M/N tiles with GROUP_M ordering, channels 17 and 18 crossing
+    BLOCK_K = 16, wgrad split three ways, strided dgrad; channels_last x and weight."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 17, 6, 5, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(18, 17, 3, 2, generator=generator).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(18, generator=generator)
+    geometry = conv.make_geometry((3, 2), stride=(2, 1), padding=(1, 1))
+    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 2, "num_stages": 2}
+    y, pre = conv.conv2d_forward(x, weight, bias, geometry, "gelu", keep_pre=True, config=config)
+    reference = F.conv2d(x.double(), weight.double(), bias.double(), (2, 1), (1, 1))
+    _assert_close(pre, reference, FP32_TOLERANCE, "pre-activation")
+    _assert_close(y, F.gelu(reference), FP32_TOLERANCE, "output")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+    x64, w64, b64 = (t.double().requires_grad_(True) for t in (x, weight, bias))
+    out64 = F.gelu(F.conv2d(x64, w64, b64, (2, 1), (1, 1)))
+    grad_out = torch.randn(out64.shape, generator=generator, dtype=torch.float64)
+    expected = torch.autograd.grad(out64, (x64, w64, b64), grad_out)
+    grad_x = conv.conv2d_input_grad(grad_out.float(), pre, weight, x, geometry, "gelu", config=config)
+    grad_w, grad_b = conv.conv2d_weight_grad(grad_out.float(), pre, x, weight, geometry, "gelu",
+                                             config=config | {"SPLIT_K": 3})
+    for name, actual, wanted in zip(("grad_input", "grad_weight", "grad_bias"), (grad_x, grad_w, grad_b), expected):
+        _assert_close(actual, wanted, FP32_TOLERANCE, name)
+    assert grad_x.stride() == x.stride() and grad_w.stride() == weight.stride()
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"x": torch.randn(2, 3, 4)[0]}, ValueError, "x must have 3 or 4"),
+    ({"weight": torch.randn(4, 3, 3)}, ValueError, "weight must have 4"),
+    ({"groups": 2}, ValueError, "channels"),
+    ({"weight": torch.randn(3, 1, 3, 3), "groups": 2, "x": torch.randn(1, 2, 5, 5)}, ValueError, "divisible by groups"),
+    ({"groups": 0}, ValueError, "groups"),
+    ({"weight": torch.randn(4, 3, 3, 3, dtype=torch.float64)}, TypeError, "weight"),
+    ({"weight": torch.randn(4, 3, 3, 3).half()}, TypeError, "weight has dtype"),
+    ({"bias": torch.randn(4, device="meta")}, ValueError, "bias is on meta"),
+    ({"bias": torch.randn(5)}, ValueError, "bias must have C_out"),
+    ({"activation": "swish"}, ValueError, "activation"),
+    ({"padding": "same", "stride": 2}, ValueError, "padding='same'"),
+    ({"padding": "full"}, ValueError, "padding"),
+    ({"stride": (1, 0)}, ValueError, "stride"),
+    ({"dilation": 1.5}, TypeError, "dilation"),
+    ({"x": torch.randn(1, 3, 2, 2)}, ValueError, "too small"),
+])
+def test_bad_arguments_name_the_argument(kwargs, error, words):
+    arguments = {"x": torch.randn(1, 3, 5, 5), "weight": torch.randn(4, 3, 3, 3), "bias": None} | kwargs
+    with pytest.raises(error, match=words):
+        kernels.conv2d(**arguments)
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom op
+
+
+@pytest.mark.parametrize("activation, keep_pre, channels_last", [(None, False, False), ("relu", True, True)])
+def test_opcheck(activation, keep_pre, channels_last):
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 3, 5, 4, generator=generator, requires_grad=True)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weight = torch.randn(4, 3, 3, 2, generator=generator, requires_grad=True)
+    bias = torch.randn(4, generator=generator, requires_grad=True)
+    torch.library.opcheck(torch.ops.workbench.conv2d.default,
+                          (x, weight, bias, [2, 1], [1, 0, 1, 1], [1, 1], 1, activation, 0.01, keep_pre))
+
+
+def test_gradient_without_kept_preactivation_recomputes_it():
+    """A forward run under no_grad-free autograd with keep_pre=False must still give the right gradients."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 2, 4, 4, generator=generator, requires_grad=True)
+    weight = torch.randn(3, 2, 3, 3, generator=generator, requires_grad=True)
+    y = torch.ops.workbench.conv2d(x, weight, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "tanh", 0.01, False)[0]
+    (grad_x,) = torch.autograd.grad(y.sum(), x)
+    x64 = x.detach().double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(torch.tanh(F.conv2d(x64, weight.double(), padding=1)).sum(), x64)
+    _assert_close(grad_x, expected, FP32_TOLERANCE, "grad_input")
+
+
+# ---------------------------------------------------------------------------------------------
+# modules and swap
+
+
+def test_triton_conv2d_has_conv2d_state_dict_keys():
+    reference = nn.Conv2d(3, 4, 3, stride=2, padding="valid", bias=True)
+    module = TritonConv2d(3, 4, 3, stride=2, padding="valid", activation="relu")
+    assert module.state_dict().keys() == reference.state_dict().keys()
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 7, 7)
+    _assert_close(module(x), F.relu(reference(x)).double(), FP32_TOLERANCE, "module output")
+
+
+def test_swap_keeps_outputs_and_gradients_and_reports_unsupported_padding_mode():
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=4, stride=2), nn.SiLU(),
+        nn.Conv2d(4, 2, 1, padding_mode="reflect"),
+        nn.Flatten(), nn.Linear(2 * 2 * 2, 3),
+    )
+    original = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
+    swap(model)
+    assert isinstance(model[0], TritonConv2d) and model[0].activation == "relu" and isinstance(model[1], nn.Identity)
+    assert isinstance(model[2], TritonConv2d) and model[2].activation == "silu"
+    assert type(model[4]) is nn.Conv2d  # padding_mode 'reflect' is left alone
+    assert all(torch.equal(a, b) for a, b in zip(original, model.parameters()))
+    out = model(x)
+    _assert_close(out, expected.double(), FP32_TOLERANCE, "swapped output")
+    for grad, wanted in zip(torch.autograd.grad(out.square().sum(), list(model.parameters())), expected_grads):
+        _assert_close(grad, wanted.double(), FP32_TOLERANCE, "swapped gradient")
+
+
+def test_swap_reports_the_kept_conv(capsys):
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"))
+    swap(model, verbose=True)
+    assert "padding_mode 'circular' not supported" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# the KernelSpecs
+
+SPECS = (conv.CONV_FWD_SPEC, conv.CONV_DGRAD_SPEC, conv.CONV_WGRAD_SPEC)
+
+
+def test_specs_are_registered():
+    for spec in SPECS:
+        assert kernels.SPECS[spec.name] is spec
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
+def test_spec_launch_matches_its_reference_and_baseline(spec):
+    geometry = conv.make_geometry((3, 3), stride=2, padding=1)
+    problem = conv.conv_problem(2, 3, 5, 6, 4, 3, 3, geometry, "fp32", "nhwc", "leaky_relu", True)
+    inputs = spec.make_inputs(problem, torch.device("cpu"))
+    config = spec.default_config(problem)
+    assert spec.is_valid(config, problem)
+    result = spec.launch(inputs, config)
+    reference = spec.reference(inputs)
+    assert reference.dtype == torch.float64
+    _assert_close(result, reference, spec.tolerance(problem), spec.name)
+    _assert_close(spec.baseline(inputs), reference, spec.tolerance(problem), f"{spec.name} baseline")
+    assert spec.flops(problem) == 2 * 2 * 3 * 3 * 4 * 3 * 3 * 3  # N * Ho * Wo * C_out * C_in * kH * kW, times 2
+    assert spec.bytes(problem) > 0
+    signature, constexprs = spec.aot_signature(problem, config)
+    assert list(signature) == spec.kernel.arg_names
+    assert all(signature[name] == "constexpr" for name in constexprs)
+    assert all(dim >= 1 for dim in spec.grid(problem, config))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
+def test_constraints_exclude_configs_that_cannot_fit(spec):
+    problem = conv.resnet18_problem(conv.RESNET18_CONV_SHAPES[4], dtype="fp32")
+    names = list(spec.params)
+    configs = [dict(zip(names, values)) for values in itertools.product(*spec.params.values())]
+    valid = [config for config in configs if spec.is_valid(config, problem)]
+    assert 0 < len(valid) < len(configs)
+    too_big = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 8, "num_stages": 4}
+    assert not spec.is_valid(too_big, problem)  # 4 stages of fp32 128x64 + 64x128 tiles: 256 KiB of shared memory
+    depthwise = conv.conv_problem(8, 32, 14, 14, 32, 3, 3, conv.make_geometry((3, 3), 1, 1, 1, 32), "fp16")
+    for example in (*spec.example_problems, depthwise):
+        assert spec.is_valid(spec.default_config(example), example)
+    assert {p["dtype"] for p in spec.example_problems} == {"fp32", "fp16", "bf16"}
+
+
+def test_resnet18_shapes_give_the_published_output_sizes():
+    sizes = {}
+    for shape in conv.RESNET18_CONV_SHAPES:
+        problem = conv.resnet18_problem(shape)
+        sizes[shape["name"]] = conv.problem_geometry(problem).output_hw(shape["h"], shape["w"], shape["kh"], shape["kw"])
+    assert sizes["conv1"] == (112, 112) and sizes["layer1"] == (56, 56)
+    assert sizes["layer2.0.downsample"] == (28, 28) and sizes["layer4"] == (7, 7)
+
+
+def test_ops_exports():
+    assert kernels.conv2d is ops.conv2d
