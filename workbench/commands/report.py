@@ -23,9 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--run", type=int, nargs="+", metavar="ID", dest="run_ids", help="report these runs only")
     which.add_argument("--all", action="store_true", help="report every run (the default)")
-    parser.add_argument("--db", type=Path, default=None,
+    parser.add_argument("--db", type=Path, default=None, metavar="PATH",
                         help="database file (default: $WORKBENCH_DB or the user cache)")
-    parser.add_argument("-o", "--output", type=Path, default=Path("report.html"),
+    parser.add_argument("-o", "--output", type=Path, default=Path("report.html"), metavar="FILE.html",
                         help="the HTML file to write (default: report.html)")
     parser.set_defaults(func=run)
 
