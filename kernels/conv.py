@@ -31,7 +31,6 @@ from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, Problem, dtype_na
 from kernels.tuned import config_for
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Geometry: everything besides the tensors that fixes one convolution.
 
@@ -65,7 +64,8 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
         pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    elif (isinstance(value, (tuple, list)) and len(value) in (1, 2)
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
         pair = (value[0], value[-1])
     else:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -112,10 +112,10 @@ def _channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def empty_in_layout_of(x: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An uninitialised 4-D tensor of `shape` in x's memory format (channels_last or contiguous)."""
+def empty_in_layout_of(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """An uninitialised 4-D tensor of `shape` and x's dtype in x's memory format (channels_last or contiguous)."""
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype, memory_format=fmt)
+    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -496,37 +496,42 @@ def _grid_wgrad(problem: Problem, config: Config) -> tuple[int, ...]:
     return triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]), problem["groups"], splits
 
 
-def _shared_memory_problem(problem: Problem, backward: bool) -> Problem:
-    """The GEMM estimate's view: the backward kernels load the pre-activation beside operand A."""
-    return {"dtype": problem["dtype"], "act_grad_a": backward and problem.get("activation") is not None}
+def _fits_shared_memory(config: Config, problem: Problem, backward: bool) -> bool:
+    """The GEMM's estimate (pipelined A and B tiles, or the fp32 epilogue tile) fits sm_80 and sm_90;
+    the backward kernels load the pre-activation beside operand A when there is an activation."""
+    view = {"dtype": problem["dtype"], "act_grad_a": backward and problem.get("activation") is not None}
+    return shared_bytes_estimate(config, view) <= min(SHARED_LIMIT_BYTES[arch] for arch in TARGET_ARCHS)
 
 
-def _constraints(dims, backward: bool):
-    """Constraints shared by the three specs: fits sm_80/sm_90 shared memory and the register file,
-    keeps every warp busy, and no tile is more than one power of two beyond the problem's extent."""
+def _fits_registers(config: Config, problem: Problem) -> bool:
+    """At most 128 fp32 accumulator values per thread, so the tile stays in registers."""
+    return config["BLOCK_M"] * config["BLOCK_N"] <= 128 * 32 * config["num_warps"]
+
+
+def _uses_its_warps(config: Config, problem: Problem) -> bool:
+    """Every warp gets at least a 16x16 piece of the tile."""
+    return config["BLOCK_M"] * config["BLOCK_N"] >= 256 * config["num_warps"]
+
+
+def _constraints(dims: Callable[[Problem], tuple[int, int, int]], backward: bool) -> tuple:
+    """The constraints of a conv spec whose GEMM view per group is `dims(problem)` = (rows, columns, depth)."""
 
     def fits_shared_memory(config: Config, problem: Problem) -> bool:
-        needed = shared_bytes_estimate(config, _shared_memory_problem(problem, backward))
-        return needed <= min(SHARED_LIMIT_BYTES[arch] for arch in TARGET_ARCHS)
-
-    def fits_registers(config: Config, problem: Problem) -> bool:
-        return config["BLOCK_M"] * config["BLOCK_N"] <= 128 * 32 * config["num_warps"]
-
-    def uses_its_warps(config: Config, problem: Problem) -> bool:
-        return config["BLOCK_M"] * config["BLOCK_N"] >= 256 * config["num_warps"]
+        return _fits_shared_memory(config, problem, backward)
 
     def fits_problem(config: Config, problem: Problem) -> bool:
+        """No tile extends more than one power of two beyond the problem (16 and 32 stay allowed)."""
         rows, cols, depth = dims(problem)
         return (config["BLOCK_M"] <= max(32, triton.next_power_of_2(rows))
                 and config["BLOCK_N"] <= max(16, triton.next_power_of_2(cols))
                 and config["BLOCK_K"] <= max(16, triton.next_power_of_2(depth)))
 
-    return (fits_shared_memory, fits_registers, uses_its_warps, fits_problem)
+    return (fits_shared_memory, _fits_registers, _uses_its_warps, fits_problem)
 
 
-def _default_config(dims, backward: bool, finish: Callable[[Problem, Config], Config] | None = None):
-    """Tiles as large as the problem warrants (128x64, K 32 fp32 / 64 half), then 3 stages if they fit."""
-    constraints = _constraints(dims, backward)
+def _default_config(dims: Callable[[Problem], tuple[int, int, int]], backward: bool,
+                    finish: Callable[[Problem, Config], Config] | None = None) -> Callable[[Problem], Config]:
+    """Tiles as large as the problem warrants (up to 128x128, K 32 fp32 / 64 half), 3 stages if they fit."""
 
     def default_config(problem: Problem) -> Config:
         rows, cols, depth = dims(problem)
@@ -535,12 +540,16 @@ def _default_config(dims, backward: bool, finish: Callable[[Problem, Config], Co
         block_k = min(32 if problem["dtype"] == "fp32" else 64, max(16, triton.next_power_of_2(depth)))
         config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
                   "num_warps": max(2, min(8, block_m * block_n // 1024)), "num_stages": 3}
-        fits_shared_memory = constraints[0]
-        while not fits_shared_memory(config, problem) and config["num_stages"] > 2:
+        while not _fits_shared_memory(config, problem, backward) and config["num_stages"] > 2:
             config["num_stages"] -= 1
         return finish(problem, config) if finish is not None else config
 
     return default_config
+
+
+def _splits_have_work(config: Config, problem: Problem) -> bool:
+    """A split of the wgrad reduction is worth launching only if each gets at least BLOCK_K positions."""
+    return config["SPLIT_K"] == 1 or config["SPLIT_K"] * config["BLOCK_K"] <= _gemm_dims_wgrad(problem)[2]
 
 
 def _wgrad_split(problem: Problem, config: Config) -> Config:
@@ -707,8 +716,9 @@ def resnet18_problem(shape: dict[str, Any], batch: int = 32, dtype: str = "fp16"
 
 
 # one per dtype; fp32 as a GPU runs it by default (cuDNN's allow_tf32 is on unless a user turns it off)
-_EXAMPLE_PROBLEMS = tuple(resnet18_problem(RESNET18_CONV_SHAPES[1], dtype=dtype) | ({"tf32": True} if dtype == "fp32" else {})
-                          for dtype in ("fp32", "fp16", "bf16"))
+_EXAMPLE_PROBLEMS = tuple(
+    resnet18_problem(RESNET18_CONV_SHAPES[1], dtype=dtype) | ({"tf32": True} if dtype == "fp32" else {})
+    for dtype in ("fp32", "fp16", "bf16"))
 _TILE_PARAMS = {
     "BLOCK_M": [32, 64, 128],
     "BLOCK_N": [16, 32, 64, 128],
@@ -762,8 +772,7 @@ CONV_WGRAD_SPEC = Spec(
     params={"BLOCK_M": [32, 64, 128], "BLOCK_N": [16, 32, 64, 128], "BLOCK_K": [16, 32, 64], "GROUP_M": [1, 8],
             "SPLIT_K": [1, 4, 16, 64], "num_warps": [2, 4, 8], "num_stages": [2, 3, 4]},
     constraints=_constraints(_gemm_dims_wgrad, backward=True) + (
-        # a split of the reduction is worth launching only if each split gets at least one BLOCK_K of positions
-        lambda config, problem: config["SPLIT_K"] == 1 or config["SPLIT_K"] * config["BLOCK_K"] <= _gemm_dims_wgrad(problem)[2],),
+        _splits_have_work,),
     default_config=_default_config(_gemm_dims_wgrad, backward=True, finish=_wgrad_split),
     make_inputs=_make_inputs,
     launch=_launch_wgrad,

@@ -27,8 +27,9 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float
     assert error <= tolerance * scale, f"{what}: max error {error:.3g} > {tolerance} * {scale:.3g}"
 
 
-def _check_against_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tolerance: float = FP32_TOLERANCE,
-                         activation: str | None = None, **conv_args) -> torch.Tensor:
+def _check_against_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         tolerance: float = FP32_TOLERANCE, activation: str | None = None,
+                         **conv_args) -> torch.Tensor:
     """Forward and gradients (x, weight, bias) of kernels.conv2d vs F.conv2d + activation in float64."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
     references = [t.detach().double().requires_grad_(True) for t in leaves]
@@ -291,7 +292,8 @@ def test_constraints_exclude_configs_that_cannot_fit(spec):
     configs = [dict(zip(names, values)) for values in itertools.product(*spec.params.values())]
     valid = [config for config in configs if spec.is_valid(config, problem)]
     assert 0 < len(valid) < len(configs)
-    too_big = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 8, "num_stages": 4}
+    too_big = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 8,
+               "num_stages": 4}
     assert not spec.is_valid(too_big, problem)  # 4 stages of fp32 128x64 + 64x128 tiles: 256 KiB of shared memory
     depthwise = conv.conv_problem(8, 32, 14, 14, 32, 3, 3, conv.make_geometry((3, 3), 1, 1, 1, 32), "fp16")
     for example in (*spec.example_problems, depthwise):
@@ -303,7 +305,8 @@ def test_resnet18_shapes_give_the_published_output_sizes():
     sizes = {}
     for shape in conv.RESNET18_CONV_SHAPES:
         problem = conv.resnet18_problem(shape)
-        sizes[shape["name"]] = conv.problem_geometry(problem).output_hw(shape["h"], shape["w"], shape["kh"], shape["kw"])
+        geometry = conv.problem_geometry(problem)
+        sizes[shape["name"]] = geometry.output_hw(shape["h"], shape["w"], shape["kh"], shape["kw"])
     assert sizes["conv1"] == (112, 112) and sizes["layer1"] == (56, 56)
     assert sizes["layer2.0.downsample"] == (28, 28) and sizes["layer4"] == (7, 7)
 
