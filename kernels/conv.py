@@ -369,7 +369,7 @@ def conv2d_forward(
         return y, pre
     runtime.announce()
     conv2d_fwd_kernel[_grid_fwd(problem, config)](
-        x, weight, bias if bias is not None else y, y, pre if pre is not None else y,
+        x, weight, bias.contiguous() if bias is not None else y, y, pre if pre is not None else y,  # C_out values
         n, h, w, ho, wo, kh, kw, c_in_g, c_out // geometry.groups,
         *geometry.kernel_args(), float(negative_slope), config["GROUP_M"],
         *x.stride(), *weight.stride(), *y.stride(),

@@ -31,7 +31,7 @@ def _check_against_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          tolerance: float = FP32_TOLERANCE, activation: str | None = None,
                          **conv_args) -> torch.Tensor:
     """Forward and gradients (x, weight, bias) of kernels.conv2d vs F.conv2d + activation in float64."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias) if t is not None]  # strides kept
     references = [t.detach().double().requires_grad_(True) for t in leaves]
     with_bias = bias is not None
     out = kernels.conv2d(leaves[0], leaves[1], leaves[2] if with_bias else None, activation=activation, **conv_args)
@@ -118,6 +118,15 @@ def test_leaky_relu_slope_and_gelu_tanh_spelling():
     _assert_close(slope, F.leaky_relu(F.conv2d(x.double(), weight.double()), 0.3), FP32_TOLERANCE, "leaky 0.3")
     tanh = kernels.conv2d(x, weight, activation="gelu", approximate="tanh")
     _assert_close(tanh, F.gelu(F.conv2d(x.double(), weight.double()), approximate="tanh"), FP32_TOLERANCE, "gelu")
+
+
+def test_strided_views_are_read_through_their_strides():
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 6, 9, 7, generator=generator)[:, ::2, 1::2]  # neither NCHW nor channels_last
+    weight = torch.randn(3, 4, 3, 3, generator=generator).transpose(0, 1)  # [C_out 4, C_in 3, 3, 3], permuted
+    bias = torch.randn(8, generator=generator)[::2]
+    assert not (x.is_contiguous() or weight.is_contiguous() or bias.is_contiguous())
+    _check_against_torch(x, weight, bias, padding=1)
 
 
 def test_no_bias_unbatched_and_fp16():
