@@ -37,6 +37,10 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def head(self, count: int) -> ImageSet:
+        """The first `count` images (all of them if there are fewer)."""
+        return ImageSet(self.images[:count], self.labels[:count], self.max_value, self.mean, self.std)
+
     def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised float32 images and the labels at `indices`."""
         index = torch.as_tensor(indices, dtype=torch.long)

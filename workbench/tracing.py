@@ -1,7 +1,8 @@
 """A torch.profiler trace of a few training steps: a Chrome trace file and a per-op time table.
 
-Ops registered by our kernels live in the `workbench::` namespace; the table labels them
-source 'triton' and everything else 'torch', so a report can show where a step's time goes.
+Ops registered by our kernels live in the `workbench::` namespace; the table labels them (and
+their autograd nodes, `GeneratedBackwardFor_workbench_*`) source 'triton' and everything else
+'torch', so a report can show where a step's time goes.
 In the interpreter the 'triton' times are interpreter times (CPU), never GPU figures.
 """
 
@@ -13,7 +14,7 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-TRITON_OP_PREFIX = "workbench::"
+TRITON_OP_NAMESPACE = "workbench"
 OP_TIME_COLUMNS = ["op", "calls", "self_time_ms", "total_time_ms", "device", "source"]
 
 
@@ -71,6 +72,11 @@ class StepTracer:
         return self._traced
 
 
+def is_triton_op(name: str) -> bool:
+    """Whether a profiler event is one of our kernels' ops (or its autograd node)."""
+    return name.startswith(f"{TRITON_OP_NAMESPACE}::") or f"_{TRITON_OP_NAMESPACE}_" in name
+
+
 def op_time_table(finished: profile) -> pd.DataFrame:
     """One row per op and device: calls, self and total time in ms, source ('triton' | 'torch').
 
@@ -79,7 +85,7 @@ def op_time_table(finished: profile) -> pd.DataFrame:
     """
     rows = []
     for event in finished.key_averages():
-        source = "triton" if event.key.startswith(TRITON_OP_PREFIX) else "torch"
+        source = "triton" if is_triton_op(event.key) else "torch"
         rows.append((event.key, event.count, event.self_cpu_time_total / 1e3, event.cpu_time_total / 1e3, "cpu", source))
         device_total_us = getattr(event, "device_time_total", 0.0)
         if device_total_us > 0:

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ContextManager, Iterator
 
@@ -51,6 +51,7 @@ KERNEL_CHOICES = ("triton", "torch")
 AMP_CHOICES = ("off", "fp16", "bf16")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TRACE_FILE = "trace.json"
+EVAL_BATCH_SIZE = 256  # held-out images per forward pass: fewer, larger launches
 # Settings a resumed run must share with its checkpoint (others, like epochs or steps, may change).
 RESUME_MUST_MATCH = ("model", "data", "kernels", "batch_size", "amp", "seed")
 
@@ -77,6 +78,7 @@ class TrainConfig:
     trace: bool = False
     profile: bool = False
     checkpoint_every: int = 20  # steps between checkpoints (and database flushes)
+    eval_images: int | None = None  # evaluate on the first N held-out images only (smoke runs); None: all
     progress: bool = True
 
     def validate(self) -> None:
@@ -87,8 +89,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("steps", "eval_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.amp == "bf16" and self.kernels == "triton" and runtime.INTERPRETER:
@@ -168,13 +171,18 @@ def training_device(kernels: str, distributed: Distributed) -> torch.device:
 
 
 def swap_kernels(model: nn.Module) -> list[str]:
-    """Replace the layers our Triton kernels support; return what was left to PyTorch (logged)."""
-    from kernels.nn import swap
+    """Replace the layers our Triton kernels support; return the compute layers left to PyTorch."""
+    from kernels.nn import activation_of, swap
 
-    report = swap(model)
-    skipped = [str(entry) for entry in getattr(report, "skipped", None) or []]
-    log.info("kernels swapped in: %s", report)
-    return skipped
+    swap(model)
+    kept = [
+        f"{name} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if type(module) in (nn.Conv2d, nn.Linear) or activation_of(module) is not None
+    ]
+    if kept:
+        log.info("left to PyTorch (no Triton kernel swapped in for them): %s", ", ".join(kept))
+    return kept
 
 
 def autocast(amp: str, device: torch.device) -> ContextManager:
@@ -348,6 +356,8 @@ def train(config: TrainConfig) -> TrainResult:
     if config.kernels == "triton":
         runtime.announce()
     dataset = load_dataset(config.data, config.data_dir)
+    if config.eval_images is not None:
+        dataset = replace(dataset, test=dataset.test.head(config.eval_images))
     checkpoint_path = Path(config.out_dir) / CHECKPOINT_NAME
 
     torch.manual_seed(config.seed)
@@ -561,8 +571,10 @@ class _Loop:
         """Evaluate on the held-out split (rank 0) and record the epoch."""
         if not self.distributed.is_main or progress.epoch_images == 0:
             return
+        if self.tracer is not None:
+            self.tracer.finish()  # the trace covers training steps only, never the evaluation
         config = self.config
-        eval_loss, eval_accuracy = evaluate(self.model, self.dataset.test, config.batch_size, self.device, config.amp)
+        eval_loss, eval_accuracy = evaluate(self.model, self.dataset.test, EVAL_BATCH_SIZE, self.device, config.amp)
         self.final_eval = (eval_loss, eval_accuracy)
         train_loss = progress.epoch_loss_sum / progress.epoch_images
         # energy is rank 0's GPU only, so it is shared over rank 0's images

@@ -6,6 +6,7 @@ Runs alone or under torchrun (`torchrun --nproc-per-node 2 -m workbench train ..
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from workbench.data import DATASET_NAMES
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="stop after this many steps in all (smoke runs)")
     parser.add_argument("--checkpoint-every", type=int, default=20, help="steps between checkpoints")
+    parser.add_argument("--eval-images", type=int, help="evaluate on the first N held-out images only (smoke runs)")
     parser.add_argument("--db", help="database path (default: $WORKBENCH_DB or the user cache)")
     parser.add_argument("--out", type=Path, default=Path("runs/train"), help="checkpoint and trace folder")
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -43,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, amp=args.amp, seed=args.seed, steps=args.steps, db_path=args.db,
         resume=args.resume, trace=args.trace, profile=args.profile, checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress,
+        progress=not args.no_progress, eval_images=args.eval_images,
     )
+    if args.db:
+        os.environ["WORKBENCH_DB"] = args.db  # the kernels look their tuned configs up in the same database
     try:
         result = train(config)
     except KeyboardInterrupt:
