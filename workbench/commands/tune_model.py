@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strategy", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--db", help="database path (default: $WORKBENCH_DB or the user cache)")
+    parser.add_argument("--no-compile-ahead", action="store_true",
+                        help="skip compiling each batch for the GPU target in worker processes (saves their start-up "
+                             "per problem; configs over a GPU's resource limits are then caught only on a GPU)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for item in recorded.problems:
         trials = tuner.tune(item.spec, item.problem, strategy=args.strategy, budget=args.budget, db=db,
-                            seed=args.seed, progress=not args.no_progress)  # fmt: skip
+                            seed=args.seed, progress=not args.no_progress,
+                            compile_ahead=not args.no_compile_ahead)  # fmt: skip
         ok = trials[trials["status"] == "ok"]
         best_ms = float(ok["time_ms"].min()) if len(ok) else math.nan
         default_ms = _default_time_ms(item.spec, item.problem, trials, config_id)
