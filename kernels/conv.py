@@ -508,6 +508,13 @@ def _fits_registers(config: Config, problem: Problem) -> bool:
     return config["BLOCK_M"] * config["BLOCK_N"] <= 128 * 32 * config["num_warps"]
 
 
+def _fits_operand_registers(config: Config, problem: Problem) -> bool:
+    """At most 32 gathered A and B operand elements per thread: each carries a 64-bit address and a mask,
+    and beyond 32 the compiled kernels spill (the full sm_80/sm_90 compile of the default space showed it)."""
+    operands = config["BLOCK_M"] * config["BLOCK_K"] + config["BLOCK_K"] * config["BLOCK_N"]
+    return operands <= 32 * 32 * config["num_warps"]
+
+
 def _uses_its_warps(config: Config, problem: Problem) -> bool:
     """Every warp gets at least a 16x16 piece of the tile."""
     return config["BLOCK_M"] * config["BLOCK_N"] >= 256 * config["num_warps"]
@@ -526,20 +533,28 @@ def _constraints(dims: Callable[[Problem], tuple[int, int, int]], backward: bool
                 and config["BLOCK_N"] <= max(16, triton.next_power_of_2(cols))
                 and config["BLOCK_K"] <= max(16, triton.next_power_of_2(depth)))
 
-    return (fits_shared_memory, _fits_registers, _uses_its_warps, fits_problem)
+    return (fits_shared_memory, _fits_registers, _fits_operand_registers, _uses_its_warps, fits_problem)
 
 
 def _default_config(dims: Callable[[Problem], tuple[int, int, int]], backward: bool,
                     finish: Callable[[Problem, Config], Config] | None = None) -> Callable[[Problem], Config]:
-    """Tiles as large as the problem warrants (up to 128x128, K 32 fp32 / 64 half), 3 stages if they fit."""
+    """Tiles as large as the problem warrants (up to 128x128, K up to 32), 3 stages if they fit."""
 
     def default_config(problem: Problem) -> Config:
         rows, cols, depth = dims(problem)
         block_m = min(128, max(32, triton.next_power_of_2(rows)))
         block_n = min(64 if rows >= 4 * cols else 128, max(16, triton.next_power_of_2(cols)))
-        block_k = min(32 if problem["dtype"] == "fp32" else 64, max(16, triton.next_power_of_2(depth)))
-        config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
-                  "num_warps": max(2, min(8, block_m * block_n // 1024)), "num_stages": 3}
+        config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": min(32, max(16, triton.next_power_of_2(depth))),
+                  "GROUP_M": 8, "num_warps": max(2, min(8, block_m * block_n // 1024)), "num_stages": 3}
+        while not _fits_operand_registers(config, problem):  # narrower K, then more warps, then shorter M
+            if config["BLOCK_K"] > 16:
+                config["BLOCK_K"] //= 2
+            elif config["num_warps"] < 8 and _uses_its_warps(config | {"num_warps": 2 * config["num_warps"]}, problem):
+                config["num_warps"] *= 2
+            elif config["BLOCK_M"] > 32:
+                config["BLOCK_M"] //= 2
+            else:
+                break
         while not _fits_shared_memory(config, problem, backward) and config["num_stages"] > 2:
             config["num_stages"] -= 1
         return finish(problem, config) if finish is not None else config

@@ -322,3 +322,15 @@ def test_resnet18_shapes_give_the_published_output_sizes():
 
 def test_ops_exports():
     assert kernels.conv2d is ops.conv2d
+
+
+def test_default_config_is_valid_across_shapes():
+    """The heuristic must satisfy the constraints for any problem, tiny, depthwise or large."""
+    for c_in, c_out, size, kernel, stride, depthwise, dtype in itertools.product(
+            [1, 3, 16, 512], [1, 4, 512], [1, 7, 224], [1, 3, 7], [1, 2], [False, True], ["fp32", "fp16"]):
+        if depthwise and c_out % c_in:
+            continue
+        geometry = conv.make_geometry((kernel, kernel), stride, kernel // 2, 1, c_in if depthwise else 1)
+        problem = conv.conv_problem(8, c_in, size, size, c_out, kernel, kernel, geometry, dtype)
+        for spec in SPECS:
+            assert spec.is_valid(spec.default_config(problem), problem), (spec.name, problem)
