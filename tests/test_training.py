@@ -2,7 +2,12 @@
 
 import json
 import math
+import os
+import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +120,26 @@ def test_profile_without_nvml_says_so_and_trains(tmp_path, monkeypatch, capsys):
     result = train(_config(tmp_path, steps=1, profile=True, eval_images=8))
     assert "profile: no power data exists on this machine" in capsys.readouterr().out
     assert result.global_step == 1 and len(result.steps) == 1
+
+
+def test_ctrl_c_stops_after_the_step_saves_and_resume_loses_nothing(tmp_path):
+    out, db_path = tmp_path / "out", tmp_path / "sigint.db"
+    command = [sys.executable, "-m", "workbench", "train", "--kernels", "torch", "--batch-size", "16", "--steps", "500",
+               "--checkpoint-every", "2", "--eval-images", "8", "--out", str(out), "--db", str(db_path), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    stopped_at = int(re.search(r"stopped at step (\d+)", stdout).group(1))
+    db = Database(db_path)
+    assert db.runs()["status"].tolist() == ["interrupted"]
+    assert list(db.read("train_steps")["step"]) == list(range(1, stopped_at + 1))  # every finished step kept
+
+    assert main(["train", "--kernels", "torch", "--batch-size", "16", "--steps", str(stopped_at + 2), "--resume",
+                 "--eval-images", "8", "--out", str(out), "--db", str(db_path), "--no-progress"]) == 0
+    assert db.runs()["status"].tolist() == ["done"]
+    assert list(db.read("train_steps")["step"]) == list(range(1, stopped_at + 3))

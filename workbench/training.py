@@ -431,7 +431,8 @@ def _record_trace(tracer: StepTracer, recorder: _Recorder | None) -> None:
     if recorder is not None:
         recorder.append("op_times", op_times)
     print(f"trace: {tracer.steps_traced} steps traced -> {tracer.trace_path}")
-    top = op_times[op_times["device"] == op_times["device"].iloc[-1]].nlargest(12, "self_time_ms")
+    device = "cuda" if (op_times["device"] == "cuda").any() else "cpu"  # where the kernels' time is
+    top = op_times[op_times["device"] == device].nlargest(12, "self_time_ms")
     print(top.to_string(index=False, float_format=lambda value: f"{value:.3f}"))
 
 

@@ -9,6 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+import torch.distributed as dist
+
 from workbench.data import DATASET_NAMES
 from workbench.models import MODEL_NAMES
 from workbench.training import AMP_CHOICES, KERNEL_CHOICES, TrainConfig, train
@@ -54,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: the last checkpoint is in {args.out}; continue with --resume")
         return 130
+    finally:
+        if dist.is_initialized():  # joined under torchrun by train()
+            dist.destroy_process_group()
     if result.run_id is None:  # ranks other than 0 report nothing
         return 0
     if result.skipped_modules:
