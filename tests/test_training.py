@@ -143,3 +143,12 @@ def test_ctrl_c_stops_after_the_step_saves_and_resume_loses_nothing(tmp_path):
                  "--eval-images", "8", "--out", str(out), "--db", str(db_path), "--no-progress"]) == 0
     assert db.runs()["status"].tolist() == ["done"]
     assert list(db.read("train_steps")["step"]) == list(range(1, stopped_at + 3))
+
+
+def test_trains_on_cifar_binary_files(tmp_path):
+    from test_data import _write_cifar
+
+    _write_cifar(tmp_path / "cifar-10-batches-bin", records_per_file=4)
+    result = train(_config(tmp_path, model="convnet", data="cifar10", data_dir=str(tmp_path), batch_size=4, steps=2))
+    assert result.global_step == 2 and 0.0 <= result.final_eval_accuracy <= 1.0
+    assert Database().runs()["name"].tolist() == ["convnet-cifar10-torch"]

@@ -68,7 +68,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         return load_digits()
     if name == "cifar10":
         if data_dir is None:
-            raise ValueError("data_dir is required for cifar10: a folder holding cifar-10-batches-bin")
+            raise ValueError("data_dir is required for cifar10 (--data-dir): a folder holding cifar-10-batches-bin")
         return load_cifar10(data_dir)
     raise ValueError(f"dataset {name!r} is unknown: expected one of {', '.join(DATASET_NAMES)}")
 

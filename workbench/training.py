@@ -370,7 +370,9 @@ def train(config: TrainConfig) -> TrainResult:
     progress, resumed_run_id = Progress(), None
     if config.resume:
         progress, resumed_run_id = _restore(checkpoint_path, config, model, optimizer, scaler)
-    trained = nn.parallel.DistributedDataParallel(model) if distributed.enabled else model
+    trained = model
+    if distributed.enabled:
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     recorder = _Recorder(config, resumed_run_id) if distributed.is_main else None
     energy = _Energy(config.profile and distributed.is_main, device)
