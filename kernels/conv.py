@@ -26,7 +26,7 @@ import triton.language as tl
 
 from kernels import runtime
 from kernels.activation import DEFAULT_NEGATIVE_SLOPE, Spec, activation_code, apply, derivative, torch_activation
-from kernels.gemm import TARGET_ARCHS, SHARED_LIMIT_BYTES, shared_bytes_estimate
+from kernels.gemm import INT32_MAX, SHARED_LIMIT_BYTES, TARGET_ARCHS, _max_offset, shared_bytes_estimate
 from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, Problem, dtype_name
 from kernels.tuned import config_for
 
@@ -118,6 +118,12 @@ def empty_in_layout_of(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
 
 
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether offsets must be 64-bit: some tensor spans half of 2**31 elements or more (the other half is
+    headroom for the out-of-range positions of masked-off lanes). 32-bit offsets save registers."""
+    return max(_max_offset(tensor) for tensor in tensors) >= INT32_MAX // 2
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """TF32 for fp32 on a GPU when cuDNN is allowed it (PyTorch's conv policy); exact otherwise."""
     if dtype == torch.float32 and not runtime.INTERPRETER and torch.backends.cudnn.allow_tf32:
@@ -144,12 +150,21 @@ def _tile_coordinates(rows, cols, GROUP_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
+def _offsets(index, INT64: tl.constexpr):
+    """index in the integer type offsets are computed in: int64 when some tensor spans 2**31 elements or more."""
+    if INT64:
+        index = index.to(tl.int64)
+    return index
+
+
+@triton.jit
 def conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
     N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, negative_slope, GROUP_M,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y = act(conv(x, w) + bias) for one (output-position tile, output-channel tile, group)."""
@@ -161,11 +176,11 @@ def conv2d_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < C_out_g
-    image = (offs_m // (Ho * Wo)).to(tl.int64)
+    image = _offsets(offs_m // (Ho * Wo), INT64)
     oh = (offs_m % (Ho * Wo)) // Wo
     ow = offs_m % Wo
-    c_out = (group * C_out_g + offs_n).to(tl.int64)
-    x_image = x_ptr + image * sxn + (group * C_in_g).to(tl.int64) * sxc
+    c_out = _offsets(group * C_out_g + offs_n, INT64)
+    x_image = x_ptr + image * sxn + _offsets(group * C_in_g, INT64) * sxc
     w_cols = w_ptr + c_out * swo
 
     # one flat loop over (tap, channel block) so Triton's software pipeliner sees a single loop
@@ -180,16 +195,16 @@ def conv2d_fwd_kernel(
         iw = ow * stride_w - pad_w + kw * dil_w
         row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         c_ok = channel < C_in_g
-        x_rows = x_image + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        a = tl.load(x_rows[:, None] + channel.to(tl.int64)[None, :] * sxc,
+        x_rows = x_image + _offsets(ih, INT64) * sxh + _offsets(iw, INT64) * sxw
+        a = tl.load(x_rows[:, None] + _offsets(channel, INT64)[None, :] * sxc,
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + channel.to(tl.int64)[:, None] * swi,
+        b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + _offsets(channel, INT64)[:, None] * swi,
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c_out, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_offsets = (image * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] + c_out[None, :] * syc
+    y_offsets = (image * syn + _offsets(oh, INT64) * syh + _offsets(ow, INT64) * syw)[:, None] + c_out[None, :] * syc
     out_mask = m_ok[:, None] & n_ok[None, :]
     if SAVE_PREACT:
         tl.store(z_ptr + y_offsets, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
@@ -212,7 +227,7 @@ def conv2d_dgrad_kernel(
     N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, negative_slope, GROUP_M,
     sdyn, sdyc, sdyh, sdyw, szn, szc, szh, szw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
-    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx for one (input-position tile, input-channel tile, group); strided taps are masked."""
@@ -224,18 +239,18 @@ def conv2d_dgrad_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < C_in_g
-    image = (offs_m // (H * W)).to(tl.int64)
+    image = _offsets(offs_m // (H * W), INT64)
     ih = (offs_m % (H * W)) // W
     iw = offs_m % W
-    c_in = (group * C_in_g + offs_n).to(tl.int64)
-    c_out0 = (group * C_out_g).to(tl.int64)
+    c_in = _offsets(group * C_in_g + offs_n, INT64)
+    c_out0 = _offsets(group * C_out_g, INT64)
 
-    w_cols = w_ptr + offs_n.to(tl.int64) * swi
+    w_cols = w_ptr + _offsets(offs_n, INT64) * swi
     channel_blocks = tl.cdiv(C_out_g, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, KH * KW * channel_blocks):  # flat (tap, channel block) loop, as in the forward
         tap = step // channel_blocks
-        channel = ((step % channel_blocks) * BLOCK_K + offs_k).to(tl.int64)
+        channel = _offsets((step % channel_blocks) * BLOCK_K + offs_k, INT64)
         kh = tap // KW
         kw = tap % KW
         th = ih + pad_h - kh * dil_h
@@ -245,15 +260,16 @@ def conv2d_dgrad_kernel(
         row_ok = m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) & (oh < Ho) & (ow < Wo)
         k_ok = channel < C_out_g
         mask = row_ok[:, None] & k_ok[None, :]
-        dy_rows = image * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
-        z_rows = image * szn + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw
+        dy_rows = image * sdyn + _offsets(oh, INT64) * sdyh + _offsets(ow, INT64) * sdyw
+        z_rows = image * szn + _offsets(oh, INT64) * szh + _offsets(ow, INT64) * szw
         grad = _output_grad(dy_ptr, z_ptr, dy_rows[:, None] + (c_out0 + channel)[None, :] * sdyc,
                             z_rows[:, None] + (c_out0 + channel)[None, :] * szc, mask, negative_slope, ACTIVATION)
         b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + (c_out0 + channel)[:, None] * swo,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
 
-    dx_offsets = (image * sdxn + ih.to(tl.int64) * sdxh + iw.to(tl.int64) * sdxw)[:, None] + c_in[None, :] * sdxc
+    dx_rows = image * sdxn + _offsets(ih, INT64) * sdxh + _offsets(iw, INT64) * sdxw
+    dx_offsets = dx_rows[:, None] + c_in[None, :] * sdxc
     tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -263,7 +279,7 @@ def conv2d_wgrad_kernel(
     N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g, positions_per_split,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, negative_slope, GROUP_M,
     sdyn, sdyc, sdyh, sdyw, szn, szc, szh, szw, sxn, sxc, sxh, sxw,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """fp32 partial dw (and db) of one split of the (n,oh,ow) reduction, per (co tile, (ci,kh,kw) tile, group)."""
@@ -278,8 +294,8 @@ def conv2d_wgrad_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < C_out_g
     n_ok = offs_n < cols
-    c_out = (group * C_out_g + offs_m).to(tl.int64)
-    c_in = (group * C_in_g + offs_n // taps).to(tl.int64)
+    c_out = _offsets(group * C_out_g + offs_m, INT64)
+    c_in = _offsets(group * C_in_g + offs_n // taps, INT64)
     kh = (offs_n % taps) // KW
     kw = offs_n % KW
 
@@ -291,30 +307,30 @@ def conv2d_wgrad_kernel(
     for p0 in range(start, end, BLOCK_K):
         p = p0 + offs_k
         p_ok = p < end
-        image = (p // (Ho * Wo)).to(tl.int64)
+        image = _offsets(p // (Ho * Wo), INT64)
         oh = (p % (Ho * Wo)) // Wo
         ow = p % Wo
         mask = m_ok[:, None] & p_ok[None, :]
         grad = _output_grad(
             dy_ptr, z_ptr,
-            c_out[:, None] * sdyc + (image * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw)[None, :],
-            c_out[:, None] * szc + (image * szn + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw)[None, :],
+            c_out[:, None] * sdyc + (image * sdyn + _offsets(oh, INT64) * sdyh + _offsets(ow, INT64) * sdyw)[None, :],
+            c_out[:, None] * szc + (image * szn + _offsets(oh, INT64) * szh + _offsets(ow, INT64) * szw)[None, :],
             mask, negative_slope, ACTIVATION)
         if HAS_BIAS:
             bias_acc += tl.sum(grad, axis=1)
         ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
         iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
         x_ok = p_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_offsets = image[:, None] * sxn + c_in[None, :] * sxc + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        x_offsets = image[:, None] * sxn + c_in[None, :] * sxc + _offsets(ih, INT64) * sxh + _offsets(iw, INT64) * sxw
         b = tl.load(x_ptr + x_offsets, mask=x_ok, other=0.0)
         acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
 
-    split64 = split.to(tl.int64)
-    dw_offsets = split64 * C_out * cols + c_out[:, None] * cols + offs_n[None, :]
+    split_offset = _offsets(split, INT64)
+    dw_offsets = split_offset * C_out * cols + c_out[:, None] * cols + offs_n[None, :]
     tl.store(dw_ptr + dw_offsets, acc, mask=m_ok[:, None] & n_ok[None, :])
     if HAS_BIAS:
         if pid_n == 0:  # one column of tiles stores the bias gradient
-            tl.store(db_ptr + split64 * C_out + c_out, bias_acc, mask=m_ok)
+            tl.store(db_ptr + split_offset * C_out + c_out, bias_acc, mask=m_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +390,7 @@ def conv2d_forward(
         *geometry.kernel_args(), float(negative_slope), config["GROUP_M"],
         *x.stride(), *weight.stride(), *y.stride(),
         HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=_dot_precision(x.dtype), INT64=_needs_int64(x, weight, y),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
@@ -408,6 +424,7 @@ def conv2d_input_grad(
         *geometry.kernel_args(), float(negative_slope), config["GROUP_M"],
         *grad_output.stride(), *pre.stride(), *weight.stride(), *dx.stride(),
         ACTIVATION=activation_code(activation_name), DOT_PRECISION=_dot_precision(weight.dtype),
+        INT64=_needs_int64(grad_output, pre, weight, dx),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
@@ -441,6 +458,7 @@ def conv2d_weight_grad(
             *geometry.kernel_args(), float(negative_slope), config["GROUP_M"],
             *grad_output.stride(), *pre.stride(), *x.stride(),
             ACTIVATION=activation_code(activation_name), HAS_BIAS=bias_grad, DOT_PRECISION=_dot_precision(x.dtype),
+            INT64=_needs_int64(grad_output, pre, x, dw_partial),
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
@@ -504,8 +522,9 @@ def _fits_shared_memory(config: Config, problem: Problem, backward: bool) -> boo
 
 
 def _fits_registers(config: Config, problem: Problem) -> bool:
-    """At most 128 fp32 accumulator values per thread, so the tile stays in registers."""
-    return config["BLOCK_M"] * config["BLOCK_N"] <= 128 * 32 * config["num_warps"]
+    """At most 64 fp32 accumulator values per thread: beside the gathered operands' addresses and masks,
+    128 always spilled in the compile of the full fp16 forward space for sm_80/sm_90."""
+    return config["BLOCK_M"] * config["BLOCK_N"] <= 64 * 32 * config["num_warps"]
 
 
 def _fits_operand_registers(config: Config, problem: Problem) -> bool:
@@ -659,7 +678,8 @@ def _aot_signature(kernel, pointer_overrides: dict[str, str], constexprs_of):
     def aot_signature(problem: Problem, config: Config) -> tuple[dict[str, str], dict[str, Any]]:
         constexprs = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
                       "ACTIVATION": activation_code(problem["activation"]),
-                      "DOT_PRECISION": "tf32" if problem.get("tf32") else "ieee"} | constexprs_of(problem)
+                      "DOT_PRECISION": "tf32" if problem.get("tf32") else "ieee",
+                      "INT64": max(_elements(problem).values()) >= INT32_MAX // 2} | constexprs_of(problem)
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:

@@ -139,9 +139,12 @@ def test_no_bias_unbatched_and_fp16():
     assert out.dtype == torch.float16
 
 
-def test_multiple_tiles_split_k_and_channel_tails():
+@pytest.mark.parametrize("int64", [False, True], ids=["int32_offsets", "int64_offsets"])
+def test_multiple_tiles_split_k_and_channel_tails(int64, monkeypatch):
     """Small explicit configs: several M/N tiles with GROUP_M ordering, channels 17 and 18 crossing
-    BLOCK_K = 16, wgrad split three ways, strided dgrad; channels_last x and weight."""
+    BLOCK_K = 16, wgrad split three ways, strided dgrad; channels_last x and weight; both offset widths
+    (64-bit offsets are chosen for tensors of 2**30 elements or more, too big to allocate in a test)."""
+    monkeypatch.setattr(conv, "_needs_int64", lambda *tensors: int64)
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(2, 17, 6, 5, generator=generator).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(18, 17, 3, 2, generator=generator).contiguous(memory_format=torch.channels_last)
