@@ -81,7 +81,8 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
          db: Database | str | os.PathLike | None = None, objective: str = "time", seed: int = 0,
          energy_meter: EnergyMeter | None = None, compile_ahead: bool | None = None, workers: int | None = None,
          timeout_s: float | None = 120.0, interpreter_reps: int = 3, progress: bool = True,
-         distributed: Distributed | None = None, on_trial: Callable[[Trial], None] | None = None) -> pd.DataFrame:  # fmt: skip
+         distributed: Distributed | None = None, on_trial: Callable[[Trial], None] | None = None,
+         run_id: int | None = None) -> pd.DataFrame:  # fmt: skip
     """Tune `spec` for `problem`; returns every stored trial of this kernel/problem/device (a DataFrame).
 
     `.attrs["run_id"]` of the result is this sweep's run (None if everything was already stored).
@@ -91,7 +92,9 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
     need an `energy_meter`; compile_ahead: compile each batch for the GPU target in a process pool
     (`workers`, default all cores) one batch ahead of the measurements (default: for specs
     registered in kernels.SPECS, the only ones the pool can find); timeout_s: per-trial
-    watchdog; distributed: set under torchrun (default: detected from the environment).
+    watchdog; distributed: set under torchrun (default: detected from the environment); run_id: record
+    the trials in this run, which the caller started and finishes (one run for a whole model's problems),
+    instead of a run of the sweep's own.
     Non-zero ranks return an empty DataFrame.
     """
     if objective not in OBJECTIVES:
@@ -108,7 +111,7 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
     if distributed is not None and distributed.rank != 0:
         _follow(pipeline, distributed)
         return pd.DataFrame()
-    sweep = _Sweep(spec, problem, db if isinstance(db, Database) else Database(db), pipeline, objective)
+    sweep = _Sweep(spec, problem, db if isinstance(db, Database) else Database(db), pipeline, objective, run_id)
     try:
         return sweep.run(strategy, budget, seed, compile_ahead, workers, progress, distributed, on_trial)
     finally:
@@ -136,7 +139,8 @@ def _evaluate_share(pipeline: Pipeline, batch: list[tuple[Config, dict | None]],
 class _Sweep:
     """Rank 0's (or a single process's) side of `tune`."""
 
-    def __init__(self, spec: KernelSpec, problem: Problem, database: Database, pipeline: Pipeline, objective: str):
+    def __init__(self, spec: KernelSpec, problem: Problem, database: Database, pipeline: Pipeline, objective: str,
+                 run_id: int | None):  # fmt: skip
         self.spec, self.problem, self.database, self.pipeline = spec, problem, database, pipeline
         self.objective = objective
         self.key = TuningKey.of(spec, problem)
@@ -145,7 +149,8 @@ class _Sweep:
             if row.status == "ok" and objective != "time" and math.isnan(row.energy_j_per_call):
                 continue  # timed without energy: measure again for this objective
             self.values[row.config] = objective_value(objective, row.time_ms, row.energy_j_per_call, row.status)
-        self.run_id: int | None = None
+        self.run_id = run_id
+        self.owns_run = run_id is None  # a sweep of its own starts and finishes its run
         self.best = min(self.values.values(), default=math.inf)
 
     def run(self, strategy_name: str, budget: int, seed: int, compile_ahead: bool, workers: int | None,
@@ -162,7 +167,8 @@ class _Sweep:
             self.strategy = make_strategy(strategy_name, space, seed)
             meta = {"problem": json.loads(problem_id(self.problem)), "strategy": strategy_name, "budget": budget,
                     "seed": seed, "objective": self.objective, "world_size": world}  # fmt: skip
-            self.run_id = self.database.start_run("tune", self.spec.name, meta)
+            if self.owns_run:
+                self.run_id = self.database.start_run("tune", self.spec.name, meta)
             self.asked, self.budget = 0, budget
             self.bar = tqdm(total=min(budget, len(space)), desc=f"tune {self.spec.name}", unit="cfg", disable=not progress)
             compiler = CompileAhead(self.spec, self.problem, workers) if compile_ahead else None
@@ -177,10 +183,11 @@ class _Sweep:
                 self.bar.close()
                 if compiler is not None:
                     compiler.close()
-                self.database.finish_run(self.run_id, status)
+                if self.owns_run:
+                    self.database.finish_run(self.run_id, status)
         self._store_best()
         trials = self.database.trials(key=self.key)
-        trials.attrs["run_id"] = self.run_id  # None when nothing was left to evaluate
+        trials.attrs["run_id"] = self.run_id  # None when a sweep of its own had nothing left to evaluate
         return trials
 
     def _next_batch(self) -> list[Config]:

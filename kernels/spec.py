@@ -7,6 +7,7 @@ A *problem* is a JSON-serialisable dict that fixes one launch: shapes, dtype nam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -36,9 +37,12 @@ def problem_id(problem: Problem) -> str:
     return json.dumps(problem, sort_keys=True, separators=(",", ":"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KernelSpec:
-    """A tunable Triton kernel: its parameters and how to build, run, check and count a problem."""
+    """A tunable Triton kernel: its parameters and how to build, run, check and count a problem.
+
+    Specs compare and hash by identity: each kernel has one, and lookups are cached per spec.
+    """
 
     name: str
     kernel: Any  # the @triton.jit function that is tuned and compiled ahead of time
@@ -63,9 +67,10 @@ class KernelSpec:
         """Relative error (max-abs error over max-abs reference) allowed for the problem's dtype."""
         return {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}[problem.get("dtype", "fp32")]
 
-    @property
+    @functools.cached_property
     def source_hash(self) -> str:
-        """Hash of the source file that defines the kernel: tuned results are keyed by it."""
+        """Hash of the source file that defines the kernel: tuned results are keyed by it. Read once per
+        process, so editing the file during a sweep cannot change the sweep's key halfway."""
         function = getattr(self.kernel, "fn", self.kernel)
         source = inspect.getsource(sys.modules[function.__module__])
         return hashlib.sha256(source.encode()).hexdigest()[:16]
