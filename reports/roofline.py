@@ -73,6 +73,9 @@ def roofline_figure(trials: pd.DataFrame, device_name: str | None, interpreter: 
     peaks = None if interpreter else peaks_for(device_name)
     # GPU rooflines stay in TFLOP/s; interpreter rates are scaled to a readable unit.
     unit, scale = ("TFLOP/s", 1.0) if peaks else rate_unit(float(points["tflops"].max()), FLOP_RATE_UNITS)
+    # A decade-wide margin either side; set explicitly, because a log axis whose points all share one
+    # intensity (every config of one problem does) autoranges to nothing and draws no ticks.
+    low, high = points["intensity"].min() / 4, points["intensity"].max() * 4
     fig = go.Figure()
     for (kernel, problem), group in points.groupby(["kernel", "problem_label"], sort=False):
         fig.add_trace(go.Scatter(
@@ -89,14 +92,13 @@ def roofline_figure(trials: pd.DataFrame, device_name: str | None, interpreter: 
         title = f"Roofline on {device_name}"
         note = (f"Ceilings: {peaks.name} datasheet, {peaks.bandwidth_gbps:,.0f} GB/s memory bandwidth and dense "
                 + ", ".join(f"{label} {value:g} TFLOP/s" for label, value in peaks.compute_tflops.items()) + ".")
-        low = min(points["intensity"].min() / 4, 0.1)
-        high = max(points["intensity"].max() * 4, 1e4)
+        low, high = min(low, 0.1), max(high, 1e4)
         intensity = np.geomspace(low, high, 200)
         for label, compute in peaks.compute_tflops.items():
             fig.add_trace(go.Scatter(
                 x=intensity, y=np.minimum(compute, peaks.bandwidth_gbps * 1e9 * intensity / 1e12),
                 mode="lines", name=f"{label} roof", line=dict(dash="dot", width=1.5), hoverinfo="skip"))
-    fig.update_xaxes(type="log", title="arithmetic intensity (FLOP / byte)")
+    fig.update_xaxes(type="log", range=[np.log10(low), np.log10(high)], title="arithmetic intensity (FLOP / byte)")
     fig.update_yaxes(type="log", title=f"achieved {unit}" + (" (interpreter)" if interpreter else ""))
     fig.update_layout(title=escape(title))
     return style_figure(fig, 440), note

@@ -45,7 +45,7 @@ def _record_sweep(db: Database, run_id: int, kernel: str, rng: np.random.Generat
                                             f"shared memory {HOSTILE} exceeds 232448 bytes")
                             continue
                         time_ms = 5.0 / (block_m * block_n) ** 0.3 * (1 + 0.1 * stages) * rng.uniform(0.9, 1.1)
-                        bytes_moved = 4 * (96 * 64 + 64 * 80 + 96 * 80) * (1 + 16 / block_k)
+                        bytes_moved = 4 * (96 * 64 + 64 * 80 + 96 * 80)  # per problem, as spec.bytes counts
                         db.record_trial(run_id, _key(kernel, GEMM_PROBLEM), config, "ok", timer="interpreter",
                                         time_ms=time_ms, time_ms_p20=time_ms * 0.97, time_ms_p80=time_ms * 1.04,
                                         tflops=flops / time_ms / 1e9, gbps=bytes_moved / time_ms / 1e6,
@@ -212,6 +212,17 @@ def test_pareto_front_keeps_only_undominated_points():
 def test_known_gpu_peaks_by_device_name(name, peaks):
     found = peaks_for(name)
     assert (found.name if found else None) == peaks
+
+
+def test_roofline_x_range_is_explicit_when_every_config_shares_one_intensity():
+    # Every config of one problem moves the same bytes for the same flops: one intensity. Plotly's
+    # log autorange of such an axis drew ticks at y="-Infinity" (console errors in the browser).
+    trials = pd.DataFrame({"status": "ok", "tflops": [1.2e-5, 0.7e-5, 1.6e-5], "gbps": [8.9e-4, 5.2e-4, 11.8e-4],
+                           "kernel": "gemm", "problem_label": "M=96", "config_label": ["a", "b", "c"]})
+    trials["gbps"] = trials["tflops"] * 1e3 / 13.53  # 13.53 FLOP/byte for all three
+    fig, _ = roofline_figure(trials, None, interpreter=True)
+    low, high = fig.layout.xaxis.range
+    assert np.isfinite([low, high]).all() and low < np.log10(13.53) < high
 
 
 def test_roofline_on_a_gpu_draws_ceilings_that_bound_by_bandwidth_then_compute():
