@@ -522,9 +522,9 @@ def _fits_shared_memory(config: Config, problem: Problem, backward: bool) -> boo
 
 
 def _fits_registers(config: Config, problem: Problem) -> bool:
-    """At most 64 fp32 accumulator values per thread: beside the gathered operands' addresses and masks,
-    128 always spilled in the compile of the full fp16 forward space for sm_80/sm_90."""
-    return config["BLOCK_M"] * config["BLOCK_N"] <= 64 * 32 * config["num_warps"]
+    """At most 32 fp32 accumulator values per thread: beside the gathered operands' addresses and masks,
+    every config with 64 spilled when the full fp16 forward space was compiled for sm_80/sm_90."""
+    return config["BLOCK_M"] * config["BLOCK_N"] <= 32 * 32 * config["num_warps"]
 
 
 def _fits_operand_registers(config: Config, problem: Problem) -> bool:
@@ -557,7 +557,8 @@ def _constraints(dims: Callable[[Problem], tuple[int, int, int]], backward: bool
 
 def _default_config(dims: Callable[[Problem], tuple[int, int, int]], backward: bool,
                     finish: Callable[[Problem, Config], Config] | None = None) -> Callable[[Problem], Config]:
-    """Tiles as large as the problem warrants (up to 128x128, K up to 32), 3 stages if they fit."""
+    """Tiles as large as the problem warrants (up to 128x64, K up to 32) within the register limits, 3 stages
+    if they fit in shared memory."""
 
     def default_config(problem: Problem) -> Config:
         rows, cols, depth = dims(problem)
@@ -565,11 +566,14 @@ def _default_config(dims: Callable[[Problem], tuple[int, int, int]], backward: b
         block_n = min(64 if rows >= 4 * cols else 128, max(16, triton.next_power_of_2(cols)))
         config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": min(32, max(16, triton.next_power_of_2(depth))),
                   "GROUP_M": 8, "num_warps": max(2, min(8, block_m * block_n // 1024)), "num_stages": 3}
-        while not _fits_operand_registers(config, problem):  # narrower K, then more warps, then shorter M
-            if config["BLOCK_K"] > 16:
+        # registers: narrower K, then more warps, then a smaller tile
+        while not (_fits_operand_registers(config, problem) and _fits_registers(config, problem)):
+            if not _fits_operand_registers(config, problem) and config["BLOCK_K"] > 16:
                 config["BLOCK_K"] //= 2
             elif config["num_warps"] < 8 and _uses_its_warps(config | {"num_warps": 2 * config["num_warps"]}, problem):
                 config["num_warps"] *= 2
+            elif config["BLOCK_N"] >= config["BLOCK_M"] and config["BLOCK_N"] > 16:
+                config["BLOCK_N"] //= 2
             elif config["BLOCK_M"] > 32:
                 config["BLOCK_M"] //= 2
             else:
