@@ -4,6 +4,11 @@ Ops registered by our kernels live in the `workbench::` namespace; the table lab
 their autograd nodes, `GeneratedBackwardFor_workbench_*`) source 'triton' and everything else
 'torch', so a report can show where a step's time goes.
 In the interpreter the 'triton' times are interpreter times (CPU), never GPU figures.
+
+Reading the table: torch runs a custom op's forward inside an event it names
+`GeneratedBackwardFor_workbench_<op>_default` (despite the name, the forward kernels), a child of
+`workbench::<op>`; so `workbench::<op>` total time is the op's forward, and the
+`workbench::<op>_backward` rows are its backward kernels.
 """
 
 from __future__ import annotations

@@ -503,7 +503,7 @@ class _Loop:
                             if progress.global_step % config.checkpoint_every == 0:
                                 self.save(progress, checkpoint_path)
                     epoch_done = progress.batch_in_epoch == len(batches)
-                    if not stopped:
+                    if epoch_done or not stopped:  # a finished epoch is always evaluated and recorded
                         self._end_epoch(progress, epoch_energy.energy_j, partial=not epoch_done)
                     if epoch_done:
                         progress.epoch += 1
