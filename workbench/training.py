@@ -352,6 +352,8 @@ def train(config: TrainConfig) -> TrainResult:
     """Train as `config` says; returns what happened (rank 0 holds the database rows)."""
     config.validate()
     distributed = init_distributed(config.kernels)
+    if not distributed.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 alone logs; the others speak only of trouble
     device = training_device(config.kernels, distributed)
     if config.kernels == "triton":
         runtime.announce()
