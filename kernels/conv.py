@@ -527,10 +527,12 @@ def _fits_registers(config: Config, problem: Problem) -> bool:
     return config["BLOCK_M"] * config["BLOCK_N"] <= 32 * 32 * config["num_warps"]
 
 
-def _fits_operand_registers(config: Config, problem: Problem) -> bool:
-    """At most 32 gathered A and B operand elements per thread: each carries a 64-bit address and a mask,
-    and beyond 32 the compiled kernels spill (the full sm_80/sm_90 compile of the default space showed it)."""
-    operands = config["BLOCK_M"] * config["BLOCK_K"] + config["BLOCK_K"] * config["BLOCK_N"]
+def _fits_operand_registers(config: Config, problem: Problem, backward: bool) -> bool:
+    """At most 32 gathered operand elements per thread (A, B and, in the backward with an activation, the
+    pre-activation tile beside A): each carries an address and a mask, and beyond 32 the kernels spilled
+    when the full default spaces were compiled for sm_80/sm_90."""
+    a_tiles = 2 if backward and problem.get("activation") is not None else 1
+    operands = config["BLOCK_M"] * config["BLOCK_K"] * a_tiles + config["BLOCK_K"] * config["BLOCK_N"]
     return operands <= 32 * 32 * config["num_warps"]
 
 
@@ -545,6 +547,9 @@ def _constraints(dims: Callable[[Problem], tuple[int, int, int]], backward: bool
     def fits_shared_memory(config: Config, problem: Problem) -> bool:
         return _fits_shared_memory(config, problem, backward)
 
+    def fits_operand_registers(config: Config, problem: Problem) -> bool:
+        return _fits_operand_registers(config, problem, backward)
+
     def fits_problem(config: Config, problem: Problem) -> bool:
         """No tile extends more than one power of two beyond the problem (16 and 32 stay allowed)."""
         rows, cols, depth = dims(problem)
@@ -552,7 +557,7 @@ def _constraints(dims: Callable[[Problem], tuple[int, int, int]], backward: bool
                 and config["BLOCK_N"] <= max(16, triton.next_power_of_2(cols))
                 and config["BLOCK_K"] <= max(16, triton.next_power_of_2(depth)))
 
-    return (fits_shared_memory, _fits_registers, _fits_operand_registers, _uses_its_warps, fits_problem)
+    return (fits_shared_memory, _fits_registers, fits_operand_registers, _uses_its_warps, fits_problem)
 
 
 def _default_config(dims: Callable[[Problem], tuple[int, int, int]], backward: bool,
@@ -567,8 +572,8 @@ def _default_config(dims: Callable[[Problem], tuple[int, int, int]], backward: b
         config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": min(32, max(16, triton.next_power_of_2(depth))),
                   "GROUP_M": 8, "num_warps": max(2, min(8, block_m * block_n // 1024)), "num_stages": 3}
         # registers: narrower K, then more warps, then a smaller tile
-        while not (_fits_operand_registers(config, problem) and _fits_registers(config, problem)):
-            if not _fits_operand_registers(config, problem) and config["BLOCK_K"] > 16:
+        while not (_fits_operand_registers(config, problem, backward) and _fits_registers(config, problem)):
+            if not _fits_operand_registers(config, problem, backward) and config["BLOCK_K"] > 16:
                 config["BLOCK_K"] //= 2
             elif config["num_warps"] < 8 and _uses_its_warps(config | {"num_warps": 2 * config["num_warps"]}, problem):
                 config["num_warps"] *= 2
