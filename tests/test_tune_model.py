@@ -2,8 +2,6 @@
 
 import re
 
-import pytest
-import torch
 from torch import nn
 
 from autotune.database import Database
