@@ -129,6 +129,16 @@ def _gemm_backward(ctx, grad_c, _grad_pre):
 _gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup_context)
 
 
+def autocast_inputs(*tensors: object) -> tuple:
+    """Floating tensors cast to the autocast dtype when autocast is on for their device, as torch's own
+    matmul and conv2d do under `torch.autocast` (so `--amp fp16` runs our GEMM and conv in fp16 too)."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def _keep_pre(activation: str | None, *tensors: torch.Tensor | None) -> bool:
     return activation is not None and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
@@ -141,6 +151,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, act
     `activation` is None or a name from `kernels.activation.NAMES` (gelu also takes
     approximate="tanh", leaky_relu negative_slope=). Gradients flow to every input.
     """
+    a, b, bias = autocast_inputs(a, b, bias)
     check_tensor("a", a, 2)
     check_tensor("b", b, 2, like=a)
     if bias is not None:
@@ -156,6 +167,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, act
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
            **activation_kwargs: object) -> torch.Tensor:
     """act(F.linear(x, weight, bias)): x [..., in], weight [out, in], bias [out] -> [..., out]."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_tensor("x", x)
     check_tensor("weight", weight, 2, like=x)
     if x.dim() == 0:
@@ -309,6 +321,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     memory format); weight [C_out, C_in / groups, kH, kW]; padding an int, a pair, 'same' or
     'valid'. `activation` as in `gemm`. Gradients flow to x, weight and bias.
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_tensor("x", x, (3, 4))
     check_tensor("weight", weight, 4, like=x)
     if bias is not None:

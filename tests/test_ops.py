@@ -159,3 +159,24 @@ def test_model_under_torch_compile_matches_eager(device):
     torch.testing.assert_close(compiled, eager)
     for parameter, grad in zip(model.parameters(), eager_grads):
         torch.testing.assert_close(parameter.grad, grad)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_autocast_runs_our_kernels_in_the_autocast_dtype(op, device):
+    # As torch's own matmul and conv2d do: fp32 inputs are cast to fp16 inside the autocast region, and
+    # gradients return to the fp32 leaves in fp32.
+    torch.manual_seed(0)
+    if op == "linear":
+        x, w, b = torch.randn(5, 7, device=device), torch.randn(3, 7, device=device), torch.randn(3, device=device)
+        ours, reference = kernels.linear, F.linear
+    else:
+        x, w, b = torch.randn(2, 3, 7, 5, device=device), torch.randn(4, 3, 3, 3, device=device), torch.randn(4, device=device)
+        ours, reference = (lambda *t, **k: kernels.conv2d(*t, padding=1, **k)), (lambda *t: F.conv2d(*t, padding=1))
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    with torch.autocast(device.type, dtype=torch.float16):
+        y = ours(*leaves, activation="relu")
+    assert y.dtype == torch.float16
+    expected = F.relu(reference(*(t.detach().half().double() for t in leaves)))  # float64 of the fp16 inputs
+    assert (y.double() - expected).abs().max() <= 2e-3 * expected.abs().max()
+    y.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
