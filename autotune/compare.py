@@ -80,7 +80,8 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     if kernel_tuner:
         table["best_kt"] = table[kernel_tuner].max(axis=1)
         table["best_kt_name"] = [
-            str(row.idxmax()).removeprefix("kt:") if row.notna().any() else "" for _, row in table[kernel_tuner].iterrows()
+            str(row.idxmax()).removeprefix("kt:") if row.notna().any() else ""
+            for _, row in table[kernel_tuner].iterrows()
         ]
     return table
 

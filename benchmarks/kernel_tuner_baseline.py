@@ -121,9 +121,8 @@ def main() -> None:
         writer = csv.DictWriter(out, FIELDS)
         if new_file:
             writer.writeheader()
-        landscapes = {
-            path.name.split(".json")[0]: plain_cache_file(path, Path(tmp)) for path in sorted(args.landscapes.glob("*.json*"))
-        }
+        paths = sorted(args.landscapes.glob("*.json*"))
+        landscapes = {path.name.split(".json")[0]: plain_cache_file(path, Path(tmp)) for path in paths}
         for seed in range(args.seeds):  # seeds outermost: a run cut short still covers every landscape
             for landscape, (cache_file, param_names, optimum) in landscapes.items():
                 for strategy in strategies:

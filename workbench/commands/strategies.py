@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--landscapes", required=True, type=Path, help="directory of *.json / *.json.gz cache files")
     parser.add_argument("--budgets", default="25,50,100,200", help="comma-separated evaluation budgets")
     parser.add_argument("--seeds", type=int, default=20, help="seeds per strategy and landscape (default 20)")
-    parser.add_argument("--strategies", default="auto,random", help="comma-separated strategy names (default auto,random)")
+    parser.add_argument("--strategies", default="auto,random",
+                        help="comma-separated strategy names (default auto,random)")  # fmt: skip
     parser.add_argument("--kernel-tuner-csv", type=Path, default=DEFAULT_KERNEL_TUNER_CSV,
                         help="Kernel Tuner baseline rows to show alongside ('none' to leave them out)")  # fmt: skip
     parser.add_argument("--db", default=None, help="database file (default: $WORKBENCH_DB or the user cache)")
@@ -46,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds: expected a positive int, got {args.seeds}")
     files = landscape_files(args.landscapes)
     database = Database(args.db)
-    run_id = database.start_run("strategies", ",".join(strategies),
-                                meta={"landscapes": [f.name for f in files], "budgets": budgets, "seeds": args.seeds})  # fmt: skip
+    meta = {"landscapes": [f.name for f in files], "budgets": budgets, "seeds": args.seeds}
+    run_id = database.start_run("strategies", ",".join(strategies), meta=meta)
     try:
         results = compare(files, strategies, budgets, args.seeds)
     except KeyboardInterrupt:
