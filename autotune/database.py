@@ -214,6 +214,20 @@ class Database:
         if not updated:
             raise ValueError(f"run_id {run_id} does not exist in {self.path}")
 
+    @contextmanager
+    def run(self, kind: str, name: str, meta: dict | None = None) -> Iterator[int]:
+        """A run around a block: yields its id and finishes it 'done', 'interrupted' (Ctrl-C) or 'failed'."""
+        run_id = self.start_run(kind, name, meta)
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self.finish_run(run_id, "interrupted")
+            raise
+        except BaseException:
+            self.finish_run(run_id, "failed")
+            raise
+        self.finish_run(run_id, "done")
+
     def runs(self) -> pd.DataFrame:
         frame = self._query("SELECT run_id, kind, name, status, started_at, finished_at, meta, environment FROM runs")
         for column in ("meta", "environment"):

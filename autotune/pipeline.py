@@ -2,7 +2,7 @@
 
 For each config, in order:
 1. its ahead-of-time compile result for the GPU target (`kernels.aot.compile_config` in a process
-   pool, running ahead of the measurements, see `CompileAhead`): a compile error is recorded, and the
+   pool, running ahead of the measurements, see `CompilePool`): a compile error is recorded, and the
    shared memory / registers it reports are checked against the device's limits *before* anything
    runs (on a machine without a GPU this proves the config compiles for sm_90 and gives its
    resources, while the run itself happens in Triton's interpreter);
@@ -162,20 +162,21 @@ def over_limits(report: dict[str, Any], config: Config, limits: dict[str, int]) 
 
 
 def _compile_in_worker(spec_name: str, problem: Problem, config: Config, arch: int) -> dict[str, Any]:
-    """Runs in a CompileAhead worker (TRITON_INTERPRET=0): `kernels.aot.compile_config`, as a dict."""
+    """Runs in a CompilePool worker (TRITON_INTERPRET=0): `kernels.aot.compile_config`, as a dict."""
     import kernels
     from kernels import aot
 
     return asdict(aot.compile_config(kernels.SPECS[spec_name], problem, config, arch))
 
 
-class CompileAhead:
+class CompilePool:
     """Compiles configs for the GPU target with `kernels.aot.compile_config` in a process pool.
 
-    `submit(config)` returns a future at once; its result is the compile report (ok, reason,
-    shared_bytes, registers, spills, compile_time_s). The caller measures earlier configs while
-    the pool (one process per core, kept for the whole sweep) compiles later ones. The target is
-    this GPU's architecture, or sm_90 where there is none.
+    `submit(spec, problem, config)` returns a future at once; its result is the compile report (ok,
+    reason, shared_bytes, registers, spills, compile_time_s). The caller measures earlier configs
+    while the pool (one process per core) compiles later ones. One pool can serve many sweeps
+    (tune-model tunes every problem of a model with one). The target is this GPU's architecture, or
+    sm_90 where there is none.
 
     The workers must define kernels with TRITON_INTERPRET=0, and a spawned process copies the
     environment when it starts; so the pool starts all its workers here, in the constructor, with
@@ -184,13 +185,10 @@ class CompileAhead:
     can be compiled: the workers look them up by name.
     """
 
-    def __init__(self, spec: KernelSpec, problem: Problem, workers: int | None = None):
-        if not self.supports(spec):
-            raise ValueError(f"spec {spec.name!r} is not registered in kernels.SPECS: it cannot be compiled ahead")
+    def __init__(self, workers: int | None = None):
         capability = device_key().capability
         self.arch = int(capability.replace(".", "")) if capability else 90
-        self.spec, self.problem = spec, problem
-        workers = workers or os.cpu_count() or 1
+        self.workers = workers = workers or os.cpu_count() or 1
         previous = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "0"
         try:
@@ -209,8 +207,10 @@ class CompileAhead:
 
         return kernels.SPECS.get(spec.name) is spec
 
-    def submit(self, config: Config) -> Future:
-        return self._pool.submit(_compile_in_worker, self.spec.name, self.problem, dict(config), self.arch)
+    def submit(self, spec: KernelSpec, problem: Problem, config: Config) -> Future:
+        if not self.supports(spec):
+            raise ValueError(f"spec {spec.name!r} is not registered in kernels.SPECS: it cannot be compiled ahead")
+        return self._pool.submit(_compile_in_worker, spec.name, problem, dict(config), self.arch)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

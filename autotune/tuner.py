@@ -18,6 +18,7 @@ import logging
 import math
 import os
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from autotune.database import Database, TuningKey, config_id
-from autotune.pipeline import OBJECTIVES, CompileAhead, EnergyMeter, Pipeline, Trial, objective_value
+from autotune.pipeline import OBJECTIVES, CompilePool, EnergyMeter, Pipeline, Trial, objective_value
 from kernels.spec import Config, KernelSpec, Problem, problem_id
 
 log = logging.getLogger("autotune")
@@ -79,7 +80,8 @@ class Distributed:
 
 def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: int = 200,
          db: Database | str | os.PathLike | None = None, objective: str = "time", seed: int = 0,
-         energy_meter: EnergyMeter | None = None, compile_ahead: bool | None = None, workers: int | None = None,
+         energy_meter: EnergyMeter | None = None, compile_ahead: bool | CompilePool | None = None,
+         workers: int | None = None,
          timeout_s: float | None = 120.0, interpreter_reps: int = 3, progress: bool = True,
          distributed: Distributed | None = None, on_trial: Callable[[Trial], None] | None = None,
          run_id: int | None = None) -> pd.DataFrame:  # fmt: skip
@@ -91,7 +93,8 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
     strategy may propose in all (stored ones count); objective: 'time', or 'energy' / 'edp' which
     need an `energy_meter`; compile_ahead: compile each batch for the GPU target in a process pool
     (`workers`, default all cores) one batch ahead of the measurements (default: for specs
-    registered in kernels.SPECS, the only ones the pool can find); timeout_s: per-trial
+    registered in kernels.SPECS, the only ones the pool can find), or a `CompilePool` to borrow
+    (shared by many sweeps; the caller closes it); timeout_s: per-trial
     watchdog; distributed: set under torchrun (default: detected from the environment); run_id: record
     the trials in this run, which the caller started and finishes (one run for a whole model's problems),
     instead of a run of the sweep's own.
@@ -103,8 +106,8 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
         raise ValueError(f"objective {objective!r} needs an energy meter (workbench tune --profile, on a GPU with NVML)")
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive integer, got {budget!r}")
-    if compile_ahead is None:
-        compile_ahead = CompileAhead.supports(spec)
+    if compile_ahead is None or not CompilePool.supports(spec):
+        compile_ahead = CompilePool.supports(spec)  # a borrowed pool cannot compile an unregistered spec
     distributed = distributed or Distributed.from_environment()
     pipeline = Pipeline(spec, problem, timeout_s=timeout_s, energy_meter=energy_meter,
                         interpreter_reps=interpreter_reps)  # fmt: skip
@@ -153,7 +156,8 @@ class _Sweep:
         self.owns_run = run_id is None  # a sweep of its own starts and finishes its run
         self.best = min(self.values.values(), default=math.inf)
 
-    def run(self, strategy_name: str, budget: int, seed: int, compile_ahead: bool, workers: int | None,
+    def run(self, strategy_name: str, budget: int, seed: int, compile_ahead: bool | CompilePool,
+            workers: int | None,
             progress: bool, distributed: Distributed | None, on_trial: Callable[[Trial], None] | None) -> pd.DataFrame:  # fmt: skip
         from autotune.space import Space
         from autotune.strategies import make_strategy
@@ -162,29 +166,24 @@ class _Sweep:
         space = Space.from_spec(self.spec, self.problem)
         if len(self.values) < min(budget, len(space)):
             world = distributed.world_size if distributed else 1
-            workers = workers or os.cpu_count() or 1
-            self.batch_size = max(world, workers if compile_ahead else 1)
+            borrowed = compile_ahead if isinstance(compile_ahead, CompilePool) else None
+            pool = borrowed or (CompilePool(workers) if compile_ahead else None)
+            self.batch_size = max(world, pool.workers if pool else 1)
             self.strategy = make_strategy(strategy_name, space, seed)
+            # the heuristic default goes first: a tuned config is then never worse than the untuned one
+            self.strategy.enqueue(self.spec.default_config(self.problem))
             meta = {"problem": json.loads(problem_id(self.problem)), "strategy": strategy_name, "budget": budget,
                     "seed": seed, "objective": self.objective, "world_size": world}  # fmt: skip
-            if self.owns_run:
-                self.run_id = self.database.start_run("tune", self.spec.name, meta)
             self.asked, self.budget = 0, budget
             self.bar = tqdm(total=min(budget, len(space)), desc=f"tune {self.spec.name}", unit="cfg", disable=not progress)
-            compiler = CompileAhead(self.spec, self.problem, workers) if compile_ahead else None
-            status = "failed"
+            run = self.database.run("tune", self.spec.name, meta) if self.owns_run else nullcontext(self.run_id)
             try:
-                self._loop(compiler, distributed)
-                status = "done"
-            except KeyboardInterrupt:
-                status = "interrupted"
-                raise
+                with run as self.run_id:
+                    self._loop(pool, distributed)
             finally:
                 self.bar.close()
-                if compiler is not None:
-                    compiler.close()
-                if self.owns_run:
-                    self.database.finish_run(self.run_id, status)
+                if pool is not None and pool is not borrowed:
+                    pool.close()
         self._store_best()
         trials = self.database.trials(key=self.key)
         trials.attrs["run_id"] = self.run_id  # None when a sweep of its own had nothing left to evaluate
@@ -208,13 +207,13 @@ class _Sweep:
                 batch.append(dict(config))
         return batch
 
-    def _loop(self, compiler: CompileAhead | None, distributed: Distributed | None) -> None:
+    def _loop(self, pool: CompilePool | None, distributed: Distributed | None) -> None:
         died = self.database.died_running(self.key)
         batch = self._next_batch()
-        futures = [compiler.submit(config) for config in batch] if compiler else []
+        futures = [pool.submit(self.spec, self.problem, config) for config in batch] if pool else []
         while batch:
             following = self._next_batch()  # asked now so that it compiles while this batch is measured
-            following_futures = [compiler.submit(config) for config in following] if compiler else []
+            following_futures = [pool.submit(self.spec, self.problem, config) for config in following] if pool else []
             if distributed is None:
                 for index, config in enumerate(batch):
                     self._evaluate_here(config, self._report(futures, index), died)

@@ -115,7 +115,7 @@ def test_energy_objective_measures_stored_time_trials_again_and_picks_by_energy(
     trials = tune(SPEC, PROBLEM, strategy="exhaustive", budget=8, progress=False, interpreter_reps=1,
                   objective="energy", energy_meter=_block_energy)  # fmt: skip
     assert len(trials) == 8 and trials["config"].is_unique and trials.attrs["run_id"] == 2
-    ok = trials[trials["status"] == "ok"]
+    ok = trials[trials["status"] == "ok"].sort_values("energy_j_per_call", ascending=False)  # the default runs first
     assert ok["energy_j_per_call"].tolist() == pytest.approx([1 / 16, 1 / 32, 1 / 64])
     assert (ok["run_id"] == 2).all() and (trials[trials["status"] != "ok"]["run_id"] == 1).all()
     assert ok["peak_power_w"].tolist() == [320.0, 640.0, 1280.0] and (ok["throttled"] == 0).all()
@@ -157,3 +157,8 @@ def test_config_whose_process_died_twice_is_recorded_as_timeout_not_run_again():
     assert "died twice" in trials.loc['{"BLOCK":16,"BROKEN":0,"HANG":0}', "reason"]
     assert trials.loc['{"BLOCK":32,"BROKEN":0,"HANG":0}', "status"] == "ok"
     assert db.died_running(key) == {}
+
+
+def test_a_sweep_measures_the_heuristic_default_first():
+    trials = tune(SPEC, PROBLEM, strategy="random", budget=1, progress=False, interpreter_reps=1)
+    assert [json.loads(c) for c in trials["config"]] == [SPEC.default_config(PROBLEM)]

@@ -113,3 +113,21 @@ def test_bad_arguments():
     strategy.tell(config, 1.0)
     with pytest.raises(ValueError, match="config"):
         strategy.tell(config, 1.0)  # told twice
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_enqueued_config_is_asked_first_and_only_once(name):
+    space = small_space()
+    strategy = make_strategy(name, space, seed=3)
+    default = {"x": 4, "y": 16, "flag": 1}
+    assert strategy.enqueue(default)
+    assert not strategy.enqueue({"x": 2, "y": 3, "flag": 0})  # y=3 is not a candidate
+    assert not strategy.enqueue({"x": 4, "y": 1, "flag": 0})  # x + y == 5 breaks the constraint
+    assert strategy.ask() == default
+    assert not strategy.enqueue(default)  # already asked
+    strategy.tell(default, objective(default))
+    rest = []
+    while (config := strategy.ask()) is not None:
+        rest.append(config)
+        strategy.tell(config, objective(config))
+    assert default not in rest and len(rest) == len(space) - 1

@@ -104,6 +104,9 @@ def _headline(db: Database, run) -> str:
     if run.kind == "tune":
         trials = db.trials(run.run_id)
         ok = trials[trials["status"] == "ok"]
+        problems = len(trials[["kernel", "problem"]].drop_duplicates())
+        if problems > 1:  # a whole model's problems in one run
+            return f"{problems} problems, {len(trials)} trials, {len(ok)} correct"
         if ok.empty:
             return f"{len(trials)} trials, none correct"
         return f"{len(trials)} trials, best {ok['time_ms'].min():.3g} ms ({ok['timer'].iloc[0]})"

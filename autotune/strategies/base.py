@@ -33,12 +33,26 @@ class Strategy(ABC):
         self.pending: set[int] = set()
         self.observed_rows: list[int] = []
         self.observed_values: list[float] = []
+        self.queued: list[int] = []  # rows to ask before the strategy chooses (see `enqueue`)
+        self.enqueued: set[int] = set()  # every row ever enqueued: a strategy's own order may reach it later
+
+    def enqueue(self, config: Mapping[str, Any]) -> bool:
+        """Ask `config` before anything the strategy would choose (a known-good default, say), like
+        optuna's enqueue_trial. False if it is not a valid config of the space or was already asked."""
+        row = self.space.row(config)
+        if row is None or self.asked[row] or row in self.queued:
+            return False
+        self.queued.append(row)
+        self.enqueued.add(row)
+        return True
 
     def ask(self) -> Config | None:
         """The next config to evaluate, or None when every valid config has been asked."""
         if self.asked.all():
             return None
-        row = self._next_row()
+        row = self.queued.pop(0) if self.queued else self._next_row()
+        while row is not None and self.asked[row] and row in self.enqueued:
+            row = self._next_row()
         if row is None:
             return None
         if self.asked[row]:

@@ -70,9 +70,8 @@ def bench(spec, problems: list[dict], db: str | None) -> None:
 
     device = device_key().device
     database = Database(db)
-    run_id = database.start_run("bench", spec.name, {"problems": problems})
     rows, tables = [], []
-    try:
+    with database.run("bench", spec.name, {"problems": problems}) as run_id:
         for problem in problems:
             config = tuned.config_for(spec, problem)
             inputs = spec.make_inputs(problem, runtime.default_device())
@@ -94,9 +93,5 @@ def bench(spec, problems: list[dict], db: str | None) -> None:
                          "time_ms": timing.time_ms, "baseline_time_ms": baseline_ms,
                          "ratio": baseline_ms / timing.time_ms})  # fmt: skip
         database.append("baselines", run_id, pd.DataFrame(rows))
-    except BaseException as error:
-        database.finish_run(run_id, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
-        raise
-    database.finish_run(run_id)
     print(f"{spec.name} on {device} (tuned or default configs; vs torch = PyTorch time / Triton time)")
     print(format_table(pd.concat(tables, ignore_index=True)))

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from workbench.models import MODEL_NAMES, build_model
+from workbench.tables import format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--db", help="database path (default: $WORKBENCH_DB or the user cache)")
     parser.add_argument("--no-compile-ahead", action="store_true",
-                        help="skip compiling each batch for the GPU target in worker processes (saves their start-up "
-                             "per problem; configs over a GPU's resource limits are then caught only on a GPU)")
+                        help="skip compiling each batch for the GPU target in worker processes (configs over a "
+                             "GPU's resource limits are then caught only on a GPU)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
@@ -47,8 +48,8 @@ def parse_input(text: str) -> tuple[int, int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotune import tuner
-    from autotune.database import Database, config_id
+    from autotune.database import Database
+    from autotune.pipeline import CompilePool
     from kernels import runtime
     from workbench.model_problems import record_model_problems
 
@@ -58,39 +59,40 @@ def run(args: argparse.Namespace) -> int:
     if args.db:
         os.environ["WORKBENCH_DB"] = args.db  # the kernels look tuned configs up in the same database
     runtime.announce()
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, channels, args.num_classes, height).to(runtime.default_device())
-    recorded = record_model_problems(model, (args.batch_size, channels, height, width), args.num_classes)
-    print(f"{args.model} at batch {args.batch_size}, input {channels}x{height}x{width}: "
-          f"{len(recorded.problems)} distinct kernel problems in one forward + backward step")
-    if recorded.left_to_torch:
-        print(f"skipped (no Triton kernel swapped in, runs PyTorch's): {', '.join(recorded.left_to_torch)}")
-    db = Database(args.db)
-    rows = []
-    for item in recorded.problems:
-        trials = tuner.tune(item.spec, item.problem, strategy=args.strategy, budget=args.budget, db=db,
-                            seed=args.seed, progress=not args.no_progress,
-                            compile_ahead=not args.no_compile_ahead)  # fmt: skip
-        ok = trials[trials["status"] == "ok"]
-        best_ms = float(ok["time_ms"].min()) if len(ok) else math.nan
-        default_ms = _default_time_ms(item.spec, item.problem, trials, config_id)
-        rows.append({
-            "problem": item.describe(), "kernel": item.kernel, "calls": item.calls, "trials": len(trials),
-            "best_ms": best_ms, "default_ms": default_ms, "vs_default": f"{default_ms / best_ms:.2f}x" if best_ms > 0 else "-",
-        })
-    table = pd.DataFrame(rows)
+    # One compile pool serves every problem; it starts before this process runs a kernel (see CompilePool).
+    pool = None if args.no_compile_ahead else CompilePool()
+    try:
+        torch.manual_seed(args.seed)
+        model = build_model(args.model, channels, args.num_classes, height).to(runtime.default_device())
+        recorded = record_model_problems(model, (args.batch_size, channels, height, width), args.num_classes)
+        print(f"{args.model} at batch {args.batch_size}, input {channels}x{height}x{width}: "
+              f"{len(recorded.problems)} distinct kernel problems in one forward + backward step")
+        if recorded.left_to_torch:
+            print(f"skipped (no Triton kernel swapped in, runs PyTorch's): {', '.join(recorded.left_to_torch)}")
+        db = Database(args.db)
+        meta = {"model": args.model, "batch_size": args.batch_size, "input": [channels, height, width],
+                "budget": args.budget, "strategy": args.strategy, "problems": len(recorded.problems)}
+        with db.run("tune", f"{args.model} model, batch {args.batch_size}", meta) as run_id:
+            rows = [_tune_problem(args, item, db, pool, run_id) for item in recorded.problems]
+    finally:
+        if pool is not None:
+            pool.close()
     print(f"times: {runtime.timer_name()}" + (" (Triton interpreter on the CPU, not GPU figures)" if runtime.INTERPRETER else ""))
-    print(table.to_string(index=False, float_format=lambda value: f"{value:.3f}"))
+    print(format_table(pd.DataFrame(rows), float_format="{:.3f}"))
     return 0
 
 
-def _default_time_ms(spec, problem, trials: pd.DataFrame, config_id) -> float:
-    """The heuristic default config's time: from the stored trials, else measured now (not stored)."""
-    from autotune.pipeline import Pipeline
+def _tune_problem(args: argparse.Namespace, item, db, pool, run_id: int) -> dict:
+    """Tune one recorded problem into the model's run; its row of the summary table."""
+    from autotune.database import config_id
+    from autotune.tuner import tune
 
-    default = spec.default_config(problem)
-    stored = trials[(trials["config"] == config_id(default)) & (trials["status"] == "ok")]
-    if len(stored):
-        return float(stored["time_ms"].iloc[0])
-    trial = Pipeline(spec, problem).evaluate(default)
-    return trial.time_ms if trial.status == "ok" else math.nan
+    trials = tune(item.spec, item.problem, strategy=args.strategy, budget=args.budget, db=db, seed=args.seed,
+                  progress=not args.no_progress, compile_ahead=pool or False, run_id=run_id)  # fmt: skip
+    ok = trials[trials["status"] == "ok"]
+    best_ms = float(ok["time_ms"].min()) if len(ok) else math.nan
+    default = ok[ok["config"] == config_id(item.spec.default_config(item.problem))]  # sweeps measure it first
+    default_ms = float(default["time_ms"].iloc[0]) if len(default) else math.nan
+    return {"problem": item.describe(), "kernel": item.kernel, "calls": item.calls, "trials": len(trials),
+            "best_ms": best_ms, "default_ms": default_ms,
+            "vs_default": f"{default_ms / best_ms:.2f}x" if best_ms > 0 and default_ms > 0 else "-"}
