@@ -42,7 +42,7 @@ class DemoSize:
 
 SIZES = {
     "cpu": DemoSize(gemm_shape="96,80,72", gemm_dtype="fp32", conv_shape="2,4,8,8,8", conv_dtype="fp32", budget=6,
-                    model_budget=1, batch_size=32, epochs=1, steps=30, strategy_seeds=3),
+                    model_budget=2, batch_size=32, epochs=1, steps=None, strategy_seeds=3),
     "gpu": DemoSize(gemm_shape="4096,4096,4096", gemm_dtype="fp16", conv_shape="64,64,56,56,64", conv_dtype="fp16",
                     budget=60, model_budget=20, batch_size=128, epochs=5, steps=None, strategy_seeds=20),
 }  # fmt: skip
