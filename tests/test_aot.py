@@ -4,6 +4,7 @@ The full default spaces are checked by `workbench check-compile KERNEL`; here a 
 the extremes of each space (largest tiles, most stages, most warps) keep the test to a handful.
 """
 
+import dataclasses
 import json
 import random
 
@@ -75,4 +76,4 @@ def test_check_compile_command(capsys):
     assert main(["check-compile", "nonexistent"]) == 2
     assert "unknown kernel" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not registered"):
-        compile_space(kernels.spec.KernelSpec(**{**kernels.SPECS["gemm"].__dict__, "name": "copy"}), [])
+        compile_space(dataclasses.replace(kernels.SPECS["gemm"], name="copy"), [])

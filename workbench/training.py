@@ -43,6 +43,7 @@ from workbench.checkpoint import (
 )
 from workbench.data import Dataset, ImageSet, load_dataset
 from workbench.models import build_model
+from workbench.tables import format_table
 from workbench.tracing import StepTracer
 
 log = logging.getLogger("workbench.train")
@@ -437,7 +438,7 @@ def _record_trace(tracer: StepTracer, recorder: _Recorder | None) -> None:
     print(f"trace: {tracer.steps_traced} steps traced -> {tracer.trace_path}")
     device = "cuda" if (op_times["device"] == "cuda").any() else "cpu"  # where the kernels' time is
     top = op_times[op_times["device"] == device].nlargest(12, "self_time_ms")
-    print(top.to_string(index=False, float_format=lambda value: f"{value:.3f}"))
+    print(format_table(top, float_format="{:.3f}"))
 
 
 def _check_ranks_agree(model: nn.Module, distributed: Distributed) -> str:

@@ -11,7 +11,8 @@ import json
 
 import pandas as pd
 
-from workbench.commands.tune import baseline_time_ms, build_problem, format_table, performance_table, spec_for
+from workbench.commands.tune import baseline_time_ms, build_problem, performance_table, spec_for
+from workbench.tables import format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -9,6 +9,8 @@ import time
 
 import pandas as pd
 
+from workbench.tables import format_table
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -32,11 +34,6 @@ def _archs(text: str) -> tuple[int, ...]:
     if not archs:
         raise ValueError("--arch names no architecture")
     return archs
-
-
-def format_table(frame: pd.DataFrame) -> str:
-    """An aligned text table (columns left-aligned, no index)."""
-    return frame.to_string(index=False, justify="left") if len(frame) else "(none)"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from reports.roofline import peaks_for
+from workbench.tables import format_table
 
 TOP_CONFIGS = 10
 
@@ -129,17 +130,6 @@ def performance_table(trials: pd.DataFrame, problem: dict[str, Any], baseline_ms
             scale = 1024 if column == "shared KiB" else 1
             table[column] = (trials[source] / scale).map(lambda v: "-" if math.isnan(v) else f"{v:.3g}")
     return table
-
-
-def format_table(frame: pd.DataFrame) -> str:
-    """An aligned text table: text columns left-aligned, no index."""
-    if not len(frame):
-        return "(none)"
-    frame = frame.astype(str)
-    widths = {c: max(len(c), *(len(v) for v in frame[c])) for c in frame.columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in frame.columns)]
-    lines += ["  ".join(v.ljust(widths[c]) for c, v in zip(frame.columns, row)) for row in frame.itertuples(index=False)]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def energy_meter_for(profile: bool, objective: str):
