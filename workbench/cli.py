@@ -13,7 +13,9 @@ import workbench.commands
 
 def build_parser() -> argparse.ArgumentParser:
     """A parser with every module in `workbench.commands` registered as a subcommand."""
-    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="workbench", description="Autotune, train with, profile and report fused Triton conv, GEMM and "
+                                      "activation kernels.")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in sorted(pkgutil.iter_modules(workbench.commands.__path__), key=lambda m: m.name):
