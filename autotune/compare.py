@@ -84,15 +84,3 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
             for _, row in table[kernel_tuner].iterrows()
         ]
     return table
-
-
-def format_table(table: pd.DataFrame) -> str:
-    """An aligned plain-text table of `summarise`'s output."""
-    frame = table.reset_index()
-    cells = [[str(c) for c in frame.columns]]
-    for row in frame.itertuples(index=False):
-        cells.append([f"{v:.3f}" if isinstance(v, (float, np.floating)) else str(v) for v in row])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

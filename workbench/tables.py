@@ -18,7 +18,7 @@ def format_table(frame: pd.DataFrame, float_format: str = "{:.4g}") -> str:
     widths = [max(len(columns[i]), *(len(row[i]) for row in cells)) for i in range(len(columns))]
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)).rstrip()
+        return "  ".join(v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric))
 
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(row) for row in cells)])
 

@@ -38,8 +38,9 @@ def _budgets(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotune.compare import compare, format_table, landscape_files, load_kernel_tuner_results, summarise
+    from autotune.compare import compare, landscape_files, load_kernel_tuner_results, summarise
     from autotune.database import Database
+    from workbench.tables import format_table
 
     budgets = _budgets(args.budgets)
     strategies = [name for name in args.strategies.split(",") if name]
@@ -48,24 +49,16 @@ def run(args: argparse.Namespace) -> int:
     files = landscape_files(args.landscapes)
     database = Database(args.db)
     meta = {"landscapes": [f.name for f in files], "budgets": budgets, "seeds": args.seeds}
-    run_id = database.start_run("strategies", ",".join(strategies), meta=meta)
-    try:
+    with database.run("strategies", ",".join(strategies), meta=meta) as run_id:
         results = compare(files, strategies, budgets, args.seeds)
-    except KeyboardInterrupt:
-        database.finish_run(run_id, "interrupted")
-        raise
-    except Exception:
-        database.finish_run(run_id, "failed")
-        raise
-    frames = [results]
-    if str(args.kernel_tuner_csv) != "none" and Path(args.kernel_tuner_csv).is_file():
-        kernel_tuner = load_kernel_tuner_results(args.kernel_tuner_csv)
-        landscapes = set(results["landscape"])
-        frames.append(kernel_tuner[kernel_tuner["landscape"].isin(landscapes) & kernel_tuner["budget"].isin(budgets)])
-    combined = pd.concat(frames, ignore_index=True)
-    database.append("strategy_results", run_id, combined)
-    database.finish_run(run_id, "done")
-    print(format_table(summarise(combined)))
+        frames = [results]
+        if str(args.kernel_tuner_csv) != "none" and Path(args.kernel_tuner_csv).is_file():
+            kernel_tuner = load_kernel_tuner_results(args.kernel_tuner_csv)
+            landscapes = set(results["landscape"])
+            frames.append(kernel_tuner[kernel_tuner["landscape"].isin(landscapes) & kernel_tuner["budget"].isin(budgets)])
+        combined = pd.concat(frames, ignore_index=True)
+        database.append("strategy_results", run_id, combined)
+    print(format_table(summarise(combined).reset_index(), float_format="{:.3f}"))
     print(f"\nfraction = optimum / best found within the budget, mean over seeds; stored as run {run_id} "
           f"in {database.path} (table strategy_results)")  # fmt: skip
     return 0
