@@ -46,7 +46,7 @@ def test_tune_model_tunes_each_problem_and_the_kernels_use_the_best(monkeypatch,
                  "--no-compile-ahead", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "times: interpreter" in out or "times: cuda_events" in out
-    rows = [line for line in out.splitlines() if re.search(r"\d+\.\d{3}\s+\d+\.\d{3}\s+\d+\.\d{2}x$", line)]
+    rows = [line for line in out.splitlines() if re.search(r"\d+\.\d{3}\s+\d+\.\d{3}\s+\d+\.\d{2}x\s*$", line)]
     assert len(rows) == len(problems)
     db = Database()
     runs = db.runs().query("kind == 'tune'")  # one run holds the whole model's problems
