@@ -18,17 +18,6 @@ import triton.language as tl
 from kernels import runtime, tuned
 from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem
 
-class Spec(KernelSpec):
-    """A KernelSpec hashed by identity, so `kernels.tuned`'s lru_cache can key on it.
-
-    The dataclass-generated hash of KernelSpec hashes its dict fields and raises TypeError;
-    this subclass goes away once KernelSpec itself is declared with `eq=False`.
-    """
-
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
-
-
 # constexpr code of each activation; None (identity) is 0 so `if ACTIVATION:` means "has one"
 CODES: dict[str | None, int] = {
     None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "sigmoid": 6, "tanh": 7,
@@ -230,7 +219,7 @@ def _bytes(problem: Problem) -> int:
     return tensors * problem["numel"] * DTYPES[problem["dtype"]].itemsize
 
 
-ACTIVATION_SPEC = Spec(
+ACTIVATION_SPEC = KernelSpec(
     name="activation",
     kernel=activation_kernel,
     params={"BLOCK_SIZE": [128, 256, 512, 1024, 2048, 4096, 8192], "num_warps": [1, 2, 4, 8, 16]},

@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from kernels import runtime
-from kernels.activation import DEFAULT_NEGATIVE_SLOPE, Spec, activation_code, apply, derivative, torch_activation
-from kernels.gemm import INT32_MAX, SHARED_LIMIT_BYTES, TARGET_ARCHS, _max_offset, shared_bytes_estimate
-from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, Problem, dtype_name
+from kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative, torch_activation
+from kernels.gemm import INT32_MAX, SHARED_LIMIT_BYTES, TARGET_ARCHS, max_offset, shared_bytes_estimate
+from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
 from kernels.tuned import config_for
 
 
@@ -121,7 +121,7 @@ def empty_in_layout_of(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 def _needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether offsets must be 64-bit: some tensor spans half of 2**31 elements or more (the other half is
     headroom for the out-of-range positions of masked-off lanes). 32-bit offsets save registers."""
-    return max(_max_offset(tensor) for tensor in tensors) >= INT32_MAX // 2
+    return max(max_offset(tensor) for tensor in tensors) >= INT32_MAX // 2
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -773,7 +773,7 @@ _TILE_PARAMS = {
 }
 _SHAPE_KEYS = ("n", "c_in", "h", "w", "c_out")
 
-CONV_FWD_SPEC = Spec(
+CONV_FWD_SPEC = KernelSpec(
     name="conv_fwd",
     kernel=conv2d_fwd_kernel,
     params=_TILE_PARAMS,
@@ -792,7 +792,7 @@ CONV_FWD_SPEC = Spec(
     shape_keys=_SHAPE_KEYS,
 )
 
-CONV_DGRAD_SPEC = Spec(
+CONV_DGRAD_SPEC = KernelSpec(
     name="conv_dgrad",
     kernel=conv2d_dgrad_kernel,
     params=_TILE_PARAMS,
@@ -810,7 +810,7 @@ CONV_DGRAD_SPEC = Spec(
     shape_keys=_SHAPE_KEYS,
 )
 
-CONV_WGRAD_SPEC = Spec(
+CONV_WGRAD_SPEC = KernelSpec(
     name="conv_wgrad",
     kernel=conv2d_wgrad_kernel,
     params={"BLOCK_M": [32, 64, 128], "BLOCK_N": [16, 32, 64, 128], "BLOCK_K": [16, 32, 64], "GROUP_M": [1, 8],

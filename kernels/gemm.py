@@ -26,10 +26,10 @@ import triton.language as tl
 
 from kernels import runtime, tuned
 from kernels.aot import SHARED_LIMIT_BYTES
-from kernels.activation import (DEFAULT_NEGATIVE_SLOPE, Spec, activation_code, apply, derivative,
+from kernels.activation import (DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative,
                                 torch_activation)
 from kernels.activation import run as run_activation
-from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, Problem, dtype_name
+from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
 
 INT32_MAX = 2**31 - 1
 TARGET_ARCHS: tuple[int, ...] = (80, 90)  # the smallest shared memory among these bounds the space
@@ -122,7 +122,8 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _max_offset(tensor: torch.Tensor) -> int:
+def max_offset(tensor: torch.Tensor) -> int:
+    """The largest element offset a strided tensor reaches: whether 32-bit offsets suffice."""
     return sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
 
 
@@ -152,7 +153,7 @@ def _launch_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, bias: t
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation_name),
         STORE_PRE=pre_out is not None, ACT_GRAD_A=pre_in is not None, ROWSUM_A=rowsum is not None,
-        INPUT_PRECISION=input_precision(a.dtype), INT64=max(map(_max_offset, tensors)) > INT32_MAX,
+        INPUT_PRECISION=input_precision(a.dtype), INT64=max(map(max_offset, tensors)) > INT32_MAX,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
@@ -317,7 +318,7 @@ def _bytes(problem: Problem) -> int:
     return elements * DTYPES[problem["dtype"]].itemsize
 
 
-GEMM_SPEC = Spec(
+GEMM_SPEC = KernelSpec(
     name="gemm",
     kernel=gemm_kernel,
     params={
