@@ -2,6 +2,11 @@
 
 Uses the same timing harness as `workbench tune`. Interpreter timings say nothing about GPU speed,
 so on a machine without a GPU it says so and exits 0. Results go to the database ("baselines").
+
+`workbench bench conv` is the conv2d op against cuDNN, forward and forward+backward
+(workbench.conv_bench): without --shapes over ResNet-18's convolutions (224 and 32 input, batch 64
+and 256, fp16/bf16 channels_last and fp32), narrowed by --batch, --input-size and --dtype. The
+single conv kernels are benched on their own as conv_fwd, conv_dgrad and conv_wgrad.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import pandas as pd
 
 from workbench.commands.tune import baseline_time_ms, build_problem, performance_table, spec_for
+from workbench.conv_bench import BATCHES, BENCH_DTYPES, INPUT_SIZES
 from workbench.tables import format_table
 
 
@@ -20,11 +26,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="time a kernel (tuned config) against PyTorch's op (needs a GPU)",
         description="Time KERNEL with its tuned (or default) config and PyTorch's own op for each shape: "
                     "time, TFLOP/s, GB/s, % of peak and speed-up, stored as a 'bench' run.")  # fmt: skip
-    parser.add_argument("kernel", help="kernel name in kernels.SPECS, or a family prefix (conv: conv_fwd, conv_dgrad, ...)")
+    parser.add_argument("kernel", help="kernel name in kernels.SPECS (gemm, activation, conv_fwd, ...), or conv: "
+                                       "the conv2d op vs cuDNN, fwd and fwd+bwd, on ResNet-18's convs by default")
     parser.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
                         help="comma-separated sizes per problem, e.g. 1024,1024,1024 4096,4096,4096 "
                              "(default: the kernel's example problems)")  # fmt: skip
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="element type")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="element type (conv: default all three; fp16/bf16 run channels_last, fp32 NCHW)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, metavar="N",
+                        help="conv sweep only: batch sizes (default 64 256)")
+    parser.add_argument("--input-size", type=int, nargs="+", default=None, choices=INPUT_SIZES, metavar="PX",
+                        help="conv sweep only: network input resolution, 224 (ImageNet) and/or 32 (CIFAR-style "
+                             "stem) (default both)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="conv: allow TF32 for fp32 on both sides (sets torch.backends.cudnn.allow_tf32 and "
+                             "torch.backends.cuda.matmul.allow_tf32; default on, PyTorch's conv default)")
     parser.add_argument("--activation", default=None, help="fused activation (none for identity)")
     parser.add_argument("--problem", default=None, metavar="JSON", help="further problem entries as a JSON object")
     parser.add_argument("--db", default=None, help="database file (default: $WORKBENCH_DB or the user cache)")
@@ -40,6 +56,50 @@ def specs_named(name: str) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernel == "conv":
+        return run_conv(args)
+    if args.batch is not None or args.input_size is not None:
+        raise ValueError("--batch and --input-size apply to `workbench bench conv` only")
+    return run_specs(args)
+
+
+def conv_cases(args: argparse.Namespace) -> list:
+    """The conv cases the arguments ask for: the ResNet-18 sweep, or the --shapes problems in each dtype."""
+    from kernels.conv import CONV_FWD_SPEC
+    from workbench import conv_bench
+
+    dtypes = [args.dtype] if args.dtype is not None else list(BENCH_DTYPES)
+    activation = None if args.activation is not None and args.activation.lower() == "none" else args.activation
+    if args.shapes is None:
+        if args.problem is not None:
+            raise ValueError("--problem applies to --shapes problems, not to the ResNet-18 sweep")
+        return conv_bench.resnet18_cases(args.batch or BATCHES, args.input_size or INPUT_SIZES, dtypes, args.tf32,
+                                         "relu" if args.activation is None else activation)
+    if args.batch is not None or args.input_size is not None:
+        raise ValueError("--batch and --input-size narrow the ResNet-18 sweep: give the batch inside --shapes "
+                         "(n,c_in,h,w,c_out) instead")
+    problems = [build_problem(CONV_FWD_SPEC, shape, dtype, args.activation, args.problem)
+                for dtype in dtypes for shape in args.shapes]
+    return conv_bench.explicit_cases(problems, args.tf32)
+
+
+def run_conv(args: argparse.Namespace) -> int:
+    """`workbench bench conv`: our conv2d vs cuDNN (+ separate bias and activation), fwd and fwd+bwd."""
+    from kernels import runtime
+    from workbench import conv_bench
+
+    cases = conv_cases(args)
+    if runtime.timer_name() != "cuda_events":
+        print(f"workbench bench conv needs a GPU: this machine runs Triton kernels in the interpreter, whose "
+              f"timings say nothing about GPU speed. Nothing was measured ({len(cases)} case(s) x "
+              f"{len(conv_bench.PASSES)} passes against cuDNN).")  # fmt: skip
+        return 0
+    conv_bench.run_sweep(cases, args.db, args.tf32)
+    return 0
+
+
+def run_specs(args: argparse.Namespace) -> int:
+    """`workbench bench KERNEL` for kernels in kernels.SPECS (or a family of them): each spec vs its baseline."""
     from kernels import runtime
 
     specs = specs_named(args.kernel)
