@@ -58,10 +58,11 @@ def test_32_cases_have_a_cifar_stem_and_stages_at_32_16_8_4():
         assert p["h"] == p["w"] and shape["h"] * 32 == p["h"] * 56
         assert (p["c_in"], p["c_out"], p["kh"], p["stride"][0], p["padding"][0]) == (
             shape["c_in"], shape["c_out"], shape["kh"], shape["stride"], shape["padding"])
-    # each stage's output feeds the next stage's input, as in the network
-    assert CONV_FWD_SPEC.flops(cases["layer4"]) * 49 == CONV_FWD_SPEC.flops(
-        next(c.problem for c in conv_bench.resnet18_cases([64], [224], ["fp32"]) if c.layer == "layer4")) * 16
-
+    # each stage's first (stride-2) conv outputs the size its stage runs at, as in the network
+    for stage in ("layer2", "layer3", "layer4"):
+        first = cases[f"{stage}.0.conv1"]
+        assert make_geometry((3, 3), first["stride"], first["padding"][0]).output_hw(first["h"], first["w"], 3, 3) == (
+            cases[stage]["h"], cases[stage]["w"])
 
 def test_narrowing_and_the_tf32_policy():
     cases = conv_bench.resnet18_cases(batches=[64], input_sizes=[32], dtypes=["fp16"])
@@ -135,7 +136,8 @@ def test_relative_difference_flags_mismatches():
 def test_sweep_stores_rows_per_case_and_skips_one_out_of_memory(monkeypatch, capsys, tmp_path):
     """The sweep's bookkeeping, on the interpreter (its times are not looked at): the table, the run, the
     baselines rows, and a case that runs out of memory noted and skipped."""
-    good = _tiny_case("fp32", "nchw")
+    (good,) = conv_bench.explicit_cases([conv_problem(1, 2, 4, 4, 3, 3, 3, make_geometry((3, 3), 1, 1), "fp32",
+                                                      "nchw", "relu", True)], tf32=False)
     too_big = conv_bench.ConvBenchCase("huge", 224, dict(good.problem, n=4096))
     measure_case = conv_bench.measure_case
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import pandas as pd
 import torch
 
+import kernels
 from kernels.conv import CONV_FWD_SPEC, RESNET18_CONV_SHAPES, problem_geometry, resnet18_problem
 from kernels.spec import Problem
 
@@ -118,8 +119,6 @@ def explicit_cases(problems: Sequence[Problem], tf32: bool = True) -> list[ConvB
 
 def _ours(problem: Problem) -> Callable[..., torch.Tensor]:
     """y = kernels.conv2d(x, w, b, ...) with the problem's geometry and fused activation."""
-    import kernels
-
     g = problem_geometry(problem)
     if (g.pad_top, g.pad_left) != (g.pad_bottom, g.pad_right):
         raise ValueError(f"problem padding must be symmetric for kernels.conv2d, got {problem['padding']}")
@@ -129,8 +128,8 @@ def _ours(problem: Problem) -> Callable[..., torch.Tensor]:
 
 def _unfused(problem: Problem) -> Callable[..., torch.Tensor]:
     """y = act(F.conv2d(x, w) + b[:, None, None]): three PyTorch ops (the conv spec's baseline)."""
-    return lambda x, w, b: CONV_FWD_SPEC.baseline(
-        {"x": x, "weight": w, "bias": b, "geometry": problem_geometry(problem), "activation": problem["activation"]})
+    fixed = {"geometry": problem_geometry(problem), "activation": problem["activation"]}
+    return lambda x, w, b: CONV_FWD_SPEC.baseline({"x": x, "weight": w, "bias": b, **fixed})
 
 
 IMPLEMENTATIONS: dict[str, Callable[[Problem], Callable[..., torch.Tensor]]] = {"ours": _ours, "cudnn": _unfused}
