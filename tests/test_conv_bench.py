@@ -175,3 +175,14 @@ def test_cli_on_cpu_says_it_needs_a_gpu_and_exits_0(capsys):
     assert Database().runs().empty  # nothing measured, nothing recorded
     assert main(["bench", "conv", "--shapes", "2,8,9,9,16", "--batch", "4"]) == 2
     assert main(["bench", "gemm", "--input-size", "32"]) == 2
+
+
+def test_tf32_policy_sets_both_switches_and_cudnn_autotuning_then_restores_them():
+    backends = torch.backends
+    before = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark)
+    for enabled in (False, True):
+        with pytest.raises(KeyboardInterrupt), conv_bench.tf32_policy(enabled):
+            assert (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark) == (
+                enabled, enabled, True)
+            raise KeyboardInterrupt
+        assert (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark) == before
