@@ -133,35 +133,43 @@ def test_relative_difference_flags_mismatches():
     assert conv_bench.max_relative_difference((torch.tensor([float("nan"), 0.0]),), (a,)) == float("inf")
 
 
-def test_sweep_stores_rows_per_case_and_skips_one_out_of_memory(monkeypatch, capsys, tmp_path):
-    """The sweep's bookkeeping, on the interpreter (its times are not looked at): the table, the run, the
-    baselines rows, and a case that runs out of memory noted and skipped."""
+def test_sweep_stores_each_case_skips_out_of_memory_and_keeps_its_work_on_ctrl_c(monkeypatch, capsys, tmp_path):
+    """The sweep's bookkeeping, on the interpreter (its times are not looked at): a case that runs out of memory
+    is noted and skipped, a measured case is stored at once, and Ctrl-C on the next leaves the run 'interrupted'
+    with that case stored and its table printed."""
     (good,) = conv_bench.explicit_cases([conv_problem(1, 2, 4, 4, 3, 3, 3, make_geometry((3, 3), 1, 1), "fp32",
                                                       "nchw", "relu", True)], tf32=False)
     too_big = conv_bench.ConvBenchCase("huge", 224, dict(good.problem, n=4096))
+    stopped = conv_bench.ConvBenchCase("stopped", 32, good.problem)
     measure_case = conv_bench.measure_case
 
-    def out_of_memory_for_huge(case, device):
+    def injected_faults(case, device):
         if case.layer == "huge":
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        if case.layer == "stopped":
+            raise KeyboardInterrupt
         return measure_case(case, device)
 
-    monkeypatch.setattr(conv_bench, "measure_case", out_of_memory_for_huge)
+    monkeypatch.setattr(conv_bench, "measure_case", injected_faults)
     db_path = str(tmp_path / "bench.db")
-    table = conv_bench.run_sweep([too_big, good], db_path, tf32=False, progress=False)
-    printed = capsys.readouterr().out
-    assert list(table["pass"]) == ["fwd", "fwd+bwd"]
-    assert list(table.columns[:12]) == ["layer", "conv", "batch", "input size", "dtype", "pass", "our time_ms",
-                                        "cuDNN time_ms", "our TFLOP/s", "cuDNN TFLOP/s", "ratio", "max rel diff"]
-    assert (table["max rel diff"] < 1e-4).all()
-    assert "TF32 off on both sides" in printed and "note: 224/huge/n4096/fp32: out of GPU memory" in printed
+    with pytest.raises(KeyboardInterrupt):
+        conv_bench.run_sweep([too_big, good, stopped], db_path, tf32=False, progress=False)
+    printed = capsys.readouterr().out.splitlines()
+    header = printed.index(next(line for line in printed if line.startswith("layer")))
+    assert printed[header].split() == ["layer", "conv", "batch", "input", "size", "dtype", "pass", "our", "time_ms",
+                                       "cuDNN", "time_ms", "our", "TFLOP/s", "cuDNN", "TFLOP/s", "ratio", "max",
+                                       "rel", "diff"]
+    assert [line.split()[0] for line in printed[header + 2:header + 4]] == ["1,2,4,4,3"] * 2
+    assert "TF32 off on both sides" in printed[header - 1]
+    assert "note: 224/huge/n4096/fp32: out of GPU memory, skipped" in printed
     database = Database(db_path)
     (run,) = database.runs().itertuples()
-    assert (run.kind, run.name, run.status, run.meta["cases"]) == ("bench", "conv2d", "done", 2)
+    assert (run.kind, run.name, run.status, run.meta["cases"]) == ("bench", "conv2d", "interrupted", 3)
     rows = database.read("baselines", run.run_id)
     assert list(rows["pass"]) == ["fwd", "fwd+bwd"] and set(rows["kernel"]) == {"conv2d"}
     assert json.loads(rows["problem"][0]) == good.problem
     assert (rows["ratio"] == rows["baseline_time_ms"] / rows["time_ms"]).all()
+    assert (rows["max_rel_diff"] < 1e-4).all()  # both sides computed the same thing before they were timed
 
 
 def test_cli_on_cpu_says_it_needs_a_gpu_and_exits_0(capsys):

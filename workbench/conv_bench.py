@@ -243,7 +243,7 @@ def title(device: str, tf32: bool, cases: Sequence[ConvBenchCase]) -> str:
     added = epilogue(cases)
     unfused = f"conv, then {added.replace(' + ', ', then ')} as separate ops" if added else "conv"
     return (f"conv2d{' + ' + added if added else ''} on {device}: ours (fused Triton, tuned or default config) vs "
-            f"cuDNN (PyTorch {torch.__version__}: {unfused}; cudnn.benchmark on). fp32 TF32 {'on' if tf32 else 'off'} "
+            f"cuDNN (PyTorch {torch.__version__}: {unfused}; cudnn.benchmark on).\nfp32 TF32 {'on' if tf32 else 'off'} "
             f"on both sides (torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = {tf32}). "
             f"ratio = cuDNN time / ours (> 1: ours faster); fwd+bwd counts 3 convs of FLOPs.")
 
@@ -251,7 +251,8 @@ def title(device: str, tf32: bool, cases: Sequence[ConvBenchCase]) -> str:
 def run_sweep(cases: Sequence[ConvBenchCase], db: str | None, tf32: bool, progress: bool = True) -> pd.DataFrame:
     """Time every case (a GPU is expected), store each case's rows as it finishes, print the table; return it.
 
-    A case that runs out of GPU memory is skipped with a note. Ctrl-C keeps the cases already stored.
+    A case that runs out of GPU memory is skipped with a note. Ctrl-C keeps the cases already stored (the run
+    is marked interrupted) and still prints the table of what was measured.
     """
     from tqdm import tqdm
 
@@ -266,29 +267,30 @@ def run_sweep(cases: Sequence[ConvBenchCase], db: str | None, tf32: bool, progre
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     database = Database(db)
-    with tf32_policy(tf32), database.run("bench", KERNEL, meta) as run_id:
-        bar = tqdm(cases, desc="bench conv", unit="case", disable=not progress)
-        best_ratio = 0.0
-        for case in bar:
-            label = f"{case.input_size or 'explicit'}/{case.layer}/n{case.batch}/{case.dtype}"
-            case_rows = None
-            try:
-                case_rows = measure_case(case, runtime.default_device())
-            except torch.OutOfMemoryError:
-                pass  # handled below, once the traceback no longer holds the case's tensors
-            if case_rows is None:
-                torch.cuda.empty_cache()
-                skipped.append(f"{label}: out of GPU memory, skipped")
-                bar.write(f"note: {skipped[-1]}")
-                continue
-            database.append("baselines", run_id, database_rows(case, case_rows))
-            rows.extend(case_rows)
-            best_ratio = max(best_ratio, *(row["ratio"] for row in case_rows))
-            bar.set_postfix_str(f"{label}, best ratio {best_ratio:.3g}")
+    bar = tqdm(cases, desc="bench conv", unit="case", disable=not progress)
+    try:
+        with tf32_policy(tf32), database.run("bench", KERNEL, meta) as run_id:
+            best_ratio = 0.0
+            for case in bar:
+                label = f"{case.input_size or 'explicit'}/{case.layer}/n{case.batch}/{case.dtype}"
+                case_rows = None
+                try:
+                    case_rows = measure_case(case, runtime.default_device())
+                except torch.OutOfMemoryError:
+                    pass  # handled below, once the traceback no longer holds the case's tensors
+                if case_rows is None:
+                    torch.cuda.empty_cache()
+                    skipped.append(f"{label}: out of GPU memory, skipped")
+                    bar.write(f"note: {skipped[-1]}")
+                    continue
+                database.append("baselines", run_id, database_rows(case, case_rows))
+                rows.extend(case_rows)
+                best_ratio = max(best_ratio, *(row["ratio"] for row in case_rows))
+                bar.set_postfix_str(f"{label}, best ratio {best_ratio:.3g}")
+    finally:  # what was measured is shown even when Ctrl-C ends the sweep early
         bar.close()
-    table = pd.DataFrame(rows)
-    print(title(device, tf32, cases))
-    print(format_table(table))
-    for note in skipped:
-        print(f"note: {note}")
-    return table
+        print(title(device, tf32, cases))
+        print(format_table(pd.DataFrame(rows)))
+        for note in skipped:
+            print(f"note: {note}")
+    return pd.DataFrame(rows)
