@@ -6,6 +6,7 @@ Runs alone or under torchrun (`torchrun --nproc-per-node 2 -m workbench train ..
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from pathlib import Path
 
@@ -51,14 +52,15 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.db:
         os.environ["WORKBENCH_DB"] = args.db  # the kernels look their tuned configs up in the same database
+    finished = False
     try:
         result = train(config)
+        finished = True
     except KeyboardInterrupt:
         print(f"interrupted: the last checkpoint is in {args.out}; continue with --resume")
         return 130
     finally:
-        if dist.is_initialized():  # joined under torchrun by train()
-            dist.destroy_process_group()
+        _leave_process_group(together=finished)
     if result.run_id is None:  # ranks other than 0 report nothing
         return 0
     if result.skipped_modules:
@@ -72,3 +74,15 @@ def run(args: argparse.Namespace) -> int:
             f"held-out accuracy {result.final_eval_accuracy:.4f}"
         )
     return 130 if result.interrupted else 0
+
+
+def _leave_process_group(together: bool) -> None:
+    """Leave the group train() joined under torchrun. After a finished run the ranks leave together (a
+    barrier, once every DDP wrapper is gone), since a rank tearing gloo down while its peer still talks
+    can abort; after a failure there is no barrier, so no rank waits on a dead peer."""
+    if not dist.is_initialized():
+        return
+    gc.collect()  # DDP reducers hold the group: release them before it goes
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
