@@ -14,11 +14,17 @@ from reports.labels import problem_label
 
 
 def speedups(baselines: pd.DataFrame) -> pd.DataFrame:
-    """kernel, problem_label, time_ms, baseline_time_ms, speedup: one row per measured pair."""
+    """series, problem_label, time_ms, baseline_time_ms, speedup: one row per measured pair.
+
+    A series is the kernel, and its pass ('fwd', 'fwd+bwd') where the benchmark timed several.
+    """
     frame = baselines.dropna(subset=["time_ms", "baseline_time_ms"])
     frame = frame[(frame["time_ms"] > 0) & (frame["baseline_time_ms"] > 0)]
+    series = frame["kernel"].astype(str)
+    if "pass" in frame.columns:
+        series = series + frame["pass"].map(lambda value: f" {value}" if isinstance(value, str) and value else "")
     return pd.DataFrame({
-        "kernel": frame["kernel"].astype(str),
+        "series": series,
         "problem_label": frame["problem"].map(problem_label),
         "time_ms": frame["time_ms"].astype(float),
         "baseline_time_ms": frame["baseline_time_ms"].astype(float),
@@ -27,14 +33,14 @@ def speedups(baselines: pd.DataFrame) -> pd.DataFrame:
 
 
 def baseline_figure(baselines: pd.DataFrame, interpreter: bool) -> go.Figure | None:
-    """Horizontal bars of speed-up over PyTorch per problem, one colour per kernel; None without data."""
+    """Horizontal bars of speed-up over PyTorch per problem, one colour per series; None without data."""
     frame = speedups(baselines)
     if frame.empty:
         return None
     fig = go.Figure()
-    for kernel, group in frame.groupby("kernel", sort=True):
+    for series, group in frame.groupby("series", sort=True):
         fig.add_trace(go.Bar(
-            y=group["problem_label"].map(escape), x=group["speedup"], orientation="h", name=escape(kernel),
+            y=group["problem_label"].map(escape), x=group["speedup"], orientation="h", name=escape(series),
             text=[f"{value:.2f}×" for value in group["speedup"]], textposition="outside",
             customdata=group[["time_ms", "baseline_time_ms"]].to_numpy(),
             hovertemplate="%{y}<br>%{x:.3g}× (ours %{customdata[0]:.3g} ms, PyTorch %{customdata[1]:.3g} ms)"

@@ -163,8 +163,9 @@ def baselines_section(data: ReportData) -> Section | None:
             part.add_text("No complete baseline measurements in this run.")
         else:
             part.add_figure(figure)
-            table = speedups(baselines).rename(columns={"problem_label": "problem", "time_ms": "ours (ms)",
-                                                        "baseline_time_ms": "PyTorch (ms)", "speedup": "speed-up"})
+            table = speedups(baselines).rename(columns={
+                "series": "kernel", "problem_label": "problem", "time_ms": "ours (ms)",
+                "baseline_time_ms": "PyTorch (ms)", "speedup": "speed-up"})
             part.add_table(table)
         section.add(part)
     return section

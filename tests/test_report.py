@@ -12,6 +12,7 @@ import pytest
 
 from autotune.database import Database, TuningKey
 from reports import build_sections, write_report
+from reports.baselines import baseline_figure, speedups
 from reports.roofline import peaks_for, roofline_figure
 from reports.timeline import throttled_samples, timeline_figure
 from reports.training import op_share
@@ -285,3 +286,15 @@ def test_energy_figure_marks_fastest_least_energy_and_least_edp_and_best_so_far_
 
     best = best_so_far_figure(frame, choose_metric(frame)).data[1]
     assert list(best.y) == sorted(best.y) and max(best.y) == pytest.approx(ok["tflops"].max() * 1e3)  # GFLOP/s
+
+
+def test_baselines_of_several_passes_are_separate_series():
+    # `bench conv` times each problem forward and forward+backward: two bars per problem, not one label twice
+    problem = json.dumps({"n": 64, "c_in": 64, "h": 56, "w": 56, "c_out": 64})
+    baselines = pd.DataFrame({"kernel": "conv2d", "problem": problem, "pass": ["fwd", "fwd+bwd"],
+                              "time_ms": [1.0, 4.0], "baseline_time_ms": [1.5, 3.0]})
+    frame = speedups(baselines)
+    assert frame["series"].tolist() == ["conv2d fwd", "conv2d fwd+bwd"]
+    assert frame["speedup"].tolist() == pytest.approx([1.5, 0.75])
+    fig = baseline_figure(baselines, interpreter=False)
+    assert sorted(trace.name for trace in fig.data) == ["conv2d fwd", "conv2d fwd+bwd"]
