@@ -38,13 +38,14 @@ class DemoSize:
     epochs: int
     steps: int | None  # cap on training steps (None: full epochs)
     strategy_seeds: int
+    benchmark: bool  # time our kernels against cuBLAS/cuDNN (a GPU only: interpreter times say nothing of that)
 
 
 SIZES = {
     "cpu": DemoSize(gemm_shape="96,80,72", gemm_dtype="fp32", conv_shape="2,4,8,8,8", conv_dtype="fp32", budget=6,
-                    model_budget=2, batch_size=32, epochs=1, steps=None, strategy_seeds=3),
+                    model_budget=2, batch_size=32, epochs=1, steps=None, strategy_seeds=3, benchmark=False),
     "gpu": DemoSize(gemm_shape="4096,4096,4096", gemm_dtype="fp16", conv_shape="64,64,56,56,64", conv_dtype="fp16",
-                    budget=60, model_budget=20, batch_size=128, epochs=5, steps=None, strategy_seeds=20),
+                    budget=60, model_budget=20, batch_size=128, epochs=5, steps=None, strategy_seeds=20, benchmark=True),
 }  # fmt: skip
 
 
@@ -79,6 +80,10 @@ def steps(size: DemoSize, out_dir: Path, db: Path, landscapes: Path | None) -> l
         ("Train the ResNet on digits with PyTorch kernels", [*train, "--kernels", "torch",
                                                              "--out", str(out_dir / "train-torch")]),
     ]  # fmt: skip
+    if size.benchmark:
+        plan += [("Benchmark the fused GEMM against cuBLAS", ["bench", "gemm", *database]),
+                 ("Benchmark the fused conv against cuDNN (ResNet-18 layers, batch 64, fp16)",
+                  ["bench", "conv", "--batch", "64", "--dtype", "fp16", *database])]
     if landscapes is not None:
         plan.append(("Compare search strategies on recorded GPU landscapes",
                      ["strategies", "--landscapes", str(landscapes), "--budgets", "25,50,100",

@@ -1,0 +1,33 @@
+"""The demo's plan: every step is a valid `workbench` command line, for both sizes."""
+
+import pytest
+
+from kernels import runtime
+from workbench.cli import build_parser
+from workbench.demo import SIZES, pick_size, steps
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_every_step_parses_as_a_workbench_command_against_the_demo_database(size, tmp_path):
+    plan = steps(SIZES[size], tmp_path, tmp_path / "workbench.db", landscapes=tmp_path)
+    parser = build_parser()
+    commands = []
+    for title, arguments in plan:
+        parsed = parser.parse_args(arguments)  # argparse exits on a bad step
+        assert parsed.db in (str(tmp_path / "workbench.db"), tmp_path / "workbench.db"), title
+        commands.append(parsed.command)
+    assert commands[:3] == ["tune", "tune", "tune-model"] and commands.count("train") == 2
+    assert commands[-2:] == ["strategies", "report"]
+    assert ("bench" in commands) == SIZES[size].benchmark
+
+
+def test_without_landscapes_the_strategy_step_is_left_out(tmp_path):
+    commands = [arguments[0] for _, arguments in steps(SIZES["cpu"], tmp_path, tmp_path / "db", landscapes=None)]
+    assert "strategies" not in commands and commands[-1] == "report"
+
+
+def test_size_follows_the_machine_and_a_bad_size_names_the_argument():
+    assert pick_size("auto") == ("cpu" if runtime.INTERPRETER else "gpu")
+    assert pick_size("gpu") == "gpu"
+    with pytest.raises(ValueError, match="size"):
+        pick_size("huge")
