@@ -14,6 +14,11 @@ Why this design:
   random configs instead of 10, or spending every 4th ask on a random config were all worse.
 - log(time) makes relative differences count equally on fast and slow configs; a failed config is
   told as inf and modelled as a little worse than the worst success, so its region is avoided.
+- From `exploit_after` observations on, every other ask takes the highest-EI unasked Hamming neighbour
+  of the best config (local refinement): the random pool rarely holds the few configs next to an
+  isolated optimum. Keyed off the observation count, since strategies do not know the budget. On the
+  development landscapes this raised the 200-evaluation result (scoring every config instead of the
+  pool was worse at 25-100; exploiting on 2 of 3 asks was less even).
 - Asked but untold configs (parallel compile) are fitted at the mean observed value ("constant liar"),
   so a batch of asks spreads out instead of piling onto one spot.
 """
@@ -52,6 +57,7 @@ class ForestSearch(Strategy):
     trees = 24
     pool_size = 3000
     neighbourhood_of = 3  # the neighbours of this many best configs always join the candidate pool
+    exploit_after = 100  # observations before every other ask refines around the best config
 
     def __init__(self, space: Space, seed: int = 0):
         super().__init__(space, seed)
@@ -62,7 +68,7 @@ class ForestSearch(Strategy):
         finite = [v for v in self.observed_values if math.isfinite(v)]
         if len(finite) < min(self.initial_samples, 2) or len(self.observed_rows) < self.initial_samples:
             return self._random_unasked()
-        candidates = self._candidates()
+        candidates = self._local_candidates() if self._exploiting() else self._candidates()
         features = self._features[candidates]
         per_tree = np.stack([tree.tree_.predict(features)[:, 0] for tree in self._fit()])
         mean, std = per_tree.mean(axis=0), per_tree.std(axis=0) + 1e-9
@@ -91,6 +97,17 @@ class ForestSearch(Strategy):
         features = self._features[rows]
         seeds = self.rng.integers(2**31, size=self.trees)
         return [DecisionTreeRegressor(splitter="random", random_state=int(s)).fit(features, targets) for s in seeds]
+
+    def _exploiting(self) -> bool:
+        observed = len(self.observed_rows)
+        return observed >= self.exploit_after and observed % 2 == 0
+
+    def _local_candidates(self) -> np.ndarray:
+        """Unasked Hamming neighbours of the best config, or the usual pool if none is left."""
+        best_row = self.observed_rows[int(np.argmin(self.observed_values))]
+        near = np.asarray(self.space.neighbour_rows(best_row, "hamming"), dtype=int)
+        near = near[~self.asked[near]]
+        return near if len(near) else self._candidates()
 
     def _candidates(self) -> np.ndarray:
         unasked = self._unasked_rows()
