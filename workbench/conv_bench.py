@@ -186,14 +186,16 @@ def max_relative_difference(outputs: Outputs, references: Outputs) -> float:
 def tf32_policy(enabled: bool) -> Iterator[None]:
     """cuDNN's and cuBLAS's TF32 switches set to `enabled` (our fp32 kernels follow cudnn.allow_tf32), and
     cuDNN's own algorithm autotuning on, while the block runs; the previous settings come back after."""
-    backends = torch.backends
-    saved = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark)
-    backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = enabled
-    backends.cudnn.benchmark = True
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = enabled
     try:
-        yield
+        # cuDNN's flags through its own context manager, which works also where global flag setting
+        # is disabled (torch.testing does that)
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=enabled):
+            yield
     finally:
-        backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark = saved
+        matmul.allow_tf32 = saved
 
 
 def measure_case(case: ConvBenchCase, device: torch.device) -> list[dict[str, Any]]:
