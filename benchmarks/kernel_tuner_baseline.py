@@ -10,7 +10,7 @@ evaluation.
 
 Kernel Tuner is not a dependency of the workbench: run this with the interpreter of a separate venv,
     python3 -m venv /tmp/ktvenv && /tmp/ktvenv/bin/pip install kernel_tuner==1.5.0 pandas
-    /tmp/ktvenv/bin/python benchmarks/kernel_tuner_baseline.py --landscapes /work/shared/landscapes \
+    /tmp/ktvenv/bin/python benchmarks/kernel_tuner_baseline.py --landscapes ../shared/landscapes \
         --budgets 25,50,100,200 --seeds 20
 Kernel Tuner's strategies draw from the global `random` and `numpy.random` generators (its `seed`
 argument is not used by them), so each run seeds both. Rows are appended to the CSV as they finish and
@@ -103,7 +103,7 @@ def run_one(cache_file: Path, param_names: list[str], strategy: str, budget: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--landscapes", type=Path, default=Path("/work/shared/landscapes"))
+    parser.add_argument("--landscapes", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "landscapes")
     parser.add_argument("--budgets", default="25,50,100,200")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
