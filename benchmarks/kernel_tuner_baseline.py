@@ -103,7 +103,8 @@ def run_one(cache_file: Path, param_names: list[str], strategy: str, budget: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--landscapes", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "landscapes")
+    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "landscapes"
+    parser.add_argument("--landscapes", type=Path, default=beside_checkout)
     parser.add_argument("--budgets", default="25,50,100,200")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
