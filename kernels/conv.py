@@ -26,7 +26,7 @@ import triton.language as tl
 
 from kernels import runtime
 from kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative, torch_activation
-from kernels.gemm import INT32_MAX, SHARED_LIMIT_BYTES, TARGET_ARCHS, max_offset, shared_bytes_estimate
+from kernels.gemm import INT32_MAX, fits_shared_memory, max_offset
 from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
 from kernels.tuned import config_for
 
@@ -517,8 +517,8 @@ def _grid_wgrad(problem: Problem, config: Config) -> tuple[int, ...]:
 def _fits_shared_memory(config: Config, problem: Problem, backward: bool) -> bool:
     """The GEMM's estimate (pipelined A and B tiles, or the fp32 epilogue tile) fits sm_80 and sm_90;
     the backward kernels load the pre-activation beside operand A when there is an activation."""
-    view = {"dtype": problem["dtype"], "act_grad_a": backward and problem.get("activation") is not None}
-    return shared_bytes_estimate(config, view) <= min(SHARED_LIMIT_BYTES[arch] for arch in TARGET_ARCHS)
+    view = {"dtype": problem["dtype"], "backward": backward, "activation": problem.get("activation")}
+    return fits_shared_memory(config, view)
 
 
 def _fits_registers(config: Config, problem: Problem) -> bool:

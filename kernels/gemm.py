@@ -238,7 +238,8 @@ def _reads_pre(problem: Problem) -> bool:
     return bool(problem.get("backward")) and problem.get("activation") is not None
 
 
-def _fits_shared_memory(config: Config, problem: Problem) -> bool:
+def fits_shared_memory(config: Config, problem: Problem) -> bool:
+    """The config's shared memory fits every target architecture (the smallest limit bounds it)."""
     return shared_bytes_estimate(config, problem) <= min(SHARED_LIMIT_BYTES[arch] for arch in TARGET_ARCHS)
 
 
@@ -331,7 +332,7 @@ GEMM_SPEC = KernelSpec(
         "num_warps": [4, 8],
         "num_stages": [3, 4],
     },
-    constraints=(_fits_shared_memory, _fits_registers, _uses_its_warps),
+    constraints=(fits_shared_memory, _fits_registers, _uses_its_warps),
     default_config=default_config,
     make_inputs=make_inputs,
     launch=launch,

@@ -337,3 +337,13 @@ def test_default_config_is_valid_across_shapes():
         problem = conv.conv_problem(8, c_in, size, size, c_out, kernel, kernel, geometry, dtype)
         for spec in SPECS:
             assert spec.is_valid(spec.default_config(problem), problem), (spec.name, problem)
+
+
+def test_backward_shared_memory_counts_the_pre_activation_tile():
+    # dgrad/wgrad load z beside operand A when there is an activation: 128x64 fp32 tiles, 3 stages,
+    # fit sm_80 without it (144 KiB) and not with it (240 KiB)
+    config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_stages": 3}
+    with_activation = {"dtype": "fp32", "activation": "gelu"}
+    assert conv._fits_shared_memory(config, with_activation, backward=False)
+    assert not conv._fits_shared_memory(config, with_activation, backward=True)
+    assert conv._fits_shared_memory(config, {"dtype": "fp32", "activation": None}, backward=True)
