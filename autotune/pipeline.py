@@ -25,21 +25,21 @@ during it too (single-process sweeps; see `tuner`).
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import signal
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
 from autotune.environment import device_key, device_limits
 from autotune.timing import measure
 from kernels import runtime
+from kernels.aot import compile_in_worker, compile_pool
 from kernels.spec import Config, KernelSpec, Problem
 
 OBJECTIVES = ("time", "energy", "edp")
@@ -161,14 +161,6 @@ def over_limits(report: dict[str, Any], config: Config, limits: dict[str, int]) 
     return ""
 
 
-def _compile_in_worker(spec_name: str, problem: Problem, config: Config, arch: int) -> dict[str, Any]:
-    """Runs in a CompilePool worker (TRITON_INTERPRET=0): `kernels.aot.compile_config`, as a dict."""
-    import kernels
-    from kernels import aot
-
-    return asdict(aot.compile_config(kernels.SPECS[spec_name], problem, config, arch))
-
-
 class CompilePool:
     """Compiles configs for the GPU target with `kernels.aot.compile_config` in a process pool.
 
@@ -178,28 +170,16 @@ class CompilePool:
     (tune-model tunes every problem of a model with one). The target is this GPU's architecture, or
     sm_90 where there is none.
 
-    The workers must define kernels with TRITON_INTERPRET=0, and a spawned process copies the
-    environment when it starts; so the pool starts all its workers here, in the constructor, with
-    the variable set, before anything in this process runs a kernel (changing it later, while
-    kernels run, would switch Triton's mode under them). Only specs registered in `kernels.SPECS`
-    can be compiled: the workers look them up by name.
+    The pool (`kernels.aot.compile_pool`) starts all its workers in the constructor: make it before
+    this process runs a kernel (its TRITON_INTERPRET is switched while the workers start). Only specs
+    registered in `kernels.SPECS` can be compiled: the workers look them up by name.
     """
 
     def __init__(self, workers: int | None = None):
         capability = device_key().capability
         self.arch = int(capability.replace(".", "")) if capability else 90
-        self.workers = workers = workers or os.cpu_count() or 1
-        previous = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "0"
-        try:
-            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-            for _ in range(workers):  # spawn every worker now, while the variable is set
-                self._pool.submit(int)
-        finally:
-            if previous is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
+        self.workers = workers or os.cpu_count() or 1
+        self._pool, _ = compile_pool(self.workers)
 
     @staticmethod
     def supports(spec: KernelSpec) -> bool:
@@ -210,7 +190,7 @@ class CompilePool:
     def submit(self, spec: KernelSpec, problem: Problem, config: Config) -> Future:
         if not self.supports(spec):
             raise ValueError(f"spec {spec.name!r} is not registered in kernels.SPECS: it cannot be compiled ahead")
-        return self._pool.submit(_compile_in_worker, spec.name, problem, dict(config), self.arch)
+        return self._pool.submit(compile_in_worker, spec.name, problem, dict(config), self.arch)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -116,10 +116,28 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _worker_compile(spec_name: str, problem: Problem, config: Config, arch: int) -> dict:
+def compile_in_worker(spec_name: str, problem: Problem, config: Config, arch: int) -> dict:
+    """`compile_config` for a spec registered in `kernels.SPECS`, as a dict: the task a compile pool runs."""
     import kernels
 
     return asdict(compile_config(kernels.SPECS[spec_name], problem, config, arch))
+
+
+def compile_pool(workers: int, first_tasks: Iterable[tuple] = ()) -> tuple[ProcessPoolExecutor, list]:
+    """A spawned process pool for `compile_in_worker`, and the futures of `first_tasks` (argument tuples).
+
+    Its workers define kernels with TRITON_INTERPRET=0 (a spawned child copies the environment as it
+    starts, and the spawn pool starts one per submission while none is idle), so every worker is
+    started here, with the variable set: by the first tasks, or by trivial ones. Workers end with
+    their parent, even when it is killed.
+    """
+    with _compiling_environment():
+        pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_die_with_parent)
+        futures = [pool.submit(compile_in_worker, *task) for task in first_tasks]
+        for _ in range(max(1, workers) - len(futures)):
+            pool.submit(int)
+    return pool, futures
 
 
 @contextmanager
@@ -171,12 +189,9 @@ def compile_space(spec: KernelSpec, configs_and_problems: Iterable[tuple[Config,
     for index, key in enumerate(keys):
         waiting[key].append(index)
     bar = tqdm(total=len(jobs), desc=f"compile {spec.name}", unit="cfg", disable=not progress)
-    context = multiprocessing.get_context("spawn")
-    with _compiling_environment():
-        pool = ProcessPoolExecutor(max_workers=max(1, min(workers or os.cpu_count() or 1, len(unique))),
-                                   mp_context=context, initializer=_die_with_parent)
-        futures = {pool.submit(_worker_compile, spec.name, problem, config, arch): key
-                   for key, (config, problem, arch) in unique.items()}
+    tasks = [(spec.name, problem, config, arch) for config, problem, arch in unique.values()]
+    pool, submitted = compile_pool(min(workers or os.cpu_count() or 1, len(unique)), tasks)
+    futures = dict(zip(submitted, unique))
     try:
         failures = 0
         for future in as_completed(futures):
