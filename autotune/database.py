@@ -25,7 +25,7 @@ import pandas as pd
 import platformdirs
 
 from autotune.environment import DeviceKey, device_key, environment
-from kernels.spec import Config, KernelSpec, Problem, problem_id
+from kernels.spec import Config, KernelSpec, Problem, canonical_json, problem_id
 
 RUN_KINDS = ("tune", "train", "monitor", "strategies", "bench")
 RUN_STATUSES = ("running", "done", "failed", "interrupted")
@@ -75,7 +75,7 @@ def default_path() -> Path:
 
 def config_id(config: Mapping[str, Any]) -> str:
     """A canonical string for a config (the database key)."""
-    return json.dumps(dict(config), sort_keys=True, separators=(",", ":"))
+    return canonical_json(config)
 
 
 def _now() -> str:

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import pandas as pd
 from tqdm import tqdm
 
-from kernels.spec import Config, KernelSpec, Problem, problem_id
+from kernels.spec import Config, KernelSpec, Problem, canonical_json, problem_id
 
 # usable dynamic shared memory per block (opt-in maximum) by compute capability
 SHARED_LIMIT_BYTES: dict[int, int] = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -182,7 +182,7 @@ def compile_space(spec: KernelSpec, configs_and_problems: Iterable[tuple[Config,
 
     def row_of(index: int) -> dict:
         config, problem, arch = jobs[index]
-        return {"kernel": spec.name, "problem": problem_id(problem), "config": json.dumps(config, sort_keys=True),
+        return {"kernel": spec.name, "problem": problem_id(problem), "config": canonical_json(config),
                 "arch": arch, **results[keys[index]]}
 
     waiting: dict[str, list[int]] = defaultdict(list)  # compile key -> the jobs it answers

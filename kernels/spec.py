@@ -32,9 +32,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise TypeError(f"dtype {dtype} is not supported: expected one of {', '.join(map(str, DTYPES.values()))}")
 
 
+def canonical_json(value: Mapping[str, Any]) -> str:
+    """One string per mapping whatever its key order: how problems and configs are keyed and stored."""
+    return json.dumps(dict(value), sort_keys=True, separators=(",", ":"))
+
+
 def problem_id(problem: Problem) -> str:
     """A canonical string for a problem (the database key)."""
-    return json.dumps(problem, sort_keys=True, separators=(",", ":"))
+    return canonical_json(problem)
 
 
 @dataclass(frozen=True, eq=False)

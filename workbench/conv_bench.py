@@ -21,7 +21,6 @@ at 56x56 in the 224 network): 56 -> 32, 28 -> 16, 14 -> 8, 7 -> 4.
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 
 import kernels
 from kernels.conv import CONV_FWD_SPEC, RESNET18_CONV_SHAPES, problem_geometry, resnet18_problem
-from kernels.spec import Problem
+from kernels.spec import Problem, problem_id
 
 INPUT_SIZES = (224, 32)
 BATCHES = (64, 256)
@@ -224,7 +223,7 @@ def measure_case(case: ConvBenchCase, device: torch.device) -> list[dict[str, An
 def database_rows(case: ConvBenchCase, rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The "baselines" rows of one case: kernel, problem JSON, pass, times, ratio (plus layer and sizes)."""
     return pd.DataFrame([{
-        "kernel": KERNEL, "problem": json.dumps(case.problem, sort_keys=True), "pass": row["pass"],
+        "kernel": KERNEL, "problem": problem_id(case.problem), "pass": row["pass"],
         "layer": case.layer, "input_size": case.input_size, "time_ms": row["our time_ms"],
         "baseline_time_ms": row["cuDNN time_ms"], "ratio": row["ratio"], "baseline": "cudnn",
         "max_rel_diff": row["max rel diff"],

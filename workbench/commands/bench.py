@@ -16,6 +16,7 @@ import json
 
 import pandas as pd
 
+from kernels.spec import problem_id
 from workbench.commands.tune import baseline_time_ms, build_problem, performance_table, spec_for
 from workbench.conv_bench import BATCHES, BENCH_DTYPES, INPUT_SIZES
 from workbench.tables import format_table
@@ -150,7 +151,7 @@ def bench(spec, problems: list[dict], db: str | None) -> None:
             table.insert(0, "shape", [f"{shape} {problem.get('dtype', '')}"])
             table["rel err"] = [f"{error:.2g}"]
             tables.append(table)
-            rows.append({"kernel": spec.name, "problem": json.dumps(problem, sort_keys=True),
+            rows.append({"kernel": spec.name, "problem": problem_id(problem),
                          "time_ms": timing.time_ms, "baseline_time_ms": baseline_ms,
                          "ratio": baseline_ms / timing.time_ms})  # fmt: skip
         database.append("baselines", run_id, pd.DataFrame(rows))
