@@ -175,3 +175,19 @@ def test_profile_without_nvml_an_energy_objective_is_refused(capsys):
         pytest.skip("NVML is present here: the no-NVML message is for machines without it")
     assert main(["tune", "gemm", "--objective", "edp", "--profile", "--shape", "4,4,4"]) == 2
     assert "needs NVML on a GPU" in capsys.readouterr().err
+
+
+def test_profile_stores_energy_per_trial_and_the_power_trace_beside_the_trials(monkeypatch, capsys):
+    # profiler and autotune joined by the command: a fake GPU drawing 120 W, energy as the objective
+    from fake_pynvml import FakeGpu, make_pynvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", make_pynvml([FakeGpu(power_w=120.0)]))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert main(["tune", "gemm", "--shape", "8,8,8", "--budget", "1", "--profile", "--objective", "energy",
+                 "--no-compile-ahead"]) == 0
+    trials = Database().trials()
+    assert len(trials) == 1 and trials["status"].iloc[0] == "ok"
+    assert trials["energy_j_per_call"].iloc[0] > 0 and trials["avg_power_w"].iloc[0] == pytest.approx(120.0, rel=0.05)
+    run_id = int(trials["run_id"].iloc[0])
+    assert len(Database().read("samples", run_id)) > 10 and len(Database().read("windows", run_id)) >= 1
+    assert "J/call" in capsys.readouterr().out

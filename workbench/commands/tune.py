@@ -142,9 +142,8 @@ def energy_meter_for(profile: bool, objective: str):
         return None, None
     import torch
 
-    from autotune.pipeline import ENERGY_FIELDS
     from kernels import runtime
-    from profiler import NvmlSampler, measure_energy
+    from profiler import NvmlSampler, energy_meter
 
     sampler = NvmlSampler()
     if not sampler.available:
@@ -153,12 +152,7 @@ def energy_meter_for(profile: bool, objective: str):
         print(f"--profile: no energy measurements ({sampler.reason}); tuning goes on by time")
         return None, None
     synchronize = torch.cuda.synchronize if runtime.timer_name() == "cuda_events" else (lambda: None)
-
-    def meter(name: str, fn) -> dict[str, float]:
-        result = measure_energy(fn, sampler, name, synchronize=synchronize)
-        return {key: result[key] for key in ENERGY_FIELDS}
-
-    return meter, sampler
+    return energy_meter(sampler, synchronize=synchronize), sampler
 
 
 def run(args: argparse.Namespace) -> int:
