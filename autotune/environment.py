@@ -46,7 +46,7 @@ def device_limits() -> dict[str, int]:
     compiled for ahead of time (H100: 227 KiB opt-in shared memory per block, 64 Ki registers per SM).
     """
     if device_key().device != INTERPRETER_DEVICE:
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
         shared = getattr(props, "shared_memory_per_block_optin", 0) or 232448
         registers = getattr(props, "regs_per_multiprocessor", 0) or 65536
         return {"shared_bytes": int(shared), "registers_per_sm": int(registers), "registers_per_thread": 255}

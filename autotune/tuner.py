@@ -100,6 +100,10 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
     instead of a run of the sweep's own.
     Non-zero ranks return an empty DataFrame.
     """
+    if not isinstance(spec, KernelSpec):
+        raise TypeError(f"spec must be a kernels.spec.KernelSpec, got {type(spec).__name__}")
+    if not isinstance(problem, dict):
+        raise TypeError(f"problem must be a dict of sizes and dtype, got {type(problem).__name__}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if objective != "time" and energy_meter is None:

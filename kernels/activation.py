@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels import runtime, tuned
-from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem
+from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
 
 # constexpr code of each activation; None (identity) is 0 so `if ACTIVATION:` means "has one"
 CODES: dict[str | None, int] = {
@@ -125,8 +125,6 @@ def activation_kernel(x_ptr, grad_ptr, out_ptr, n_elements, negative_slope,
 
 
 def _problem(x: torch.Tensor, name: str | None, backward: bool) -> Problem:
-    from kernels.spec import dtype_name
-
     return {"numel": x.numel(), "dtype": dtype_name(x.dtype), "activation": name, "backward": backward}
 
 

@@ -62,6 +62,7 @@ class TritonLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
                  negative_slope: float = DEFAULT_NEGATIVE_SLOPE, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        ops.resolve_activation(activation, **activation_kwargs(activation, negative_slope))  # fail early
         self.activation, self.negative_slope = activation, negative_slope
 
     @classmethod
@@ -207,6 +208,7 @@ class TritonConv2d(nn.Conv2d):
                  device=None, dtype=None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          device=device, dtype=dtype)
+        ops.resolve_activation(activation, **activation_kwargs(activation, negative_slope))  # fail early
         self.activation, self.negative_slope = activation, negative_slope
 
     @classmethod

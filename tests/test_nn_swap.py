@@ -115,3 +115,12 @@ def test_triton_linear_is_a_drop_in_linear(device):
     assert clone.activation == "sigmoid" and clone.weight is not layer.weight
     with pytest.raises(ValueError, match="activation must be"):
         knn.TritonActivation("softplus")
+
+
+def test_modules_reject_an_unknown_activation_when_built():
+    from kernels.nn import TritonConv2d, TritonLinear
+
+    with pytest.raises(ValueError, match="activation"):
+        TritonLinear(3, 4, activation="swish")
+    with pytest.raises(ValueError, match="activation"):
+        TritonConv2d(3, 4, 3, activation="bogus")

@@ -162,3 +162,10 @@ def test_config_whose_process_died_twice_is_recorded_as_timeout_not_run_again():
 def test_a_sweep_measures_the_heuristic_default_first():
     trials = tune(SPEC, PROBLEM, strategy="random", budget=1, progress=False, interpreter_reps=1)
     assert [json.loads(c) for c in trials["config"]] == [SPEC.default_config(PROBLEM)]
+
+
+def test_tune_names_a_wrong_spec_or_problem():
+    with pytest.raises(TypeError, match="spec must be"):
+        tune("gemm", PROBLEM, progress=False)
+    with pytest.raises(TypeError, match="problem must be"):
+        tune(SPEC, "n=37", progress=False)

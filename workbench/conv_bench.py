@@ -164,17 +164,13 @@ def pass_flops(problem: Problem, pass_name: str) -> int:
 
 
 def max_relative_difference(outputs: Outputs, references: Outputs) -> float:
-    """The largest max|a - b| / max|b| over paired outputs, in fp32 where they are (inf if they do not pair up
-    or a value is NaN): a check that both sides compute the same thing, not an accuracy measurement."""
-    if len(outputs) != len(references) or any(a.shape != b.shape for a, b in zip(outputs, references)):
+    """The largest `relative_error` over paired outputs (inf if they do not pair up): a check that both
+    sides compute the same thing, not an accuracy measurement."""
+    from autotune.pipeline import relative_error
+
+    if len(outputs) != len(references):
         return math.inf
-    worst = 0.0
-    for a, b in zip(outputs, references):
-        if b.numel():
-            scale = b.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-            difference = float((a.float() - b.float()).abs().max() / scale)
-            worst = math.inf if math.isnan(difference) else max(worst, difference)
-    return worst
+    return max((relative_error(a, b) for a, b in zip(outputs, references)), default=0.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ class _Energy:
             return
         from profiler import NvmlSampler
 
-        sampler = NvmlSampler(device=device.index or 0 if device.type == "cuda" else 0)
+        sampler = NvmlSampler(device=device.index or 0)
         if not sampler.available:
             print(f"profile: no power data exists on this machine ({sampler.reason}); training anyway")
             return

@@ -7,8 +7,6 @@ import json
 import random
 import time
 
-import pandas as pd
-
 from workbench.tables import format_table
 
 
