@@ -52,11 +52,19 @@ def test_gemm_sweep_stores_every_trial_kernels_use_the_winner_and_rerun_evaluate
     assert len(db.runs()) == 1  # nothing to do: no new run, nothing evaluated
 
 
+# A sweep that stops after its third stored trial, announces it in a marker file and waits there, so
+# the test kills it at a known point however fast the machine is.
 _KILLABLE_SWEEP = textwrap.dedent("""
-    import sys
+    import pathlib, sys, time
     from autotune import tune
     from tiny_spec import SPEC
-    tune(SPEC, {"n": 37, "dtype": "fp32"}, strategy="exhaustive", budget=8, progress=False, interpreter_reps=40)
+    stored = []
+    def wait_after_three(trial):
+        stored.append(trial)
+        if len(stored) == 3:
+            pathlib.Path(sys.argv[1]).touch()
+            time.sleep(600)
+    tune(SPEC, {"n": 37, "dtype": "fp32"}, strategy="exhaustive", budget=8, progress=False, on_trial=wait_after_three)
 """)
 
 
@@ -64,17 +72,16 @@ def test_sweep_killed_with_sigkill_resumes_without_loss_or_duplicates(tmp_path):
     from tiny_spec import SPEC
 
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-c", _KILLABLE_SWEEP], env=environment)
-    db = Database()
+    marker = tmp_path / "three-trials-stored"
+    process = subprocess.Popen([sys.executable, "-c", _KILLABLE_SWEEP, str(marker)], env=environment)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if db.path.exists() and len(db.trials()) >= 3:
-            break
+    while time.monotonic() < deadline and process.poll() is None and not marker.exists():
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    db = Database()
     before = db.trials()
-    assert 3 <= len(before) < 8, "the sweep should have been killed part-way"
+    assert marker.exists() and len(before) == 3, "the sweep should have been killed after its third trial"
     assert db.runs()["status"].tolist() == ["running"]  # killed: it could not say so
 
     trials = tune(SPEC, {"n": 37, "dtype": "fp32"}, strategy="exhaustive", budget=8, progress=False)
