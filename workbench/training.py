@@ -436,8 +436,9 @@ def _record_trace(tracer: StepTracer, recorder: _Recorder | None) -> None:
     if recorder is not None:
         recorder.append("op_times", op_times)
     print(f"trace: {tracer.steps_traced} steps traced -> {tracer.trace_path}")
-    device = "cuda" if (op_times["device"] == "cuda").any() else "cpu"  # where the kernels' time is
-    top = op_times[op_times["device"] == device].nlargest(12, "self_time_ms")
+    from reports.training import op_device  # the report's rule for where a step's kernel time is
+
+    top = op_times[op_times["device"] == op_device(op_times)].nlargest(12, "self_time_ms")
     print(format_table(top, float_format="{:.3f}"))
 
 
