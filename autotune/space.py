@@ -123,12 +123,21 @@ class Space:
         """
         if method not in ("adjacent", "hamming"):
             raise ValueError(f"method: expected 'adjacent' or 'hamming', got {method!r}")
-        differences = self.table - self.table[row]
-        changed = np.count_nonzero(differences, axis=1)
-        mask = changed == 1
+        mask = self.hamming_distances(row) == 1
         if method == "adjacent":
-            mask &= np.abs(differences).sum(axis=1) == 1
+            mask &= np.abs(self.table - self.table[row]).sum(axis=1) == 1
         return np.flatnonzero(mask)
+
+    def hamming_distances(self, row: int) -> np.ndarray:
+        """For every valid config, the number of parameters in which it differs from row `row`."""
+        return np.count_nonzero(self.table != self.table[row], axis=1)
+
+    @cached_property
+    def positions(self) -> np.ndarray:
+        """`table` scaled to [0, 1] per parameter (value index / (number of values - 1)): a geometry in
+        which every parameter spans the same range, for spreading configs out."""
+        last = np.array([max(len(values) - 1, 1) for values in self.params.values()], dtype=float)
+        return self.table / last
 
     def neighbours(self, config: Mapping[str, Any], method: str = "adjacent") -> list[Config]:
         """Valid neighbours of a valid config (see `neighbour_rows`)."""

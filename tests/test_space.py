@@ -1,4 +1,4 @@
-"""autotune.Space: enumeration, validity, sampling, neighbours, KernelSpec binding, bad arguments."""
+"""autotune.Space: enumeration, validity, sampling, neighbours, distances, KernelSpec binding, bad arguments."""
 
 import itertools
 
@@ -47,6 +47,18 @@ def test_neighbours_change_one_parameter():
     assert (128, 2, 1) in hamming and (128, 2, 1) not in {tuple(c.values()) for c in adjacent}
     for other in space.neighbours(config, "hamming"):
         assert sum(other[k] != config[k] for k in config) == 1 and space.is_valid(other)
+
+
+def test_hamming_distances_and_positions():
+    space = small_space()
+    row = space.row({"block": 32, "warps": 2, "flag": 1})
+    distances = space.hamming_distances(row)
+    for other, distance in zip(space, distances):
+        assert distance == sum(other[k] != v for k, v in space.config(row).items())
+    assert distances[row] == 0
+    positions = space.positions  # value index / (number of values - 1), per parameter
+    assert positions.min() == 0 and positions.max() == 1
+    assert positions[space.row({"block": 64, "warps": 4, "flag": 0})].tolist() == [2 / 3, 1.0, 0.0]
 
 
 def test_from_spec_binds_the_problem():

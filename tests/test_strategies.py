@@ -98,6 +98,33 @@ def test_auto_beats_random_search_on_a_smooth_landscape():
     assert auto > 0.9
 
 
+def test_auto_spreads_its_first_configs_to_the_extremes_of_every_parameter():
+    space = Space({"a": list(range(10)), "b": list(range(10)), "c": list(range(10))})
+    for seed in range(3):
+        strategy = make_strategy("auto", space, seed=seed)
+        first = [strategy.ask() for _ in range(strategy.initial_samples)]
+        for name in space.names:  # ten random configs would miss one of the six extremes 9 times in 10
+            assert {0, 9} <= {config[name] for config in first}, (seed, name)
+
+
+def test_auto_refines_within_two_changes_of_the_best_on_every_other_ask_from_50_on():
+    space = Space({name: [1, 2, 3, 4, 5] for name in "abcdef"})
+
+    def bowl(config: dict) -> float:
+        return 1.0 + sum((value - 2) ** 2 for value in config.values())
+
+    strategy = make_strategy("auto", space, seed=1)
+    best, far_from_best = None, {"refining": 0, "exploring": 0}
+    for told in range(90):
+        config = strategy.ask()
+        if best is not None and sum(config[k] != best[k] for k in config) > 2:
+            far_from_best["refining" if told >= 50 and told % 2 == 0 else "exploring"] += 1
+        strategy.tell(config, bowl(config))
+        best = min(best or config, config, key=bowl)
+    assert far_from_best["refining"] == 0
+    assert far_from_best["exploring"] > 0  # the other asks do explore away from the best
+
+
 def test_bad_arguments():
     space = grid_space()
     with pytest.raises(ValueError, match="name"):
