@@ -99,6 +99,12 @@ def test_strategies_command_prints_table_and_stores_rows(tmp_path, capsys):
     assert len(stored) == 2 * 2 * 2 + 2
     assert set(stored["source"]) == {"workbench", "kernel_tuner"}
     assert stored.query("strategy == 'exhaustive' and budget == 16")["fraction"].eq(1.0).all()
+    assert set(stored.query("source == 'workbench'")["seed"]) == {0, 1}
+
+    assert main(["strategies", "--landscapes", str(landscapes), "--budgets", "4", "--seeds", "2", "--first-seed", "5",
+                 "--strategies", "random", "--kernel-tuner-csv", "none", "--db", str(database)]) == 0
+    later = Database(database).read("strategy_results")
+    assert set(later.query("strategy == 'random' and budget == 4")["seed"]) == {0, 1, 5, 6}
 
 
 def test_strategies_command_rejects_bad_arguments(tmp_path, capsys):
@@ -107,6 +113,8 @@ def test_strategies_command_rejects_bad_arguments(tmp_path, capsys):
     write_cache(tmp_path / "toy.json")
     assert main(["strategies", "--landscapes", str(tmp_path), "--budgets", "4,x"]) == 2
     assert "--budgets" in capsys.readouterr().err
+    assert main(["strategies", "--landscapes", str(tmp_path), "--first-seed", "-1"]) == 2
+    assert "--first-seed" in capsys.readouterr().err
 
 
 def test_kernel_tuner_results_layout(tmp_path):

@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--landscapes", required=True, type=Path, help="directory of *.json / *.json.gz cache files")
     parser.add_argument("--budgets", default="25,50,100,200", help="comma-separated evaluation budgets")
     parser.add_argument("--seeds", type=int, default=20, help="seeds per strategy and landscape (default 20)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds first-seed .. first-seed + seeds - 1 (default 0), e.g. to check a result "
+                             "on seeds no choice was made on")  # fmt: skip
     parser.add_argument("--strategies", default="auto,random",
                         help="comma-separated strategy names (default auto,random)")  # fmt: skip
     parser.add_argument("--kernel-tuner-csv", type=Path, default=DEFAULT_KERNEL_TUNER_CSV,
@@ -46,11 +49,14 @@ def run(args: argparse.Namespace) -> int:
     strategies = [name for name in args.strategies.split(",") if name]
     if args.seeds < 1:
         raise ValueError(f"--seeds: expected a positive int, got {args.seeds}")
+    if args.first_seed < 0:
+        raise ValueError(f"--first-seed: expected a non-negative int, got {args.first_seed}")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     files = landscape_files(args.landscapes)
     database = Database(args.db)
-    meta = {"landscapes": [f.name for f in files], "budgets": budgets, "seeds": args.seeds}
+    meta = {"landscapes": [f.name for f in files], "budgets": budgets, "seeds": seeds}
     with database.run("strategies", ",".join(strategies), meta=meta) as run_id:
-        results = compare(files, strategies, budgets, args.seeds)
+        results = compare(files, strategies, budgets, seeds)
         frames = [results]
         if str(args.kernel_tuner_csv) != "none" and Path(args.kernel_tuner_csv).is_file():
             kernel_tuner = load_kernel_tuner_results(args.kernel_tuner_csv)
