@@ -19,63 +19,17 @@ import math
 import os
 from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from autotune.database import Database, TuningKey, config_id
+from autotune.distributed import Distributed
 from autotune.pipeline import OBJECTIVES, CompilePool, EnergyMeter, Pipeline, Trial, objective_value
 from kernels.spec import Config, KernelSpec, Problem, problem_id
 
 log = logging.getLogger("autotune")
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a torch.distributed group (rank 0 owns the database)."""
-
-    rank: int
-    world_size: int
-
-    @classmethod
-    def from_environment(cls) -> "Distributed | None":
-        """The group torchrun set up (initialising it: gloo on CPU, nccl on GPU), or None if not under torchrun."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return None
-        import torch
-        import torch.distributed as dist
-
-        from kernels import runtime
-
-        if not dist.is_initialized():
-            backend = "nccl" if runtime.default_device().type == "cuda" else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend)
-        return cls(dist.get_rank(), dist.get_world_size())
-
-    def close(self) -> None:
-        """Leave the process group (call once, at the end of the program's distributed work)."""
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    def broadcast(self, value: Any) -> Any:
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, value: Any) -> list[Any] | None:
-        import torch.distributed as dist
-
-        boxes = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(value, boxes, dst=0)
-        return boxes
 
 
 def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: int = 200,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -32,6 +31,8 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from autotune.database import Database
+from autotune.distributed import Distributed
 from kernels import runtime
 from workbench.checkpoint import (
     CHECKPOINT_NAME,
@@ -133,30 +134,11 @@ class Progress:
     epoch_images: int = 0
 
 
-@dataclass(frozen=True)
-class Distributed:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
 def init_distributed(kernels: str) -> Distributed:
-    """Join the process group torchrun describes in the environment (a single process otherwise)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed(0, 1, 0)
-    if not dist.is_initialized():
-        use_nccl = torch.cuda.is_available() and not (kernels == "triton" and runtime.INTERPRETER)
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    """Join the group torchrun describes (a group of one outside torchrun): nccl when the model lives
+    on a GPU, gloo when it runs on the CPU (our kernels in the interpreter)."""
+    use_cuda = torch.cuda.is_available() and not (kernels == "triton" and runtime.INTERPRETER)
+    return Distributed.from_environment(use_cuda) or Distributed()
 
 
 def training_device(kernels: str, distributed: Distributed) -> torch.device:
@@ -225,8 +207,6 @@ class _Recorder:
     """Rank 0's database writer: buffers rows and flushes them before each checkpoint, never twice per step."""
 
     def __init__(self, config: TrainConfig, resumed_run_id: int | None) -> None:
-        from autotune.database import Database  # late: keeps `import workbench.training` light
-
         self.db = Database(config.db_path)
         self.run_id = self._open_run(config, resumed_run_id)
         recorded_steps = self.db.read("train_steps", self.run_id)

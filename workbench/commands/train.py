@@ -6,12 +6,10 @@ Runs alone or under torchrun (`torchrun --nproc-per-node 2 -m workbench train ..
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 from pathlib import Path
 
-import torch.distributed as dist
-
+from autotune.distributed import leave_process_group
 from workbench.data import DATASET_NAMES
 from workbench.models import MODEL_NAMES
 from workbench.training import AMP_CHOICES, KERNEL_CHOICES, TrainConfig, train
@@ -60,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"interrupted: the last checkpoint is in {args.out}; continue with --resume")
         return 130
     finally:
-        _leave_process_group(together=finished)
+        leave_process_group(together=finished)
     if result.run_id is None:  # ranks other than 0 report nothing
         return 0
     if result.skipped_modules:
@@ -74,15 +72,3 @@ def run(args: argparse.Namespace) -> int:
             f"held-out accuracy {result.final_eval_accuracy:.4f}"
         )
     return 130 if result.interrupted else 0
-
-
-def _leave_process_group(together: bool) -> None:
-    """Leave the group train() joined under torchrun. After a finished run the ranks leave together (a
-    barrier, once every DDP wrapper is gone), since a rank tearing gloo down while its peer still talks
-    can abort; after a failure there is no barrier, so no rank waits on a dead peer."""
-    if not dist.is_initialized():
-        return
-    gc.collect()  # DDP reducers hold the group: release them before it goes
-    if together:
-        dist.barrier()
-    dist.destroy_process_group()

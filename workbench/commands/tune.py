@@ -158,7 +158,8 @@ def energy_meter_for(profile: bool, objective: str):
 def run(args: argparse.Namespace) -> int:
     from autotune.database import Database
     from autotune.environment import device_key
-    from autotune.tuner import Distributed, tune
+    from autotune.distributed import Distributed, leave_process_group
+    from autotune.tuner import tune
 
     spec = spec_for(args.kernel)
     problem = build_problem(spec, args.shape, args.dtype, args.activation, args.problem)
@@ -175,15 +176,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"tuning {spec.name} for {json.dumps(problem)} on {where}; database {database.path}")
     if sampler is not None:
         sampler.start()
+    finished = False
     try:
         trials = tune(spec, problem, strategy=args.strategy, budget=args.budget, db=database, objective=args.objective,
                       seed=args.seed, energy_meter=meter, compile_ahead=False if args.no_compile_ahead else None,
                       workers=args.workers, timeout_s=args.timeout, progress=lead, distributed=distributed)  # fmt: skip
+        finished = True
     finally:
         if sampler is not None:
             sampler.stop()
-        if distributed is not None:
-            distributed.close()
+        leave_process_group(together=finished)
     if not lead:
         return 0
     if sampler is not None and trials.attrs.get("run_id") is not None:  # the power trace beside the trials
