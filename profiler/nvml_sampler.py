@@ -270,11 +270,15 @@ class NvmlSampler:
             record.end_s = self.sample(full=True)
 
     # ------------------------------------------------------------------ results
-    def frame(self) -> pd.DataFrame:
-        """Every sample so far: SAMPLE_COLUMNS, float64 (clock_event_reasons is NVML's bitmask)."""
+    def frame(self, first: int = 0) -> pd.DataFrame:
+        """The samples from number `first` on (default: every sample so far): SAMPLE_COLUMNS, float64
+        (clock_event_reasons is NVML's bitmask). `first` lets a periodic writer copy only what is new."""
+        if not isinstance(first, int) or first < 0:
+            raise ValueError(f"first: expected a non-negative int, got {first!r}")
+        width = len(SAMPLE_COLUMNS)
         with self._lock:
-            rows = np.array(self._data, dtype=float).reshape(-1, len(SAMPLE_COLUMNS))
-        return pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
+            rows = np.array(self._data[first * width :], dtype=float).reshape(-1, width)
+        return pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS), index=pd.RangeIndex(first, first + len(rows)))
 
     def _columns_around(self, start_s: float, end_s: float) -> dict[str, np.ndarray]:
         """The samples in [start_s, end_s] and one more on each side, as column arrays (cheap on a long trace)."""

@@ -154,6 +154,19 @@ def test_slow_fields_are_read_every_nth_sample_and_forward_filled(monkeypatch, c
     assert sampler.frame()["gpu_temp_c"].iloc[-1] == round(40 + 100 * 0.253)
 
 
+def test_frame_from_a_sample_on_is_the_tail_of_the_whole_frame(monkeypatch, clock, gpu):
+    install(monkeypatch, gpu)
+    sampler = make_sampler(clock)
+    run_for(sampler, clock, 0.05)
+    whole = sampler.frame()
+    tail = sampler.frame(first=3)
+    assert len(whole) == 5 and len(tail) == 2
+    pd.testing.assert_frame_equal(tail, whole.iloc[3:])
+    assert sampler.frame(first=5).empty and sampler.frame(first=9).empty
+    with pytest.raises(ValueError, match="first"):
+        sampler.frame(first=-1)
+
+
 def test_nested_windows(monkeypatch, clock, gpu):
     start = clock.now
     gpu.temp_c = lambda t: 40 + 10 * (t - start)

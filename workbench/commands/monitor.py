@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
         def flush() -> None:
             nonlocal stored
-            new = sampler.frame().iloc[stored:]
+            new = sampler.frame(first=stored)
             if len(new):
                 db.append("samples", run_id, new)
                 stored += len(new)
