@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -264,8 +264,8 @@ class Database:
             marks = ", ".join("?" * (len(columns) + 1))
             connection.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})', rows)
 
-    def read(self, table: str, run_id: int | None = None) -> pd.DataFrame:
-        """A per-run series (all runs, or one); an empty DataFrame if the table does not exist."""
+    def read(self, table: str, run_id: int | Sequence[int] | None = None) -> pd.DataFrame:
+        """A per-run series (all runs, one, or several); an empty DataFrame if the table does not exist."""
         if not isinstance(table, str) or not _TABLE_NAME.match(table):
             raise ValueError(f"table must be a lower-case identifier, got {table!r}")
         with self._lock, self._translate_errors():
@@ -274,9 +274,8 @@ class Database:
             ).fetchone()
         if not exists:
             return pd.DataFrame()
-        if run_id is None:
-            return self._query(f'SELECT * FROM "{table}" ORDER BY rowid')
-        return self._query(f'SELECT * FROM "{table}" WHERE run_id = ? ORDER BY rowid', (int(run_id),))
+        where, parameters = _runs_match(run_id)
+        return self._query(f'SELECT * FROM "{table}"{" WHERE " + where if where else ""} ORDER BY rowid', parameters)
 
     # ------------------------------------------------------------------ trials
     def record_trial(self, run_id: int, key: TuningKey, config: Config, status: str, reason: str = "",
@@ -332,12 +331,10 @@ class Database:
         )
         return dict(zip(frame["config"], frame["attempts"].astype(int)))
 
-    def trials(self, run_id: int | None = None, key: TuningKey | None = None) -> pd.DataFrame:
-        """Tuning trials (one run, one tuning key, or all), in the order they were first stored."""
-        where, parameters = [], []
-        if run_id is not None:
-            where.append("run_id = ?")
-            parameters.append(int(run_id))
+    def trials(self, run_id: int | Sequence[int] | None = None, key: TuningKey | None = None) -> pd.DataFrame:
+        """Tuning trials (of all runs, one or several; of one tuning key or all), in the order first stored."""
+        runs, parameters = _runs_match(run_id)
+        where, parameters = [runs] if runs else [], list(parameters)
         if key is not None:
             where.append(_KEY_MATCH)
             parameters += key.values()
@@ -420,3 +417,11 @@ def lookup_best(spec: KernelSpec, problem: Problem) -> Config | None:
         return database.lookup_best(spec, problem)
     finally:
         database.close()
+
+
+def _runs_match(run_id: int | Sequence[int] | None) -> tuple[str, tuple[int, ...]]:
+    """SQL condition and parameters selecting rows of one run or several ("" for all runs)."""
+    if run_id is None:
+        return "", ()
+    ids = (int(run_id),) if isinstance(run_id, (int, np.integer)) else tuple(int(i) for i in run_id)
+    return f"run_id IN ({', '.join('?' * len(ids))})", ids

@@ -35,15 +35,9 @@ class ReportData:
                                  f"{', '.join(map(str, runs['run_id'])) or 'none'})")
             runs = runs[runs["run_id"].isin([int(run_id) for run_id in run_ids])].reset_index(drop=True)
         self.runs = runs
-        selected = set(runs["run_id"])
-        self.tables = {table: self._select(db.read(table), selected) for table in SERIES_TABLES}
-        self.trials = self._select(db.trials(), selected)
-
-    @staticmethod
-    def _select(frame: pd.DataFrame, run_ids: set[int]) -> pd.DataFrame:
-        if frame.empty or "run_id" not in frame:
-            return frame
-        return frame[frame["run_id"].isin(run_ids)].reset_index(drop=True)
+        selected = runs["run_id"].tolist() if run_ids else None  # None: every run, no filter to send
+        self.tables = {table: db.read(table, selected) for table in SERIES_TABLES}
+        self.trials = db.trials(selected)
 
     def series(self, table: str, run_id: int) -> pd.DataFrame:
         frame = self.tables[table]

@@ -62,6 +62,8 @@ def test_append_and_read_series_grow_columns_and_keep_runs_apart():
     only_a = db.read("samples", run_a)
     assert only_a["time_s"].tolist() == [0.0, 0.5] and pd.isna(only_a["power_w"][1])
     assert db.read("samples", run_b)["gpu_temp_c"].tolist() == [55]
+    assert db.read("samples", [run_b, run_a])["time_s"].tolist() == [0.0, 0.5, 1.0]  # several runs, stored order
+    assert db.read("samples", []).empty
     assert db.read("windows").empty and db.read("windows", run_a).empty
     for table in ("trials", "runs", "Bad-Name", "1x"):
         with pytest.raises(ValueError, match="table"):
@@ -84,6 +86,10 @@ def test_trials_are_unique_per_key_and_config_and_rerecording_replaces():
     assert trials["problem"].iloc[0] == problem_id({"n": 100, "dtype": "fp32"})
     assert pd.isna(trials["time_ms"].iloc[1]) and trials["started_at"].notna().all()
     assert db.trials(key=TuningKey.of(SPEC, {"n": 7, "dtype": "fp32"})).empty
+    other = db.start_run("tune", "other")
+    db.record_trial(other, key, {"BLOCK": 64}, "ok", time_ms=3.0, timer="interpreter")
+    assert len(db.trials([run, other])) == 3 and len(db.trials(other)) == 1 and db.trials([]).empty
+    assert db.trials(key=key, run_id=[other])["config"].tolist() == ['{"BLOCK":64}']
     with pytest.raises(ValueError, match="status"):
         db.record_trial(run, key, {"BLOCK": 64}, "fine")
     with pytest.raises(ValueError, match="unknown trial fields"):
