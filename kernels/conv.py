@@ -26,7 +26,7 @@ import triton.language as tl
 
 from kernels import runtime
 from kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative, torch_activation
-from kernels.gemm import INT32_MAX, fits_shared_memory, max_offset
+from kernels.gemm import INT32_MAX, fits_shared_memory, max_offset, tile_coordinates
 from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
 from kernels.tuned import config_for
 
@@ -136,25 +136,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _tile_coordinates(rows, cols, GROUP_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program 0-axis id -> (tile row, tile column), GROUP_M row tiles walked together for L2 reuse."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(rows, BLOCK_M)
-    num_pid_n = tl.cdiv(cols, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-    return pid_m, pid_n
-
-
-@triton.jit
 def _offsets(index, INT64: tl.constexpr):
     """index in the integer type offsets are computed in: int64 when some tensor spans 2**31 elements or more."""
     if INT64:
         index = index.to(tl.int64)
     return index
+
+
+@triton.jit
+def _position(index, H, W, INT64: tl.constexpr):
+    """Flat (image, row, column) index over H x W images -> image (in the offset type), row, column."""
+    return _offsets(index // (H * W), INT64), (index % (H * W)) // W, index % W
+
+
+@triton.jit
+def _spatial_offsets(image, h, w, stride_n, stride_h, stride_w, INT64: tl.constexpr):
+    """Element offset of (image, h, w) in a tensor with these strides; the caller adds the channel."""
+    return image * stride_n + _offsets(h, INT64) * stride_h + _offsets(w, INT64) * stride_w
 
 
 @triton.jit
@@ -170,15 +168,13 @@ def conv2d_fwd_kernel(
     """y = act(conv(x, w) + bias) for one (output-position tile, output-channel tile, group)."""
     group = tl.program_id(1)
     M = N * Ho * Wo
-    pid_m, pid_n = _tile_coordinates(M, C_out_g, GROUP_M, BLOCK_M, BLOCK_N)
+    pid_m, pid_n = tile_coordinates(M, C_out_g, GROUP_M, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < C_out_g
-    image = _offsets(offs_m // (Ho * Wo), INT64)
-    oh = (offs_m % (Ho * Wo)) // Wo
-    ow = offs_m % Wo
+    image, oh, ow = _position(offs_m, Ho, Wo, INT64)
     c_out = _offsets(group * C_out_g + offs_n, INT64)
     x_image = x_ptr + image * sxn + _offsets(group * C_in_g, INT64) * sxc
     w_cols = w_ptr + c_out * swo
@@ -204,7 +200,7 @@ def conv2d_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c_out, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_offsets = (image * syn + _offsets(oh, INT64) * syh + _offsets(ow, INT64) * syw)[:, None] + c_out[None, :] * syc
+    y_offsets = _spatial_offsets(image, oh, ow, syn, syh, syw, INT64)[:, None] + c_out[None, :] * syc
     out_mask = m_ok[:, None] & n_ok[None, :]
     if SAVE_PREACT:
         tl.store(z_ptr + y_offsets, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
@@ -233,15 +229,13 @@ def conv2d_dgrad_kernel(
     """dx for one (input-position tile, input-channel tile, group); strided taps are masked."""
     group = tl.program_id(1)
     M = N * H * W
-    pid_m, pid_n = _tile_coordinates(M, C_in_g, GROUP_M, BLOCK_M, BLOCK_N)
+    pid_m, pid_n = tile_coordinates(M, C_in_g, GROUP_M, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < C_in_g
-    image = _offsets(offs_m // (H * W), INT64)
-    ih = (offs_m % (H * W)) // W
-    iw = offs_m % W
+    image, ih, iw = _position(offs_m, H, W, INT64)
     c_in = _offsets(group * C_in_g + offs_n, INT64)
     c_out0 = _offsets(group * C_out_g, INT64)
 
@@ -260,15 +254,15 @@ def conv2d_dgrad_kernel(
         row_ok = m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) & (oh < Ho) & (ow < Wo)
         k_ok = channel < C_out_g
         mask = row_ok[:, None] & k_ok[None, :]
-        dy_rows = image * sdyn + _offsets(oh, INT64) * sdyh + _offsets(ow, INT64) * sdyw
-        z_rows = image * szn + _offsets(oh, INT64) * szh + _offsets(ow, INT64) * szw
+        dy_rows = _spatial_offsets(image, oh, ow, sdyn, sdyh, sdyw, INT64)
+        z_rows = _spatial_offsets(image, oh, ow, szn, szh, szw, INT64)
         grad = _output_grad(dy_ptr, z_ptr, dy_rows[:, None] + (c_out0 + channel)[None, :] * sdyc,
                             z_rows[:, None] + (c_out0 + channel)[None, :] * szc, mask, negative_slope, ACTIVATION)
         b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + (c_out0 + channel)[:, None] * swo,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
 
-    dx_rows = image * sdxn + _offsets(ih, INT64) * sdxh + _offsets(iw, INT64) * sdxw
+    dx_rows = _spatial_offsets(image, ih, iw, sdxn, sdxh, sdxw, INT64)
     dx_offsets = dx_rows[:, None] + c_in[None, :] * sdxc
     tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -288,7 +282,7 @@ def conv2d_wgrad_kernel(
     taps = KH * KW
     cols = C_in_g * taps
     C_out = C_out_g * tl.num_programs(1)
-    pid_m, pid_n = _tile_coordinates(C_out_g, cols, GROUP_M, BLOCK_M, BLOCK_N)
+    pid_m, pid_n = tile_coordinates(C_out_g, cols, GROUP_M, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -307,21 +301,19 @@ def conv2d_wgrad_kernel(
     for p0 in range(start, end, BLOCK_K):
         p = p0 + offs_k
         p_ok = p < end
-        image = _offsets(p // (Ho * Wo), INT64)
-        oh = (p % (Ho * Wo)) // Wo
-        ow = p % Wo
+        image, oh, ow = _position(p, Ho, Wo, INT64)
         mask = m_ok[:, None] & p_ok[None, :]
         grad = _output_grad(
             dy_ptr, z_ptr,
-            c_out[:, None] * sdyc + (image * sdyn + _offsets(oh, INT64) * sdyh + _offsets(ow, INT64) * sdyw)[None, :],
-            c_out[:, None] * szc + (image * szn + _offsets(oh, INT64) * szh + _offsets(ow, INT64) * szw)[None, :],
+            c_out[:, None] * sdyc + _spatial_offsets(image, oh, ow, sdyn, sdyh, sdyw, INT64)[None, :],
+            c_out[:, None] * szc + _spatial_offsets(image, oh, ow, szn, szh, szw, INT64)[None, :],
             mask, negative_slope, ACTIVATION)
         if HAS_BIAS:
             bias_acc += tl.sum(grad, axis=1)
         ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
         iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
         x_ok = p_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_offsets = image[:, None] * sxn + c_in[None, :] * sxc + _offsets(ih, INT64) * sxh + _offsets(iw, INT64) * sxw
+        x_offsets = _spatial_offsets(image[:, None], ih, iw, sxn, sxh, sxw, INT64) + c_in[None, :] * sxc
         b = tl.load(x_ptr + x_offsets, mask=x_ok, other=0.0)
         acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
 

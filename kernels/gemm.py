@@ -37,6 +37,14 @@ CHEAP_DERIVATIVES = frozenset({None, "relu", "leaky_relu"})  # a select: recompu
 
 
 @triton.jit
+def tile_coordinates(rows, cols, GROUP_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program 0-axis id -> (tile row, tile column), GROUP_M row tiles walked together for L2 reuse."""
+    pid = tl.program_id(0)
+    tiles_per_row = tl.cdiv(cols, BLOCK_N)
+    return tl.swizzle2d(pid // tiles_per_row, pid % tiles_per_row, tl.cdiv(rows, BLOCK_M), tiles_per_row, GROUP_M)
+
+
+@triton.jit
 def gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
     M, N, K,
@@ -54,15 +62,7 @@ def gemm_kernel(
     (prologue-scaled) A into rowsum_ptr from the programs of the first column of tiles.
     GROUP_M is a runtime argument: it changes the program order, not the compiled code.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = tile_coordinates(M, N, GROUP_M, BLOCK_M, BLOCK_N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
