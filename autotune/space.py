@@ -123,10 +123,9 @@ class Space:
         """
         if method not in ("adjacent", "hamming"):
             raise ValueError(f"method: expected 'adjacent' or 'hamming', got {method!r}")
-        mask = self.hamming_distances(row) == 1
-        if method == "adjacent":
-            mask &= np.abs(self.table - self.table[row]).sum(axis=1) == 1
-        return np.flatnonzero(mask)
+        if method == "adjacent":  # index steps summing to 1: one parameter, one position
+            return np.flatnonzero(np.abs(self.table - self.table[row]).sum(axis=1) == 1)
+        return np.flatnonzero(self.hamming_distances(row) == 1)
 
     def hamming_distances(self, row: int) -> np.ndarray:
         """For every valid config, the number of parameters in which it differs from row `row`."""
