@@ -141,6 +141,19 @@ def _all_gemm_configs():
         yield dict(zip(names, values))
 
 
+def test_the_db_option_is_also_where_the_kernels_look_their_tuned_configs_up(tmp_path):
+    from autotune import Space
+
+    problem = _gemm_problem()
+    default = GEMM_SPEC.default_config(problem)
+    config = next(c for c in Space.from_spec(GEMM_SPEC, problem) if c != default)
+    elsewhere = Database(tmp_path / "elsewhere.db")
+    elsewhere.set_best(TuningKey.of(GEMM_SPEC, problem), config, "time", 1.0, 1.0, None)
+    assert main(["export", "-o", str(tmp_path / "best.json"), "--db", str(elsewhere.path)]) == 0
+    tuned.clear_cache()
+    assert tuned.config_for(GEMM_SPEC, problem) == config
+
+
 def test_damaged_database_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     damaged = tmp_path / "damaged.db"
     damaged.write_bytes(b"\x00garbage" * 512)

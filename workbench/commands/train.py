@@ -6,7 +6,6 @@ Runs alone or under torchrun (`torchrun --nproc-per-node 2 -m workbench train ..
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from autotune.distributed import leave_process_group
@@ -48,8 +47,6 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume, trace=args.trace, profile=args.profile, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress, eval_images=args.eval_images,
     )
-    if args.db:
-        os.environ["WORKBENCH_DB"] = args.db  # the kernels look their tuned configs up in the same database
     finished = False
     try:
         result = train(config)

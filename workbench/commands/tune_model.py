@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 import pandas as pd
 import torch
@@ -56,8 +55,6 @@ def run(args: argparse.Namespace) -> int:
     channels, height, width = parse_input(args.input)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.db:
-        os.environ["WORKBENCH_DB"] = args.db  # the kernels look tuned configs up in the same database
     runtime.announce()
     # One compile pool serves every problem; it starts before this process runs a kernel (see CompilePool).
     pool = None if args.no_compile_ahead else CompilePool()
