@@ -24,11 +24,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import runtime
+from kernels import runtime, tuned
 from kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative, torch_activation
 from kernels.gemm import INT32_MAX, fits_shared_memory, max_offset, tile_coordinates
 from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
-from kernels.tuned import config_for
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +369,7 @@ def conv2d_forward(
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = geometry.output_hw(h, w, kh, kw)
     problem = _problem_of(x, weight.shape, geometry, activation_name, bias is not None)
-    config = config if config is not None else config_for(CONV_FWD_SPEC, problem)
+    config = config if config is not None else tuned.config_for(CONV_FWD_SPEC, problem)
     y = empty_in_layout_of(x, (n, c_out, ho, wo))
     pre = empty_in_layout_of(x, y.shape) if keep_pre and activation_name is not None else None
     if y.numel() == 0:
@@ -402,7 +401,7 @@ def conv2d_input_grad(
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = grad_output.shape[2:]
     problem = _problem_of(x, weight.shape, geometry, activation_name, False)
-    config = config if config is not None else config_for(CONV_DGRAD_SPEC, problem)
+    config = config if config is not None else tuned.config_for(CONV_DGRAD_SPEC, problem)
     dx = empty_in_layout_of(x, (n, c_in, h, w))
     if dx.numel() == 0:
         return dx
@@ -436,7 +435,7 @@ def conv2d_weight_grad(
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = grad_output.shape[2:]
     problem = _problem_of(x, weight.shape, geometry, activation_name, bias_grad)
-    config = config if config is not None else config_for(CONV_WGRAD_SPEC, problem)
+    config = config if config is not None else tuned.config_for(CONV_WGRAD_SPEC, problem)
     grid = _grid_wgrad(problem, config)
     split_k = grid[2]
     dw_partial = torch.zeros((split_k, c_out, c_in_g, kh, kw), device=x.device, dtype=torch.float32)

@@ -9,10 +9,10 @@ up afterwards. Modules the kernels leave to PyTorch are reported, not recorded.
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +57,8 @@ class ModelProblems:
 
 @contextmanager
 def recording_launches() -> Iterator[dict[tuple[str, str], ModelProblem]]:
-    """Record every (spec, problem) the kernels look a config up for while the block runs.
-
-    `config_for` is wrapped wherever a kernels module refers to it (as `tuned.config_for` or
-    imported by name), and restored afterwards.
-    """
+    """Record every (spec, problem) the kernels look a config up for while the block runs (every
+    kernel calls `tuned.config_for`, which is wrapped for the block)."""
     original = tuned.config_for
     seen: dict[tuple[str, str], ModelProblem] = {}
 
@@ -73,17 +70,8 @@ def recording_launches() -> Iterator[dict[tuple[str, str], ModelProblem]]:
             seen[key] = ModelProblem(spec, dict(problem), 1)
         return original(spec, problem)
 
-    holders = [
-        module for name, module in list(sys.modules.items())
-        if (name == "kernels" or name.startswith("kernels.")) and getattr(module, "config_for", None) is original
-    ]
-    for module in holders:
-        module.config_for = recording
-    try:
+    with patch.object(tuned, "config_for", recording):
         yield seen
-    finally:
-        for module in holders:
-            module.config_for = original
 
 
 def record_model_problems(model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> ModelProblems:
