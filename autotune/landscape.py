@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,9 @@ class Landscape:
         """The best recorded value (used only to score a finished search, never by a strategy)."""
         return min(self.values.values())
 
+    @cached_property
     def space(self) -> Space:
+        """The recorded configs as a Space, built once: every replay of this landscape shares it."""
         recorded = self.values
         names = list(self.params)
         return Space(self.params, [lambda config: tuple(config[n] for n in names) in recorded])

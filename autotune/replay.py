@@ -25,7 +25,7 @@ def replay(
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ValueError(f"budget: expected a positive int, got {budget!r}")
     landscape = path_or_frame if isinstance(path_or_frame, Landscape) else load_landscape(path_or_frame)
-    search = make_strategy(strategy, landscape.space(), seed=seed)
+    search = make_strategy(strategy, landscape.space, seed=seed)
     rows = []
     while len(rows) < budget:
         config = search.ask()

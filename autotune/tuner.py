@@ -142,8 +142,8 @@ class _Sweep:
                 self.bar.close()
                 if pool is not None and pool is not borrowed:
                     pool.close()
-        self._store_best()
         trials = self.database.trials(key=self.key)
+        self._store_best(trials)
         trials.attrs["run_id"] = self.run_id  # None when a sweep of its own had nothing left to evaluate
         return trials
 
@@ -159,8 +159,6 @@ class _Sweep:
             if known is not None:
                 self.strategy.tell(config, known)
                 self.bar.update(1)
-            elif any(config_id(c) == config_id(config) for c in batch):
-                continue
             else:
                 batch.append(dict(config))
         return batch
@@ -219,12 +217,11 @@ class _Sweep:
         if self.on_trial is not None:
             self.on_trial(trial)
 
-    def _store_best(self) -> None:
-        """Store the best ok trial (of all stored for this key) and make the kernels pick it up."""
+    def _store_best(self, trials: pd.DataFrame) -> None:
+        """Store the best ok trial (of `trials`, all stored for this key) and make the kernels pick it up."""
         if not self.values or not math.isfinite(min(self.values.values())):
             return
         winner = min(self.values, key=self.values.get)
-        trials = self.database.trials(key=self.key)
         row = trials[trials["config"] == winner].iloc[0]
         self.database.set_best(self.key, json.loads(winner), self.objective, self.values[winner], row["time_ms"],
                                int(row["run_id"]))  # fmt: skip
