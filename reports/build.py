@@ -36,26 +36,28 @@ class ReportData:
             runs = runs[runs["run_id"].isin([int(run_id) for run_id in run_ids])].reset_index(drop=True)
         self.runs = runs
         selected = runs["run_id"].tolist() if run_ids else None  # None: every run, no filter to send
-        self.tables = {table: db.read(table, selected) for table in SERIES_TABLES}
-        self.trials = db.trials(selected)
+        tables = {table: db.read(table, selected) for table in SERIES_TABLES}
+        tables["trials"] = db.trials(selected)
+        self._by_run = {table: _split_by_run(frame) for table, frame in tables.items()}
 
     def series(self, table: str, run_id: int) -> pd.DataFrame:
-        frame = self.tables[table]
-        if frame.empty:
-            return frame
-        return frame[frame["run_id"] == run_id].reset_index(drop=True)
+        """The rows of `table` (a series table, or "trials") for one run; empty if it has none."""
+        groups, empty = self._by_run[table]
+        return groups.get(int(run_id), empty)
 
     def runs_of(self, kind: str | None = None, having: str | None = None) -> list[pd.Series]:
         """Runs of `kind`, or runs with rows in table `having` (trials included)."""
-        chosen = []
-        for _, run in self.runs.iterrows():
-            if kind is not None and run["kind"] == kind:
-                chosen.append(run)
-            elif having is not None:
-                frame = self.trials if having == "trials" else self.tables[having]
-                if not frame.empty and (frame["run_id"] == run["run_id"]).any():
-                    chosen.append(run)
-        return chosen
+        return [run for _, run in self.runs.iterrows()
+                if (kind is not None and run["kind"] == kind)
+                or (having is not None and int(run["run_id"]) in self._by_run[having][0])]
+
+
+def _split_by_run(frame: pd.DataFrame) -> tuple[dict[int, pd.DataFrame], pd.DataFrame]:
+    """A table's rows per run, read once for every section, and its empty frame for runs without rows."""
+    if frame.empty:
+        return {}, frame
+    groups = {int(run_id): rows.reset_index(drop=True) for run_id, rows in frame.groupby("run_id", sort=False)}
+    return groups, frame.iloc[:0]
 
 
 def _run_title(run: pd.Series) -> str:
@@ -103,7 +105,7 @@ def tuning_run_section(data: ReportData, run: pd.Series) -> Section:
     """Heatmap, top configs, failures, best-so-far and energy per kernel/problem; roofline and timeline per run."""
     section = Section(_run_title(run), anchor_for("tune", run["run_id"]))
     section.add_text(_run_meta_text(run), "note")
-    trials = data.trials[data.trials["run_id"] == run["run_id"]]
+    trials = data.series("trials", run["run_id"])
     interpreter = is_interpreter(run["environment"])
     if trials.empty:
         section.add_text("No trials were recorded in this run.")

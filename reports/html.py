@@ -84,9 +84,6 @@ class Section:
         """Figures in this section and all its subsections."""
         return self.figures + sum(child.figure_count for child in self.subsections)
 
-    def is_empty(self) -> bool:
-        return not self.blocks and all(child.is_empty() for child in self.subsections)
-
 
 def anchor_for(*parts: Any) -> str:
     """An HTML id made of `parts`, restricted to [a-z0-9-]."""

@@ -30,9 +30,9 @@ ROWS: tuple[tuple[str, str, str], ...] = (
 
 def throttled_samples(samples: pd.DataFrame) -> pd.Series:
     """True for samples whose clock-event reasons include power or thermal throttling."""
-    reasons = pd.to_numeric(samples.get("clock_event_reasons"), errors="coerce")
-    if reasons is None:
+    if "clock_event_reasons" not in samples:
         return pd.Series(False, index=samples.index)
+    reasons = pd.to_numeric(samples["clock_event_reasons"], errors="coerce")
     known = reasons.notna()
     flags = pd.Series(False, index=samples.index)
     flags[known] = (reasons[known].astype(np.int64) & THROTTLE_REASONS_MASK) != 0

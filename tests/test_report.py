@@ -249,6 +249,7 @@ def test_timeline_marks_only_power_or_thermal_throttling_and_groups_many_windows
     samples = pd.DataFrame({"time_s": np.arange(6.0), "power_w": 100.0, "gpu_temp_c": 60.0, "sm_clock_mhz": 1800.0,
                             "clock_event_reasons": [0x1, 0x4, 0x20 | 0x1, 0x2, np.nan, 0x10]})
     assert list(throttled_samples(samples)) == [False, True, True, False, False, False]
+    assert not throttled_samples(samples.drop(columns="clock_event_reasons")).any()  # a trace without the field
     starts = np.linspace(0, 5, 700)
     windows = pd.DataFrame({"name": [f"trial {i}" for i in range(700)], "start_s": starts, "end_s": starts + 0.005,
                             "duration_s": 0.005, "energy_j": np.nan,
