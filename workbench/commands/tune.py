@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from autotune.pipeline import objective_value
+from reports.labels import parameters_label
 from reports.roofline import peaks_for
 from workbench.tables import format_table
 
@@ -111,7 +113,7 @@ def performance_table(trials: pd.DataFrame, problem: dict[str, Any], baseline_ms
     """Aligned-ready columns: config, time (p20-p80), TFLOP/s, GB/s, % of peak (GPU only), speed-up vs PyTorch."""
     label = "interpreter ms" if interpreter else "time ms"
     table = pd.DataFrame({
-        "config": [" ".join(f"{k}={v}" for k, v in json.loads(c).items()) for c in trials["config"]],
+        "config": [parameters_label(json.loads(c)) for c in trials["config"]],
         label: [f"{t:.4g} ({lo:.4g}-{hi:.4g})" for t, lo, hi in
                 zip(trials["time_ms"], trials["time_ms_p20"], trials["time_ms_p80"])],
         "TFLOP/s": trials["tflops"].map(lambda v: f"{v:.3g}"),
@@ -205,10 +207,8 @@ def summary(spec, problem: dict[str, Any], trials: pd.DataFrame, objective: str,
         lines.append("no config produced a correct result; the kernel keeps its default config")
         failures = trials[["config", "status", "reason"]].head(TOP_CONFIGS)
         return "\n".join(lines + [format_table(failures)])
-    column = {"time": "time_ms", "energy": "energy_j_per_call", "edp": "edp"}[objective]
-    if objective == "edp":
-        ok["edp"] = ok["energy_j_per_call"] * ok["time_ms"] / 1e3
-    top = ok.sort_values(column).head(TOP_CONFIGS)
+    ok["objective"] = [objective_value(objective, t, e) for t, e in zip(ok["time_ms"], ok["energy_j_per_call"])]
+    top = ok.sort_values("objective").head(TOP_CONFIGS)
     table = performance_table(top, problem, baseline_time_ms(spec, problem), device, interpreter)
     if objective != "time":
         table.insert(1, "J/call", top["energy_j_per_call"].map(lambda v: f"{v:.4g}").to_list())
