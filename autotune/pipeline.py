@@ -31,6 +31,7 @@ import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
+from functools import cached_property
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
@@ -205,10 +206,18 @@ class Pipeline:
         self.timeout_s, self.energy_meter, self.interpreter_reps = timeout_s, energy_meter, interpreter_reps
         self.device = runtime.default_device()
         self.limits = device_limits()
-        self.inputs = spec.make_inputs(problem, self.device)
-        self.reference = spec.reference(self.inputs)
         self.tolerance = spec.tolerance(problem)
         self.flops, self.bytes = spec.flops(problem), spec.bytes(problem)
+
+    @cached_property
+    def inputs(self) -> Any:
+        """The problem's inputs, made at the first evaluation: a re-run sweep with nothing left makes none."""
+        return self.spec.make_inputs(self.problem, self.device)
+
+    @cached_property
+    def reference(self) -> Any:
+        """The reference result every config is checked against, computed at the first check."""
+        return self.spec.reference(self.inputs)
 
     def evaluate(self, config: Config, compiled: dict[str, Any] | None = None) -> Trial:
         """One config's trial; `compiled` is its ahead-of-time compile report, when there is one."""
@@ -229,6 +238,7 @@ class Pipeline:
         if not self.spec.is_valid(config, self.problem):
             trial.status, trial.reason = "compile_error", "violates the kernel's constraints for this problem"
             return trial
+        self.reference  # inputs and reference are made once, here: outside the watchdog and the compile timing
         try:
             with watchdog(self.timeout_s):
                 self._run(trial)
