@@ -15,8 +15,8 @@ from typing import Sequence
 import pandas as pd
 from tqdm import tqdm
 
-from autotune.landscape import Landscape, load_landscape
-from autotune.replay import replay
+from triton_workbench.autotune.landscape import Landscape, load_landscape
+from triton_workbench.autotune.replay import replay
 
 RESULT_COLUMNS = ["landscape", "budget", "strategy", "seed", "fraction", "source"]
 

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import platformdirs
 
-from autotune.environment import DeviceKey, device_key, environment
-from kernels.spec import Config, KernelSpec, Problem, canonical_json, problem_id
+from triton_workbench.autotune.environment import DeviceKey, device_key, environment
+from triton_workbench.kernels.spec import Config, KernelSpec, Problem, canonical_json, problem_id
 
 RUN_KINDS = ("tune", "train", "monitor", "strategies", "bench")
 RUN_STATUSES = ("running", "done", "failed", "interrupted")

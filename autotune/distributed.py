@@ -27,7 +27,7 @@ class Distributed:
         import torch
         import torch.distributed as dist
 
-        from kernels import runtime
+        from triton_workbench.kernels import runtime
 
         if use_cuda is None:
             use_cuda = runtime.default_device().type == "cuda"

@@ -11,10 +11,10 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
-from kernels import runtime  # first: it sets TRITON_INTERPRET, which Triton reads when imported
-
 import torch
 import triton
+
+from triton_workbench.kernels import runtime
 
 INTERPRETER_DEVICE = "no GPU: Triton interpreter"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from autotune.space import Config, Space
+from triton_workbench.autotune.space import Config, Space
 
 
 @dataclass(frozen=True)

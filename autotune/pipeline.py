@@ -37,11 +37,11 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from autotune.environment import device_key, device_limits
-from autotune.timing import measure
-from kernels import runtime
-from kernels.aot import compile_in_worker, compile_pool
-from kernels.spec import Config, KernelSpec, Problem
+from triton_workbench.autotune.environment import device_key, device_limits
+from triton_workbench.autotune.timing import measure
+from triton_workbench.kernels import runtime
+from triton_workbench.kernels.aot import compile_in_worker, compile_pool
+from triton_workbench.kernels.spec import Config, KernelSpec, Problem
 
 OBJECTIVES = ("time", "energy", "edp")
 ENERGY_FIELDS = (
@@ -184,7 +184,7 @@ class CompilePool:
 
     @staticmethod
     def supports(spec: KernelSpec) -> bool:
-        import kernels
+        from triton_workbench import kernels
 
         return kernels.SPECS.get(spec.name) is spec
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from autotune.landscape import Landscape, load_landscape
-from autotune.strategies import make_strategy
+from triton_workbench.autotune.landscape import Landscape, load_landscape
+from triton_workbench.autotune.strategies import make_strategy
 
 
 def replay(

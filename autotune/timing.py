@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from kernels import runtime
+from triton_workbench.kernels import runtime
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import json
 import math
 from typing import Any
 
-from autotune.database import KEY_COLUMNS, Database, TuningKey
-from kernels.spec import problem_id
+from triton_workbench.autotune.database import KEY_COLUMNS, Database, TuningKey
+from triton_workbench.kernels.spec import problem_id
 
 FORMAT = "triton-workbench best configs"
 VERSION = 1
@@ -79,8 +79,8 @@ def import_best(database: Database, document: Any) -> dict[str, int]:
     stale: entries tuned for another version of the kernel's source (they are stored, but
     `lookup_best` uses them only if that source comes back).
     """
-    import kernels
-    from kernels import tuned
+    from triton_workbench import kernels
+    from triton_workbench.kernels import tuned
 
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT!r} document (expected an object with format {FORMAT!r})")

@@ -24,12 +24,12 @@ from typing import Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from autotune.database import Database, TuningKey, config_id
-from autotune.distributed import Distributed
-from autotune.pipeline import OBJECTIVES, CompilePool, EnergyMeter, Pipeline, Trial, objective_value
-from kernels.spec import Config, KernelSpec, Problem, problem_id
+from triton_workbench.autotune.database import Database, TuningKey, config_id
+from triton_workbench.autotune.distributed import Distributed
+from triton_workbench.autotune.pipeline import OBJECTIVES, CompilePool, EnergyMeter, Pipeline, Trial, objective_value
+from triton_workbench.kernels.spec import Config, KernelSpec, Problem, problem_id
 
-log = logging.getLogger("autotune")
+log = logging.getLogger("triton_workbench.autotune")
 
 
 def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: int = 200,
@@ -117,8 +117,8 @@ class _Sweep:
     def run(self, strategy_name: str, budget: int, seed: int, compile_ahead: bool | CompilePool,
             workers: int | None,
             progress: bool, distributed: Distributed | None, on_trial: Callable[[Trial], None] | None) -> pd.DataFrame:  # fmt: skip
-        from autotune.space import Space
-        from autotune.strategies import make_strategy
+        from triton_workbench.autotune.space import Space
+        from triton_workbench.autotune.strategies import make_strategy
 
         self.on_trial = on_trial
         space = Space.from_spec(self.spec, self.problem)
@@ -225,7 +225,7 @@ class _Sweep:
         row = trials[trials["config"] == winner].iloc[0]
         self.database.set_best(self.key, json.loads(winner), self.objective, self.values[winner], row["time_ms"],
                                int(row["run_id"]))  # fmt: skip
-        from kernels import tuned
+        from triton_workbench.kernels import tuned
 
         tuned.clear_cache()
 

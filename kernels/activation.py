@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import runtime, tuned
-from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
+from triton_workbench.kernels import runtime, tuned
+from triton_workbench.kernels.runtime import jit
+from triton_workbench.kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
 
 # constexpr code of each activation; None (identity) is 0 so `if ACTIVATION:` means "has one"
 CODES: dict[str | None, int] = {
@@ -40,14 +41,14 @@ def activation_code(name: str | None) -> int:
 # 0.044715 = the cubic coefficient of gelu's tanh approximation.
 
 
-@triton.jit
+@jit
 def _sigmoid(x):
     # evaluated on -|x| so exp never overflows and tiny results keep their relative precision
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-@triton.jit
+@jit
 def _tanh(x):
     # tanh(x) = 2*sigmoid(2x) - 1, evaluated on |x| so exp never overflows to inf/inf
     e = tl.exp(-2.0 * tl.abs(x))
@@ -55,7 +56,7 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
-@triton.jit
+@jit
 def apply(x, ACTIVATION: tl.constexpr, negative_slope):
     """activation(x) for an fp32 tile `x`; ACTIVATION is a code from `CODES`."""
     if ACTIVATION == 1:
@@ -78,7 +79,7 @@ def apply(x, ACTIVATION: tl.constexpr, negative_slope):
     return y
 
 
-@triton.jit
+@jit
 def derivative(x, ACTIVATION: tl.constexpr, negative_slope):
     """d activation / dx at the pre-activation fp32 tile `x` (PyTorch's conventions at kinks)."""
     if ACTIVATION == 1:
@@ -105,7 +106,7 @@ def derivative(x, ACTIVATION: tl.constexpr, negative_slope):
     return d
 
 
-@triton.jit
+@jit
 def activation_kernel(x_ptr, grad_ptr, out_ptr, n_elements, negative_slope,
                       ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """out = act(x) (forward) or out = grad * act'(x) (BACKWARD) over contiguous flat tensors."""

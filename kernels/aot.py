@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import pandas as pd
 from tqdm import tqdm
 
-from kernels.spec import Config, KernelSpec, Problem, canonical_json, problem_id
+from triton_workbench.kernels.spec import Config, KernelSpec, Problem, canonical_json, problem_id
 
 # usable dynamic shared memory per block (opt-in maximum) by compute capability
 SHARED_LIMIT_BYTES: dict[int, int] = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -73,7 +73,7 @@ def compile_config(spec: KernelSpec, problem: Problem, config: Config, arch: int
     A failure is returned, not raised. Where this process runs kernels in the interpreter, the
     compilation runs in one spawned worker instead (slower to start, same result).
     """
-    from kernels import runtime
+    from triton_workbench.kernels import runtime
 
     if runtime.INTERPRETER:
         row = compile_space(spec, [(config, problem)], archs=(arch,), workers=1, progress=False).iloc[0]
@@ -118,7 +118,7 @@ def _die_with_parent() -> None:
 
 def compile_in_worker(spec_name: str, problem: Problem, config: Config, arch: int) -> dict:
     """`compile_config` for a spec registered in `kernels.SPECS`, as a dict: the task a compile pool runs."""
-    import kernels
+    from triton_workbench import kernels
 
     return asdict(compile_config(kernels.SPECS[spec_name], problem, config, arch))
 
@@ -170,7 +170,7 @@ def compile_space(spec: KernelSpec, configs_and_problems: Iterable[tuple[Config,
     name). `on_result(row)` is called as each row is done, so a caller can store results as they
     come (an interrupted run keeps them). `workers` defaults to the number of CPUs.
     """
-    import kernels
+    from triton_workbench import kernels
 
     if kernels.SPECS.get(spec.name) is not spec:
         raise ValueError(f"spec {spec.name!r} is not registered in kernels.SPECS: workers could not find it")

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import runtime, tuned
-from kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative, torch_activation
-from kernels.gemm import INT32_MAX, fits_shared_memory, max_offset, tile_coordinates
-from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
+from triton_workbench.kernels import runtime, tuned
+from triton_workbench.kernels.runtime import jit
+from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative, torch_activation
+from triton_workbench.kernels.gemm import INT32_MAX, fits_shared_memory, max_offset, tile_coordinates
+from triton_workbench.kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # Kernels
 
 
-@triton.jit
+@jit
 def _offsets(index, INT64: tl.constexpr):
     """index in the integer type offsets are computed in: int64 when some tensor spans 2**31 elements or more."""
     if INT64:
@@ -142,19 +143,19 @@ def _offsets(index, INT64: tl.constexpr):
     return index
 
 
-@triton.jit
+@jit
 def _position(index, H, W, INT64: tl.constexpr):
     """Flat (image, row, column) index over H x W images -> image (in the offset type), row, column."""
     return _offsets(index // (H * W), INT64), (index % (H * W)) // W, index % W
 
 
-@triton.jit
+@jit
 def _spatial_offsets(image, h, w, stride_n, stride_h, stride_w, INT64: tl.constexpr):
     """Element offset of (image, h, w) in a tensor with these strides; the caller adds the channel."""
     return image * stride_n + _offsets(h, INT64) * stride_h + _offsets(w, INT64) * stride_w
 
 
-@triton.jit
+@jit
 def conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
     N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g,
@@ -206,7 +207,7 @@ def conv2d_fwd_kernel(
     tl.store(y_ptr + y_offsets, apply(acc, ACTIVATION, negative_slope).to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@jit
 def _output_grad(dy_ptr, z_ptr, dy_offsets, z_offsets, mask, negative_slope, ACTIVATION: tl.constexpr):
     """dz = dy * act'(z) in fp32 (z is only read when there is an activation)."""
     grad = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -216,7 +217,7 @@ def _output_grad(dy_ptr, z_ptr, dy_offsets, z_offsets, mask, negative_slope, ACT
     return grad
 
 
-@triton.jit
+@jit
 def conv2d_dgrad_kernel(
     dy_ptr, z_ptr, w_ptr, dx_ptr,
     N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g,
@@ -266,7 +267,7 @@ def conv2d_dgrad_kernel(
     tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@jit
 def conv2d_wgrad_kernel(
     dy_ptr, z_ptr, x_ptr, dw_ptr, db_ptr,
     N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g, positions_per_split,

@@ -24,19 +24,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import runtime, tuned
-from kernels.aot import SHARED_LIMIT_BYTES
-from kernels.activation import (DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative,
+from triton_workbench.kernels import runtime, tuned
+from triton_workbench.kernels.runtime import jit
+from triton_workbench.kernels.aot import SHARED_LIMIT_BYTES
+from triton_workbench.kernels.activation import (DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative,
                                 torch_activation)
-from kernels.activation import run as run_activation
-from kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
+from triton_workbench.kernels.activation import run as run_activation
+from triton_workbench.kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
 
 INT32_MAX = 2**31 - 1
 TARGET_ARCHS: tuple[int, ...] = (80, 90)  # the smallest shared memory among these bounds the space
 CHEAP_DERIVATIVES = frozenset({None, "relu", "leaky_relu"})  # a select: recomputing costs nothing
 
 
-@triton.jit
+@jit
 def tile_coordinates(rows, cols, GROUP_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program 0-axis id -> (tile row, tile column), GROUP_M row tiles walked together for L2 reuse."""
     pid = tl.program_id(0)
@@ -44,7 +45,7 @@ def tile_coordinates(rows, cols, GROUP_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
     return tl.swizzle2d(pid // tiles_per_row, pid % tiles_per_row, tl.cdiv(rows, BLOCK_M), tiles_per_row, GROUP_M)
 
 
-@triton.jit
+@jit
 def gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
     M, N, K,

@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kernels.activation import DEFAULT_NEGATIVE_SLOPE
-from kernels import ops
+from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
+from triton_workbench.kernels import ops
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("triton_workbench.kernels")
 
 
 def activation_of(module: nn.Module) -> tuple[str, float] | None:

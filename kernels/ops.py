@@ -14,12 +14,12 @@ from typing import Optional
 
 import torch
 
-from kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
-from kernels.activation import run as run_activation
-from kernels import conv as conv_kernels
-from kernels import gemm as gemm_kernels
-from kernels import runtime
-from kernels.spec import DTYPES
+from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
+from triton_workbench.kernels.activation import run as run_activation
+from triton_workbench.kernels import conv as conv_kernels
+from triton_workbench.kernels import gemm as gemm_kernels
+from triton_workbench.kernels import runtime
+from triton_workbench.kernels.spec import DTYPES
 
 # ---------------------------------------------------------------------------------------------
 # argument checks shared by every op

@@ -1,35 +1,106 @@
-"""Where kernels run: on a CUDA device when one is present, else in Triton's interpreter.
+"""Where the project's kernels run: on a CUDA device when one is present, else in Triton's interpreter.
 
-Import this module before any `@triton.jit` function is defined: Triton reads
-`TRITON_INTERPRET` when a kernel is decorated. An explicit `TRITON_INTERPRET` in the
-environment is respected (set it to 0 in a process that compiles ahead of time).
+The choice is made for this project's kernels alone, through `jit`, which every kernel and helper
+here is decorated with: it builds Triton's interpreted function where there is no GPU and Triton's
+`JITFunction` elsewhere. Nothing process-wide changes, so import order does not matter and a
+user's own `@triton.jit` functions are untouched. An explicit `TRITON_INTERPRET` in the environment
+is obeyed (processes that compile ahead of time set it to 0).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("triton_workbench.kernels")
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, stated so it stays put
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-    _NOTICE = "no CUDA device: Triton kernels run in the interpreter (slow, exact, CPU tensors)"
-else:
-    _NOTICE = ""
 
-INTERPRETER: bool = os.environ.get("TRITON_INTERPRET") == "1"
+def _interpreter() -> bool:
+    if "TRITON_INTERPRET" in os.environ:
+        return bool(triton.knobs.runtime.interpret)
+    return not torch.cuda.is_available()
+
+
+INTERPRETER: bool = _interpreter()
+
+
+def jit(fn: Callable | None = None, **options: Any) -> Any:
+    """`triton.jit` for this project's kernels: interpreted where there is no GPU (see the module doc)."""
+
+    def decorate(function: Callable) -> Any:
+        if INTERPRETER:
+            return _InterpretedKernel(function, **options)
+        return triton.jit(function, **options)
+
+    return decorate if fn is None else decorate(fn)
+
+
+class _InterpretedKernel(InterpretedFunction):
+    """Triton's interpreted function, run with `triton.language`'s own `@triton.jit` helpers (`tl.cdiv`,
+    `tl.sum`, `tl.swizzle2d`, ...) interpreted too. Triton builds those once, when it is imported, as
+    compiled-only functions unless `TRITON_INTERPRET` was set then; they are swapped for interpreted
+    twins only while a kernel of ours runs, the way Triton's interpreter patches `tl` itself."""
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        with _interpreted_language():
+            return super().run(*args, **kwargs)
+
+
+_language_lock = threading.Lock()
+_language_users = 0
+_language_saved: list[tuple[Any, str, JITFunction]] = []
+_twins: dict[int, InterpretedFunction] = {}  # by id: hashing a JITFunction walks its (swapped) globals
+
+
+def _interpreted_twin(function: JITFunction) -> InterpretedFunction:
+    if id(function) not in _twins:
+        _twins[id(function)] = InterpretedFunction(function.fn)
+    return _twins[id(function)]
+
+
+@contextmanager
+def _interpreted_language() -> Iterator[None]:
+    """Swap every `JITFunction` of `triton.language`'s modules for its interpreted twin while the block runs
+    (counted, so that kernels running at once in several threads restore it once, after the last)."""
+    global _language_users
+    with _language_lock:
+        if _language_users == 0:
+            importlib.import_module("triton.experimental.gluon")  # the interpreter imports it lazily; it reads tl.*
+            modules = [module for name, module in list(sys.modules.items())
+                       if name == "triton.language" or name.startswith("triton.language.")]
+            for module in modules:
+                for name, value in list(vars(module).items()):
+                    if isinstance(value, JITFunction):
+                        _language_saved.append((module, name, value))
+                        setattr(module, name, _interpreted_twin(value))
+        _language_users += 1
+    try:
+        yield
+    finally:
+        with _language_lock:
+            _language_users -= 1
+            if _language_users == 0:
+                for module, name, value in reversed(_language_saved):
+                    setattr(module, name, value)
+                _language_saved.clear()
 
 
 @functools.cache
 def announce() -> None:
     """Log once per process that kernels run in the interpreter."""
-    if _NOTICE:
-        log.info(_NOTICE)
+    if INTERPRETER:
+        log.info("no CUDA device: Triton kernels run in the interpreter (slow, exact, CPU tensors)")
 
 
 def default_device() -> torch.device:

@@ -11,9 +11,9 @@ import functools
 import json
 import logging
 
-from kernels.spec import Config, KernelSpec, Problem, problem_id
+from triton_workbench.kernels.spec import Config, KernelSpec, Problem, problem_id
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("triton_workbench.kernels")
 
 
 def config_for(spec: KernelSpec, problem: Problem) -> Config:
@@ -32,7 +32,7 @@ def _cached(spec: KernelSpec, key: str) -> tuple[tuple[str, int], ...]:
 
 def _stored(spec: KernelSpec, problem: Problem) -> Config | None:
     try:
-        from autotune.database import lookup_best  # imported late: autotune depends on kernels
+        from triton_workbench.autotune.database import lookup_best  # imported late: autotune depends on kernels
     except ImportError:
         return None
     try:

@@ -1,6 +1,6 @@
 """NVML sampling, measurement windows and energy per call.
 
-    from profiler import NvmlSampler, energy_meter, measure_energy
+    from triton_workbench.profiler import NvmlSampler, energy_meter, measure_energy
     with NvmlSampler(device=0, interval_s=0.01) as sampler:
         with sampler.window("step 1"):
             ...
@@ -11,9 +11,9 @@
 See profiler/README.md for what NVML can and cannot measure and why the defaults are what they are.
 """
 
-from profiler.energy import DEFAULT_MIN_WINDOW_S, ENERGY_RESULT_KEYS, cool_down, energy_meter, measure_energy
-from profiler.nvml_sampler import SAMPLE_COLUMNS, NvmlSampler, WindowMark
-from profiler.windows import WINDOW_COLUMNS, WindowStats, window_stats
+from triton_workbench.profiler.energy import DEFAULT_MIN_WINDOW_S, ENERGY_RESULT_KEYS, cool_down, energy_meter, measure_energy
+from triton_workbench.profiler.nvml_sampler import SAMPLE_COLUMNS, NvmlSampler, WindowMark
+from triton_workbench.profiler.windows import WINDOW_COLUMNS, WindowStats, window_stats
 
 __all__ = [
     "DEFAULT_MIN_WINDOW_S", "ENERGY_RESULT_KEYS", "SAMPLE_COLUMNS", "WINDOW_COLUMNS",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from profiler.nvml_sampler import NvmlSampler
+from triton_workbench.profiler.nvml_sampler import NvmlSampler
 
 DEFAULT_MIN_WINDOW_S = 1.0
 ENERGY_RESULT_KEYS = (

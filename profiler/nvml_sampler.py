@@ -40,10 +40,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from profiler.device_index import NvmlDevice, resolve_device
-from profiler.windows import WindowStats, value_at, window_stats, windows_frame
+from triton_workbench.profiler.device_index import NvmlDevice, resolve_device
+from triton_workbench.profiler.windows import WindowStats, value_at, window_stats, windows_frame
 
-log = logging.getLogger("profiler")
+log = logging.getLogger("triton_workbench.profiler")
 
 SAMPLE_COLUMNS: tuple[str, ...] = (
     "time_s", "power_w", "energy_j", "gpu_temp_c", "mem_temp_c", "sm_clock_mhz", "mem_clock_mhz",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
-from reports.html import escape, style_figure
-from reports.labels import problem_label
+from triton_workbench.reports.html import escape, style_figure
+from triton_workbench.reports.labels import problem_label
 
 
 def speedups(baselines: pd.DataFrame) -> pd.DataFrame:

@@ -7,16 +7,16 @@ from typing import Sequence
 
 import pandas as pd
 
-from autotune.database import Database
-from reports.baselines import baseline_figure, speedups
-from reports.environment import device_label, environment_section, interpreter_banner, is_interpreter
-from reports.html import Section, anchor_for, render_page
-from reports.roofline import roofline_figure
-from reports.strategies import final_budget_table, strategies_figure
-from reports.timeline import timeline_figure
-from reports.training import TrainingRun, curves_figure, energy_figure as training_energy_figure
-from reports.training import op_times_figure, summary_table
-from reports.tuning import (best_so_far_figure, choose_metric, config_heatmap, energy_figure, failures_table,
+from triton_workbench.autotune.database import Database
+from triton_workbench.reports.baselines import baseline_figure, speedups
+from triton_workbench.reports.environment import device_label, environment_section, interpreter_banner, is_interpreter
+from triton_workbench.reports.html import Section, anchor_for, render_page
+from triton_workbench.reports.roofline import roofline_figure
+from triton_workbench.reports.strategies import final_budget_table, strategies_figure
+from triton_workbench.reports.timeline import timeline_figure
+from triton_workbench.reports.training import TrainingRun, curves_figure, energy_figure as training_energy_figure
+from triton_workbench.reports.training import op_times_figure, summary_table
+from triton_workbench.reports.tuning import (best_so_far_figure, choose_metric, config_heatmap, energy_figure, failures_table,
                             prepare_trials, top_configs_table)
 
 TITLE = "Triton workbench report"

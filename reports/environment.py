@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports.html import Section, format_value
+from triton_workbench.reports.html import Section, format_value
 
 # (label shown, key in runs.environment, unit suffix)
 FIELDS: tuple[tuple[str, str, str], ...] = (

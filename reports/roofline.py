@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from reports.html import escape, style_figure
-from reports.labels import FLOP_RATE_UNITS, rate_unit
+from triton_workbench.reports.html import escape, style_figure
+from triton_workbench.reports.labels import FLOP_RATE_UNITS, rate_unit
 
 
 @dataclass(frozen=True)

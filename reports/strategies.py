@@ -13,7 +13,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from reports.html import escape, style_figure
+from triton_workbench.reports.html import escape, style_figure
 
 PANELS_PER_ROW = 3
 DASH = {"workbench": "solid", "kernel_tuner": "dash"}

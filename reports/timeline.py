@@ -12,8 +12,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from profiler.windows import THROTTLE_REASONS_MASK
-from reports.html import escape, style_figure
+from triton_workbench.profiler.windows import THROTTLE_REASONS_MASK
+from triton_workbench.reports.html import escape, style_figure
 
 MAX_POINTS = 4000
 MAX_SHADED_WINDOWS = 300

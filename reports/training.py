@@ -14,7 +14,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from reports.html import escape, style_figure
+from triton_workbench.reports.html import escape, style_figure
 
 TOP_OPS = 12
 DASH = {"triton": "solid", "torch": "dash"}

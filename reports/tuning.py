@@ -14,8 +14,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from reports.html import escape, style_figure
-from reports.labels import (BYTE_RATE_UNITS, FLOP_RATE_UNITS, parameters_label, parse_json_object, problem_label,
+from triton_workbench.reports.html import escape, style_figure
+from triton_workbench.reports.labels import (BYTE_RATE_UNITS, FLOP_RATE_UNITS, parameters_label, parse_json_object, problem_label,
                             rate_unit)
 
 FAILED_GREY = "#c4c8cd"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import runtime
+from triton_workbench.kernels import runtime
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels.activation import ACTIVATION_SPEC, CODES, NAMES, activation_code, run, torch_activation
+from triton_workbench import kernels
+from triton_workbench.kernels.activation import ACTIVATION_SPEC, CODES, NAMES, activation_code, run, torch_activation
 
 SMALL_BLOCK = {"BLOCK_SIZE": 128, "num_warps": 4}  # several programs even for small tensors
 

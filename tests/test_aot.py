@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-import kernels
-from kernels.aot import SHARED_LIMIT_BYTES, compile_space, default_space
-from kernels.spec import canonical_json
-from workbench.cli import main
+from triton_workbench import kernels
+from triton_workbench.kernels.aot import SHARED_LIMIT_BYTES, compile_space, default_space
+from triton_workbench.kernels.spec import canonical_json
+from triton_workbench.workbench.cli import main
 
 ARCHS = (80, 90)
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels import conv, ops
-from kernels.activation import NAMES, torch_activation
-from kernels.nn import TritonConv2d, swap
+from triton_workbench import kernels
+from triton_workbench.kernels import conv, ops
+from triton_workbench.kernels.activation import NAMES, torch_activation
+from triton_workbench.kernels.nn import TritonConv2d, swap
 
 FP32_TOLERANCE = 1e-4  # relative to the largest reference magnitude
 FP16_TOLERANCE = 2e-2

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kernels import aot, conv
+from triton_workbench.kernels import aot, conv
 
 SAMPLED_PER_SPEC = 2
 CASES = ((conv.CONV_FWD_SPEC, "fp16"), (conv.CONV_DGRAD_SPEC, "fp32"), (conv.CONV_WGRAD_SPEC, "bf16"))

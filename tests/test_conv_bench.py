@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from autotune.database import Database
-from kernels.conv import CONV_FWD_SPEC, RESNET18_CONV_SHAPES, conv_problem, make_geometry
-from workbench import conv_bench
-from workbench.cli import main
+from triton_workbench.autotune.database import Database
+from triton_workbench.kernels.conv import CONV_FWD_SPEC, RESNET18_CONV_SHAPES, conv_problem, make_geometry
+from triton_workbench.workbench import conv_bench
+from triton_workbench.workbench.cli import main
 
 LAYERS = len(RESNET18_CONV_SHAPES)
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # relative to the largest float64 reference magnitude

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.data import CIFAR_MEAN, CIFAR_STD, CIFAR_TEST_FILE, CIFAR_TRAIN_FILES, load_cifar10, load_dataset, load_digits
+from triton_workbench.workbench.data import CIFAR_MEAN, CIFAR_STD, CIFAR_TEST_FILE, CIFAR_TRAIN_FILES, load_cifar10, load_dataset, load_digits
 
 
 def test_digits_split_is_deterministic_disjoint_and_normalised():

@@ -6,10 +6,10 @@ import sqlite3
 import pandas as pd
 import pytest
 
-from autotune.database import Database, DatabaseFileError, TuningKey, default_path, lookup_best
-from autotune.environment import device_key
-from kernels import tuned
-from kernels.spec import KernelSpec, problem_id
+from triton_workbench.autotune.database import Database, DatabaseFileError, TuningKey, default_path, lookup_best
+from triton_workbench.autotune.environment import device_key
+from triton_workbench.kernels import tuned
+from triton_workbench.kernels.spec import KernelSpec, problem_id
 
 
 def _scale(x, factor):  # the "kernel" of the spec below: only its source hash and name matter here

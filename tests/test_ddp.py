@@ -7,16 +7,16 @@ import sys
 
 import torch
 
-from autotune.database import Database
-from workbench.checkpoint import load_checkpoint, parameters_sha256
-from workbench.models import build_model
+from triton_workbench.autotune.database import Database
+from triton_workbench.workbench.checkpoint import load_checkpoint, parameters_sha256
+from triton_workbench.workbench.models import build_model
 
 
 def test_two_process_ddp_trains_swapped_kernels_and_records_one_run(tmp_path):
     db_path, out = tmp_path / "ddp.db", tmp_path / "out"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "workbench", "train", "--kernels", "triton", "--steps", "3", "--batch-size", "4",
+        "-m", "triton_workbench.workbench", "train", "--kernels", "triton", "--steps", "3", "--batch-size", "4",
         "--db", str(db_path), "--out", str(out), "--no-progress", "--eval-images", "16",
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -2,9 +2,9 @@
 
 import pytest
 
-from kernels import runtime
-from workbench.cli import build_parser
-from workbench.demo import SIZES, pick_size, steps
+from triton_workbench.kernels import runtime
+from triton_workbench.workbench.cli import build_parser
+from triton_workbench.workbench.demo import SIZES, pick_size, steps
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))

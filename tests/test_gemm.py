@@ -5,11 +5,11 @@ import importlib
 import pytest
 import torch
 
-import kernels
-from kernels.activation import NAMES
-from kernels.gemm import GEMM_SPEC, backward, forward, input_precision, shared_bytes_estimate, torch_gemm
+from triton_workbench import kernels
+from triton_workbench.kernels.activation import NAMES
+from triton_workbench.kernels.gemm import GEMM_SPEC, backward, forward, input_precision, shared_bytes_estimate, torch_gemm
 
-gemm_module = importlib.import_module("kernels.gemm")  # `kernels.gemm` the attribute is the public function
+gemm_module = importlib.import_module("triton_workbench.kernels.gemm")  # `kernels.gemm` the attribute is the public function
 SMALL_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
 
 
@@ -122,7 +122,7 @@ def test_default_config_launches_and_matches_reference(device):
 
 
 def test_space_respects_shared_memory_and_defaults_are_valid():
-    from kernels.aot import SHARED_LIMIT_BYTES, default_space
+    from triton_workbench.kernels.aot import SHARED_LIMIT_BYTES, default_space
 
     for problem in GEMM_SPEC.example_problems:
         space = default_space(GEMM_SPEC, problem)

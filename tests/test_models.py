@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from workbench.models import MODEL_NAMES, build_model
+from triton_workbench.workbench.models import MODEL_NAMES, build_model
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -8,11 +8,11 @@ import sys
 import pandas as pd
 import pytest
 
-from autotune.database import Database
+from triton_workbench.autotune.database import Database
 from fake_pynvml import FakeGpu, make_pynvml
-from profiler import SAMPLE_COLUMNS, WINDOW_COLUMNS
-from workbench.cli import main
-from workbench.commands import monitor
+from triton_workbench.profiler import SAMPLE_COLUMNS, WINDOW_COLUMNS
+from triton_workbench.workbench.cli import main
+from triton_workbench.workbench.commands import monitor
 
 CHILD = [sys.executable, "-c", "import sys, time; time.sleep(0.3); sys.exit(3)"]
 

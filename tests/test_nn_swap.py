@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import kernels.nn as knn
+import triton_workbench.kernels.nn as knn
 
 
 def _model(device: torch.device = torch.device("cpu")) -> nn.Module:
@@ -26,7 +26,7 @@ def test_swap_fuses_layers_keeps_state_dict_and_shares_parameters(caplog):
     model = _model()
     keys = list(model.state_dict())
     parameters = list(model.parameters())
-    with caplog.at_level(logging.INFO, logger="kernels"):
+    with caplog.at_level(logging.INFO, logger="triton_workbench.kernels"):
         assert knn.swap(model) is model
     assert list(model.state_dict()) == keys
     assert all(a is b for a, b in zip(model.parameters(), parameters))
@@ -118,7 +118,7 @@ def test_triton_linear_is_a_drop_in_linear(device):
 
 
 def test_modules_reject_an_unknown_activation_when_built():
-    from kernels.nn import TritonConv2d, TritonLinear
+    from triton_workbench.kernels.nn import TritonConv2d, TritonLinear
 
     with pytest.raises(ValueError, match="activation"):
         TritonLinear(3, 4, activation="swish")

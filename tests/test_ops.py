@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing._internal.common_methods_invocations import op_db
 
-import kernels
-from kernels import ops
+from triton_workbench import kernels
+from triton_workbench.kernels import ops
 
 # OpInfo name -> how kernels computes the same function from (input, *args, **kwargs)
 OPINFO_FUNCTIONS = {

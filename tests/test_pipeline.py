@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from autotune.pipeline import Pipeline, Trial, objective_value, over_limits, relative_error
-from autotune.timing import measure
-from kernels import runtime
+from triton_workbench.autotune.pipeline import Pipeline, Trial, objective_value, over_limits, relative_error
+from triton_workbench.autotune.timing import measure
+from triton_workbench.kernels import runtime
 from tiny_spec import SPEC
 
 PROBLEM = {"n": 37, "dtype": "fp32"}  # prime, not a multiple of any block
@@ -96,9 +96,9 @@ def test_relative_error_and_harness_edges():
 
 
 # ---------------------------------------------------------------- sweeps of the tiny kernel (autotune.tune)
-from autotune import Database, tune  # noqa: E402
-from autotune.database import TuningKey  # noqa: E402
-from kernels import tuned  # noqa: E402
+from triton_workbench.autotune import Database, tune  # noqa: E402
+from triton_workbench.autotune.database import TuningKey  # noqa: E402
+from triton_workbench.kernels import tuned  # noqa: E402
 
 
 def _block_energy(name, fn):

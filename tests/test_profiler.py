@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from profiler import SAMPLE_COLUMNS, WINDOW_COLUMNS, NvmlSampler, measure_energy, window_stats
-from profiler.windows import value_at
+from triton_workbench.profiler import SAMPLE_COLUMNS, WINDOW_COLUMNS, NvmlSampler, measure_energy, window_stats
+from triton_workbench.profiler.windows import value_at
 from fake_pynvml import (
     NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_LIBRARY_NOT_FOUND, FakeClock, FakeGpu, NVMLError, NVMLError_NotSupported,
     make_pynvml,
@@ -94,7 +94,7 @@ def test_missing_counter_falls_back_to_the_integral_of_power(monkeypatch, clock,
     gpu.unsupported.add("energy")
     install(monkeypatch, gpu)
     sampler = make_sampler(clock)
-    with caplog.at_level(logging.INFO, logger="profiler"):
+    with caplog.at_level(logging.INFO, logger="triton_workbench.profiler"):
         with sampler.window("step"):
             run_for(sampler, clock, 0.5)
             gpu.set_power(200.0, at_s=clock.now + 0.005)  # mid-interval: the trapezoids blur one interval
@@ -112,7 +112,7 @@ def test_unsupported_fields_are_nan_and_noted_once(monkeypatch, clock, gpu, capl
     gpu.unsupported |= {"mem_temp", "util", "clock_events", "throttle_reasons"}
     install(monkeypatch, gpu)
     sampler = make_sampler(clock, slow_every=2)
-    with caplog.at_level(logging.INFO, logger="profiler"):
+    with caplog.at_level(logging.INFO, logger="triton_workbench.profiler"):
         with sampler.window("w"):
             run_for(sampler, clock, 0.2)
     frame = sampler.frame()

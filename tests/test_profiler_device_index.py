@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from fake_pynvml import FakeClock, FakeGpu, make_pynvml
-from profiler import NvmlSampler
-from profiler.device_index import normalize_pci_bus_id, resolve_device
+from triton_workbench.profiler import NvmlSampler
+from triton_workbench.profiler.device_index import normalize_pci_bus_id, resolve_device
 
 UUIDS = ["GPU-aaaa1111-0000-0000-0000-000000000000", "GPU-bbbb2222-0000-0000-0000-000000000000",
          "GPU-bbbb3333-0000-0000-0000-000000000000"]  # fmt: skip

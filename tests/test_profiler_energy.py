@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fake_pynvml import FakeClock, FakeGpu, make_pynvml
-from profiler import ENERGY_RESULT_KEYS, NvmlSampler, cool_down, energy_meter, measure_energy
+from triton_workbench.profiler import ENERGY_RESULT_KEYS, NvmlSampler, cool_down, energy_meter, measure_energy
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-from autotune.compare import compare, load_kernel_tuner_results, summarise
-from autotune.replay import replay
-from workbench.cli import main
+from triton_workbench.autotune.compare import compare, load_kernel_tuner_results, summarise
+from triton_workbench.autotune.replay import replay
+from triton_workbench.workbench.cli import main
 
 
 def write_cache(path, failed=("3,2",), absent=("0,0", "5,1")):
@@ -78,7 +78,7 @@ def test_compare_fractions_match_replays(tmp_path):
 
 
 def test_strategies_command_prints_table_and_stores_rows(tmp_path, capsys):
-    from autotune.database import Database
+    from triton_workbench.autotune.database import Database
 
     landscapes = tmp_path / "landscapes"
     landscapes.mkdir()

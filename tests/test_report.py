@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from autotune.database import Database, TuningKey
-from reports import build_sections, write_report
-from reports.baselines import baseline_figure, speedups
-from reports.roofline import peaks_for, roofline_figure
-from reports.timeline import throttled_samples, timeline_figure
-from reports.training import op_share
-from reports.tuning import (best_so_far_figure, choose_metric, config_heatmap, energy_figure, pareto_front,
+from triton_workbench.autotune.database import Database, TuningKey
+from triton_workbench.reports import build_sections, write_report
+from triton_workbench.reports.baselines import baseline_figure, speedups
+from triton_workbench.reports.roofline import peaks_for, roofline_figure
+from triton_workbench.reports.timeline import throttled_samples, timeline_figure
+from triton_workbench.reports.training import op_share
+from triton_workbench.reports.tuning import (best_so_far_figure, choose_metric, config_heatmap, energy_figure, pareto_front,
                             prepare_trials)
-from workbench.cli import main
+from triton_workbench.workbench.cli import main
 
 HOSTILE = "<script>alert(1)</script>"
 GEMM_PROBLEM = {"M": 96, "N": 80, "K": 64, "dtype": "fp32"}

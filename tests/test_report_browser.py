@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from autotune.database import Database
-from reports import write_report
+from triton_workbench.autotune.database import Database
+from triton_workbench.reports import write_report
 from test_report import expected_figures, populate
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from autotune.space import Space
+from triton_workbench.autotune.space import Space
 
 
 def small_space() -> Space:

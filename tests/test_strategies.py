@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from autotune.space import Space
-from autotune.strategies import STRATEGIES, make_strategy
+from triton_workbench.autotune.space import Space
+from triton_workbench.autotune.strategies import STRATEGIES, make_strategy
 
 
 NAMES = ["exhaustive", "random", "auto"]  # "forest" is the class behind "auto"

@@ -4,7 +4,7 @@ import math
 
 import pandas as pd
 
-from workbench.tables import format_table
+from triton_workbench.workbench.tables import format_table
 
 
 def test_columns_align_numbers_right_text_left_and_lines_share_one_width():

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from autotune.database import Database
-from workbench.checkpoint import load_checkpoint
-from workbench.cli import main
-from workbench.training import TrainConfig, train
+from triton_workbench.autotune.database import Database
+from triton_workbench.workbench.checkpoint import load_checkpoint
+from triton_workbench.workbench.cli import main
+from triton_workbench.workbench.training import TrainConfig, train
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +124,7 @@ def test_profile_without_nvml_says_so_and_trains(tmp_path, monkeypatch, capsys):
 
 def test_ctrl_c_stops_after_the_step_saves_and_resume_loses_nothing(tmp_path):
     out, db_path = tmp_path / "out", tmp_path / "sigint.db"
-    command = [sys.executable, "-m", "workbench", "train", "--kernels", "torch", "--batch-size", "16", "--steps", "500",
+    command = [sys.executable, "-m", "triton_workbench.workbench", "train", "--kernels", "torch", "--batch-size", "16", "--steps", "500",
                "--checkpoint-every", "2", "--eval-images", "8", "--out", str(out), "--db", str(db_path), "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import kernels
-from autotune import Database, tune
-from autotune.database import DatabaseFileError, TuningKey
-from kernels import GEMM_SPEC, tuned
-from workbench.cli import main
+from triton_workbench import kernels
+from triton_workbench.autotune import Database, tune
+from triton_workbench.autotune.database import DatabaseFileError, TuningKey
+from triton_workbench.kernels import GEMM_SPEC, tuned
+from triton_workbench.workbench.cli import main
 
 GEMM_PROBLEM_ARGS = ["--shape", "19,9,13", "--dtype", "fp32", "--activation", "gelu"]  # odd, below every block
 TESTS = Path(__file__).parent
@@ -56,7 +56,7 @@ def test_gemm_sweep_stores_every_trial_kernels_use_the_winner_and_rerun_evaluate
 # the test kills it at a known point however fast the machine is.
 _KILLABLE_SWEEP = textwrap.dedent("""
     import pathlib, sys, time
-    from autotune import tune
+    from triton_workbench.autotune import tune
     from tiny_spec import SPEC
     stored = []
     def wait_after_three(trial):
@@ -142,7 +142,7 @@ def _all_gemm_configs():
 
 
 def test_the_db_option_is_also_where_the_kernels_look_their_tuned_configs_up(tmp_path):
-    from autotune import Space
+    from triton_workbench.autotune import Space
 
     problem = _gemm_problem()
     default = GEMM_SPEC.default_config(problem)
@@ -173,7 +173,7 @@ def test_damaged_database_and_bad_arguments_are_clear_errors(tmp_path, capsys):
 
 def test_bench_says_it_needs_a_gpu_and_its_measuring_path_stores_baselines(capsys):
     from tiny_spec import SPEC
-    from workbench.commands import bench
+    from triton_workbench.workbench.commands import bench
 
     assert main(["bench", "gemm", "--shapes", "64,64,64"]) == 0
     output = capsys.readouterr().out
@@ -189,7 +189,7 @@ def test_bench_says_it_needs_a_gpu_and_its_measuring_path_stores_baselines(capsy
 
 
 def test_profile_without_nvml_an_energy_objective_is_refused(capsys):
-    from profiler import NvmlSampler
+    from triton_workbench.profiler import NvmlSampler
 
     if NvmlSampler().available:
         pytest.skip("NVML is present here: the no-NVML message is for machines without it")

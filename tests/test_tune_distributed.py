@@ -5,12 +5,12 @@ import os
 import subprocess
 import sys
 
-from autotune import Database
+from triton_workbench.autotune import Database
 
 
 def test_two_ranks_share_the_configs_and_rank_0_stores_them_all():
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "workbench", "tune", "gemm", "--shape", "17,5,11", "--dtype", "fp32", "--activation", "relu",
+               "-m", "triton_workbench.workbench", "tune", "gemm", "--shape", "17,5,11", "--dtype", "fp32", "--activation", "relu",
                "--strategy", "random", "--budget", "4", "--no-compile-ahead"]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)

@@ -4,12 +4,12 @@ import re
 
 from torch import nn
 
-from autotune.database import Database
-from kernels import tuned
-from kernels.spec import problem_id
-from workbench.cli import main
-from workbench.commands import tune_model
-from workbench.model_problems import record_model_problems
+from triton_workbench.autotune.database import Database
+from triton_workbench.kernels import tuned
+from triton_workbench.kernels.spec import problem_id
+from triton_workbench.workbench.cli import main
+from triton_workbench.workbench.commands import tune_model
+from triton_workbench.workbench.model_problems import record_model_problems
 
 
 def _tiny_model(in_channels: int, num_classes: int, image_size: int) -> nn.Module:

@@ -11,11 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import runtime  # noqa: F401  (decides interpreter vs GPU before the kernel is defined)
-from kernels.spec import DTYPES, KernelSpec
+from triton_workbench.kernels.runtime import jit
+from triton_workbench.kernels.spec import DTYPES, KernelSpec
 
 
-@triton.jit
+@jit
 def scale_kernel(x_ptr, out_ptr, n, factor, BLOCK: tl.constexpr, BROKEN: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
@@ -23,8 +23,6 @@ def scale_kernel(x_ptr, out_ptr, n, factor, BLOCK: tl.constexpr, BROKEN: tl.cons
     if BROKEN:
         y = y + 1.0
     tl.store(out_ptr + offsets, y, mask=mask)
-
-
 
 
 def make_inputs(problem, device):

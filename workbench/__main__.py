@@ -1,3 +1,3 @@
-from workbench.cli import main
+from triton_workbench.workbench.cli import main
 
 raise SystemExit(main())

@@ -9,7 +9,7 @@ import os
 import pkgutil
 import sys
 
-import workbench.commands
+from triton_workbench.workbench import commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "activation kernels.")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in sorted(pkgutil.iter_modules(workbench.commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"workbench.commands.{module.name}").register(subparsers)
+    for module in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{module.name}").register(subparsers)
     return parser
 
 

@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterator, Sequence
 import pandas as pd
 import torch
 
-import kernels
-from kernels.conv import CONV_FWD_SPEC, RESNET18_CONV_SHAPES, problem_geometry, resnet18_problem
-from kernels.spec import Problem, problem_id
+from triton_workbench import kernels
+from triton_workbench.kernels.conv import CONV_FWD_SPEC, RESNET18_CONV_SHAPES, problem_geometry, resnet18_problem
+from triton_workbench.kernels.spec import Problem, problem_id
 
 INPUT_SIZES = (224, 32)
 BATCHES = (64, 256)
@@ -166,7 +166,7 @@ def pass_flops(problem: Problem, pass_name: str) -> int:
 def max_relative_difference(outputs: Outputs, references: Outputs) -> float:
     """The largest `relative_error` over paired outputs (inf if they do not pair up): a check that both
     sides compute the same thing, not an accuracy measurement."""
-    from autotune.pipeline import relative_error
+    from triton_workbench.autotune.pipeline import relative_error
 
     if len(outputs) != len(references):
         return math.inf
@@ -195,7 +195,7 @@ def tf32_policy(enabled: bool) -> Iterator[None]:
 
 def measure_case(case: ConvBenchCase, device: torch.device) -> list[dict[str, Any]]:
     """One row per pass: both sides timed with autotune.timing.measure, after one checked call each."""
-    from autotune.timing import measure
+    from triton_workbench.autotune.timing import measure
 
     inputs = CONV_FWD_SPEC.make_inputs(case.problem, device)
     inputs.pop("pre")  # the spec's saved pre-activation for its backward kernels: neither side reads it
@@ -253,10 +253,10 @@ def run_sweep(cases: Sequence[ConvBenchCase], db: str | None, tf32: bool, progre
     """
     from tqdm import tqdm
 
-    from autotune.database import Database
-    from autotune.environment import device_key
-    from kernels import runtime
-    from workbench.tables import format_table
+    from triton_workbench.autotune.database import Database
+    from triton_workbench.autotune.environment import device_key
+    from triton_workbench.kernels import runtime
+    from triton_workbench.workbench.tables import format_table
 
     device = device_key().device
     meta = {"cases": len(cases), "passes": list(PASSES), "tf32": tf32, "cudnn_benchmark": True,

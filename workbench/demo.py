@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from autotune.database import Database
-from kernels import runtime
-from workbench.cli import main as workbench
-from workbench.tables import format_table
+from triton_workbench.autotune.database import Database
+from triton_workbench.kernels import runtime
+from triton_workbench.workbench.cli import main as workbench
+from triton_workbench.workbench.tables import format_table
 
 # Kernel Tuner cache files recorded on real GPUs; the strategy comparison runs where they exist.
 DEFAULT_LANDSCAPES = Path(__file__).resolve().parents[2] / "shared" / "landscapes"

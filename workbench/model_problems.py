@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import tuned
-from kernels.spec import KernelSpec, Problem, problem_id
+from triton_workbench.kernels import tuned
+from triton_workbench.kernels.spec import KernelSpec, Problem, problem_id
 
 
 _TRIVIAL = {"dilation": [1, 1], "groups": 1, "layout": "nchw"}  # values not worth a column's width
@@ -79,7 +79,7 @@ def record_model_problems(model: nn.Module, input_shape: tuple[int, ...], num_cl
 
     input_shape: (batch, channels, height, width). The model's parameters are not updated.
     """
-    from workbench.training import swap_kernels
+    from triton_workbench.workbench.training import swap_kernels
 
     if len(input_shape) != 4 or any(not isinstance(size, int) or size < 1 for size in input_shape):
         raise ValueError(f"input_shape must be 4 positive ints (batch, channels, height, width), got {input_shape}")

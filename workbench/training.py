@@ -31,10 +31,10 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from autotune.database import Database
-from autotune.distributed import Distributed
-from kernels import runtime
-from workbench.checkpoint import (
+from triton_workbench.autotune.database import Database
+from triton_workbench.autotune.distributed import Distributed
+from triton_workbench.kernels import runtime
+from triton_workbench.workbench.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     parameters_sha256,
@@ -42,12 +42,12 @@ from workbench.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from workbench.data import Dataset, ImageSet, load_dataset
-from workbench.models import build_model
-from workbench.tables import format_table
-from workbench.tracing import StepTracer
+from triton_workbench.workbench.data import Dataset, ImageSet, load_dataset
+from triton_workbench.workbench.models import build_model
+from triton_workbench.workbench.tables import format_table
+from triton_workbench.workbench.tracing import StepTracer
 
-log = logging.getLogger("workbench.train")
+log = logging.getLogger("triton_workbench.workbench.train")
 
 KERNEL_CHOICES = ("triton", "torch")
 AMP_CHOICES = ("off", "fp16", "bf16")
@@ -155,7 +155,7 @@ def training_device(kernels: str, distributed: Distributed) -> torch.device:
 
 def swap_kernels(model: nn.Module) -> list[str]:
     """Replace the layers our Triton kernels support; return the compute layers left to PyTorch."""
-    from kernels.nn import activation_of, swap
+    from triton_workbench.kernels.nn import activation_of, swap
 
     swap(model)
     kept = [
@@ -268,7 +268,7 @@ class _Energy:
         self.sampler = None
         if not enabled:
             return
-        from profiler import NvmlSampler
+        from triton_workbench.profiler import NvmlSampler
 
         sampler = NvmlSampler(device=device.index or 0)
         if not sampler.available:
@@ -416,7 +416,7 @@ def _record_trace(tracer: StepTracer, recorder: _Recorder | None) -> None:
     if recorder is not None:
         recorder.append("op_times", op_times)
     print(f"trace: {tracer.steps_traced} steps traced -> {tracer.trace_path}")
-    from reports.training import op_device  # the report's rule for where a step's kernel time is
+    from triton_workbench.reports.training import op_device  # the report's rule for where a step's kernel time is
 
     top = op_times[op_times["device"] == op_device(op_times)].nlargest(12, "self_time_ms")
     print(format_table(top, float_format="{:.3f}"))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from autotune.space import Space
-from autotune.strategies.base import Strategy
-from autotune.strategies.exhaustive import Exhaustive
-from autotune.strategies.forest import ForestSearch
-from autotune.strategies.random_sample import RandomSample
+from triton_workbench.autotune.space import Space
+from triton_workbench.autotune.strategies.base import Strategy
+from triton_workbench.autotune.strategies.exhaustive import Exhaustive
+from triton_workbench.autotune.strategies.forest import ForestSearch
+from triton_workbench.autotune.strategies.random_sample import RandomSample
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "exhaustive": Exhaustive,

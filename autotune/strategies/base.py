@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from autotune.space import Config, Space
+from triton_workbench.autotune.space import Config, Space
 
 
 class Strategy(ABC):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autotune.strategies.base import Strategy
+from triton_workbench.autotune.strategies.base import Strategy
 
 
 class Exhaustive(Strategy):

@@ -37,8 +37,8 @@ from scipy.spatial.distance import cdist
 from scipy.stats import norm
 from sklearn.tree import DecisionTreeRegressor
 
-from autotune.space import Space
-from autotune.strategies.base import Strategy
+from triton_workbench.autotune.space import Space
+from triton_workbench.autotune.strategies.base import Strategy
 
 
 def config_features(space: Space) -> np.ndarray:

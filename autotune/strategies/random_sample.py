@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from autotune.space import Space
-from autotune.strategies.base import Strategy
+from triton_workbench.autotune.space import Space
+from triton_workbench.autotune.strategies.base import Strategy
 
 
 class RandomSample(Strategy):

@@ -16,10 +16,10 @@ import json
 
 import pandas as pd
 
-from kernels.spec import problem_id
-from workbench.commands.tune import baseline_time_ms, build_problem, performance_table, spec_for
-from workbench.conv_bench import BATCHES, BENCH_DTYPES, INPUT_SIZES
-from workbench.tables import format_table
+from triton_workbench.kernels.spec import problem_id
+from triton_workbench.workbench.commands.tune import baseline_time_ms, build_problem, performance_table, spec_for
+from triton_workbench.workbench.conv_bench import BATCHES, BENCH_DTYPES, INPUT_SIZES
+from triton_workbench.workbench.tables import format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def specs_named(name: str) -> list:
     """The spec registered as `name`, or every spec of the family `name_*` (e.g. conv -> conv_fwd, ...)."""
-    import kernels
+    from triton_workbench import kernels
 
     family = sorted(key for key in kernels.SPECS if key.startswith(f"{name}_"))
     return [spec_for(name)] if name in kernels.SPECS or not family else [kernels.SPECS[key] for key in family]
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
 def conv_cases(args: argparse.Namespace) -> list:
     """The conv cases the arguments ask for: the ResNet-18 sweep, or the --shapes problems in each dtype."""
-    from kernels.conv import CONV_FWD_SPEC
-    from workbench import conv_bench
+    from triton_workbench.kernels.conv import CONV_FWD_SPEC
+    from triton_workbench.workbench import conv_bench
 
     dtypes = [args.dtype] if args.dtype is not None else list(BENCH_DTYPES)
     activation = None if args.activation is not None and args.activation.lower() == "none" else args.activation
@@ -86,8 +86,8 @@ def conv_cases(args: argparse.Namespace) -> list:
 
 def run_conv(args: argparse.Namespace) -> int:
     """`workbench bench conv`: our conv2d vs cuDNN (+ separate bias and activation), fwd and fwd+bwd."""
-    from kernels import runtime
-    from workbench import conv_bench
+    from triton_workbench.kernels import runtime
+    from triton_workbench.workbench import conv_bench
 
     cases = conv_cases(args)
     if runtime.timer_name() != "cuda_events":
@@ -101,7 +101,7 @@ def run_conv(args: argparse.Namespace) -> int:
 
 def run_specs(args: argparse.Namespace) -> int:
     """`workbench bench KERNEL` for kernels in kernels.SPECS (or a family of them): each spec vs its baseline."""
-    from kernels import runtime
+    from triton_workbench.kernels import runtime
 
     specs = specs_named(args.kernel)
     work = []
@@ -124,11 +124,11 @@ def run_specs(args: argparse.Namespace) -> int:
 
 def bench(spec, problems: list[dict], db: str | None) -> None:
     """Time `spec` (tuned or default config) and its PyTorch baseline on each problem; print and store."""
-    from autotune.database import Database
-    from autotune.environment import device_key
-    from autotune.pipeline import relative_error
-    from autotune.timing import measure
-    from kernels import runtime, tuned
+    from triton_workbench.autotune.database import Database
+    from triton_workbench.autotune.environment import device_key
+    from triton_workbench.autotune.pipeline import relative_error
+    from triton_workbench.autotune.timing import measure
+    from triton_workbench.kernels import runtime, tuned
 
     device = device_key().device
     database = Database(db)

@@ -7,7 +7,7 @@ import json
 import random
 import time
 
-from workbench.tables import format_table
+from triton_workbench.workbench.tables import format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,8 +35,8 @@ def _archs(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import kernels
-    from kernels.aot import compile_space, default_space
+    from triton_workbench import kernels
+    from triton_workbench.kernels.aot import compile_space, default_space
 
     if args.kernel not in kernels.SPECS:
         raise ValueError(f"unknown kernel {args.kernel!r}: expected one of {', '.join(sorted(kernels.SPECS))}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from workbench.demo import DEFAULT_LANDSCAPES, SIZES, run_demo
+from triton_workbench.workbench.demo import DEFAULT_LANDSCAPES, SIZES, run_demo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -18,8 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotune.database import Database
-    from autotune.transfer import export_best
+    from triton_workbench.autotune.database import Database
+    from triton_workbench.autotune.transfer import export_best
 
     database = Database(args.db)
     document = export_best(database, args.kernel)

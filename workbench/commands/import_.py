@@ -18,8 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotune.database import Database
-    from autotune.transfer import import_best
+    from triton_workbench.autotune.database import Database
+    from triton_workbench.autotune.transfer import import_best
 
     path = Path(args.file)
     try:

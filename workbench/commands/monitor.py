@@ -17,8 +17,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from autotune.database import Database
-from profiler import NvmlSampler
+from triton_workbench.autotune.database import Database
+from triton_workbench.profiler import NvmlSampler
 
 FLUSH_EVERY_S = 5.0
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autotune.database import Database
-from reports import write_report
+from triton_workbench.autotune.database import Database
+from triton_workbench.reports import write_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -41,9 +41,9 @@ def _budgets(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotune.compare import compare, landscape_files, load_kernel_tuner_results, summarise
-    from autotune.database import Database
-    from workbench.tables import format_table
+    from triton_workbench.autotune.compare import compare, landscape_files, load_kernel_tuner_results, summarise
+    from triton_workbench.autotune.database import Database
+    from triton_workbench.workbench.tables import format_table
 
     budgets = _budgets(args.budgets)
     strategies = [name for name in args.strategies.split(",") if name]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autotune.distributed import leave_process_group
-from workbench.data import DATASET_NAMES
-from workbench.models import MODEL_NAMES
-from workbench.training import AMP_CHOICES, KERNEL_CHOICES, TrainConfig, train
+from triton_workbench.autotune.distributed import leave_process_group
+from triton_workbench.workbench.data import DATASET_NAMES
+from triton_workbench.workbench.models import MODEL_NAMES
+from triton_workbench.workbench.training import AMP_CHOICES, KERNEL_CHOICES, TrainConfig, train
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -13,10 +13,10 @@ from typing import Any
 
 import pandas as pd
 
-from autotune.pipeline import objective_value
-from reports.labels import parameters_label
-from reports.roofline import peaks_for
-from workbench.tables import format_table
+from triton_workbench.autotune.pipeline import objective_value
+from triton_workbench.reports.labels import parameters_label
+from triton_workbench.reports.roofline import peaks_for
+from triton_workbench.workbench.tables import format_table
 
 TOP_CONFIGS = 10
 
@@ -53,7 +53,7 @@ def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
 
 def spec_for(name: str):
     """The KernelSpec registered under `name` in kernels.SPECS (looked up at run time)."""
-    import kernels
+    from triton_workbench import kernels
 
     if name not in kernels.SPECS:
         raise ValueError(f"unknown kernel {name!r}: expected one of {', '.join(sorted(kernels.SPECS))}")
@@ -99,8 +99,8 @@ def _ceiling(problem: dict[str, Any]) -> str:
 
 def baseline_time_ms(spec, problem: dict[str, Any]) -> float:
     """PyTorch's own op for the problem, timed with the same harness (NaN when the spec has none)."""
-    from autotune.timing import measure
-    from kernels import runtime
+    from triton_workbench.autotune.timing import measure
+    from triton_workbench.kernels import runtime
 
     if spec.baseline is None:
         return math.nan
@@ -144,8 +144,8 @@ def energy_meter_for(profile: bool, objective: str):
         return None, None
     import torch
 
-    from kernels import runtime
-    from profiler import NvmlSampler, energy_meter
+    from triton_workbench.kernels import runtime
+    from triton_workbench.profiler import NvmlSampler, energy_meter
 
     sampler = NvmlSampler()
     if not sampler.available:
@@ -158,10 +158,10 @@ def energy_meter_for(profile: bool, objective: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotune.database import Database
-    from autotune.environment import device_key
-    from autotune.distributed import Distributed, leave_process_group
-    from autotune.tuner import tune
+    from triton_workbench.autotune.database import Database
+    from triton_workbench.autotune.environment import device_key
+    from triton_workbench.autotune.distributed import Distributed, leave_process_group
+    from triton_workbench.autotune.tuner import tune
 
     spec = spec_for(args.kernel)
     problem = build_problem(spec, args.shape, args.dtype, args.activation, args.problem)

@@ -13,8 +13,8 @@ import math
 import pandas as pd
 import torch
 
-from workbench.models import MODEL_NAMES, build_model
-from workbench.tables import format_table
+from triton_workbench.workbench.models import MODEL_NAMES, build_model
+from triton_workbench.workbench.tables import format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,10 +47,10 @@ def parse_input(text: str) -> tuple[int, int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotune.database import Database
-    from autotune.pipeline import CompilePool
-    from kernels import runtime
-    from workbench.model_problems import record_model_problems
+    from triton_workbench.autotune.database import Database
+    from triton_workbench.autotune.pipeline import CompilePool
+    from triton_workbench.kernels import runtime
+    from triton_workbench.workbench.model_problems import record_model_problems
 
     channels, height, width = parse_input(args.input)
     if args.batch_size < 1:
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _tune_problem(args: argparse.Namespace, item, db, pool, run_id: int) -> dict:
     """Tune one recorded problem into the model's run; its row of the summary table."""
-    from autotune.database import config_id
-    from autotune.tuner import tune
+    from triton_workbench.autotune.database import config_id
+    from triton_workbench.autotune.tuner import tune
 
     trials = tune(item.spec, item.problem, strategy=args.strategy, budget=args.budget, db=db, seed=args.seed,
                   progress=not args.no_progress, compile_ahead=pool or False, run_id=run_id)  # fmt: skip
