@@ -49,18 +49,30 @@ def _sigmoid(x):
 
 
 @jit
+def _sigmoid_slope(x):
+    # sigmoid'(x) = e / (1 + e)^2 with e = exp(-|x|): s * (1 - s) would round to 0 once s rounds to 1
+    e = tl.exp(-tl.abs(x))
+    return e / ((1.0 + e) * (1.0 + e))
+
+
+@jit
 def _tanh(x):
-    # tanh(x) = 2*sigmoid(2x) - 1, evaluated on |x| so exp never overflows to inf/inf
+    # tanh(x) = (1 - e) / (1 + e) with e = exp(-2|x|), so exp never overflows to inf/inf; below
+    # |x| = 1/16, where 1 - e cancels, its Taylor series (truncation error < 1e-11 relative), which
+    # also keeps tiny and denormal inputs exact as PyTorch does (tanh(1e-40) = 1e-40, not 0)
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+    t = tl.where(x < 0, -t, t)
+    x2 = x * x
+    series = x * (1.0 - x2 * (0.3333333333333333 - x2 * (0.13333333333333333 - x2 * 0.05396825396825397)))
+    return tl.where(tl.abs(x) < 0.0625, series, t)
 
 
 @jit
 def apply(x, ACTIVATION: tl.constexpr, negative_slope):
     """activation(x) for an fp32 tile `x`; ACTIVATION is a code from `CODES`."""
     if ACTIVATION == 1:
-        y = tl.maximum(x, 0.0)
+        y = tl.where(x < 0, 0.0, x)  # NaN and -0.0 stay what they are, as in PyTorch (tl.maximum drops NaN)
     elif ACTIVATION == 2:
         y = tl.where(x > 0, x, x * negative_slope)
     elif ACTIVATION == 3:
@@ -83,7 +95,7 @@ def apply(x, ACTIVATION: tl.constexpr, negative_slope):
 def derivative(x, ACTIVATION: tl.constexpr, negative_slope):
     """d activation / dx at the pre-activation fp32 tile `x` (PyTorch's conventions at kinks)."""
     if ACTIVATION == 1:
-        d = tl.where(x > 0, 1.0, 0.0)
+        d = tl.where(x <= 0, 0.0, 1.0)  # at NaN the gradient passes, as PyTorch's threshold_backward does
     elif ACTIVATION == 2:
         d = tl.where(x > 0, 1.0, negative_slope)
     elif ACTIVATION == 3:
@@ -96,11 +108,9 @@ def derivative(x, ACTIVATION: tl.constexpr, negative_slope):
         s = _sigmoid(x)
         d = s * (1.0 + x * (1.0 - s))
     elif ACTIVATION == 6:
-        s = _sigmoid(x)
-        d = s * (1.0 - s)
+        d = _sigmoid_slope(x)
     elif ACTIVATION == 7:
-        t = _tanh(x)
-        d = 1.0 - t * t
+        d = 4.0 * _sigmoid_slope(2.0 * x)  # 1 - tanh(x)^2, without the cancellation near |x| large
     else:
         d = tl.full(x.shape, 1.0, tl.float32)
     return d
