@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
-from triton_workbench.kernels import ops
+from triton_workbench.kernels import ops, runtime
 
 log = logging.getLogger("triton_workbench.kernels")
 
@@ -106,15 +106,29 @@ class SwapRecord:
     detail: str
 
 
+def _placement_reason(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """Why the kernels cannot run on these tensors' dtypes and devices here, or None if they can."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and tensor.dtype not in ops.supported_dtypes():
+            return f"{name} dtype {tensor.dtype} not supported"
+        if tensor.device.type != runtime.default_device().type and tensor.device.type != "meta":
+            return f"{name} is on {tensor.device}; the kernels run on {runtime.default_device().type} here"
+    return None
+
+
+def _activations_reason(container: nn.Module) -> str | None:
+    """Why the activations of `container` stay in PyTorch: none of its parameters can run on the kernels
+    here (an activation has no parameters of its own to tell its input's dtype and device), or None."""
+    reasons = [_placement_reason([(name, parameter)]) for name, parameter in container.named_parameters()]
+    return reasons[0] if reasons and all(reasons) else None
+
+
 def _unsupported_reason(module: nn.Module) -> str | None:
     """Why the kernels cannot run `module`'s parameters (or its settings, see UNSUPPORTED) here, or None if they can."""
     check = UNSUPPORTED.get(type(module))
     if check is not None and (reason := check(module)) is not None:
         return reason
-    for name, parameter in module.named_parameters(recurse=False):
-        if parameter.dtype not in ops.supported_dtypes():
-            return f"{name} dtype {parameter.dtype} not supported"
-    return None
+    return _placement_reason(module.named_parameters(recurse=False))
 
 
 def _fusable_converter(module: nn.Module) -> Callable[[nn.Module, str | None, float], nn.Module] | None:
@@ -125,6 +139,7 @@ def _fusable_converter(module: nn.Module) -> Callable[[nn.Module, str | None, fl
 
 def _swap_children(parent: nn.Module, prefix: str, records: list[SwapRecord]) -> None:
     names = list(parent._modules)
+    activations_reason = _activations_reason(parent)
     index = 0
     kept_layer = ""  # path of a layer just left in torch for its dtype: its activation stays with it
     while index < len(names):
@@ -152,6 +167,8 @@ def _swap_children(parent: nn.Module, prefix: str, records: list[SwapRecord]) ->
                 records.append(SwapRecord(path, type(child).__name__, "swapped", "no activation to fuse"))
         elif act is not None and kept_layer:
             records.append(SwapRecord(path, type(child).__name__, "kept", f"follows {kept_layer}, left in torch"))
+        elif act is not None and activations_reason:
+            records.append(SwapRecord(path, type(child).__name__, "kept", f"its container's {activations_reason}"))
         elif act is not None:
             setattr(parent, name, TritonActivation(*act))
             records.append(SwapRecord(path, type(child).__name__, "swapped", act[0]))
@@ -167,7 +184,10 @@ def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
 
     A layer directly followed by a supported activation inside an nn.Sequential absorbs it (the
     activation's slot becomes nn.Identity, so indices and state_dict keys stay valid). Parameters
-    are shared, not copied. Logs a one-line summary; `verbose` prints a table of every module
+    are shared, not copied. A module is swapped only where the kernels can run it: layers whose
+    parameters have a dtype or device the kernels do not take here stay in PyTorch, and so do the
+    activations of a container all of whose parameters are such: a swap never turns a working model
+    into a failing one. Logs a one-line summary; `verbose` prints a table of every module
     swapped or left alone, and why. Returns `model`.
     """
     if not isinstance(model, nn.Module):

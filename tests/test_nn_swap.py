@@ -124,3 +124,22 @@ def test_modules_reject_an_unknown_activation_when_built():
         TritonLinear(3, 4, activation="swish")
     with pytest.raises(ValueError, match="activation"):
         TritonConv2d(3, 4, 3, activation="bogus")
+
+
+def test_swap_never_breaks_a_model_the_kernels_cannot_run(capsys):
+    class Block(nn.Module):  # the activation follows a BatchNorm, not the layer: only the model's dtype tells
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.SiLU()
+
+        def forward(self, x):
+            return self.act(self.bn(self.conv(x)))
+
+    model = nn.Sequential(Block(), nn.Flatten(), nn.Linear(12, 4), nn.Tanh()).double()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    expected = model(x)
+    knn.swap(model, verbose=True)
+    torch.testing.assert_close(model(x), expected)
+    assert not any(isinstance(m, (knn.TritonActivation, knn.TritonLinear, knn.TritonConv2d)) for m in model.modules())
+    table = capsys.readouterr().out
+    assert "its container's" in table and "dtype torch.float64 not supported" in table
