@@ -1,5 +1,5 @@
 """This process's place in the group torchrun starts: shared by sweeps (`autotune.tuner`) and by
-training (`workbench.training`), so both join and leave the group the same way."""
+training (`workbench.train_distributed`), so both join and leave the group the same way."""
 
 from __future__ import annotations
 

@@ -32,30 +32,44 @@ import time
 from concurrent.futures import Future
 from contextlib import contextmanager
 from functools import cached_property
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from triton_workbench.autotune.environment import device_key, device_limits
 from triton_workbench.autotune.timing import measure
+from triton_workbench.database import TrialStatus
+from triton_workbench.database.environment import device_key, device_limits
 from triton_workbench.kernels import runtime
 from triton_workbench.kernels.aot import compile_in_worker, compile_pool
 from triton_workbench.kernels.spec import Config, KernelSpec, Problem
 
 OBJECTIVES = ("time", "energy", "edp")
-ENERGY_FIELDS = (
-    "energy_j_per_call", "avg_power_w", "peak_power_w", "start_temp_c", "end_temp_c", "mean_sm_clock_mhz", "throttled",
-)  # fmt: skip
+
+
+class EnergyRecord(Protocol):
+    """What an EnergyMeter returns: a record with these attributes (NaN, or None for `throttled`, where
+    unknown), such as the profiler's `EnergyStats`. They are what a trial stores of it."""
+
+    energy_j_per_call: float
+    avg_power_w: float
+    peak_power_w: float
+    start_temp_c: float
+    end_temp_c: float
+    mean_sm_clock_mhz: float
+    throttled: bool | None
+
+
+ENERGY_FIELDS: tuple[str, ...] = tuple(EnergyRecord.__annotations__)
 
 
 class EnergyMeter(Protocol):
-    """Measures a callable's energy: returns ENERGY_FIELDS (energy_j_per_call at least).
+    """Measures a callable's energy: `meter(name, fn)` runs `fn` and returns an `EnergyRecord`.
 
     autotune does not import the profiler; `workbench tune --profile` passes one built on it.
     """
 
-    def __call__(self, name: str, fn: Callable[[], object]) -> dict[str, float]: ...
+    def __call__(self, name: str, fn: Callable[[], object]) -> EnergyRecord: ...
 
 
 @dataclass
@@ -63,7 +77,7 @@ class Trial:
     """The outcome of evaluating one config (NaN where not measured)."""
 
     config: Config
-    status: str = "ok"
+    status: str = TrialStatus.OK
     reason: str = ""
     time_ms: float = math.nan
     time_ms_p20: float = math.nan
@@ -75,22 +89,27 @@ class Trial:
     spills: float = math.nan
     tflops: float = math.nan
     gbps: float = math.nan
-    energy: dict[str, float] = field(default_factory=dict)
+    energy: EnergyRecord | None = None  # None when no energy meter measured it
+
+    @property
+    def energy_j_per_call(self) -> float:
+        return math.nan if self.energy is None else self.energy.energy_j_per_call
 
     def measures(self) -> dict[str, Any]:
         """The database fields of this trial beyond config/status/reason."""
         values = asdict(self)
         for name in ("config", "status", "reason", "energy"):
             values.pop(name)
-        values.update({name: self.energy.get(name, math.nan) for name in ENERGY_FIELDS})
+        energy = {name: math.nan if self.energy is None else getattr(self.energy, name) for name in ENERGY_FIELDS}
+        values.update(energy)
         return values
 
 
-def objective_value(objective: str, time_ms: float, energy_j_per_call: float, status: str = "ok") -> float:
+def objective_value(objective: str, time_ms: float, energy_j_per_call: float, status: str = TrialStatus.OK) -> float:
     """The number a sweep minimises: time_ms, energy_j_per_call, or energy x delay (J*s); inf unless ok."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if status != "ok":
+    if status != TrialStatus.OK:
         return math.inf
     value = {"time": time_ms, "energy": energy_j_per_call, "edp": energy_j_per_call * time_ms / 1e3}[objective]
     return math.inf if value is None or math.isnan(value) else float(value)
@@ -135,12 +154,12 @@ def classify(error: BaseException) -> str:
     from triton.runtime.errors import OutOfResources
 
     if isinstance(error, TrialTimeout):
-        return "timeout"
+        return TrialStatus.TIMEOUT
     if isinstance(error, OutOfResources) or "out of resource" in str(error).lower():
-        return "out_of_resources"
+        return TrialStatus.OUT_OF_RESOURCES
     if isinstance(error, CompilationError):
-        return "compile_error"
-    return "runtime_error"
+        return TrialStatus.COMPILE_ERROR
+    return TrialStatus.RUNTIME_ERROR
 
 
 def _short(error: BaseException) -> str:
@@ -228,15 +247,15 @@ class Pipeline:
                 setattr(trial, name, math.nan if value is None else float(value))
             if not compiled.get("ok", True):
                 reason = str(compiled.get("reason") or "compile failed")
-                trial.status = "out_of_resources" if "out of resource" in reason.lower() else "compile_error"
+                trial.status = TrialStatus.OUT_OF_RESOURCES if "out of resource" in reason.lower() else TrialStatus.COMPILE_ERROR
                 trial.reason = reason
                 return trial
             trial.reason = over_limits(compiled, config, self.limits)
             if trial.reason:
-                trial.status = "out_of_resources"
+                trial.status = TrialStatus.OUT_OF_RESOURCES
                 return trial
         if not self.spec.is_valid(config, self.problem):
-            trial.status, trial.reason = "compile_error", "violates the kernel's constraints for this problem"
+            trial.status, trial.reason = TrialStatus.COMPILE_ERROR, "violates the kernel's constraints for this problem"
             return trial
         self.reference  # inputs and reference are made once, here: outside the watchdog and the compile timing
         try:
@@ -258,7 +277,7 @@ class Pipeline:
             trial.compile_time_s = time.perf_counter() - started
         error = relative_error(result, self.reference)
         if not error <= self.tolerance:
-            trial.status = "wrong"
+            trial.status = TrialStatus.WRONG
             trial.reason = f"relative error {error:.3g} exceeds tolerance {self.tolerance:g}"
             return
         timing = measure(call, interpreter_reps=self.interpreter_reps)
@@ -268,4 +287,4 @@ class Pipeline:
         trial.tflops = self.flops / seconds / 1e12 if seconds > 0 else math.nan
         trial.gbps = self.bytes / seconds / 1e9 if seconds > 0 else math.nan
         if self.energy_meter is not None:
-            trial.energy = dict(self.energy_meter(f"{self.spec.name} {trial.config}", call))
+            trial.energy = self.energy_meter(f"{self.spec.name} {trial.config}", call)

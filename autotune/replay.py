@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,8 @@ from triton_workbench.autotune.strategies import make_strategy
 
 
 def replay(
-    path_or_frame: str | Path | pd.DataFrame | Landscape, strategy: str = "auto", budget: int = 100, seed: int = 0
+    path_or_frame: str | Path | pd.DataFrame | Landscape, strategy: str = "auto", budget: int = 100, seed: int = 0,
+    strategy_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """The trajectory of `strategy` on a recorded landscape: one row per config visited, in order.
 
@@ -21,11 +23,12 @@ def replay(
     recorded config costs one evaluation, failed ones included; configs absent from the recording are
     invalid (the space's constraint excludes them), so they are never asked and cost nothing.
     The run stops after `budget` evaluations or when every recorded config has been visited.
+    `strategy_options`: the strategy's hyperparameters by name (see `make_strategy`).
     """
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ValueError(f"budget: expected a positive int, got {budget!r}")
     landscape = path_or_frame if isinstance(path_or_frame, Landscape) else load_landscape(path_or_frame)
-    search = make_strategy(strategy, landscape.space, seed=seed)
+    search = make_strategy(strategy, landscape.space, seed=seed, **(strategy_options or {}))
     rows = []
     while len(rows) < budget:
         config = search.ask()

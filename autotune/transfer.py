@@ -11,14 +11,14 @@ import json
 import math
 from typing import Any
 
-from triton_workbench.autotune.database import KEY_COLUMNS, Database, TuningKey
+from triton_workbench.autotune.results import KEY_COLUMNS, TuningDatabase, TuningKey
 from triton_workbench.kernels.spec import problem_id
 
 FORMAT = "triton-workbench best configs"
 VERSION = 1
 
 
-def export_best(database: Database, kernel: str | None = None) -> dict[str, Any]:
+def export_best(database: TuningDatabase, kernel: str | None = None) -> dict[str, Any]:
     """The stored best configs (all, or one kernel's) as a JSON-ready document."""
     entries = []
     for row in database.best_configs(kernel).to_dict("records"):
@@ -73,7 +73,7 @@ def _validated(index: int, entry: Any, specs: dict) -> tuple[TuningKey, dict[str
     return key, {name: int(value) for name, value in config.items()}, entry["objective"], numbers[0], numbers[1]
 
 
-def import_best(database: Database, document: Any) -> dict[str, int]:
+def import_best(database: TuningDatabase, document: Any) -> dict[str, int]:
     """Validate a document from `export_best` and store its configs; returns counts (stored, stale).
 
     stale: entries tuned for another version of the kernel's source (they are stored, but
@@ -94,5 +94,5 @@ def import_best(database: Database, document: Any) -> dict[str, int]:
     for key, config, objective, value, time_ms in validated:
         database.set_best(key, config, objective, math.nan if value is None else value, time_ms, None)
         stale += key.source_hash != kernels.SPECS[key.kernel].source_hash
-    tuned.clear_cache()
+    tuned.clear_cache()  # the installed config source may read this database: forget its earlier answers
     return {"stored": len(validated), "stale": stale}

@@ -19,21 +19,24 @@ import math
 import os
 from concurrent.futures import Future
 from contextlib import nullcontext
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from triton_workbench.autotune.database import Database, TuningKey, config_id
+from triton_workbench.autotune.config_source import use_database
 from triton_workbench.autotune.distributed import Distributed
 from triton_workbench.autotune.pipeline import OBJECTIVES, CompilePool, EnergyMeter, Pipeline, Trial, objective_value
+from triton_workbench.autotune.results import TuningDatabase, TuningKey, config_id
+from triton_workbench.database import RunKind, TrialStatus
 from triton_workbench.kernels.spec import Config, KernelSpec, Problem, problem_id
 
 log = logging.getLogger("triton_workbench.autotune")
 
 
-def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: int = 200,
-         db: Database | str | os.PathLike | None = None, objective: str = "time", seed: int = 0,
+def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
+         strategy_options: Mapping[str, Any] | None = None, budget: int = 200,
+         db: TuningDatabase | str | os.PathLike | None = None, objective: str = "time", seed: int = 0,
          energy_meter: EnergyMeter | None = None, compile_ahead: bool | CompilePool | None = None,
          workers: int | None = None,
          timeout_s: float | None = 120.0, interpreter_reps: int = 3, progress: bool = True,
@@ -43,7 +46,11 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
 
     `.attrs["run_id"]` of the result is this sweep's run (None if everything was already stored).
 
-    strategy/seed: passed to `autotune.strategies.make_strategy`; budget: how many configs the
+    db: the database the trials and the best config go to (default: $WORKBENCH_DB, else the user
+    cache). Once the best config is stored, `db` becomes the kernels' config source
+    (`autotune.use_database(db)`): later launches in this process use what was tuned.
+    strategy/strategy_options/seed: passed to `autotune.strategies.make_strategy` (strategy_options: the
+    strategy's declared hyperparameters by name, e.g. {"trees": 48} for auto); budget: how many configs the
     strategy may propose in all (stored ones count); objective: 'time', or 'energy' / 'edp' which
     need an `energy_meter`; compile_ahead: compile each batch for the GPU target in a process pool
     (`workers`, default all cores) one batch ahead of the measurements (default: for specs
@@ -64,6 +71,9 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
         raise ValueError(f"objective {objective!r} needs an energy meter (workbench tune --profile, on a GPU with NVML)")
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    from triton_workbench.autotune.strategies import strategy_options as check_strategy_options
+
+    check_strategy_options(strategy, strategy_options)  # before any run starts or pool is made
     if compile_ahead is None or not CompilePool.supports(spec):
         compile_ahead = CompilePool.supports(spec)  # a borrowed pool cannot compile an unregistered spec
     distributed = distributed or Distributed.from_environment()
@@ -72,9 +82,11 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto", budget: 
     if distributed is not None and distributed.rank != 0:
         _follow(pipeline, distributed)
         return pd.DataFrame()
-    sweep = _Sweep(spec, problem, db if isinstance(db, Database) else Database(db), pipeline, objective, run_id)
+    database = db if isinstance(db, TuningDatabase) else TuningDatabase(db)
+    sweep = _Sweep(spec, problem, database, pipeline, objective, run_id)
     try:
-        return sweep.run(strategy, budget, seed, compile_ahead, workers, progress, distributed, on_trial)
+        return sweep.run(strategy, dict(strategy_options or {}), budget, seed, compile_ahead, workers, progress,
+                         distributed, on_trial)
     finally:
         if distributed is not None:
             distributed.broadcast(None)  # releases the other ranks, also when rank 0 failed
@@ -100,22 +112,22 @@ def _evaluate_share(pipeline: Pipeline, batch: list[tuple[Config, dict | None]],
 class _Sweep:
     """Rank 0's (or a single process's) side of `tune`."""
 
-    def __init__(self, spec: KernelSpec, problem: Problem, database: Database, pipeline: Pipeline, objective: str,
+    def __init__(self, spec: KernelSpec, problem: Problem, database: TuningDatabase, pipeline: Pipeline, objective: str,
                  run_id: int | None):  # fmt: skip
         self.spec, self.problem, self.database, self.pipeline = spec, problem, database, pipeline
         self.objective = objective
         self.key = TuningKey.of(spec, problem)
         self.values: dict[str, float] = {}  # config_id -> objective value of every usable stored trial
         for row in database.trials(key=self.key).itertuples(index=False):
-            if row.status == "ok" and objective != "time" and math.isnan(row.energy_j_per_call):
+            if row.status == TrialStatus.OK and objective != "time" and math.isnan(row.energy_j_per_call):
                 continue  # timed without energy: measure again for this objective
             self.values[row.config] = objective_value(objective, row.time_ms, row.energy_j_per_call, row.status)
         self.run_id = run_id
         self.owns_run = run_id is None  # a sweep of its own starts and finishes its run
         self.best = min(self.values.values(), default=math.inf)
 
-    def run(self, strategy_name: str, budget: int, seed: int, compile_ahead: bool | CompilePool,
-            workers: int | None,
+    def run(self, strategy_name: str, strategy_options: dict[str, Any], budget: int, seed: int,
+            compile_ahead: bool | CompilePool, workers: int | None,
             progress: bool, distributed: Distributed | None, on_trial: Callable[[Trial], None] | None) -> pd.DataFrame:  # fmt: skip
         from triton_workbench.autotune.space import Space
         from triton_workbench.autotune.strategies import make_strategy
@@ -127,14 +139,16 @@ class _Sweep:
             borrowed = compile_ahead if isinstance(compile_ahead, CompilePool) else None
             pool = borrowed or (CompilePool(workers) if compile_ahead else None)
             self.batch_size = max(world, pool.workers if pool else 1)
-            self.strategy = make_strategy(strategy_name, space, seed)
+            self.strategy = make_strategy(strategy_name, space, seed, **strategy_options)
             # the heuristic default goes first: a tuned config is then never worse than the untuned one
             self.strategy.enqueue(self.spec.default_config(self.problem))
             meta = {"problem": json.loads(problem_id(self.problem)), "strategy": strategy_name, "budget": budget,
                     "seed": seed, "objective": self.objective, "world_size": world}  # fmt: skip
+            if strategy_options:
+                meta["strategy_options"] = strategy_options
             self.asked, self.budget = 0, budget
             self.bar = tqdm(total=min(budget, len(space)), desc=f"tune {self.spec.name}", unit="cfg", disable=not progress)
-            run = self.database.run("tune", self.spec.name, meta) if self.owns_run else nullcontext(self.run_id)
+            run = self.database.run(RunKind.TUNE, self.spec.name, meta) if self.owns_run else nullcontext(self.run_id)
             try:
                 with run as self.run_id:
                     self._loop(pool, distributed)
@@ -194,7 +208,7 @@ class _Sweep:
 
     def _evaluate_here(self, config: Config, report: dict | None, died: dict[str, int]) -> None:
         if died.get(config_id(config), 0) >= 2:
-            trial = Trial(config=config, status="timeout",
+            trial = Trial(config=config, status=TrialStatus.TIMEOUT,
                           reason="the sweep's process died twice while running this config (hang or crash)")  # fmt: skip
         else:
             self.database.mark_running(self.key, config)
@@ -207,7 +221,7 @@ class _Sweep:
 
     def _record(self, trial: Trial) -> None:
         self.database.record_trial(self.run_id, self.key, trial.config, trial.status, trial.reason, **trial.measures())
-        value = objective_value(self.objective, trial.time_ms, trial.energy.get("energy_j_per_call", math.nan), trial.status)
+        value = objective_value(self.objective, trial.time_ms, trial.energy_j_per_call, trial.status)
         self.values[config_id(trial.config)] = value
         self.strategy.tell(trial.config, value)
         self.best = min(self.best, value)
@@ -218,16 +232,15 @@ class _Sweep:
             self.on_trial(trial)
 
     def _store_best(self, trials: pd.DataFrame) -> None:
-        """Store the best ok trial (of `trials`, all stored for this key) and make the kernels pick it up."""
+        """Store the best ok trial (of `trials`, all stored for this key) and make the kernels launch with it:
+        this database becomes their config source (`use_database`)."""
         if not self.values or not math.isfinite(min(self.values.values())):
             return
         winner = min(self.values, key=self.values.get)
         row = trials[trials["config"] == winner].iloc[0]
         self.database.set_best(self.key, json.loads(winner), self.objective, self.values[winner], row["time_ms"],
                                int(row["run_id"]))  # fmt: skip
-        from triton_workbench.kernels import tuned
-
-        tuned.clear_cache()
+        use_database(self.database)
 
 
 _UNITS = {"time": "ms", "energy": "J", "edp": "J*s"}

@@ -3,7 +3,9 @@
 Runs each Kernel Tuner strategy in its simulation mode (`kernel_tuner.interface.tune_cache`, which is
 `tune_kernel(..., simulation_mode=True, cache=FILE)` with the restriction "the config is in the
 cache") with `strategy_options={"max_fevals": budget}`, and writes one row per
-(landscape, budget, strategy, seed) with `fraction` = optimum time / best time found (1.0 = optimum).
+(landscape, budget, strategy, seed) with `fraction` = optimum time / best time found (1.0 = optimum)
+to autotune/kernel_tuner_baseline.csv (by default), which ships with the package and is what
+`workbench strategies` shows beside its own strategies.
 Kernel Tuner counts a budget unit per first visit of a cached config; configs outside the cache are
 invalid and free. `autotune.replay` counts the same way, so the two are compared evaluation for
 evaluation.
@@ -108,7 +110,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="25,50,100,200")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("kernel_tuner_baseline.csv"))
+    # package data of triton_workbench.autotune (read through importlib.resources by autotune.compare)
+    shipped = Path(__file__).resolve().parents[1] / "autotune" / "kernel_tuner_baseline.csv"
+    parser.add_argument("--out", type=Path, default=shipped)
     args = parser.parse_args()
     memoise_cache_reads()
     budgets = [int(b) for b in args.budgets.split(",")]

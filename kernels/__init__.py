@@ -2,7 +2,9 @@
 
 from triton_workbench.kernels import runtime
 from triton_workbench.kernels.activation import ACTIVATION_SPEC
-from triton_workbench.kernels.conv import CONV_DGRAD_SPEC, CONV_FWD_SPEC, CONV_WGRAD_SPEC
+from triton_workbench.kernels.conv_dgrad import CONV_DGRAD_SPEC
+from triton_workbench.kernels.conv_fwd import CONV_FWD_SPEC
+from triton_workbench.kernels.conv_wgrad import CONV_WGRAD_SPEC
 from triton_workbench.kernels.gemm import GEMM_SPEC
 from triton_workbench.kernels.ops import activation, conv2d, gemm, linear
 from triton_workbench.kernels import nn  # nn.swap, TritonLinear, TritonActivation (after ops: it builds on them)

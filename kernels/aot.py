@@ -28,10 +28,8 @@ from typing import Callable, Iterable, Iterator
 import pandas as pd
 from tqdm import tqdm
 
+from triton_workbench.kernels import hardware
 from triton_workbench.kernels.spec import Config, KernelSpec, Problem, canonical_json, problem_id
-
-# usable dynamic shared memory per block (opt-in maximum) by compute capability
-SHARED_LIMIT_BYTES: dict[int, int] = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 @dataclass
@@ -96,7 +94,8 @@ def compile_config(spec: KernelSpec, problem: Problem, config: Config, arch: int
                              compile_time_s=time.perf_counter() - started)
     elapsed = time.perf_counter() - started
     shared = int(compiled.metadata.shared)
-    limit = SHARED_LIMIT_BYTES.get(arch)
+    known = hardware.architecture(arch)
+    limit = None if known is None else known.shared_bytes_per_block
     if limit is not None and shared > limit:
         return CompileResult(False, f"shared memory {shared} B > sm_{arch} limit {limit} B", shared, registers,
                              spills, elapsed)
@@ -161,8 +160,8 @@ def _compile_key(spec: KernelSpec, problem: Problem, config: Config, arch: int) 
 
 
 def compile_space(spec: KernelSpec, configs_and_problems: Iterable[tuple[Config, Problem]],
-                  archs: Iterable[int] = (80, 90), workers: int | None = None, progress: bool = True,
-                  on_result: Callable[[dict], None] | None = None) -> pd.DataFrame:
+                  archs: Iterable[int] = hardware.COMPILE_TARGETS, workers: int | None = None,
+                  progress: bool = True, on_result: Callable[[dict], None] | None = None) -> pd.DataFrame:
     """Compile every (config, problem) pair for every arch, in parallel; one row per pair and arch.
 
     Columns: kernel, problem (JSON), config (JSON), arch, ok, reason, shared_bytes, registers,

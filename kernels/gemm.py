@@ -24,16 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_workbench.kernels import runtime, tuned
+from triton_workbench.kernels import hardware, runtime, tuned
 from triton_workbench.kernels.runtime import jit
-from triton_workbench.kernels.aot import SHARED_LIMIT_BYTES
 from triton_workbench.kernels.activation import (DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative,
                                 torch_activation)
 from triton_workbench.kernels.activation import run as run_activation
 from triton_workbench.kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
 
 INT32_MAX = 2**31 - 1
-TARGET_ARCHS: tuple[int, ...] = (80, 90)  # the smallest shared memory among these bounds the space
 CHEAP_DERIVATIVES = frozenset({None, "relu", "leaky_relu"})  # a select: recomputing costs nothing
 
 
@@ -240,8 +238,10 @@ def _reads_pre(problem: Problem) -> bool:
 
 
 def fits_shared_memory(config: Config, problem: Problem) -> bool:
-    """The config's shared memory fits every target architecture (the smallest limit bounds it)."""
-    return shared_bytes_estimate(config, problem) <= min(SHARED_LIMIT_BYTES[arch] for arch in TARGET_ARCHS)
+    """The config's shared memory fits every compile target (`hardware.COMPILE_TARGETS`: the smallest limit
+    bounds it)."""
+    limit = min(hardware.ARCHITECTURES[arch].shared_bytes_per_block for arch in hardware.COMPILE_TARGETS)
+    return shared_bytes_estimate(config, problem) <= limit
 
 
 def _fits_registers(config: Config, problem: Problem) -> bool:

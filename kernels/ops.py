@@ -16,7 +16,10 @@ import torch
 
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
 from triton_workbench.kernels.activation import run as run_activation
-from triton_workbench.kernels import conv as conv_kernels
+from triton_workbench.kernels.conv_dgrad import conv2d_input_grad
+from triton_workbench.kernels.conv_fwd import conv2d_forward
+from triton_workbench.kernels.conv_geometry import ConvGeometry, empty_in_layout_of, make_geometry
+from triton_workbench.kernels.conv_wgrad import conv2d_weight_grad
 from triton_workbench.kernels import gemm as gemm_kernels
 from triton_workbench.kernels import runtime
 from triton_workbench.kernels.spec import DTYPES
@@ -237,8 +240,8 @@ def activation(x: torch.Tensor, name: str | None, **kwargs: object) -> torch.Ten
 # conv2d: y = act(conv2d(x, weight) + bias); geometry travels as int lists (padding: top, bottom, left, right)
 
 
-def _geometry(stride: list[int], padding: list[int], dilation: list[int], groups: int) -> conv_kernels.ConvGeometry:
-    return conv_kernels.ConvGeometry(*stride, *padding, *dilation, groups)
+def _geometry(stride: list[int], padding: list[int], dilation: list[int], groups: int) -> ConvGeometry:
+    return ConvGeometry(*stride, *padding, *dilation, groups)
 
 
 @torch.library.custom_op("workbench::conv2d", mutates_args=())
@@ -246,8 +249,8 @@ def _conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                padding: list[int], dilation: list[int], groups: int, activation: Optional[str],
                negative_slope: float, keep_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(act(conv2d(x, weight) + bias) in x's memory format, pre-activation if keep_pre and an activation, else empty)."""
-    y, pre = conv_kernels.conv2d_forward(x, weight, bias, _geometry(stride, padding, dilation, groups), activation,
-                                         negative_slope, keep_pre)
+    y, pre = conv2d_forward(x, weight, bias, _geometry(stride, padding, dilation, groups), activation,
+                            negative_slope, keep_pre)
     return y, pre if pre is not None else x.new_empty(_EMPTY)
 
 
@@ -256,8 +259,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, activation, negative_s
     ho, wo = _geometry(stride, padding, dilation, groups).output_hw(*x.shape[2:], *weight.shape[2:])
     shape = (x.shape[0], weight.shape[0], ho, wo)
     keeps = keep_pre and activation is not None
-    return conv_kernels.empty_in_layout_of(x, shape), (conv_kernels.empty_in_layout_of(x, shape) if keeps
-                                                         else x.new_empty(_EMPTY))
+    return empty_in_layout_of(x, shape), (empty_in_layout_of(x, shape) if keeps else x.new_empty(_EMPTY))
 
 
 @torch.library.custom_op("workbench::conv2d_backward", mutates_args=())
@@ -270,10 +272,10 @@ def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     pre_or_none = pre if activation is not None else None
     grad_x = grad_weight = grad_bias = None
     if need_x:
-        grad_x = conv_kernels.conv2d_input_grad(grad_out, pre_or_none, weight, x, geometry, activation, negative_slope)
+        grad_x = conv2d_input_grad(grad_out, pre_or_none, weight, x, geometry, activation, negative_slope)
     if need_weight or need_bias:
-        grad_weight, grad_bias = conv_kernels.conv2d_weight_grad(grad_out, pre_or_none, x, weight, geometry,
-                                                                 activation, negative_slope, bias_grad=need_bias)
+        grad_weight, grad_bias = conv2d_weight_grad(grad_out, pre_or_none, x, weight, geometry,
+                                                    activation, negative_slope, bias_grad=need_bias)
     return (grad_x if grad_x is not None else x.new_empty(_EMPTY),
             grad_weight if need_weight else x.new_empty(_EMPTY),
             grad_bias if grad_bias is not None else x.new_empty(_EMPTY))
@@ -282,8 +284,8 @@ def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
 @_conv2d_backward_op.register_fake
 def _(grad_out, x, weight, pre, stride, padding, dilation, groups, activation, negative_slope, need_x, need_weight,
       need_bias):
-    return (conv_kernels.empty_in_layout_of(x, x.shape) if need_x else x.new_empty(_EMPTY),
-            conv_kernels.empty_in_layout_of(weight, weight.shape) if need_weight else x.new_empty(_EMPTY),
+    return (empty_in_layout_of(x, x.shape) if need_x else x.new_empty(_EMPTY),
+            empty_in_layout_of(weight, weight.shape) if need_weight else x.new_empty(_EMPTY),
             x.new_empty(weight.shape[0]) if need_bias else x.new_empty(_EMPTY))
 
 
@@ -328,7 +330,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         check_tensor("bias", bias, 1, like=x)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have C_out = {weight.shape[0]} elements, got shape {tuple(bias.shape)}")
-    geometry = conv_kernels.make_geometry(tuple(weight.shape[2:]), stride, padding, dilation, groups)
+    geometry = make_geometry(tuple(weight.shape[2:]), stride, padding, dilation, groups)
     if x.shape[-3] != weight.shape[1] * groups:
         raise ValueError(f"x has {x.shape[-3]} channels but weight {tuple(weight.shape)} with groups={groups} "
                          f"expects {weight.shape[1] * groups}")
@@ -344,3 +346,21 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = _conv2d_op(batched, weight, bias, [g.stride_h, g.stride_w], [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right],
                    [g.dilation_h, g.dilation_w], groups, name, slope, _keep_pre(name, x, weight, bias))[0]
     return y.squeeze(0) if x.dim() == 3 else y
+
+
+# ---------------------------------------------------------------------------------------------
+# double backward: not implemented, said so plainly instead of a hint to register a formula
+
+
+def _refuse_double_backward(op_name: str):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{op_name}: double backward (gradients of gradients, e.g. torch.autograd.grad(..., create_graph=True) "
+            f"for a gradient penalty) is not supported by the Triton kernels; run that model with PyTorch's ops")
+
+    return backward
+
+
+for _backward_op in (_gemm_backward_op, _activation_backward_op, _conv2d_backward_op):
+    _backward_op.register_autograd(_refuse_double_backward(_backward_op._qualname),
+                                   setup_context=lambda ctx, inputs, output: None)

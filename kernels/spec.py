@@ -8,14 +8,13 @@ A *problem* is a JSON-serialisable dict that fixes one launch: shapes, dtype nam
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+
+from triton_workbench.kernels import jit_sources
 
 Config = dict[str, int]
 Problem = dict[str, Any]
@@ -74,8 +73,7 @@ class KernelSpec:
 
     @functools.cached_property
     def source_hash(self) -> str:
-        """Hash of the source file that defines the kernel: tuned results are keyed by it. Read once per
-        process, so editing the file during a sweep cannot change the sweep's key halfway."""
-        function = getattr(self.kernel, "fn", self.kernel)
-        source = inspect.getsource(sys.modules[function.__module__])
-        return hashlib.sha256(source.encode()).hexdigest()[:16]
+        """Hash of the kernel's source and of every @jit function it calls, transitively (see
+        `jit_sources`): tuned results are keyed by it. Read once per process, so editing a file during a
+        sweep cannot change the sweep's key halfway."""
+        return jit_sources.source_hash(self.kernel)

@@ -5,17 +5,19 @@
         with sampler.window("step 1"):
             ...
         result = measure_energy(lambda: kernel(x), sampler, "gemm 512", synchronize=torch.cuda.synchronize)
-        meter = energy_meter(sampler, synchronize=torch.cuda.synchronize)  # meter(name, fn) -> the same dict
+        meter = energy_meter(sampler, synchronize=torch.cuda.synchronize)  # meter(name, fn) -> an EnergyStats too
     sampler.frame(), sampler.windows()
 
 See profiler/README.md for what NVML can and cannot measure and why the defaults are what they are.
 """
 
-from triton_workbench.profiler.energy import DEFAULT_MIN_WINDOW_S, ENERGY_RESULT_KEYS, cool_down, energy_meter, measure_energy
+from triton_workbench.profiler.energy import (DEFAULT_MIN_WINDOW_S, ENERGY_RESULT_KEYS, EnergyStats, cool_down,
+                                              energy_meter, measure_energy)
 from triton_workbench.profiler.nvml_sampler import SAMPLE_COLUMNS, NvmlSampler, WindowMark
 from triton_workbench.profiler.windows import WINDOW_COLUMNS, WindowStats, window_stats
 
 __all__ = [
     "DEFAULT_MIN_WINDOW_S", "ENERGY_RESULT_KEYS", "SAMPLE_COLUMNS", "WINDOW_COLUMNS",
-    "NvmlSampler", "WindowMark", "WindowStats", "cool_down", "energy_meter", "measure_energy", "window_stats",
+    "EnergyStats", "NvmlSampler", "WindowMark", "WindowStats", "cool_down", "energy_meter", "measure_energy",
+    "window_stats",
 ]  # fmt: skip

@@ -22,15 +22,33 @@ beside it, so a caller who wants the net figure computes
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Callable
 
 from triton_workbench.profiler.nvml_sampler import NvmlSampler
 
 DEFAULT_MIN_WINDOW_S = 1.0
-ENERGY_RESULT_KEYS = (
-    "energy_j_per_call", "avg_power_w", "peak_power_w", "start_temp_c", "end_temp_c", "mean_sm_clock_mhz",
-    "throttled", "idle_power_w", "calls", "window_s", "energy_j",
-)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EnergyStats:
+    """What `measure_energy` measured of one call; NaN (None for `throttled`) where NVML gave nothing.
+    `calls` and `window_s` are always real."""
+
+    energy_j_per_call: float  # the board's whole energy over the trial window / calls (idle included)
+    avg_power_w: float  # over the trial window
+    peak_power_w: float  # highest sample inside the trial window
+    start_temp_c: float  # GPU temperature when the trial window opened
+    end_temp_c: float  # ... and when it closed
+    mean_sm_clock_mhz: float  # mean of the samples inside the trial window
+    throttled: bool | None  # held down by power or heat during the window; None if unknown
+    idle_power_w: float  # average power of the idle window just before the warm-up
+    calls: int  # calls of fn inside the trial window
+    window_s: float  # the trial window's length
+    energy_j: float  # energy over the whole trial window
+
+
+ENERGY_RESULT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(EnergyStats))
 
 
 def _no_sync() -> None:
@@ -54,8 +72,8 @@ def cool_down(sampler: NvmlSampler, target_temp_c: float, timeout_s: float = 60.
 def measure_energy(fn: Callable[[], object], sampler: NvmlSampler, name: str, *,
                    min_window_s: float = DEFAULT_MIN_WINDOW_S, warmup_s: float = 0.1, idle_s: float = 0.5,
                    cooldown_s: float = 0.0, cooldown_temp_c: float | None = None, cooldown_timeout_s: float = 60.0,
-                   synchronize: Callable[[], object] = _no_sync, batch_s: float = 0.05) -> dict:  # fmt: skip
-    """Measure the energy of one call of `fn` as described in the module docstring; returns a dict.
+                   synchronize: Callable[[], object] = _no_sync, batch_s: float = 0.05) -> EnergyStats:  # fmt: skip
+    """Measure the energy of one call of `fn` as described in the module docstring.
 
     Steps, all on `sampler`'s clock (the sampler should be running, so that windows have samples
     inside them; edges are sampled anyway):
@@ -68,9 +86,7 @@ def measure_energy(fn: Callable[[], object], sampler: NvmlSampler, name: str, *,
        least `min_window_s` has passed; the window closes after the last synchronize.
 
     `synchronize` waits for queued GPU work (pass torch.cuda.synchronize for CUDA kernels).
-    Returns ENERGY_RESULT_KEYS: energy_j_per_call, avg_power_w, peak_power_w, start_temp_c,
-    end_temp_c, mean_sm_clock_mhz, throttled (bool, None if unknown), idle_power_w, calls,
-    window_s, energy_j. Measurements are NaN without NVML; calls and window_s are always real.
+    Returns an `EnergyStats`; its measurements are NaN without NVML, calls and window_s always real.
     """
     if not callable(fn) or not callable(synchronize):
         raise TypeError("fn and synchronize must be callables taking no arguments")
@@ -108,29 +124,29 @@ def measure_energy(fn: Callable[[], object], sampler: NvmlSampler, name: str, *,
             synchronize()
             calls += batch
     stats = sampler.window_stats(trial)
-    return {
-        "energy_j_per_call": stats.energy_j / calls,
-        "avg_power_w": stats.avg_power_w,
-        "peak_power_w": stats.peak_power_w,
-        "start_temp_c": sampler.value_at("gpu_temp_c", trial.start_s),
-        "end_temp_c": sampler.value_at("gpu_temp_c", trial.end_s),
-        "mean_sm_clock_mhz": stats.mean_sm_clock_mhz,
-        "throttled": stats.throttled,
-        "idle_power_w": idle_power_w,
-        "calls": calls,
-        "window_s": stats.duration_s,
-        "energy_j": stats.energy_j,
-    }
+    return EnergyStats(
+        energy_j_per_call=stats.energy_j / calls,
+        avg_power_w=stats.avg_power_w,
+        peak_power_w=stats.peak_power_w,
+        start_temp_c=sampler.value_at("gpu_temp_c", trial.start_s),
+        end_temp_c=sampler.value_at("gpu_temp_c", trial.end_s),
+        mean_sm_clock_mhz=stats.mean_sm_clock_mhz,
+        throttled=stats.throttled,
+        idle_power_w=idle_power_w,
+        calls=calls,
+        window_s=stats.duration_s,
+        energy_j=stats.energy_j,
+    )
 
 
-def energy_meter(sampler: NvmlSampler, **options) -> Callable[[str, Callable[[], object]], dict]:
-    """`meter(name, fn) -> dict`: measure_energy bound to a sampler and options (e.g. synchronize,
+def energy_meter(sampler: NvmlSampler, **options) -> Callable[[str, Callable[[], object]], EnergyStats]:
+    """`meter(name, fn) -> EnergyStats`: measure_energy bound to a sampler and options (e.g. synchronize,
     min_window_s, cooldown_s), the shape autotune's EnergyMeter protocol asks for."""
     unknown = set(options) - set(measure_energy.__kwdefaults__)
     if unknown:
         raise TypeError(f"unknown measure_energy options: {sorted(unknown)}")
 
-    def meter(name: str, fn: Callable[[], object]) -> dict:
+    def meter(name: str, fn: Callable[[], object]) -> EnergyStats:
         return measure_energy(fn, sampler, name, **options)
 
     return meter

@@ -13,10 +13,12 @@ What is read, and how often:
   forward-filled: a row carries the latest reading, so every row is complete and a short window
   still has a temperature and a clock. NaN means "not supported here", never "not read this time".
 
-A field NVML does not support on this GPU is NaN in every row and logged once. Where NVML is
-missing (no nvidia-ml-py, no driver, no GPU, no such device) the sampler is `available=False`
-with the `reason`, samples nothing and its frames are empty (with the right columns); windows
-still record their times, with NaN measurements. Trouble with NVML never raises.
+A field NVML does not support on this GPU (NVML says NotSupported, FunctionNotFound or
+NoPermission), or whose field constant this nvidia-ml-py lacks, is NaN in every row and logged once;
+another NVML error makes that reading NaN. Where NVML is missing (no nvidia-ml-py, no driver, no GPU,
+no such device) the sampler is `available=False` with the `reason`, samples nothing and its frames
+are empty (with the right columns); windows still record their times, with NaN measurements. Trouble
+with NVML never raises; anything else a reader raises (an AttributeError, say) is a bug and does.
 
 Times are `clock()` (monotonic) seconds since the sampler was made; `energy_j` counts from the
 first sample (start() takes one). NVML refreshes power and the energy counter only every few tens
@@ -52,8 +54,10 @@ SAMPLE_COLUMNS: tuple[str, ...] = (
 _SLOW = SAMPLE_COLUMNS[3:]
 # nvmlFieldValue_t.valueType -> the member of the value union that holds it (nvml.h)
 _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
-# Errors meaning "this GPU / driver / user will never give this field": stop asking.
+# NVML errors meaning "this GPU / driver / user will never give this field": stop asking.
 _PERMANENT_ERRORS = ("NVMLError_NotSupported", "NVMLError_FunctionNotFound", "NVMLError_NoPermission")
+# Field constants an older nvidia-ml-py lacks -> the column that is then unsupported, decided up front.
+_OPTIONAL_CONSTANTS = {"NVML_FI_DEV_POWER_INSTANT": "power_instant", "NVML_FI_DEV_MEMORY_TEMP": "mem_temp_c"}
 
 
 @dataclass
@@ -126,17 +130,23 @@ class NvmlSampler:
             nvml.nvmlShutdown()
             return False, f"no NVML device for device={device!r}: {error or type(error).__name__}"
         self._nvml = nvml
+        for constant, column in _OPTIONAL_CONSTANTS.items():
+            if not hasattr(nvml, constant):
+                self._unsupported.add(column)
+                self._noted.add(column)
+                log.info("NVML: %s not available: this nvidia-ml-py has no %s; it is NaN%s", column, constant,
+                         "; using nvmlDeviceGetPowerUsage" if column == "power_instant" else "")
         return True, ""
 
     def _read(self, column: str, read: Callable[[], float]) -> float:
-        """One field's value; NaN (noted once) when NVML will not give it."""
+        """One field's value; NaN (noted once) when NVML will not give it. Only NVML's errors mean that:
+        anything else `read` raises is a bug, and propagates."""
         if column in self._unsupported:
             return math.nan
         try:
             return float(read())
-        except Exception as error:
-            # an older pynvml without the constant or function is as permanent as the GPU saying no
-            permanent = type(error).__name__ in _PERMANENT_ERRORS or isinstance(error, AttributeError)
+        except self._nvml.NVMLError as error:
+            permanent = type(error).__name__ in _PERMANENT_ERRORS
             if permanent:
                 self._unsupported.add(column)
             if column not in self._noted:

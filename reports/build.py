@@ -7,7 +7,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from triton_workbench.autotune.database import Database
+from triton_workbench.autotune.results import TuningDatabase
+from triton_workbench.database import SERIES_TABLES, RunKind, SeriesTable, Table, TrialStatus
 from triton_workbench.reports.baselines import baseline_figure, speedups
 from triton_workbench.reports.environment import device_label, environment_section, interpreter_banner, is_interpreter
 from triton_workbench.reports.html import Section, anchor_for, render_page
@@ -20,13 +21,12 @@ from triton_workbench.reports.tuning import (best_so_far_figure, choose_metric, 
                             prepare_trials, top_configs_table)
 
 TITLE = "Triton workbench report"
-SERIES_TABLES = ("samples", "windows", "baselines", "train_steps", "train_epochs", "op_times", "strategy_results")
 
 
 class ReportData:
     """The selected runs and every stored series of theirs, read once."""
 
-    def __init__(self, db: Database, run_ids: Sequence[int] | None):
+    def __init__(self, db: TuningDatabase, run_ids: Sequence[int] | None):
         runs = db.runs().sort_values("run_id").reset_index(drop=True)
         if run_ids:
             missing = sorted(set(int(run_id) for run_id in run_ids) - set(runs["run_id"]))
@@ -37,7 +37,7 @@ class ReportData:
         self.runs = runs
         selected = runs["run_id"].tolist() if run_ids else None  # None: every run, no filter to send
         tables = {table: db.read(table, selected) for table in SERIES_TABLES}
-        tables["trials"] = db.trials(selected)
+        tables[Table.TRIALS] = db.trials(selected)
         self._by_run = {table: _split_by_run(frame) for table, frame in tables.items()}
 
     def series(self, table: str, run_id: int) -> pd.DataFrame:
@@ -80,7 +80,8 @@ def _run_meta_text(run: pd.Series) -> str:
 def _timeline_section(data: ReportData, run: pd.Series, window_kind: str, title: str,
                       intro: str = "") -> Section | None:  # fmt: skip
     """The run's power/temperature/clock trace as a section of its own; None without samples."""
-    result = timeline_figure(data.series("samples", run["run_id"]), data.series("windows", run["run_id"]), window_kind)
+    result = timeline_figure(data.series(SeriesTable.SAMPLES, run["run_id"]), data.series(SeriesTable.WINDOWS, run["run_id"]),
+                             window_kind)
     if result is None:
         return None
     section = Section(title, anchor_for(run["kind"], run["run_id"], "timeline"))
@@ -103,18 +104,18 @@ def runs_section(data: ReportData) -> Section:
 
 def tuning_run_section(data: ReportData, run: pd.Series) -> Section:
     """Heatmap, top configs, failures, best-so-far and energy per kernel/problem; roofline and timeline per run."""
-    section = Section(_run_title(run), anchor_for("tune", run["run_id"]))
+    section = Section(_run_title(run), anchor_for(RunKind.TUNE, run["run_id"]))
     section.add_text(_run_meta_text(run), "note")
-    trials = data.series("trials", run["run_id"])
+    trials = data.series(Table.TRIALS, run["run_id"])
     interpreter = is_interpreter(run["environment"])
     if trials.empty:
         section.add_text("No trials were recorded in this run.")
     else:
         frame, params = prepare_trials(trials)
         for (kernel, problem), group in frame.groupby(["kernel", "problem_label"], sort=False):
-            part = Section(f"{kernel}: {problem}", anchor_for("tune", run["run_id"], kernel, problem))
+            part = Section(f"{kernel}: {problem}", anchor_for(RunKind.TUNE, run["run_id"], kernel, problem))
             metric = choose_metric(group)
-            ok_count = int((group["status"] == "ok").sum())
+            ok_count = int((group["status"] == TrialStatus.OK).sum())
             part.add_text(f"{len(group)} configs evaluated, {ok_count} succeeded.")
             used = [param for param in params if group[param].notna().any()]
             if used:
@@ -135,7 +136,7 @@ def tuning_run_section(data: ReportData, run: pd.Series) -> Section:
             section.add(part)
         roofline = roofline_figure(frame, run["environment"].get("gpu"), interpreter)
         if roofline is not None:
-            part = Section("Roofline", anchor_for("tune", run["run_id"], "roofline"))
+            part = Section("Roofline", anchor_for(RunKind.TUNE, run["run_id"], "roofline"))
             figure, note = roofline
             part.add_figure(figure, note)
             section.add(part)
@@ -146,12 +147,12 @@ def tuning_run_section(data: ReportData, run: pd.Series) -> Section:
 
 
 def baselines_section(data: ReportData) -> Section | None:
-    runs = data.runs_of(having="baselines")
+    runs = data.runs_of(having=SeriesTable.BASELINES)
     if not runs:
         return None
     section = Section("Baselines: our kernels against PyTorch", "baselines")
     for run in runs:
-        baselines = data.series("baselines", run["run_id"])
+        baselines = data.series(SeriesTable.BASELINES, run["run_id"])
         part = Section(_run_title(run), anchor_for("baselines", run["run_id"]))
         part.add_text(_run_meta_text(run), "note")
         figure = baseline_figure(baselines, is_interpreter(run["environment"]))
@@ -168,13 +169,14 @@ def baselines_section(data: ReportData) -> Section | None:
 
 
 def training_section(data: ReportData) -> Section | None:
-    runs = data.runs_of(kind="train")
+    runs = data.runs_of(kind=RunKind.TRAIN)
     if not runs:
         return None
     section = Section("Training runs", "training")
     training = [TrainingRun(int(run["run_id"]), str(run["name"]), is_interpreter(run["environment"]),
-                            data.series("train_steps", run["run_id"]), data.series("train_epochs", run["run_id"]),
-                            data.series("op_times", run["run_id"])) for run in runs]
+                            data.series(SeriesTable.TRAIN_STEPS, run["run_id"]),
+                            data.series(SeriesTable.TRAIN_EPOCHS, run["run_id"]),
+                            data.series(SeriesTable.OP_TIMES, run["run_id"])) for run in runs]
     interpreter = any(run.interpreter for run in training)
     section.add_text("Every run is overlaid: Triton kernels solid, PyTorch kernels dashed."
                      + (" Times are interpreter measurements on the CPU." if interpreter else ""), "note")
@@ -191,13 +193,13 @@ def training_section(data: ReportData) -> Section | None:
 
 
 def strategies_section(data: ReportData) -> Section | None:
-    runs = data.runs_of(having="strategy_results")
+    runs = data.runs_of(having=SeriesTable.STRATEGY_RESULTS)
     if not runs:
         return None
     section = Section("Search strategies", "strategies")
     for run in runs:
-        results = data.series("strategy_results", run["run_id"])
-        part = Section(_run_title(run), anchor_for("strategies", run["run_id"]))
+        results = data.series(SeriesTable.STRATEGY_RESULTS, run["run_id"])
+        part = Section(_run_title(run), anchor_for(RunKind.STRATEGIES, run["run_id"]))
         part.add_figure(strategies_figure(results), "Workbench strategies solid, Kernel Tuner's dashed; "
                                                     "fraction = best possible / best found (1 is the optimum).")
         part.add_table(final_budget_table(results), "At the largest budget")
@@ -207,7 +209,7 @@ def strategies_section(data: ReportData) -> Section | None:
 
 def monitoring_section(data: ReportData, shown: set[int]) -> Section | None:
     """Timelines of runs with samples that no other section showed (monitor runs, benches)."""
-    runs = [run for run in data.runs_of(having="samples") if run["run_id"] not in shown]
+    runs = [run for run in data.runs_of(having=SeriesTable.SAMPLES) if run["run_id"] not in shown]
     if not runs:
         return None
     section = Section("Power and thermals", "monitoring")
@@ -218,28 +220,28 @@ def monitoring_section(data: ReportData, shown: set[int]) -> Section | None:
     return section if section.subsections else None
 
 
-def build_sections(db: Database, run_ids: Sequence[int] | None = None) -> tuple[list[Section], str]:
+def build_sections(db: TuningDatabase, run_ids: Sequence[int] | None = None) -> tuple[list[Section], str]:
     """The report's sections for `run_ids` (all runs when None or empty) and the banner for the page top."""
     data = ReportData(db, run_ids)
     if data.runs.empty:
         return [], f"The database {db.path} has no runs yet: nothing to report."
     sections: list[Section | None] = [runs_section(data), environment_section(data.runs)]
-    tuning_runs = data.runs_of(kind="tune", having="trials")
+    tuning_runs = data.runs_of(kind=RunKind.TUNE, having=Table.TRIALS)
     if tuning_runs:
         tuning = Section("Tuning runs", "tuning")
         for run in tuning_runs:
             tuning.add(tuning_run_section(data, run))
         sections.append(tuning)
     sections += [baselines_section(data), training_section(data), strategies_section(data)]
-    shown = {int(run["run_id"]) for run in tuning_runs + data.runs_of(kind="train")}
+    shown = {int(run["run_id"]) for run in tuning_runs + data.runs_of(kind=RunKind.TRAIN)}
     sections.append(monitoring_section(data, shown))
     return [section for section in sections if section is not None], interpreter_banner(data.runs)
 
 
-def write_report(db: Database, run_ids: Sequence[int] | None, path: str | Path) -> Path:
+def write_report(db: TuningDatabase, run_ids: Sequence[int] | None, path: str | Path) -> Path:
     """Write the self-contained HTML report of `run_ids` (all runs when None or empty) to `path`."""
-    if not isinstance(db, Database):
-        raise TypeError(f"db must be an autotune.database.Database, got {type(db).__name__}")
+    if not isinstance(db, TuningDatabase):
+        raise TypeError(f"db must be an autotune.results.TuningDatabase, got {type(db).__name__}")
     path = Path(path)
     sections, banner = build_sections(db, run_ids)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,57 +1,19 @@
 """Roofline: achieved FLOP/s against arithmetic intensity, under the device's published ceilings.
 
 Arithmetic intensity is flops / bytes; each trial carries both rates (tflops, gbps), so the
-intensity is tflops * 1e12 / (gbps * 1e9). Ceilings come from a table of known GPUs keyed by
-the NVML device name; interpreter measurements are plotted without GPU ceilings.
+intensity is tflops * 1e12 / (gbps * 1e9). Ceilings come from `kernels.hardware`'s table of known
+GPUs, keyed by the NVML device name; interpreter measurements are plotted without GPU ceilings.
 """
 
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from triton_workbench.kernels.hardware import gpu_by_name
 from triton_workbench.reports.html import escape, style_figure
 from triton_workbench.reports.labels import FLOP_RATE_UNITS, rate_unit
-
-
-@dataclass(frozen=True)
-class DevicePeaks:
-    """Published dense peaks of one GPU model (vendor datasheets, boost clocks)."""
-
-    name: str
-    bandwidth_gbps: float  # memory bandwidth, GB/s
-    compute_tflops: dict[str, float]  # ceiling label -> TFLOP/s
-
-
-# Order matters: the first pattern that matches the device name wins.
-KNOWN_PEAKS: tuple[tuple[str, DevicePeaks], ...] = (
-    (r"H200", DevicePeaks("H200 SXM", 4800, {"FP32": 67.0, "TF32 tensor": 494.7, "FP16/BF16 tensor": 989.4})),
-    (r"H100.*PCIe", DevicePeaks("H100 PCIe", 2000, {"FP32": 51.2, "TF32 tensor": 378.0, "FP16/BF16 tensor": 756.0})),
-    (r"H100", DevicePeaks("H100 SXM", 3350, {"FP32": 67.0, "TF32 tensor": 494.7, "FP16/BF16 tensor": 989.4})),
-    (r"A100.*80GB.*PCIe|A100.*PCIe.*80GB",
-     DevicePeaks("A100 80GB PCIe", 1935, {"FP32": 19.5, "TF32 tensor": 156.0, "FP16/BF16 tensor": 312.0})),
-    (r"A100.*80GB",
-     DevicePeaks("A100 80GB SXM", 2039, {"FP32": 19.5, "TF32 tensor": 156.0, "FP16/BF16 tensor": 312.0})),
-    (r"A100", DevicePeaks("A100 40GB", 1555, {"FP32": 19.5, "TF32 tensor": 156.0, "FP16/BF16 tensor": 312.0})),
-    (r"L40S", DevicePeaks("L40S", 864, {"FP32": 91.6, "TF32 tensor": 183.0, "FP16/BF16 tensor": 362.0})),
-    (r"\bL4\b", DevicePeaks("L4", 300, {"FP32": 30.3, "TF32 tensor": 60.0, "FP16/BF16 tensor": 121.0})),
-    (r"\bA10\b", DevicePeaks("A10", 600, {"FP32": 31.2, "TF32 tensor": 62.5, "FP16/BF16 tensor": 125.0})),
-    (r"V100", DevicePeaks("V100 SXM2", 900, {"FP32": 15.7, "FP16 tensor": 125.0})),
-)
-
-
-def peaks_for(device_name: str | None) -> DevicePeaks | None:
-    """The known peaks of a GPU by its (NVML/torch) name, or None when it is not in the table."""
-    if not device_name:
-        return None
-    for pattern, peaks in KNOWN_PEAKS:
-        if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return peaks
-    return None
 
 
 def roofline_points(trials: pd.DataFrame) -> pd.DataFrame:
@@ -70,7 +32,7 @@ def roofline_figure(trials: pd.DataFrame, device_name: str | None, interpreter: 
     points = roofline_points(trials)
     if points.empty:
         return None
-    peaks = None if interpreter else peaks_for(device_name)
+    peaks = None if interpreter else gpu_by_name(device_name)
     # GPU rooflines stay in TFLOP/s; interpreter rates are scaled to a readable unit.
     unit, scale = ("TFLOP/s", 1.0) if peaks else rate_unit(float(points["tflops"].max()), FLOP_RATE_UNITS)
     # A decade-wide margin either side; set explicitly, because a log axis whose points all share one

@@ -1,6 +1,6 @@
 """Tuning-run figures: config heatmaps, top configs, best-so-far and the time/energy Pareto front.
 
-All functions take the trials DataFrame of `Database.trials()` (one kernel and problem at a
+All functions take the trials DataFrame of `TuningDatabase.trials()` (one kernel and problem at a
 time where it matters); `prepare_trials` adds the parsed config and readable labels once.
 """
 
@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from triton_workbench.database import TrialStatus
 from triton_workbench.reports.html import escape, style_figure
 from triton_workbench.reports.labels import (BYTE_RATE_UNITS, FLOP_RATE_UNITS, parameters_label, parse_json_object, problem_label,
                             rate_unit)
@@ -41,7 +42,7 @@ class Metric:
 
 def choose_metric(trials: pd.DataFrame) -> Metric:
     """TFLOP/s when flops are known, else GB/s, else time; rates scaled to readable units."""
-    ok = trials[trials["status"] == "ok"]
+    ok = trials[trials["status"] == TrialStatus.OK]
     suffix = " (interpreter)" if (ok["timer"] == "interpreter").any() else ""
     for column, units in (("tflops", FLOP_RATE_UNITS), ("gbps", BYTE_RATE_UNITS)):
         values = ok[column].dropna()
@@ -92,8 +93,8 @@ def _sorted_values(series: pd.Series) -> list:
 
 def _cell(group: pd.DataFrame, metric: Metric, cell_label: str) -> tuple[float, float, str]:
     """(metric value or NaN, failed marker or NaN, hover text) for one heatmap cell."""
-    ok = group[(group["status"] == "ok") & group[metric.column].notna()]
-    failed = group[group["status"] != "ok"]
+    ok = group[(group["status"] == TrialStatus.OK) & group[metric.column].notna()]
+    failed = group[group["status"] != TrialStatus.OK]
     counts = f"{len(group)} config{'s' if len(group) != 1 else ''}" + (f", {len(failed)} failed" if len(failed) else "")
     if not ok.empty:
         best = ok.loc[metric.best_index(ok[metric.column])]
@@ -165,7 +166,7 @@ def config_heatmap(frame: pd.DataFrame, params: list[str], metric: Metric, title
 
 def top_configs_table(frame: pd.DataFrame, metric: Metric, limit: int = TOP_CONFIGS) -> pd.DataFrame:
     """The best `limit` successful configs with their timing spread and resource use."""
-    ok = frame[(frame["status"] == "ok") & frame[metric.column].notna()]
+    ok = frame[(frame["status"] == TrialStatus.OK) & frame[metric.column].notna()]
     ok = ok.sort_values(metric.column, ascending=not metric.higher_is_better).head(limit)
     columns = {
         "config": ok["config_label"],
@@ -186,7 +187,7 @@ def top_configs_table(frame: pd.DataFrame, metric: Metric, limit: int = TOP_CONF
 
 def failures_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Failed configs counted by status, with one example reason each."""
-    failed = frame[frame["status"] != "ok"]
+    failed = frame[frame["status"] != TrialStatus.OK]
     grouped = failed.groupby("status", sort=True)
     return pd.DataFrame({"status": list(grouped.groups),
                          "configs": grouped.size().tolist(),
@@ -197,7 +198,7 @@ def best_so_far_figure(frame: pd.DataFrame, metric: Metric) -> go.Figure | None:
     """Every successful evaluation and the best found so far, in evaluation order."""
     ordered = frame.sort_values("trial_id").reset_index(drop=True)
     ordered["evaluation"] = np.arange(1, len(ordered) + 1)
-    ok = ordered[(ordered["status"] == "ok") & ordered[metric.column].notna()]
+    ok = ordered[(ordered["status"] == TrialStatus.OK) & ordered[metric.column].notna()]
     if ok.empty:
         return None
     values = ok[metric.column] * metric.scale
@@ -229,7 +230,7 @@ def pareto_front(times: pd.Series, energies: pd.Series) -> pd.Index:
 
 def energy_figure(frame: pd.DataFrame) -> go.Figure | None:
     """Time against energy per call with the Pareto front and the fastest, least-energy, least-EDP configs."""
-    ok = frame[(frame["status"] == "ok") & frame["energy_j_per_call"].notna() & frame["time_ms"].notna()]
+    ok = frame[(frame["status"] == TrialStatus.OK) & frame["energy_j_per_call"].notna() & frame["time_ms"].notna()]
     if ok.empty:
         return None
     unit, scale = ("mJ", 1e3) if ok["energy_j_per_call"].max() < 1 else ("J", 1.0)

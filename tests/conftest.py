@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from triton_workbench.kernels import runtime
+from triton_workbench.kernels import runtime, tuned
 
 
 @pytest.fixture
@@ -13,5 +13,9 @@ def device() -> torch.device:
 
 @pytest.fixture(autouse=True)
 def _isolated_database(tmp_path, monkeypatch):
-    """Every test gets its own workbench database, never the user's."""
+    """Every test gets its own workbench database, never the user's, and starts with no config source
+    installed: one that a test installed (the CLI and `tune` do) must not serve the next test."""
     monkeypatch.setenv("WORKBENCH_DB", str(tmp_path / "workbench.db"))
+    tuned.install_config_source(None)
+    yield
+    tuned.install_config_source(None)

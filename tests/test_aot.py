@@ -10,7 +10,8 @@ import random
 import pytest
 
 from triton_workbench import kernels
-from triton_workbench.kernels.aot import SHARED_LIMIT_BYTES, compile_space, default_space
+from triton_workbench.kernels import hardware
+from triton_workbench.kernels.aot import compile_space, default_space
 from triton_workbench.kernels.spec import canonical_json
 from triton_workbench.workbench.cli import main
 
@@ -41,7 +42,7 @@ def _check_ok(frame, expected_rows):
     assert failures.empty, failures[["config", "arch", "reason"]].to_string()
     assert set(frame["arch"]) == set(ARCHS)
     for arch, shared in zip(frame["arch"], frame["shared_bytes"]):
-        assert 0 <= shared <= SHARED_LIMIT_BYTES[arch]
+        assert 0 <= shared <= hardware.architecture(arch).shared_bytes_per_block
     assert (frame["registers"] > 0).all() and (frame["registers"] <= 255).all()
     assert (frame["compile_time_s"] > 0).all()
 

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_workbench import kernels
-from triton_workbench.kernels import conv, ops
+from triton_workbench.kernels import conv_dgrad, conv_fwd, conv_tiles, conv_wgrad, ops
+from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry
 from triton_workbench.kernels.activation import NAMES, torch_activation
 from triton_workbench.kernels.nn import TritonConv2d, swap
+from triton_workbench.workbench.conv_bench import RESNET18_CONV_SHAPES, resnet18_problem
 
 FP32_TOLERANCE = 1e-4  # relative to the largest reference magnitude
 FP16_TOLERANCE = 2e-2
@@ -144,14 +146,15 @@ def test_multiple_tiles_split_k_and_channel_tails(int64, monkeypatch):
     """Small explicit configs: several M/N tiles with GROUP_M ordering, channels 17 and 18 crossing
     BLOCK_K = 16, wgrad split three ways, strided dgrad; channels_last x and weight; both offset widths
     (64-bit offsets are chosen for tensors of 2**30 elements or more, too big to allocate in a test)."""
-    monkeypatch.setattr(conv, "_needs_int64", lambda *tensors: int64)
+    for launcher_module in (conv_fwd, conv_dgrad, conv_wgrad):
+        monkeypatch.setattr(launcher_module, "needs_int64", lambda *tensors: int64)
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(2, 17, 6, 5, generator=generator).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(18, 17, 3, 2, generator=generator).contiguous(memory_format=torch.channels_last)
     bias = torch.randn(18, generator=generator)
-    geometry = conv.make_geometry((3, 2), stride=(2, 1), padding=(1, 1))
+    geometry = make_geometry((3, 2), stride=(2, 1), padding=(1, 1))
     config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 2, "num_stages": 2}
-    y, pre = conv.conv2d_forward(x, weight, bias, geometry, "gelu", keep_pre=True, config=config)
+    y, pre = conv_fwd.conv2d_forward(x, weight, bias, geometry, "gelu", keep_pre=True, config=config)
     reference = F.conv2d(x.double(), weight.double(), bias.double(), (2, 1), (1, 1))
     _assert_close(pre, reference, FP32_TOLERANCE, "pre-activation")
     _assert_close(y, F.gelu(reference), FP32_TOLERANCE, "output")
@@ -161,9 +164,9 @@ def test_multiple_tiles_split_k_and_channel_tails(int64, monkeypatch):
     out64 = F.gelu(F.conv2d(x64, w64, b64, (2, 1), (1, 1)))
     grad_out = torch.randn(out64.shape, generator=generator, dtype=torch.float64)
     expected = torch.autograd.grad(out64, (x64, w64, b64), grad_out)
-    grad_x = conv.conv2d_input_grad(grad_out.float(), pre, weight, x, geometry, "gelu", config=config)
-    grad_w, grad_b = conv.conv2d_weight_grad(grad_out.float(), pre, x, weight, geometry, "gelu",
-                                             config=config | {"SPLIT_K": 3})
+    grad_x = conv_dgrad.conv2d_input_grad(grad_out.float(), pre, weight, x, geometry, "gelu", config=config)
+    grad_w, grad_b = conv_wgrad.conv2d_weight_grad(grad_out.float(), pre, x, weight, geometry, "gelu",
+                                                   config=config | {"SPLIT_K": 3})
     for name, actual, wanted in zip(("grad_input", "grad_weight", "grad_bias"), (grad_x, grad_w, grad_b), expected):
         _assert_close(actual, wanted, FP32_TOLERANCE, name)
     assert grad_x.stride() == x.stride() and grad_w.stride() == weight.stride()
@@ -269,7 +272,7 @@ def test_swap_reports_the_kept_conv(capsys):
 # ---------------------------------------------------------------------------------------------
 # the KernelSpecs
 
-SPECS = (conv.CONV_FWD_SPEC, conv.CONV_DGRAD_SPEC, conv.CONV_WGRAD_SPEC)
+SPECS = (conv_fwd.CONV_FWD_SPEC, conv_dgrad.CONV_DGRAD_SPEC, conv_wgrad.CONV_WGRAD_SPEC)
 
 
 def test_specs_are_registered():
@@ -279,8 +282,8 @@ def test_specs_are_registered():
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
 def test_spec_launch_matches_its_reference_and_baseline(spec):
-    geometry = conv.make_geometry((3, 3), stride=2, padding=1)
-    problem = conv.conv_problem(2, 3, 5, 6, 4, 3, 3, geometry, "fp32", "nhwc", "leaky_relu", True)
+    geometry = make_geometry((3, 3), stride=2, padding=1)
+    problem = conv_problem(2, 3, 5, 6, 4, 3, 3, geometry, "fp32", "nhwc", "leaky_relu", True)
     inputs = spec.make_inputs(problem, torch.device("cpu"))
     config = spec.default_config(problem)
     assert spec.is_valid(config, problem)
@@ -299,7 +302,7 @@ def test_spec_launch_matches_its_reference_and_baseline(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
 def test_constraints_exclude_configs_that_cannot_fit(spec):
-    problem = conv.resnet18_problem(conv.RESNET18_CONV_SHAPES[4], dtype="fp32")
+    problem = resnet18_problem(RESNET18_CONV_SHAPES[4], dtype="fp32")
     names = list(spec.params)
     configs = [dict(zip(names, values)) for values in itertools.product(*spec.params.values())]
     valid = [config for config in configs if spec.is_valid(config, problem)]
@@ -307,20 +310,10 @@ def test_constraints_exclude_configs_that_cannot_fit(spec):
     too_big = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 8,
                "num_stages": 4}
     assert not spec.is_valid(too_big, problem)  # 4 stages of fp32 128x64 + 64x128 tiles: 256 KiB of shared memory
-    depthwise = conv.conv_problem(8, 32, 14, 14, 32, 3, 3, conv.make_geometry((3, 3), 1, 1, 1, 32), "fp16")
+    depthwise = conv_problem(8, 32, 14, 14, 32, 3, 3, make_geometry((3, 3), 1, 1, 1, 32), "fp16")
     for example in (*spec.example_problems, depthwise):
         assert spec.is_valid(spec.default_config(example), example)
     assert {p["dtype"] for p in spec.example_problems} == {"fp32", "fp16", "bf16"}
-
-
-def test_resnet18_shapes_give_the_published_output_sizes():
-    sizes = {}
-    for shape in conv.RESNET18_CONV_SHAPES:
-        problem = conv.resnet18_problem(shape)
-        geometry = conv.problem_geometry(problem)
-        sizes[shape["name"]] = geometry.output_hw(shape["h"], shape["w"], shape["kh"], shape["kw"])
-    assert sizes["conv1"] == (112, 112) and sizes["layer1"] == (56, 56)
-    assert sizes["layer2.0.downsample"] == (28, 28) and sizes["layer4"] == (7, 7)
 
 
 def test_ops_exports():
@@ -333,8 +326,8 @@ def test_default_config_is_valid_across_shapes():
             [1, 3, 16, 512], [1, 4, 512], [1, 7, 224], [1, 3, 7], [1, 2], [False, True], ["fp32", "fp16"]):
         if depthwise and c_out % c_in:
             continue
-        geometry = conv.make_geometry((kernel, kernel), stride, kernel // 2, 1, c_in if depthwise else 1)
-        problem = conv.conv_problem(8, c_in, size, size, c_out, kernel, kernel, geometry, dtype)
+        geometry = make_geometry((kernel, kernel), stride, kernel // 2, 1, c_in if depthwise else 1)
+        problem = conv_problem(8, c_in, size, size, c_out, kernel, kernel, geometry, dtype)
         for spec in SPECS:
             assert spec.is_valid(spec.default_config(problem), problem), (spec.name, problem)
 
@@ -344,6 +337,6 @@ def test_backward_shared_memory_counts_the_pre_activation_tile():
     # fit sm_80 without it (144 KiB) and not with it (240 KiB)
     config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_stages": 3}
     with_activation = {"dtype": "fp32", "activation": "gelu"}
-    assert conv._fits_shared_memory(config, with_activation, backward=False)
-    assert not conv._fits_shared_memory(config, with_activation, backward=True)
-    assert conv._fits_shared_memory(config, {"dtype": "fp32", "activation": None}, backward=True)
+    assert conv_tiles._fits_shared_memory(config, with_activation, backward=False)
+    assert not conv_tiles._fits_shared_memory(config, with_activation, backward=True)
+    assert conv_tiles._fits_shared_memory(config, {"dtype": "fp32", "activation": None}, backward=True)

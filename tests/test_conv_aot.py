@@ -7,10 +7,11 @@ import random
 
 import pytest
 
-from triton_workbench.kernels import aot, conv
+from triton_workbench import kernels
+from triton_workbench.kernels import aot
 
 SAMPLED_PER_SPEC = 2
-CASES = ((conv.CONV_FWD_SPEC, "fp16"), (conv.CONV_DGRAD_SPEC, "fp32"), (conv.CONV_WGRAD_SPEC, "bf16"))
+CASES = ((kernels.CONV_FWD_SPEC, "fp16"), (kernels.CONV_DGRAD_SPEC, "fp32"), (kernels.CONV_WGRAD_SPEC, "bf16"))
 
 
 def _tile_volume(config: dict) -> tuple[int, ...]:

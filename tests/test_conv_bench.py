@@ -8,9 +8,11 @@ import json
 import pytest
 import torch
 
-from triton_workbench.autotune.database import Database
-from triton_workbench.kernels.conv import CONV_FWD_SPEC, RESNET18_CONV_SHAPES, conv_problem, make_geometry
+from triton_workbench.database import Database
+from triton_workbench.kernels.conv_fwd import CONV_FWD_SPEC
+from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry, problem_geometry
 from triton_workbench.workbench import conv_bench
+from triton_workbench.workbench.conv_bench import RESNET18_CONV_SHAPES, resnet18_problem
 from triton_workbench.workbench.cli import main
 
 LAYERS = len(RESNET18_CONV_SHAPES)
@@ -41,6 +43,16 @@ def test_224_cases_are_the_recorded_shapes():
         assert (p["c_in"], p["h"], p["w"], p["c_out"], p["kh"]) == (shape["c_in"], shape["h"], shape["w"],
                                                                     shape["c_out"], shape["kh"])
         assert p["stride"] == [shape["stride"]] * 2 and p["padding"] == [shape["padding"]] * 4
+
+
+def test_resnet18_shapes_give_the_published_output_sizes():
+    sizes = {}
+    for shape in RESNET18_CONV_SHAPES:
+        problem = resnet18_problem(shape)
+        geometry = problem_geometry(problem)
+        sizes[shape["name"]] = geometry.output_hw(shape["h"], shape["w"], shape["kh"], shape["kw"])
+    assert sizes["conv1"] == (112, 112) and sizes["layer1"] == (56, 56)
+    assert sizes["layer2.0.downsample"] == (28, 28) and sizes["layer4"] == (7, 7)
 
 
 def test_32_cases_have_a_cifar_stem_and_stages_at_32_16_8_4():

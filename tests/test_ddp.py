@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from triton_workbench.autotune.database import Database
+from triton_workbench.database import Database
 from triton_workbench.workbench.checkpoint import load_checkpoint, parameters_sha256
 from triton_workbench.workbench.models import build_model
 

@@ -122,12 +122,13 @@ def test_default_config_launches_and_matches_reference(device):
 
 
 def test_space_respects_shared_memory_and_defaults_are_valid():
-    from triton_workbench.kernels.aot import SHARED_LIMIT_BYTES, default_space
+    from triton_workbench.kernels.aot import default_space
+    from triton_workbench.kernels.hardware import AMPERE_A100
 
     for problem in GEMM_SPEC.example_problems:
         space = default_space(GEMM_SPEC, problem)
         assert len(space) > 50
-        assert all(shared_bytes_estimate(c, problem) <= SHARED_LIMIT_BYTES[80] for c in space)
+        assert all(shared_bytes_estimate(c, problem) <= AMPERE_A100.shared_bytes_per_block for c in space)
         assert GEMM_SPEC.is_valid(GEMM_SPEC.default_config(problem), problem)
     fp32 = GEMM_SPEC.example_problems[0]
     too_big = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}

@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from triton_workbench.autotune.database import Database
+from triton_workbench.database import Database
 from fake_pynvml import FakeGpu, make_pynvml
 from triton_workbench.profiler import SAMPLE_COLUMNS, WINDOW_COLUMNS
 from triton_workbench.workbench.cli import main
@@ -50,12 +50,14 @@ def test_monitor_stores_the_trace_and_exits_with_the_command_status(fake_gpu, mo
     pd.testing.assert_frame_equal(pd.read_csv(exported), trace)
 
 
-def test_without_nvml_the_command_runs_and_the_summary_says_so(monkeypatch, capsys):
+def test_without_nvml_the_command_runs_and_the_summary_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    assert main(["monitor", "--", sys.executable, "-c", "pass"]) == 0
+    path = tmp_path / "monitor.db"  # the command runs with it as $WORKBENCH_DB: its own runs land beside the trace
+    child = f"import os, sys; sys.exit(os.environ['WORKBENCH_DB'] != {str(path)!r})"
+    assert main(["monitor", "--db", str(path), "--", sys.executable, "-c", child]) == 0
     out = capsys.readouterr().out
     assert "exited with 0" in out and "no power data" in out
-    db = Database()
+    db = Database(path)
     run = db.runs().iloc[-1]
     assert run["status"] == "done" and not run["meta"]["nvml_available"]
     assert db.read("samples", run["run_id"]).empty
@@ -68,7 +70,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_keeps_the_trace(fake_gpu, monkeypa
     class InterruptedChild:
         """A child that was stopped by the same Ctrl-C: the first wait is interrupted, then it dies of SIGINT."""
 
-        def __init__(self, cmd):
+        def __init__(self, cmd, env):
             self.waits = 0
 
         def wait(self, timeout=None):

@@ -1,5 +1,6 @@
 """The evaluation pipeline: correctness check, failures as outcomes, resource limits, watchdog, timing."""
 
+import dataclasses
 import json
 import math
 import time
@@ -10,9 +11,11 @@ import torch
 from triton_workbench.autotune.pipeline import Pipeline, Trial, objective_value, over_limits, relative_error
 from triton_workbench.autotune.timing import measure
 from triton_workbench.kernels import runtime
+from triton_workbench.profiler import EnergyStats
 from tiny_spec import SPEC
 
 PROBLEM = {"n": 37, "dtype": "fp32"}  # prime, not a multiple of any block
+UNMEASURED = EnergyStats(*[math.nan] * 6, None, math.nan, 1, math.nan, math.nan)  # what a meter without NVML gives
 
 
 def test_good_config_is_ok_timed_and_counted():
@@ -70,12 +73,14 @@ def test_energy_meter_is_called_and_objectives_use_it():
     def meter(name, fn):
         fn()
         calls.append(name)
-        return {"energy_j_per_call": 0.5, "avg_power_w": 100.0, "throttled": False}
+        return dataclasses.replace(UNMEASURED, energy_j_per_call=0.5, avg_power_w=100.0, throttled=False)
 
     trial = Pipeline(SPEC, PROBLEM, energy_meter=meter, interpreter_reps=1).evaluate({"BLOCK": 64, "BROKEN": 0, "HANG": 0})
     assert trial.status == "ok" and len(calls) == 1 and "tiny_scale" in calls[0]
     measures = trial.measures()
     assert measures["energy_j_per_call"] == 0.5 and math.isnan(measures["peak_power_w"])
+    assert measures["throttled"] is False and trial.energy_j_per_call == 0.5
+    assert math.isnan(Trial(config={}).energy_j_per_call) and math.isnan(Trial(config={}).measures()["avg_power_w"])
     assert objective_value("energy", trial.time_ms, 0.5) == 0.5
     assert objective_value("edp", 2.0, 0.5) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="objective"):
@@ -96,8 +101,7 @@ def test_relative_error_and_harness_edges():
 
 
 # ---------------------------------------------------------------- sweeps of the tiny kernel (autotune.tune)
-from triton_workbench.autotune import Database, tune  # noqa: E402
-from triton_workbench.autotune.database import TuningKey  # noqa: E402
+from triton_workbench.autotune import TuningDatabase, TuningKey, tune  # noqa: E402
 from triton_workbench.kernels import tuned  # noqa: E402
 
 
@@ -105,8 +109,9 @@ def _block_energy(name, fn):
     """A stand-in energy meter: bigger blocks cost less energy per call, whatever their time."""
     fn()
     block = int(name.split("'BLOCK': ")[1].split(",")[0])
-    return {"energy_j_per_call": 1.0 / block, "avg_power_w": 10.0 * block, "peak_power_w": 20.0 * block,
-            "start_temp_c": 40.0, "end_temp_c": 41.0, "mean_sm_clock_mhz": 1500.0, "throttled": False}  # fmt: skip
+    return dataclasses.replace(UNMEASURED, energy_j_per_call=1.0 / block, avg_power_w=10.0 * block,
+                               peak_power_w=20.0 * block, start_temp_c=40.0, end_temp_c=41.0, mean_sm_clock_mhz=1500.0,
+                               throttled=False)  # fmt: skip
 
 
 def test_energy_objective_measures_stored_time_trials_again_and_picks_by_energy():
@@ -119,7 +124,7 @@ def test_energy_objective_measures_stored_time_trials_again_and_picks_by_energy(
     assert ok["energy_j_per_call"].tolist() == pytest.approx([1 / 16, 1 / 32, 1 / 64])
     assert (ok["run_id"] == 2).all() and (trials[trials["status"] != "ok"]["run_id"] == 1).all()
     assert ok["peak_power_w"].tolist() == [320.0, 640.0, 1280.0] and (ok["throttled"] == 0).all()
-    best = Database().best_configs("tiny_scale").iloc[0]
+    best = TuningDatabase().best_configs("tiny_scale").iloc[0]
     assert json.loads(best["config"])["BLOCK"] == 64 and best["objective"] == "energy"
     assert tuned.config_for(SPEC, PROBLEM)["BLOCK"] == 64
     with pytest.raises(ValueError, match="energy meter"):
@@ -136,7 +141,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_the_next_sweep_finishes_it():
 
     with pytest.raises(KeyboardInterrupt):
         tune(SPEC, PROBLEM, strategy="exhaustive", budget=8, progress=False, interpreter_reps=1, on_trial=interrupt_after_two)
-    db = Database()
+    db = TuningDatabase()
     assert db.runs()["status"].tolist() == ["interrupted"] and len(db.trials()) == 2
     assert db.died_running(TuningKey.of(SPEC, PROBLEM)) == {}
     trials = tune(SPEC, PROBLEM, strategy="exhaustive", budget=8, progress=False, interpreter_reps=1)
@@ -148,7 +153,7 @@ def test_config_whose_process_died_twice_is_recorded_as_timeout_not_run_again():
     key = TuningKey.of(SPEC, PROBLEM)
     hang = {"BLOCK": 16, "BROKEN": 0, "HANG": 0}  # runs fine, so only the notes can make it a timeout
     retry = {"BLOCK": 32, "BROKEN": 0, "HANG": 0}
-    db = Database()
+    db = TuningDatabase()
     for _ in range(2):
         db.mark_running(key, hang)
     db.mark_running(key, retry)  # died once: could have been a kill -9, so it runs again

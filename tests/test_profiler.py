@@ -140,6 +140,47 @@ def test_instant_power_falls_back_to_power_usage(monkeypatch, clock, gpu, why):
     assert gpu.calls.get("power_instant", 0) <= 1 and gpu.calls["power_usage"] == len(sampler.frame())
 
 
+def test_a_field_constant_missing_from_pynvml_is_unsupported_up_front(monkeypatch, clock, gpu, caplog):
+    module = install(monkeypatch, gpu)
+    del module.NVML_FI_DEV_MEMORY_TEMP
+    with caplog.at_level(logging.INFO, logger="triton_workbench.profiler"):
+        sampler = make_sampler(clock)
+        run_for(sampler, clock, 0.2)
+    frame = sampler.frame()
+    assert frame["mem_temp_c"].isna().all() and frame["gpu_temp_c"].notna().all()
+    assert "mem_temp" not in gpu.calls
+    assert sum("NVML_FI_DEV_MEMORY_TEMP" in r.message for r in caplog.records) == 1
+
+
+def raising(error: Exception):
+    """A pynvml function that raises `error`."""
+    def read(*args):
+        raise error
+
+    return read
+
+
+def test_an_attribute_error_in_a_reader_is_a_bug_not_unsupported(monkeypatch, clock, gpu):
+    module = install(monkeypatch, gpu)
+    sampler = make_sampler(clock)
+    module.nvmlDeviceGetClockInfo = raising(AttributeError("'FakeGpu' object has no attribute 'clocks'"))
+    with pytest.raises(AttributeError, match="clocks"):
+        sampler.sample(full=True)
+    with pytest.raises(AttributeError):  # asked again: not taken for "unsupported"
+        sampler.sample(full=True)
+
+
+def test_readers_catch_nvml_errors_only(monkeypatch, clock, gpu):
+    module = install(monkeypatch, gpu)
+    sampler = make_sampler(clock)
+    module.nvmlDeviceGetUtilizationRates = raising(NVMLError(999))  # NVML failing once: that reading is NaN
+    sampler.sample(full=True)
+    assert math.isnan(sampler.latest("gpu_util_pct")) and sampler.latest("gpu_temp_c") == 40.0
+    module.nvmlDeviceGetUtilizationRates = raising(KeyError("gpu"))
+    with pytest.raises(KeyError):
+        sampler.sample(full=True)
+
+
 def test_slow_fields_are_read_every_nth_sample_and_forward_filled(monkeypatch, clock):
     start = clock.now
     gpu = FakeGpu(clock=clock, temp_c=lambda t: 40 + 100 * (t - start))  # +1 C every 10 ms
@@ -247,8 +288,8 @@ def test_without_nvml_nothing_breaks(monkeypatch, clock, case):
     assert frame.empty and list(frame.columns) == list(SAMPLE_COLUMNS)
     assert windows["name"].tolist() == ["w", "trial"] and windows["duration_s"].iloc[0] == pytest.approx(0.5)
     assert windows[["energy_j", "avg_power_w", "peak_power_w", "peak_gpu_temp_c"]].isna().all().all()
-    assert result["calls"] >= 20 and result["window_s"] >= 0.2
-    assert math.isnan(result["energy_j_per_call"]) and math.isnan(result["idle_power_w"])
+    assert result.calls >= 20 and result.window_s >= 0.2
+    assert math.isnan(result.energy_j_per_call) and math.isnan(result.idle_power_w)
 
 
 @pytest.mark.parametrize("interval_s", [0, -1.0, "fast", True])
@@ -301,10 +342,10 @@ def test_real_gpu_energy_per_call():
 
     with NvmlSampler(device=torch.cuda.current_device()) as sampler:
         result = measure_energy(_busy_matmul(torch), sampler, "mm 2048", synchronize=torch.cuda.synchronize)
-    assert result["window_s"] >= 1.0 and result["calls"] > 10
-    assert 0 < result["idle_power_w"] < result["avg_power_w"]
-    assert result["energy_j_per_call"] == pytest.approx(result["avg_power_w"] * result["window_s"] / result["calls"])
-    assert not math.isnan(result["start_temp_c"]) and not math.isnan(result["end_temp_c"])
+    assert result.window_s >= 1.0 and result.calls > 10
+    assert 0 < result.idle_power_w < result.avg_power_w
+    assert result.energy_j_per_call == pytest.approx(result.avg_power_w * result.window_s / result.calls)
+    assert not math.isnan(result.start_temp_c) and not math.isnan(result.end_temp_c)
 
 
 def test_window_arithmetic_on_a_stored_frame_interpolates_between_samples():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
 import pytest
 
 from fake_pynvml import FakeClock, FakeGpu, make_pynvml
-from triton_workbench.profiler import ENERGY_RESULT_KEYS, NvmlSampler, cool_down, energy_meter, measure_energy
+from triton_workbench.profiler import (ENERGY_RESULT_KEYS, EnergyStats, NvmlSampler, cool_down, energy_meter,
+                                      measure_energy)
 
 
 @pytest.fixture
@@ -46,19 +48,21 @@ def test_energy_per_call_idle_power_and_temperatures(monkeypatch, clock):
     kernel = Kernel(gpu, clock, busy_w=300.0, seconds_per_call=0.001)
     result = measure_energy(kernel, sampler, "gemm", min_window_s=1.0, idle_s=0.5, warmup_s=0.1,
                             synchronize=kernel.synchronize)  # fmt: skip
-    assert set(result) == set(ENERGY_RESULT_KEYS)
-    assert result["energy_j_per_call"] == pytest.approx(300.0 * 0.001, rel=1e-6)
-    assert result["avg_power_w"] == pytest.approx(300.0, rel=1e-6) and result["peak_power_w"] == 300.0
-    assert result["idle_power_w"] == pytest.approx(60.0, rel=1e-6)
-    assert result["window_s"] >= 1.0 and result["calls"] == pytest.approx(result["window_s"] / 0.001)
-    assert result["energy_j"] == pytest.approx(result["energy_j_per_call"] * result["calls"])
+    assert isinstance(result, EnergyStats) and [f.name for f in dataclasses.fields(result)] == list(ENERGY_RESULT_KEYS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.calls = 0
+    assert result.energy_j_per_call == pytest.approx(300.0 * 0.001, rel=1e-6)
+    assert result.avg_power_w == pytest.approx(300.0, rel=1e-6) and result.peak_power_w == 300.0
+    assert result.idle_power_w == pytest.approx(60.0, rel=1e-6)
+    assert result.window_s >= 1.0 and result.calls == pytest.approx(result.window_s / 0.001)
+    assert result.energy_j == pytest.approx(result.energy_j_per_call * result.calls)
     # idle 0.5 s, warm-up 0.1 s, then the window: temperatures at its edges, not somewhere else
-    assert result["start_temp_c"] == round(40 + 0.6) and result["end_temp_c"] == round(40 + 0.6 + result["window_s"])
-    assert result["mean_sm_clock_mhz"] == 1755.0 and result["throttled"] is False
-    warmup_calls = kernel.calls - result["calls"]
+    assert result.start_temp_c == round(40 + 0.6) and result.end_temp_c == round(40 + 0.6 + result.window_s)
+    assert result.mean_sm_clock_mhz == 1755.0 and result.throttled is False
+    warmup_calls = kernel.calls - result.calls
     assert warmup_calls == pytest.approx(100, abs=1)
     batches = kernel.syncs - warmup_calls  # warm-up synchronises every call, the trial every ~50 ms batch
-    assert batches == pytest.approx(result["calls"] / 50, rel=0.05)
+    assert batches == pytest.approx(result.calls / 50, rel=0.05)
     names = sampler.windows()["name"].tolist()
     assert names == ["gemm/idle", "gemm"]
 
@@ -67,8 +71,8 @@ def test_window_is_at_least_min_window_and_slow_calls_still_count(monkeypatch, c
     gpu, sampler = setup(monkeypatch, clock)
     kernel = Kernel(gpu, clock, busy_w=250.0, seconds_per_call=0.3)  # slower than a batch
     result = measure_energy(kernel, sampler, "slow", min_window_s=1.0, idle_s=0.0, warmup_s=0.0)
-    assert result["calls"] == 4 and result["window_s"] == pytest.approx(1.2)
-    assert result["energy_j_per_call"] == pytest.approx(250.0 * 0.3, rel=1e-6)
+    assert result.calls == 4 and result.window_s == pytest.approx(1.2)
+    assert result.energy_j_per_call == pytest.approx(250.0 * 0.3, rel=1e-6)
 
 
 def test_cooldown_waits_fixed_time_then_until_near_idle_temperature(monkeypatch, clock):
@@ -78,7 +82,7 @@ def test_cooldown_waits_fixed_time_then_until_near_idle_temperature(monkeypatch,
     result = measure_energy(kernel, sampler, "k", min_window_s=0.5, idle_s=0.2, cooldown_s=2.0, cooldown_temp_c=50.0)
     idle = sampler.windows().set_index("name").loc["k/idle"]
     assert idle["start_s"] == pytest.approx(6.0, abs=0.11)  # 80 - 5 t <= 50 at t = 6 s (polled every 0.1 s)
-    assert result["start_temp_c"] <= 50.0
+    assert result.start_temp_c <= 50.0
 
 
 def test_cool_down_gives_up_after_timeout_and_copes_without_temperature(monkeypatch, clock):
@@ -107,7 +111,7 @@ def test_energy_meter_binds_sampler_and_options(monkeypatch, clock):
     kernel = Kernel(gpu, clock, busy_w=150.0, seconds_per_call=0.002)
     meter = energy_meter(sampler, min_window_s=0.5, idle_s=0.1, synchronize=kernel.synchronize)
     result = meter("conv", kernel)
-    assert result["energy_j_per_call"] == pytest.approx(150.0 * 0.002, rel=1e-6) and result["window_s"] < 0.6
+    assert result.energy_j_per_call == pytest.approx(150.0 * 0.002, rel=1e-6) and result.window_s < 0.6
     assert kernel.syncs > 0 and sampler.windows()["name"].tolist() == ["conv/idle", "conv"]
     with pytest.raises(TypeError, match="min_window"):
         energy_meter(sampler, min_window=1.0)

@@ -78,7 +78,7 @@ def test_compare_fractions_match_replays(tmp_path):
 
 
 def test_strategies_command_prints_table_and_stores_rows(tmp_path, capsys):
-    from triton_workbench.autotune.database import Database
+    from triton_workbench.database import Database
 
     landscapes = tmp_path / "landscapes"
     landscapes.mkdir()
@@ -124,3 +124,25 @@ def test_kernel_tuner_results_layout(tmp_path):
     assert frame.iloc[0].to_dict() == {"landscape": "toy", "budget": 4, "strategy": "kt:mls", "seed": 0,
                                        "fraction": 0.5, "source": "kernel_tuner"}
     assert "kt:mls" in summarise(frame).columns
+
+
+def test_shipped_kernel_tuner_baseline_is_the_default():
+    frame = load_kernel_tuner_results()
+    assert len(frame) > 100 and set(frame["source"]) == {"kernel_tuner"}
+    assert frame["strategy"].str.startswith("kt:").all()
+
+
+def test_missing_kernel_tuner_csv_is_an_error_not_rows_left_out(tmp_path, capsys, monkeypatch):
+    from triton_workbench.autotune import compare as compare_module
+
+    landscapes = tmp_path / "landscapes"
+    landscapes.mkdir()
+    write_cache(landscapes / "toy.json.gz")
+    missing = tmp_path / "nowhere.csv"
+    arguments = ["strategies", "--landscapes", str(landscapes), "--budgets", "4", "--seeds", "1",
+                 "--strategies", "random", "--db", str(tmp_path / "strategies.db")]
+    assert main([*arguments, "--kernel-tuner-csv", str(missing)]) == 2
+    assert f"Kernel Tuner baseline {missing} does not exist" in capsys.readouterr().err
+    monkeypatch.setattr(compare_module, "kernel_tuner_baseline_csv", lambda: missing)  # an installation without it
+    assert main(arguments) == 2
+    assert "ships with triton_workbench.autotune" in capsys.readouterr().err

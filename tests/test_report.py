@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from triton_workbench.autotune.database import Database, TuningKey
+from triton_workbench.autotune import TuningDatabase, TuningKey
 from triton_workbench.reports import build_sections, write_report
 from triton_workbench.reports.baselines import baseline_figure, speedups
-from triton_workbench.reports.roofline import peaks_for, roofline_figure
+from triton_workbench.reports.roofline import roofline_figure
 from triton_workbench.reports.timeline import throttled_samples, timeline_figure
 from triton_workbench.reports.training import op_share
 from triton_workbench.reports.tuning import (best_so_far_figure, choose_metric, config_heatmap, energy_figure, pareto_front,
@@ -29,7 +29,7 @@ def _key(kernel: str, problem: dict) -> TuningKey:
                      "no GPU: Triton interpreter", "", "3.9.0", "2.13.0")
 
 
-def _record_sweep(db: Database, run_id: int, kernel: str, rng: np.random.Generator) -> int:
+def _record_sweep(db: TuningDatabase, run_id: int, kernel: str, rng: np.random.Generator) -> int:
     """A GEMM-like sweep: 3x3 block sizes x 2 BLOCK_K x 2 num_warps x 2 num_stages, some failing."""
     flops = 2 * GEMM_PROBLEM["M"] * GEMM_PROBLEM["N"] * GEMM_PROBLEM["K"]
     count = 0
@@ -55,7 +55,7 @@ def _record_sweep(db: Database, run_id: int, kernel: str, rng: np.random.Generat
     return count
 
 
-def populate(db: Database) -> dict[str, int]:
+def populate(db: TuningDatabase) -> dict[str, int]:
     """A database with one run of every kind, through the public API, names made hostile on purpose."""
     rng = np.random.default_rng(7)
     ids = {"tune": db.start_run("tune", f"gemm sweep {HOSTILE}", {"strategy": "grid"})}
@@ -113,14 +113,14 @@ def expected_figures() -> int:
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Database:
-    db = Database(tmp_path / "report.db")
+def database(tmp_path: Path) -> TuningDatabase:
+    db = TuningDatabase(tmp_path / "report.db")
     yield db
     db.close()
 
 
 @pytest.fixture
-def populated(database: Database) -> tuple[Database, dict[str, int]]:
+def populated(database: TuningDatabase) -> tuple[TuningDatabase, dict[str, int]]:
     return database, populate(database)
 
 
@@ -160,7 +160,7 @@ def test_sections_only_for_selected_runs(populated, tmp_path):
 def test_empty_database_report_says_so_and_exits_0(tmp_path, capsys):
     output = tmp_path / "empty.html"
     assert main(["report", "--db", str(tmp_path / "new.db"), "-o", str(output)]) == 2  # no such file
-    Database(tmp_path / "new.db").runs()  # creates the file, with no runs
+    TuningDatabase(tmp_path / "new.db").runs()  # creates the file, with no runs
     assert main(["report", "--db", str(tmp_path / "new.db"), "-o", str(output)]) == 0
     page = output.read_text(encoding="utf-8")
     assert "has no runs yet" in page
@@ -203,16 +203,6 @@ def test_pareto_front_keeps_only_undominated_points():
     times = pd.Series([1.0, 2.0, 3.0, 1.5, 2.5])
     energies = pd.Series([5.0, 2.0, 1.0, 6.0, 2.5])
     assert sorted(pareto_front(times, energies)) == [0, 1, 2]
-
-
-@pytest.mark.parametrize("name, peaks", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H200", "H200 SXM"),
-    ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"), ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("NVIDIA L4", "L4"),
-    ("NVIDIA L40S", "L40S"), ("NVIDIA A10", "A10"), ("Quadro K620", None),
-])
-def test_known_gpu_peaks_by_device_name(name, peaks):
-    found = peaks_for(name)
-    assert (found.name if found else None) == peaks
 
 
 def test_roofline_x_range_is_explicit_when_every_config_shares_one_intensity():

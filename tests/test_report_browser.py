@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from triton_workbench.autotune.database import Database
+from triton_workbench.autotune import TuningDatabase
 from triton_workbench.reports import write_report
 from test_report import expected_figures, populate
 
@@ -34,7 +34,7 @@ def test_report_renders_every_figure_without_errors_or_injected_script(tmp_path)
     from playwright.sync_api import sync_playwright
 
     executable = _chromium()
-    db = Database(tmp_path / "browser.db")
+    db = TuningDatabase(tmp_path / "browser.db")
     populate(db)
     path = write_report(db, None, tmp_path / "report.html")
     db.close()

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from triton_workbench.autotune.database import Database
+from triton_workbench.database import Database
 from triton_workbench.workbench.checkpoint import load_checkpoint
 from triton_workbench.workbench.cli import main
-from triton_workbench.workbench.training import TrainConfig, train
+from triton_workbench.workbench.train_config import TrainConfig
+from triton_workbench.workbench.training import train
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from triton_workbench import kernels
-from triton_workbench.autotune import Database, tune
-from triton_workbench.autotune.database import DatabaseFileError, TuningKey
+from triton_workbench.autotune import TuningDatabase, TuningKey, tune
+from triton_workbench.database import DatabaseFileError
 from triton_workbench.kernels import GEMM_SPEC, tuned
 from triton_workbench.workbench.cli import main
 
@@ -32,7 +32,7 @@ def test_gemm_sweep_stores_every_trial_kernels_use_the_winner_and_rerun_evaluate
     output = capsys.readouterr().out
     assert "interpreter" in output and "top 3 of 3 correct configs by time" in output
     assert "not GPU performance" in output and "vs torch CPU" in output
-    db = Database()
+    db = TuningDatabase()
     trials = db.trials()
     assert len(trials) == 3 and trials["config"].is_unique and (trials["status"] == "ok").all()
     assert (trials["timer"] == "interpreter").all() and (trials["time_ms"] > 0).all()
@@ -79,7 +79,7 @@ def test_sweep_killed_with_sigkill_resumes_without_loss_or_duplicates(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    db = Database()
+    db = TuningDatabase()
     before = db.trials()
     assert marker.exists() and len(before) == 3, "the sweep should have been killed after its third trial"
     assert db.runs()["status"].tolist() == ["running"]  # killed: it could not say so
@@ -91,14 +91,14 @@ def test_sweep_killed_with_sigkill_resumes_without_loss_or_duplicates(tmp_path):
     by_status = trials.groupby("status")["config"].apply(lambda c: sorted(json.loads(x)["BLOCK"] for x in c)).to_dict()
     assert by_status["wrong"] == [16, 32, 64] and by_status["ok"] == [16, 32, 64]  # BROKEN=1: wrong, never chosen
     assert by_status["runtime_error"] == [24, 24]  # not a power of 2
-    assert json.loads(Database().best_configs("tiny_scale")["config"][0])["BROKEN"] == 0
-    assert Database().died_running(TuningKey.of(SPEC, {"n": 37, "dtype": "fp32"})) == {}
+    assert json.loads(TuningDatabase().best_configs("tiny_scale")["config"][0])["BROKEN"] == 0
+    assert TuningDatabase().died_running(TuningKey.of(SPEC, {"n": 37, "dtype": "fp32"})) == {}
 
 
 def test_export_import_round_trip_and_validation(tmp_path, capsys):
     problem = _gemm_problem()
     config = GEMM_SPEC.default_config(problem)
-    source = Database(tmp_path / "source.db")
+    source = TuningDatabase(tmp_path / "source.db")
     source.set_best(TuningKey.of(GEMM_SPEC, problem), config, "time", 1.25, 1.25, None)
     exported = tmp_path / "best.json"
     assert main(["export", "-o", str(exported), "--db", str(source.path)]) == 0
@@ -109,7 +109,7 @@ def test_export_import_round_trip_and_validation(tmp_path, capsys):
     assert "imported 1 best configs" in capsys.readouterr().out
     tuned.clear_cache()
     assert tuned.config_for(GEMM_SPEC, problem) == config
-    assert Database().best_configs()["value"].tolist() == [1.25]
+    assert TuningDatabase().best_configs()["value"].tolist() == [1.25]
 
     invalid = next(c for c in _all_gemm_configs() if not GEMM_SPEC.is_valid(c, problem))
     bad_entries = {
@@ -125,7 +125,7 @@ def test_export_import_round_trip_and_validation(tmp_path, capsys):
         assert main(["import", str(exported), "--db", str(target)]) == 2
         error = capsys.readouterr().err
         assert message in error and "configs[1]" in error and str(exported) in error
-    assert Database(target).best_configs().empty  # one bad entry rejects the whole file
+    assert TuningDatabase(target).best_configs().empty  # one bad entry rejects the whole file
     exported.write_text("{not json")
     assert main(["import", str(exported), "--db", str(target)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
@@ -147,7 +147,7 @@ def test_the_db_option_is_also_where_the_kernels_look_their_tuned_configs_up(tmp
     problem = _gemm_problem()
     default = GEMM_SPEC.default_config(problem)
     config = next(c for c in Space.from_spec(GEMM_SPEC, problem) if c != default)
-    elsewhere = Database(tmp_path / "elsewhere.db")
+    elsewhere = TuningDatabase(tmp_path / "elsewhere.db")
     elsewhere.set_best(TuningKey.of(GEMM_SPEC, problem), config, "time", 1.0, 1.0, None)
     assert main(["export", "-o", str(tmp_path / "best.json"), "--db", str(elsewhere.path)]) == 0
     tuned.clear_cache()
@@ -178,11 +178,11 @@ def test_bench_says_it_needs_a_gpu_and_its_measuring_path_stores_baselines(capsy
     assert main(["bench", "gemm", "--shapes", "64,64,64"]) == 0
     output = capsys.readouterr().out
     if kernels.runtime.INTERPRETER:
-        assert "needs a GPU" in output and Database().runs().empty
+        assert "needs a GPU" in output and TuningDatabase().runs().empty
     else:
         assert "vs torch" in output and "64,64,64" in output
     bench.bench(SPEC, [{"n": 37, "dtype": "fp32"}, {"n": 100, "dtype": "fp32"}], None)  # the GPU path, also here
-    stored = Database().read("baselines").query("kernel == 'tiny_scale'")
+    stored = TuningDatabase().read("baselines").query("kernel == 'tiny_scale'")
     assert len(stored) == 2 and (stored["time_ms"] > 0).all()
     assert stored["ratio"].tolist() == pytest.approx((stored["baseline_time_ms"] / stored["time_ms"]).tolist())
     assert not any(math.isnan(v) for v in stored["baseline_time_ms"])
@@ -205,9 +205,9 @@ def test_profile_stores_energy_per_trial_and_the_power_trace_beside_the_trials(m
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert main(["tune", "gemm", "--shape", "8,8,8", "--budget", "1", "--profile", "--objective", "energy",
                  "--no-compile-ahead"]) == 0
-    trials = Database().trials()
+    trials = TuningDatabase().trials()
     assert len(trials) == 1 and trials["status"].iloc[0] == "ok"
     assert trials["energy_j_per_call"].iloc[0] > 0 and trials["avg_power_w"].iloc[0] == pytest.approx(120.0, rel=0.05)
     run_id = int(trials["run_id"].iloc[0])
-    assert len(Database().read("samples", run_id)) > 10 and len(Database().read("windows", run_id)) >= 1
+    assert len(TuningDatabase().read("samples", run_id)) > 10 and len(TuningDatabase().read("windows", run_id)) >= 1
     assert "J/call" in capsys.readouterr().out

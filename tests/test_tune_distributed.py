@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from triton_workbench.autotune import Database
+from triton_workbench.autotune import TuningDatabase
 
 
 def test_two_ranks_share_the_configs_and_rank_0_stores_them_all():
@@ -17,7 +17,7 @@ def test_two_ranks_share_the_configs_and_rank_0_stores_them_all():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("4 trials stored: 4 ok") == 1  # rank 0 alone prints the summary
     assert "rank 1 of 2 evaluated 2 configs" in result.stdout + result.stderr  # the other half ran on rank 1
-    db = Database()
+    db = TuningDatabase()
     trials = db.trials()
     assert len(trials) == 4 and trials["config"].is_unique and (trials["status"] == "ok").all()
     assert {json.loads(p)["M"] for p in trials["problem"]} == {17}

@@ -4,7 +4,7 @@ import re
 
 from torch import nn
 
-from triton_workbench.autotune.database import Database
+from triton_workbench.autotune import TuningDatabase
 from triton_workbench.kernels import tuned
 from triton_workbench.kernels.spec import problem_id
 from triton_workbench.workbench.cli import main
@@ -48,7 +48,7 @@ def test_tune_model_tunes_each_problem_and_the_kernels_use_the_best(monkeypatch,
     assert "times: interpreter" in out or "times: cuda_events" in out
     rows = [line for line in out.splitlines() if re.search(r"\d+\.\d{3}\s+\d+\.\d{3}\s+\d+\.\d{2}x\s*$", line)]
     assert len(rows) == len(problems)
-    db = Database()
+    db = TuningDatabase()
     runs = db.runs().query("kind == 'tune'")  # one run holds the whole model's problems
     assert len(runs) == 1 and runs["status"].iloc[0] == "done"
     assert len(db.trials(int(runs["run_id"].iloc[0]))[["kernel", "problem"]].drop_duplicates()) == len(problems)

@@ -2,19 +2,39 @@
 
 A checkpoint holds only tensors, numbers, strings, lists and dicts (model, optimizer and grad-scaler
 state, RNG states, progress counters, the database run id), so loading one never unpickles code.
+`training_state` builds one; `restore_training` resumes from one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from triton_workbench.workbench.train_config import TrainConfig
+
+log = logging.getLogger("triton_workbench.workbench.train")
+
 CHECKPOINT_NAME = "checkpoint.pt"
+# Settings a resumed run must share with its checkpoint (others, like epochs or steps, may change).
+RESUME_MUST_MATCH = ("model", "data", "kernels", "batch_size", "amp", "seed")
+
+
+@dataclass
+class Progress:
+    """Where training stands: saved in every checkpoint."""
+
+    global_step: int = 0
+    epoch: int = 1
+    batch_in_epoch: int = 0  # batches of `epoch` already done
+    epoch_loss_sum: float = 0.0
+    epoch_images: int = 0
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -55,3 +75,46 @@ def parameters_sha256(module: nn.Module) -> str:
     for parameter in module.parameters():
         digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def training_state(
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    progress: Progress,
+    run_id: int,
+) -> dict[str, Any]:
+    """What a checkpoint holds: all that `restore_training` needs, plus the parameters' checksum."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "progress": asdict(progress),
+        "run_id": run_id,
+        "config": config.recorded(),
+        "parameters_sha256": parameters_sha256(model),
+    }
+
+
+def restore_training(
+    path: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> tuple[Progress, int | None]:
+    """Load the checkpoint at `path` into model, optimizer, scaler and RNGs; return its progress and database run id.
+
+    Raises ValueError when a setting of `RESUME_MUST_MATCH` differs between `config` and the checkpoint.
+    """
+    state = load_checkpoint(path)
+    saved = state["config"]
+    differing = [key for key in RESUME_MUST_MATCH if saved.get(key) != getattr(config, key)]
+    if differing:
+        details = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {getattr(config, key)!r}" for key in differing)
+        raise ValueError(f"cannot resume from {path}: settings differ ({details})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"])
+    progress = Progress(**state["progress"])
+    log.info("resumed from %s at step %d (epoch %d)", path, progress.global_step, progress.epoch)
+    return progress, state.get("run_id")

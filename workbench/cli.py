@@ -1,14 +1,19 @@
-"""`workbench`: the command line. Subcommands live one per module in `workbench.commands`."""
+"""`workbench`: the command line. Subcommands live one per module in `workbench.commands`.
+
+Before a command runs, its database (`--db`, else $WORKBENCH_DB, else the user cache) becomes the
+kernels' config source (`autotune.use_database`): every kernel the command launches, here or in a
+process it starts with the same arguments (torchrun ranks), uses the best configs stored there.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
-import os
 import pkgutil
 import sys
 
+from triton_workbench.autotune.config_source import use_database
 from triton_workbench.workbench import commands
 
 
@@ -27,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    if getattr(args, "db", None):  # one database for the command and for the kernels' tuned-config lookup
-        os.environ["WORKBENCH_DB"] = str(args.db)
+    use_database(getattr(args, "db", None))  # one database for the command and its kernels' tuned configs
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as error:

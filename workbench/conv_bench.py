@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 
 from triton_workbench import kernels
-from triton_workbench.kernels.conv import CONV_FWD_SPEC, RESNET18_CONV_SHAPES, problem_geometry, resnet18_problem
+from triton_workbench.kernels.conv_fwd import CONV_FWD_SPEC
+from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry, problem_geometry
 from triton_workbench.kernels.spec import Problem, problem_id
 
 INPUT_SIZES = (224, 32)
@@ -44,6 +45,24 @@ CIFAR_STEM = {"name": "conv1", "c_in": 3, "h": 32, "w": 32, "c_out": 64, "kh": 3
 
 Outputs = tuple[torch.Tensor, ...]
 
+# ResNet-18's convolutions at ImageNet resolution (224x224): (name, c_in, h_w, c_out, k, stride, padding).
+RESNET18_CONV_SHAPES: tuple[dict[str, Any], ...] = tuple(
+    {"name": name, "c_in": c_in, "h": hw, "w": hw, "c_out": c_out, "kh": k, "kw": k, "stride": s, "padding": p}
+    for name, c_in, hw, c_out, k, s, p in (
+        ("conv1", 3, 224, 64, 7, 2, 3),
+        ("layer1", 64, 56, 64, 3, 1, 1),
+        ("layer2.0.conv1", 64, 56, 128, 3, 2, 1),
+        ("layer2.0.downsample", 64, 56, 128, 1, 2, 0),
+        ("layer2", 128, 28, 128, 3, 1, 1),
+        ("layer3.0.conv1", 128, 28, 256, 3, 2, 1),
+        ("layer3.0.downsample", 128, 28, 256, 1, 2, 0),
+        ("layer3", 256, 14, 256, 3, 1, 1),
+        ("layer4.0.conv1", 256, 14, 512, 3, 2, 1),
+        ("layer4.0.downsample", 256, 14, 512, 1, 2, 0),
+        ("layer4", 512, 7, 512, 3, 1, 1),
+    )
+)
+
 
 @dataclass(frozen=True)
 class ConvBenchCase:
@@ -51,7 +70,7 @@ class ConvBenchCase:
 
     layer: str
     input_size: int | None  # the network's input resolution; None for an explicit --shapes problem
-    problem: Problem  # a kernels.conv problem: sizes, geometry, dtype, layout, activation, bias, tf32 (fp32)
+    problem: Problem  # a conv_geometry.conv_problem: sizes, geometry, dtype, layout, activation, bias, tf32 (fp32)
 
     @property
     def batch(self) -> int:
@@ -77,6 +96,15 @@ def resnet18_shapes(input_size: int) -> tuple[dict[str, Any], ...]:
                        for shape in RESNET18_CONV_SHAPES if shape["name"] != "conv1")
         return (CIFAR_STEM, *scaled)
     raise ValueError(f"input_size must be one of {INPUT_SIZES}, got {input_size!r}")
+
+
+def resnet18_problem(shape: dict[str, Any], batch: int = 32, dtype: str = "fp16", layout: str = "nhwc",
+                     activation_name: str | None = "relu", bias: bool = True) -> Problem:
+    """A conv problem for one RESNET18_CONV_SHAPES entry (ResNet's conv has BN after it; the fused
+    bias + ReLU stands for BN folded into the conv at inference)."""
+    geometry = make_geometry((shape["kh"], shape["kw"]), shape["stride"], shape["padding"])
+    return conv_problem(batch, shape["c_in"], shape["h"], shape["w"], shape["c_out"], shape["kh"], shape["kw"],
+                        geometry, dtype, layout, activation_name, bias)
 
 
 def with_policy(problem: Problem, tf32: bool) -> Problem:
@@ -253,8 +281,8 @@ def run_sweep(cases: Sequence[ConvBenchCase], db: str | None, tf32: bool, progre
     """
     from tqdm import tqdm
 
-    from triton_workbench.autotune.database import Database
-    from triton_workbench.autotune.environment import device_key
+    from triton_workbench.database import Database, RunKind, SeriesTable
+    from triton_workbench.database.environment import device_key
     from triton_workbench.kernels import runtime
     from triton_workbench.workbench.tables import format_table
 
@@ -266,7 +294,7 @@ def run_sweep(cases: Sequence[ConvBenchCase], db: str | None, tf32: bool, progre
     database = Database(db)
     bar = tqdm(cases, desc="bench conv", unit="case", disable=not progress)
     try:
-        with tf32_policy(tf32), database.run("bench", KERNEL, meta) as run_id:
+        with tf32_policy(tf32), database.run(RunKind.BENCH, KERNEL, meta) as run_id:
             best_ratio = 0.0
             for case in bar:
                 label = f"{case.input_size or 'explicit'}/{case.layer}/n{case.batch}/{case.dtype}"
@@ -280,7 +308,7 @@ def run_sweep(cases: Sequence[ConvBenchCase], db: str | None, tf32: bool, progre
                     skipped.append(f"{label}: out of GPU memory, skipped")
                     bar.write(f"note: {skipped[-1]}")
                     continue
-                database.append("baselines", run_id, database_rows(case, case_rows))
+                database.append(SeriesTable.BASELINES, run_id, database_rows(case, case_rows))
                 rows.extend(case_rows)
                 best_ratio = max(best_ratio, *(row["ratio"] for row in case_rows))
                 bar.set_postfix_str(f"{label}, best ratio {best_ratio:.3g}")

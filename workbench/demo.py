@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from triton_workbench.autotune.database import Database
+from triton_workbench.autotune.results import TuningDatabase
+from triton_workbench.database import RunKind, SeriesTable, TrialStatus
 from triton_workbench.kernels import runtime
 from triton_workbench.workbench.cli import main as workbench
 from triton_workbench.workbench.tables import format_table
@@ -94,7 +95,7 @@ def steps(size: DemoSize, out_dir: Path, db: Path, landscapes: Path | None) -> l
 
 def summary(db_path: Path) -> pd.DataFrame:
     """One row per run of the demo: what it was and its headline figure."""
-    db = Database(db_path)
+    db = TuningDatabase(db_path)
     try:
         rows = []
         for run in db.runs().itertuples():
@@ -105,24 +106,24 @@ def summary(db_path: Path) -> pd.DataFrame:
         db.close()
 
 
-def _headline(db: Database, run) -> str:
-    if run.kind == "tune":
+def _headline(db: TuningDatabase, run) -> str:
+    if run.kind == RunKind.TUNE:
         trials = db.trials(run.run_id)
-        ok = trials[trials["status"] == "ok"]
+        ok = trials[trials["status"] == TrialStatus.OK]
         problems = len(trials[["kernel", "problem"]].drop_duplicates())
         if problems > 1:  # a whole model's problems in one run
             return f"{problems} problems, {len(trials)} trials, {len(ok)} correct"
         if ok.empty:
             return f"{len(trials)} trials, none correct"
         return f"{len(trials)} trials, best {ok['time_ms'].min():.3g} ms ({ok['timer'].iloc[0]})"
-    if run.kind == "train":
-        epochs = db.read("train_epochs", run.run_id)
+    if run.kind == RunKind.TRAIN:
+        epochs = db.read(SeriesTable.TRAIN_EPOCHS, run.run_id)
         if epochs.empty:
             return "no epoch finished"
         last = epochs.iloc[-1]
         return f"eval accuracy {last['eval_accuracy']:.3f}, eval loss {last['eval_loss']:.3f}"
-    if run.kind == "strategies":
-        results = db.read("strategy_results", run.run_id)
+    if run.kind == RunKind.STRATEGIES:
+        results = db.read(SeriesTable.STRATEGY_RESULTS, run.run_id)
         mine = results[results["strategy"] == "auto"]
         return f"auto: mean {mine['fraction'].mean():.3f} of the optimum" if len(mine) else ""
     return ""

@@ -1,25 +1,25 @@
 """Every kernel problem a model runs: one real training step (forward and backward) with the kernels swapped in.
 
 Each launch of a Triton kernel asks `kernels.tuned.config_for(spec, problem)` which config to use;
-that question names exactly the spec and problem a tuned config must be stored for. Recording the
-questions during a step therefore captures every conv (forward, dgrad, wgrad), GEMM and
-activation problem, forward and backward, in the form `autotune.tune` takes and the kernels look
-up afterwards. Modules the kernels leave to PyTorch are reported, not recorded.
+that question names exactly the spec and problem a tuned config must be stored for. Observing the
+questions during a step (`kernels.tuned.observing`) therefore captures every conv (forward, dgrad,
+wgrad), GEMM and activation problem, forward and backward, in the form `autotune.tune` takes and
+the kernels look up afterwards. Modules the kernels leave to PyTorch are reported, not recorded.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
-from unittest.mock import patch
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from triton_workbench.kernels import tuned
-from triton_workbench.kernels.spec import KernelSpec, Problem, problem_id
+from triton_workbench.kernels.spec import Config, KernelSpec, Problem, problem_id
+from triton_workbench.workbench.train_kernels import swap_kernels
 
 
 _TRIVIAL = {"dilation": [1, 1], "groups": 1, "layout": "nchw"}  # values not worth a column's width
@@ -58,19 +58,17 @@ class ModelProblems:
 @contextmanager
 def recording_launches() -> Iterator[dict[tuple[str, str], ModelProblem]]:
     """Record every (spec, problem) the kernels look a config up for while the block runs (every
-    kernel calls `tuned.config_for`, which is wrapped for the block)."""
-    original = tuned.config_for
+    kernel launch calls `tuned.config_for`, which shows each lookup to the observers of `tuned.observing`)."""
     seen: dict[tuple[str, str], ModelProblem] = {}
 
-    def recording(spec: KernelSpec, problem: Problem) -> Any:
+    def record(spec: KernelSpec, problem: Problem, config: Config) -> None:
         key = (spec.name, problem_id(problem))
         if key in seen:
             seen[key].calls += 1
         else:
             seen[key] = ModelProblem(spec, dict(problem), 1)
-        return original(spec, problem)
 
-    with patch.object(tuned, "config_for", recording):
+    with tuned.observing(record):
         yield seen
 
 
@@ -79,8 +77,6 @@ def record_model_problems(model: nn.Module, input_shape: tuple[int, ...], num_cl
 
     input_shape: (batch, channels, height, width). The model's parameters are not updated.
     """
-    from triton_workbench.workbench.training import swap_kernels
-
     if len(input_shape) != 4 or any(not isinstance(size, int) or size < 1 for size in input_shape):
         raise ValueError(f"input_shape must be 4 positive ints (batch, channels, height, width), got {input_shape}")
     left_to_torch = swap_kernels(model)

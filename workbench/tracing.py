@@ -19,6 +19,9 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from triton_workbench.workbench.tables import format_table
+from triton_workbench.workbench.train_recorder import TrainRecorder
+
 TRITON_OP_NAMESPACE = "workbench"
 OP_TIME_COLUMNS = ["op", "calls", "self_time_ms", "total_time_ms", "device", "source"]
 
@@ -75,6 +78,21 @@ class StepTracer:
     @property
     def steps_traced(self) -> int:
         return self._traced
+
+
+def record_trace(tracer: StepTracer, recorder: TrainRecorder | None) -> None:
+    """Finish `tracer`, store its op table with the run (rank 0) and print the ops that took longest."""
+    op_times = tracer.finish()
+    if op_times is None:
+        print("trace: no step was traced (the run ended before the first traced step)")
+        return
+    if recorder is not None:
+        recorder.append("op_times", op_times)
+    print(f"trace: {tracer.steps_traced} steps traced -> {tracer.trace_path}")
+    from triton_workbench.reports.training import op_device  # the report's rule for where a step's kernel time is
+
+    top = op_times[op_times["device"] == op_device(op_times)].nlargest(12, "self_time_ms")
+    print(format_table(top, float_format="{:.3f}"))
 
 
 def is_triton_op(name: str) -> bool:

@@ -14,319 +14,43 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
-import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, ContextManager, Iterator
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from triton_workbench.autotune.database import Database
 from triton_workbench.autotune.distributed import Distributed
 from triton_workbench.kernels import runtime
 from triton_workbench.workbench.checkpoint import (
     CHECKPOINT_NAME,
-    load_checkpoint,
-    parameters_sha256,
-    restore_rng_state,
-    rng_state,
+    Progress,
+    restore_training,
     save_checkpoint,
+    training_state,
 )
-from triton_workbench.workbench.data import Dataset, ImageSet, load_dataset
+from triton_workbench.workbench.data import Dataset, load_dataset
+from triton_workbench.workbench.evaluation import EVAL_BATCH_SIZE, evaluate
 from triton_workbench.workbench.models import build_model
-from triton_workbench.workbench.tables import format_table
-from triton_workbench.workbench.tracing import StepTracer
+from triton_workbench.workbench.stop_request import StopRequest
+from triton_workbench.workbench.tracing import StepTracer, record_trace
+from triton_workbench.workbench.train_config import TrainConfig, TrainResult
+from triton_workbench.workbench.train_distributed import (
+    check_ranks_agree,
+    epoch_batches,
+    init_distributed,
+    training_device,
+)
+from triton_workbench.workbench.train_energy import EnergyWindows
+from triton_workbench.workbench.train_kernels import autocast, swap_kernels
+from triton_workbench.workbench.train_recorder import TrainRecorder
 
-log = logging.getLogger("triton_workbench.workbench.train")
-
-KERNEL_CHOICES = ("triton", "torch")
-AMP_CHOICES = ("off", "fp16", "bf16")
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TRACE_FILE = "trace.json"
-EVAL_BATCH_SIZE = 256  # held-out images per forward pass: fewer, larger launches
-# Settings a resumed run must share with its checkpoint (others, like epochs or steps, may change).
-RESUME_MUST_MATCH = ("model", "data", "kernels", "batch_size", "amp", "seed")
-
-
-@dataclass
-class TrainConfig:
-    """What to train and how; mirrors the `workbench train` options."""
-
-    out_dir: Path
-    model: str = "resnet"
-    data: str = "digits"
-    data_dir: str | None = None
-    kernels: str = "triton"
-    epochs: int = 1
-    batch_size: int = 64  # per process
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    amp: str = "off"
-    seed: int = 0
-    steps: int | None = None  # stop after this many steps in all (for smoke runs)
-    db_path: str | None = None
-    resume: bool = False
-    trace: bool = False
-    profile: bool = False
-    checkpoint_every: int = 20  # steps between checkpoints (and database flushes)
-    eval_images: int | None = None  # evaluate on the first N held-out images only (smoke runs); None: all
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.kernels not in KERNEL_CHOICES:
-            raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
-        if self.amp not in AMP_CHOICES:
-            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
-        for name in ("epochs", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "eval_images"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.amp == "bf16" and self.kernels == "triton" and runtime.INTERPRETER:
-            raise ValueError(
-                "amp bf16 is not possible with --kernels triton here: Triton's interpreter has no bfloat16 "
-                "(use --amp fp16 or off, or --kernels torch, or a GPU)"
-            )
-
-    def recorded(self) -> dict[str, Any]:
-        """The settings as plain JSON values (run meta, checkpoint)."""
-        values = asdict(self)
-        values["out_dir"] = str(self.out_dir)
-        return values
-
-
-@dataclass
-class TrainResult:
-    run_id: int | None
-    steps: pd.DataFrame  # the train_steps rows of this process's run (rank 0), including resumed ones
-    epochs: pd.DataFrame
-    global_step: int
-    final_eval_loss: float
-    final_eval_accuracy: float
-    parameters_sha256: str
-    checkpoint_path: Path
-    interrupted: bool = False
-    skipped_modules: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Progress:
-    """Where training stands: saved in every checkpoint."""
-
-    global_step: int = 0
-    epoch: int = 1
-    batch_in_epoch: int = 0  # batches of `epoch` already done
-    epoch_loss_sum: float = 0.0
-    epoch_images: int = 0
-
-
-def init_distributed(kernels: str) -> Distributed:
-    """Join the group torchrun describes (a group of one outside torchrun): nccl when the model lives
-    on a GPU, gloo when it runs on the CPU (our kernels in the interpreter)."""
-    use_cuda = torch.cuda.is_available() and not (kernels == "triton" and runtime.INTERPRETER)
-    return Distributed.from_environment(use_cuda) or Distributed()
-
-
-def training_device(kernels: str, distributed: Distributed) -> torch.device:
-    """Where the model lives: the kernels' device for triton (CPU in the interpreter), else CUDA if present."""
-    if kernels == "triton":
-        device = runtime.default_device()
-    else:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        device = torch.device("cuda", distributed.local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
-def swap_kernels(model: nn.Module) -> list[str]:
-    """Replace the layers our Triton kernels support; return the compute layers left to PyTorch."""
-    from triton_workbench.kernels.nn import activation_of, swap
-
-    swap(model)
-    kept = [
-        f"{name} ({type(module).__name__})"
-        for name, module in model.named_modules()
-        if type(module) in (nn.Conv2d, nn.Linear) or activation_of(module) is not None
-    ]
-    if kept:
-        log.info("left to PyTorch (no Triton kernel swapped in for them): %s", ", ".join(kept))
-    return kept
-
-
-def autocast(amp: str, device: torch.device) -> ContextManager:
-    if amp == "off":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, images: ImageSet, batch_size: int, device: torch.device, amp: str) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on all of `images`."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(images), batch_size):
-        inputs, labels = images.batch(range(start, min(start + batch_size, len(images))))
-        inputs, labels = inputs.to(device), labels.to(device)
-        with autocast(amp, device):
-            logits = model(inputs)
-        loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == labels).sum())
-    model.train(was_training)
-    return loss_sum / len(images), correct / len(images)
-
-
-def epoch_batches(train: ImageSet, batch_size: int, seed: int, epoch: int, distributed: Distributed) -> list[list[int]]:
-    """This rank's batches for `epoch`: a seeded shuffle sharded by DistributedSampler, last partial batch dropped."""
-    sampler = DistributedSampler(
-        train, num_replicas=distributed.world_size, rank=distributed.rank, shuffle=True, seed=seed
-    )
-    sampler.set_epoch(epoch)
-    indices = list(sampler)
-    if len(indices) < batch_size:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(indices)} training images per process")
-    return [indices[start : start + batch_size] for start in range(0, len(indices) - batch_size + 1, batch_size)]
-
-
-class _Recorder:
-    """Rank 0's database writer: buffers rows and flushes them before each checkpoint, never twice per step."""
-
-    def __init__(self, config: TrainConfig, resumed_run_id: int | None) -> None:
-        self.db = Database(config.db_path)
-        self.run_id = self._open_run(config, resumed_run_id)
-        recorded_steps = self.db.read("train_steps", self.run_id)
-        recorded_epochs = self.db.read("train_epochs", self.run_id)
-        self.last_step = int(recorded_steps["step"].max()) if len(recorded_steps) else 0
-        self.last_epoch = int(recorded_epochs["epoch"].max()) if len(recorded_epochs) else 0
-        self._steps: list[dict[str, Any]] = []
-        self._epochs: list[dict[str, Any]] = []
-
-    def _open_run(self, config: TrainConfig, resumed_run_id: int | None) -> int:
-        runs = self.db.runs()
-        if resumed_run_id is not None and len(runs) and resumed_run_id in set(runs["run_id"]):
-            log.info("resuming database run %d", resumed_run_id)
-            return resumed_run_id
-        meta = config.recorded()
-        if resumed_run_id is not None:
-            meta["resumed_from_run_id"] = resumed_run_id  # the checkpoint's run lives in another database
-        name = f"{config.model}-{config.data}-{config.kernels}"
-        return self.db.start_run("train", name, meta)
-
-    def step(self, row: dict[str, Any]) -> None:
-        if row["step"] > self.last_step:
-            self._steps.append(row)
-
-    def epoch(self, row: dict[str, Any]) -> None:
-        if row["epoch"] > self.last_epoch:
-            self._epochs.append(row)
-
-    def flush(self) -> None:
-        if self._steps:
-            frame = pd.DataFrame(self._steps)
-            self.db.append("train_steps", self.run_id, frame)
-            self.last_step = int(frame["step"].max())
-            self._steps.clear()
-        if self._epochs:
-            self.db.append("train_epochs", self.run_id, pd.DataFrame(self._epochs))
-            self.last_epoch = max(row["epoch"] for row in self._epochs)
-            self._epochs.clear()
-
-    def append(self, table: str, frame: pd.DataFrame) -> None:
-        if len(frame):
-            self.db.append(table, self.run_id, frame)
-
-    def finish(self, status: str) -> None:
-        self.db.finish_run(self.run_id, status=status)
-
-
-@dataclass
-class _Measured:
-    """The energy of one closed window (NaN without power data)."""
-
-    energy_j: float = math.nan
-
-
-class _Energy:
-    """NVML windows per step and per epoch (rank 0, with --profile); says plainly when there is no power data."""
-
-    def __init__(self, enabled: bool, device: torch.device) -> None:
-        self.sampler = None
-        if not enabled:
-            return
-        from triton_workbench.profiler import NvmlSampler
-
-        sampler = NvmlSampler(device=device.index or 0)
-        if not sampler.available:
-            print(f"profile: no power data exists on this machine ({sampler.reason}); training anyway")
-            return
-        self.sampler = sampler.start()
-
-    @contextmanager
-    def window(self, name: str) -> Iterator[_Measured]:
-        measured = _Measured()
-        if self.sampler is None:
-            yield measured
-            return
-        with self.sampler.window(name) as record:
-            yield measured
-        measured.energy_j = self.sampler.window_stats(record).energy_j
-
-    def close(self, recorder: _Recorder | None) -> None:
-        """Stop sampling and store the windows and the samples with the run."""
-        if self.sampler is None:
-            return
-        self.sampler.stop()
-        if recorder is not None:
-            recorder.append("windows", self.sampler.windows())
-            recorder.append("samples", self.sampler.frame())
-        self.sampler = None
-
-
-class _StopRequest:
-    """While active, SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step, then saving a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def _step_window(step: int) -> str:
-    return f"step {step}"
-
-
-def _epoch_window(epoch: int) -> str:
-    return f"epoch {epoch}"
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -352,13 +76,13 @@ def train(config: TrainConfig) -> TrainResult:
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     progress, resumed_run_id = Progress(), None
     if config.resume:
-        progress, resumed_run_id = _restore(checkpoint_path, config, model, optimizer, scaler)
+        progress, resumed_run_id = restore_training(checkpoint_path, config, model, optimizer, scaler)
     trained = model
     if distributed.enabled:
         trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    recorder = _Recorder(config, resumed_run_id) if distributed.is_main else None
-    energy = _Energy(config.profile and distributed.is_main, device)
+    recorder = TrainRecorder(config, resumed_run_id) if distributed.is_main else None
+    energy = EnergyWindows(config.profile and distributed.is_main, device)
     tracer = StepTracer(Path(config.out_dir) / TRACE_FILE, warmup_steps=1) if config.trace and distributed.is_main else None
     state = _Loop(config, dataset, model, trained, optimizer, scaler, device, distributed, recorder, energy, tracer)
     status = "failed"
@@ -370,16 +94,16 @@ def train(config: TrainConfig) -> TrainResult:
     finally:
         energy.close(recorder)
         if tracer is not None:
-            _record_trace(tracer, recorder)
+            record_trace(tracer, recorder)
         if recorder is not None:
             recorder.flush()
             recorder.finish(status)
-    checksum = _check_ranks_agree(model, distributed)
+    checksum = check_ranks_agree(model, distributed)
     eval_loss, eval_accuracy = state.final_eval
     return TrainResult(
         run_id=recorder.run_id if recorder else None,
-        steps=recorder.db.read("train_steps", recorder.run_id) if recorder else pd.DataFrame(),
-        epochs=recorder.db.read("train_epochs", recorder.run_id) if recorder else pd.DataFrame(),
+        steps=recorder.read("train_steps") if recorder else pd.DataFrame(),
+        epochs=recorder.read("train_epochs") if recorder else pd.DataFrame(),
         global_step=progress.global_step,
         final_eval_loss=eval_loss,
         final_eval_accuracy=eval_accuracy,
@@ -388,54 +112,6 @@ def train(config: TrainConfig) -> TrainResult:
         interrupted=status == "interrupted",
         skipped_modules=skipped,
     )
-
-
-def _restore(
-    path: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
-) -> tuple[Progress, int | None]:
-    state = load_checkpoint(path)
-    saved = state["config"]
-    differing = [key for key in RESUME_MUST_MATCH if saved.get(key) != getattr(config, key)]
-    if differing:
-        details = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {getattr(config, key)!r}" for key in differing)
-        raise ValueError(f"cannot resume from {path}: settings differ ({details})")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    restore_rng_state(state["rng"])
-    progress = Progress(**state["progress"])
-    log.info("resumed from %s at step %d (epoch %d)", path, progress.global_step, progress.epoch)
-    return progress, state.get("run_id")
-
-
-def _record_trace(tracer: StepTracer, recorder: _Recorder | None) -> None:
-    op_times = tracer.finish()
-    if op_times is None:
-        print("trace: no step was traced (the run ended before the first traced step)")
-        return
-    if recorder is not None:
-        recorder.append("op_times", op_times)
-    print(f"trace: {tracer.steps_traced} steps traced -> {tracer.trace_path}")
-    from triton_workbench.reports.training import op_device  # the report's rule for where a step's kernel time is
-
-    top = op_times[op_times["device"] == op_device(op_times)].nlargest(12, "self_time_ms")
-    print(format_table(top, float_format="{:.3f}"))
-
-
-def _check_ranks_agree(model: nn.Module, distributed: Distributed) -> str:
-    """Every rank's parameters are gathered and compared; rank 0 reports, a mismatch raises."""
-    checksum = parameters_sha256(model)
-    if not distributed.enabled:
-        return checksum
-    flat = torch.cat([parameter.detach().flatten().float() for parameter in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(distributed.world_size)]
-    dist.all_gather(gathered, flat)
-    differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
-    if differing:
-        raise RuntimeError(f"parameters differ between rank 0 and ranks {differing}: gradients were not synchronised")
-    if distributed.is_main:
-        print(f"ddp: parameters identical on all {distributed.world_size} ranks (sha256 {checksum})")
-    return checksum
 
 
 class _Loop:
@@ -451,8 +127,8 @@ class _Loop:
         scaler: torch.amp.GradScaler,
         device: torch.device,
         distributed: Distributed,
-        recorder: _Recorder | None,
-        energy: _Energy,
+        recorder: TrainRecorder | None,
+        energy: EnergyWindows,
         tracer: StepTracer | None,
     ) -> None:
         self.config, self.dataset, self.model, self.trained = config, dataset, model, trained
@@ -476,10 +152,10 @@ class _Loop:
         self.trained.train()
         stopped = False
         try:
-            with _StopRequest() as stop:
+            with StopRequest() as stop:
                 while not stopped and progress.epoch <= config.epochs and progress.global_step < total_steps:
                     batches = epoch_batches(self.dataset.train, config.batch_size, config.seed, progress.epoch, distributed)
-                    with self.energy.window(_epoch_window(progress.epoch)) as epoch_energy:
+                    with self.energy.epoch(progress.epoch) as epoch_energy:
                         while progress.batch_in_epoch < len(batches) and progress.global_step < total_steps:
                             stopped = self._step(batches[progress.batch_in_epoch], progress, bar, stop)
                             if stopped:
@@ -500,13 +176,13 @@ class _Loop:
             print(f"stopped at step {progress.global_step}: checkpoint {checkpoint_path}; continue with --resume")
         return stopped
 
-    def _step(self, batch: list[int], progress: Progress, bar: tqdm, stop: _StopRequest) -> bool:
+    def _step(self, batch: list[int], progress: Progress, bar: tqdm, stop: StopRequest) -> bool:
         """One optimiser step; returns whether any rank was asked to stop (all ranks agree)."""
         config, device = self.config, self.device
         inputs, labels = self.dataset.train.batch(batch)
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         step = progress.global_step + 1
-        with self.energy.window(_step_window(step)) as measured:
+        with self.energy.step(step) as measured:
             started = time.perf_counter()
             with autocast(config.amp, device):
                 logits = self.trained(inputs)
@@ -583,13 +259,6 @@ class _Loop:
         if self.recorder is None:
             return
         self.recorder.flush()
-        save_checkpoint(checkpoint_path, {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
-            "progress": asdict(progress),
-            "run_id": self.recorder.run_id,
-            "config": self.config.recorded(),
-            "parameters_sha256": parameters_sha256(self.model),
-        })
+        save_checkpoint(checkpoint_path, training_state(
+            self.config, self.model, self.optimizer, self.scaler, progress, self.recorder.run_id
+        ))

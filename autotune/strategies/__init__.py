@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from triton_workbench.autotune.space import Space
 from triton_workbench.autotune.strategies.base import Strategy
 from triton_workbench.autotune.strategies.exhaustive import Exhaustive
-from triton_workbench.autotune.strategies.forest import ForestSearch
+from triton_workbench.autotune.strategies.forest import ForestOptions, ForestSearch
+from triton_workbench.autotune.strategies.options import StrategyOptions, parse_assignments, parse_options
 from triton_workbench.autotune.strategies.random_sample import RandomSample
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -16,11 +19,37 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def make_strategy(name: str, space: Space, seed: int = 0) -> Strategy:
-    """A strategy by name ("auto" is the default choice): `ask()` configs, `tell(config, value)` results."""
+def _strategy_class(name: str) -> type[Strategy]:
     if name not in STRATEGIES:
         raise ValueError(f"name: unknown strategy {name!r}, expected one of {', '.join(STRATEGIES)}")
-    return STRATEGIES[name](space, seed=seed)
+    return STRATEGIES[name]
 
 
-__all__ = ["STRATEGIES", "Strategy", "make_strategy"]
+def strategy_options(name: str, options: Mapping[str, Any] | None = None) -> StrategyOptions | None:
+    """The options record strategy `name` would run with given `options` (None if it has none): what
+    `make_strategy` checks, callable ahead of it. ValueError for an unknown strategy, option or value."""
+    return parse_options(name, _strategy_class(name).options_type, options)
+
+
+def make_strategy(name: str, space: Space, seed: int = 0, **options: Any) -> Strategy:
+    """A strategy by name ("auto" is the default choice): `ask()` configs, `tell(config, value)` results.
+
+    `options` set the strategy's declared hyperparameters (`auto`/`forest`: `ForestOptions`), as
+    Kernel Tuner's strategy_options; strategies without any reject every option.
+    """
+    return _strategy_class(name)(space, seed=seed, options=strategy_options(name, options))
+
+
+def options_summary() -> str:
+    """One line per strategy with options: its option names and defaults (for help texts)."""
+    names: dict[type[Strategy], list[str]] = {}
+    for name, strategy in STRATEGIES.items():
+        if strategy.options_type is not None:
+            names.setdefault(strategy, []).append(name)
+    return "; ".join("/".join(aliases) + ": " + ", ".join(f"{option}={default}" for option, default, _ in
+                                                           strategy.options_type.documentation())
+                     for strategy, aliases in names.items())
+
+
+__all__ = ["STRATEGIES", "ForestOptions", "Strategy", "StrategyOptions", "make_strategy", "options_summary",
+           "parse_assignments", "strategy_options"]

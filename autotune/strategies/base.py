@@ -15,18 +15,31 @@ from typing import Any, Mapping
 import numpy as np
 
 from triton_workbench.autotune.space import Config, Space
+from triton_workbench.autotune.strategies.options import StrategyOptions
 
 
 class Strategy(ABC):
-    """Bookkeeping shared by all strategies; subclasses choose the next row of `space.table`."""
+    """Bookkeeping shared by all strategies; subclasses choose the next row of `space.table`.
+
+    A strategy with hyperparameters declares them as `options_type` (a `StrategyOptions` dataclass) and
+    reads them from `self.options`; one without leaves it None and takes no options.
+    """
 
     name: str = ""
+    options_type: type[StrategyOptions] | None = None
 
-    def __init__(self, space: Space, seed: int = 0):
+    def __init__(self, space: Space, seed: int = 0, options: StrategyOptions | None = None):
         if not isinstance(space, Space):
             raise ValueError(f"space: expected an autotune.Space, got {type(space).__name__}")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise ValueError(f"seed: expected an int, got {seed!r}")
+        if self.options_type is None and options is not None:
+            raise ValueError(f"options: strategy {self.name!r} takes no options, got {options!r}")
+        if self.options_type is not None and not isinstance(options, (self.options_type, type(None))):
+            raise ValueError(f"options: expected a {self.options_type.__name__}, got {options!r}")
+        if options is None and self.options_type is not None:
+            options = self.options_type()  # the defaults
+        self.options = options
         self.space = space
         self.rng = np.random.default_rng(seed)
         self.asked = np.zeros(space.size, dtype=bool)

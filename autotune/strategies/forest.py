@@ -26,11 +26,16 @@ Why this design:
   rather than 1, together raised the 100- and 200-evaluation results on all five landscapes.
 - Asked but untold configs (parallel compile) are fitted at the mean observed value ("constant liar"),
   so a batch of asks spreads out instead of piling onto one spot.
+
+Every number above is an option (`ForestOptions`; `make_strategy("auto", space, trees=48)`, `tune(...,
+strategy_options={...})`, `workbench tune --strategy-option trees=48`); the defaults are the choices
+described here.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial.distance import cdist
@@ -39,6 +44,33 @@ from sklearn.tree import DecisionTreeRegressor
 
 from triton_workbench.autotune.space import Space
 from triton_workbench.autotune.strategies.base import Strategy
+from triton_workbench.autotune.strategies.options import StrategyOptions, option
+
+
+@dataclass(frozen=True)
+class ForestOptions(StrategyOptions):
+    """The hyperparameters of `ForestSearch` ("auto", "forest"); the defaults are the tuned choices."""
+
+    initial_samples: int = option(
+        10, "Configs spread out over the space (greedy maximin) before the first model is fitted.", minimum=1)
+    trees: int = option(
+        24, "Trees in the extra-trees ensemble; the spread of their predictions is the uncertainty "
+            "that expected improvement weighs.", minimum=1)
+    pool_size: int = option(
+        3000, "Random unasked configs scored per ask once the space is larger than this (also the pool "
+              "the spread-out start picks from).", minimum=1)
+    neighbourhood_of: int = option(
+        3, "The Hamming-1 neighbours of this many best configs always join the scored pool.", minimum=0)
+    exploit_after: int = option(
+        50, "Observations after which local refinement starts (every `exploit_every`-th ask).", minimum=0)
+    exploit_every: int = option(
+        2, "Once refining, one ask in this many refines around the best config; 1 refines on every ask.",
+        minimum=1)
+    local_radius: int = option(
+        2, "Parameters a refinement step may change at once (Hamming radius around the best config).",
+        minimum=1)
+    failure_penalty: float = option(
+        0.5, "A failed config is modelled this many observed log-ranges above the worst success.", minimum=0)
 
 
 def config_features(space: Space) -> np.ndarray:
@@ -59,16 +91,17 @@ class ForestSearch(Strategy):
     """Expected-improvement search with an extra-trees surrogate (see the module docstring)."""
 
     name = "forest"
-    initial_samples = 10
-    trees = 24
-    pool_size = 3000
-    neighbourhood_of = 3  # the neighbours of this many best configs always join the candidate pool
-    exploit_after = 50  # observations before every other ask refines around the best config
-    local_radius = 2  # parameters a refinement step may change at once
+    options_type = ForestOptions
+    options: ForestOptions
 
-    def __init__(self, space: Space, seed: int = 0):
-        super().__init__(space, seed)
+    def __init__(self, space: Space, seed: int = 0, options: ForestOptions | None = None):
+        super().__init__(space, seed, options)
         self._features = config_features(space)
+
+    @property
+    def initial_samples(self) -> int:
+        """Configs spread out before the first model (`options.initial_samples`)."""
+        return self.options.initial_samples
 
     def _next_row(self) -> int | None:
         finite = [v for v in self.observed_values if math.isfinite(v)]
@@ -86,7 +119,7 @@ class ForestSearch(Strategy):
     def _spread_row(self) -> int:
         """The unasked config of a random pool farthest (L1, scaled positions) from every asked one."""
         unasked = self._unasked_rows()
-        pool = self.rng.choice(unasked, size=min(self.pool_size, len(unasked)), replace=False)
+        pool = self.rng.choice(unasked, size=min(self.options.pool_size, len(unasked)), replace=False)
         asked = np.flatnonzero(self.asked)
         if not len(asked):
             return int(pool[0])
@@ -100,31 +133,31 @@ class ForestSearch(Strategy):
         values = np.asarray(self.observed_values)
         logs = np.log(np.where(np.isfinite(values), values, np.nan))
         worst, spread = np.nanmax(logs), max(np.nanmax(logs) - np.nanmin(logs), 1e-3)
-        targets = np.where(np.isnan(logs), worst + 0.5 * spread, logs)
+        targets = np.where(np.isnan(logs), worst + self.options.failure_penalty * spread, logs)
         rows = list(self.observed_rows)
         if self.pending:
             rows += sorted(self.pending)
             targets = np.concatenate([targets, np.full(len(self.pending), targets.mean())])
         features = self._features[rows]
-        seeds = self.rng.integers(2**31, size=self.trees)
+        seeds = self.rng.integers(2**31, size=self.options.trees)
         return [DecisionTreeRegressor(splitter="random", random_state=int(s)).fit(features, targets) for s in seeds]
 
     def _exploiting(self) -> bool:
         observed = len(self.observed_rows)
-        return observed >= self.exploit_after and observed % 2 == 0
+        return observed >= self.options.exploit_after and observed % self.options.exploit_every == 0
 
     def _local_candidates(self) -> np.ndarray:
-        """Unasked configs within `local_radius` changes of the best config, or the usual pool if none."""
+        """Unasked configs within `options.local_radius` changes of the best config, or the usual pool if none."""
         best_row = self.observed_rows[int(np.argmin(self.observed_values))]
-        near = np.flatnonzero((self.space.hamming_distances(best_row) <= self.local_radius) & ~self.asked)
+        near = np.flatnonzero((self.space.hamming_distances(best_row) <= self.options.local_radius) & ~self.asked)
         return near if len(near) else self._candidates()
 
     def _candidates(self) -> np.ndarray:
         unasked = self._unasked_rows()
-        if len(unasked) <= self.pool_size:
+        if len(unasked) <= self.options.pool_size:
             return unasked
-        pool = [self.rng.choice(unasked, size=self.pool_size, replace=False)]
-        order = np.argsort(self.observed_values)[: self.neighbourhood_of]
+        pool = [self.rng.choice(unasked, size=self.options.pool_size, replace=False)]
+        order = np.argsort(self.observed_values)[: self.options.neighbourhood_of]
         for index in order:
             pool.append(self.space.neighbour_rows(self.observed_rows[index], "hamming"))
         pool = np.unique(np.concatenate(pool))

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 def conv_cases(args: argparse.Namespace) -> list:
     """The conv cases the arguments ask for: the ResNet-18 sweep, or the --shapes problems in each dtype."""
-    from triton_workbench.kernels.conv import CONV_FWD_SPEC
+    from triton_workbench.kernels.conv_fwd import CONV_FWD_SPEC
     from triton_workbench.workbench import conv_bench
 
     dtypes = [args.dtype] if args.dtype is not None else list(BENCH_DTYPES)
@@ -124,16 +124,16 @@ def run_specs(args: argparse.Namespace) -> int:
 
 def bench(spec, problems: list[dict], db: str | None) -> None:
     """Time `spec` (tuned or default config) and its PyTorch baseline on each problem; print and store."""
-    from triton_workbench.autotune.database import Database
-    from triton_workbench.autotune.environment import device_key
     from triton_workbench.autotune.pipeline import relative_error
     from triton_workbench.autotune.timing import measure
+    from triton_workbench.database import Database, RunKind, SeriesTable
+    from triton_workbench.database.environment import device_key
     from triton_workbench.kernels import runtime, tuned
 
     device = device_key().device
     database = Database(db)
     rows, tables = [], []
-    with database.run("bench", spec.name, {"problems": problems}) as run_id:
+    with database.run(RunKind.BENCH, spec.name, {"problems": problems}) as run_id:
         for problem in problems:
             config = tuned.config_for(spec, problem)
             inputs = spec.make_inputs(problem, runtime.default_device())
@@ -154,6 +154,6 @@ def bench(spec, problems: list[dict], db: str | None) -> None:
             rows.append({"kernel": spec.name, "problem": problem_id(problem),
                          "time_ms": timing.time_ms, "baseline_time_ms": baseline_ms,
                          "ratio": baseline_ms / timing.time_ms})  # fmt: skip
-        database.append("baselines", run_id, pd.DataFrame(rows))
+        database.append(SeriesTable.BASELINES, run_id, pd.DataFrame(rows))
     print(f"{spec.name} on {device} (tuned or default configs; vs torch = PyTorch time / Triton time)")
     print(format_table(pd.concat(tables, ignore_index=True)))

@@ -7,16 +7,21 @@ import json
 import random
 import time
 
+from triton_workbench.kernels.hardware import COMPILE_TARGETS
 from triton_workbench.workbench.tables import format_table
+
+_DEFAULT_ARCHS = ",".join(map(str, COMPILE_TARGETS))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "check-compile", help="compile a kernel's whole default space (or a sample) for sm_80/sm_90",
+        "check-compile", help="compile a kernel's whole default space (or a sample) for "
+                                          + "/".join(f"sm_{arch}" for arch in COMPILE_TARGETS),
         description="Compile every valid config of KERNEL for each of its example problems, for each "
                     "architecture, in parallel; print failures and shared-memory use; exit 1 on any failure.")
     parser.add_argument("kernel", help="kernel name (see kernels.SPECS)")
-    parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    parser.add_argument("--arch", default=_DEFAULT_ARCHS,
+                        help=f"comma-separated compute capabilities (default {_DEFAULT_ARCHS})")
     parser.add_argument("--sample", type=int, default=None, metavar="N",
                         help="compile a seeded sample of N configs per problem instead of the whole space")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")

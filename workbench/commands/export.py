@@ -18,10 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from triton_workbench.autotune.database import Database
+    from triton_workbench.autotune.results import TuningDatabase
     from triton_workbench.autotune.transfer import export_best
 
-    database = Database(args.db)
+    database = TuningDatabase(args.db)
     document = export_best(database, args.kernel)
     text = json.dumps(document, indent=2) + "\n"
     if args.output == "-":

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from triton_workbench.autotune.database import Database
+    from triton_workbench.autotune.results import TuningDatabase
     from triton_workbench.autotune.transfer import import_best
 
     path = Path(args.file)
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     try:
-        counts = import_best(Database(args.db), document)
+        counts = import_best(TuningDatabase(args.db), document)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     print(f"imported {counts['stored']} best configs from {path}")

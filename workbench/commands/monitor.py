@@ -5,19 +5,22 @@
 
 The trace goes into the database as a "monitor" run (tables "samples" and "windows", one window
 named "command" spanning the command), written every few seconds while the command runs, so an
-interrupted monitor keeps what it sampled. The exit status is the command's (128 + signal when a
-signal ended it). Without NVML the command still runs and the summary says that no power data exists.
+interrupted monitor keeps what it sampled. The command runs with $WORKBENCH_DB set to that database, so a
+workbench command monitored without a --db of its own records its runs (and finds its tuned configs)
+beside the trace. The exit status is the command's (128 + signal when a signal ended it). Without NVML
+the command still runs and the summary says that no power data exists.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import subprocess
 from pathlib import Path
 
-from triton_workbench.autotune.database import Database
+from triton_workbench.database import Database, RunKind, RunStatus, SeriesTable
 from triton_workbench.profiler import NvmlSampler
 
 FLUSH_EVERY_S = 5.0
@@ -45,7 +48,7 @@ def _device(text: str) -> int | str:
 def _export(db: Database, run_id: int, csv: Path | None) -> int:
     if csv is None:
         raise ValueError("--export needs --csv FILE")
-    samples = db.read("samples", run_id)
+    samples = db.read(SeriesTable.SAMPLES, run_id)
     if samples.empty:
         known = run_id in set(db.runs()["run_id"])
         why = "it was monitored without NVML, or is not a monitor run" if known else f"no such run in {db.path}"
@@ -92,19 +95,20 @@ def run(args: argparse.Namespace) -> int:
             "command": cmd, "interval_s": args.interval_s, "device": args.device, "nvml_available": sampler.available,
             "nvml_reason": sampler.reason, "gpu_uuid": sampler.device.uuid if sampler.device else None,
         }  # fmt: skip
-        run_id = db.start_run("monitor", command, meta)
-        stored, status, returncode = 0, "failed", None
+        run_id = db.start_run(RunKind.MONITOR, command, meta)
+        stored, status, returncode = 0, RunStatus.FAILED, None
 
         def flush() -> None:
             nonlocal stored
             new = sampler.frame(first=stored)
             if len(new):
-                db.append("samples", run_id, new)
+                db.append(SeriesTable.SAMPLES, run_id, new)
                 stored += len(new)
 
         try:
             with sampler.window("command") as record:
-                process = subprocess.Popen(cmd)  # FileNotFoundError: run stays "failed", cli reports it
+                # FileNotFoundError: the run stays failed, the cli reports it
+                process = subprocess.Popen(cmd, env={**os.environ, "WORKBENCH_DB": str(db.path)})
                 try:
                     while returncode is None:
                         try:
@@ -112,18 +116,18 @@ def run(args: argparse.Namespace) -> int:
                         except subprocess.TimeoutExpired:
                             flush()
                 except KeyboardInterrupt:  # the child got the same Ctrl-C: give it a moment to finish
-                    status = "interrupted"
+                    status = RunStatus.INTERRUPTED
                     try:
                         returncode = process.wait(timeout=5)
                     except (subprocess.TimeoutExpired, KeyboardInterrupt):
                         process.kill()
                         returncode = process.wait()
-            if status != "interrupted":
-                status = "done" if returncode == 0 else "failed"
+            if status != RunStatus.INTERRUPTED:
+                status = RunStatus.DONE if returncode == 0 else RunStatus.FAILED
         finally:
             sampler.stop()
             flush()
-            db.append("windows", run_id, sampler.windows())
+            db.append(SeriesTable.WINDOWS, run_id, sampler.windows())
             db.finish_run(run_id, status)
     exit_status = _exit_status(returncode)
     print(f"monitor run {run_id}: " + _summary(command, exit_status, sampler, sampler.window_stats(record)))

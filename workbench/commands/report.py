@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from triton_workbench.autotune.database import Database
+from triton_workbench.autotune.results import TuningDatabase
 from triton_workbench.reports import write_report
 
 
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    db = Database(args.db)
+    db = TuningDatabase(args.db)
     if args.db is not None and not db.path.exists():
         raise FileNotFoundError(f"--db {db.path} does not exist")
     try:

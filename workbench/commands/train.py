@@ -11,7 +11,8 @@ from pathlib import Path
 from triton_workbench.autotune.distributed import leave_process_group
 from triton_workbench.workbench.data import DATASET_NAMES
 from triton_workbench.workbench.models import MODEL_NAMES
-from triton_workbench.workbench.training import AMP_CHOICES, KERNEL_CHOICES, TrainConfig, train
+from triton_workbench.workbench.train_config import AMP_CHOICES, KERNEL_CHOICES, TrainConfig
+from triton_workbench.workbench.training import train
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

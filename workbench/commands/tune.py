@@ -14,8 +14,9 @@ from typing import Any
 import pandas as pd
 
 from triton_workbench.autotune.pipeline import objective_value
+from triton_workbench.database import SeriesTable, TrialStatus
+from triton_workbench.kernels.hardware import gpu_by_name
 from triton_workbench.reports.labels import parameters_label
-from triton_workbench.reports.roofline import peaks_for
 from triton_workbench.workbench.tables import format_table
 
 TOP_CONFIGS = 10
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Re-running a finished sweep evaluates nothing; an interrupted one resumes.")  # fmt: skip
     add_problem_arguments(parser)
     parser.add_argument("--strategy", default="auto", help="search strategy (auto, exhaustive, random, forest)")
+    add_strategy_option_argument(parser)
     parser.add_argument("--budget", type=int, default=200, help="configs to try at most (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="strategy seed (default 0)")
     parser.add_argument("--objective", choices=("time", "energy", "edp"), default="time",
@@ -39,6 +41,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-compile-ahead", action="store_true", help="compile each config only when it runs")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a trial may take (default 120)")
     parser.set_defaults(func=run)
+
+
+def add_strategy_option_argument(parser: argparse.ArgumentParser) -> None:
+    """--strategy-option KEY=VALUE, repeatable (args.strategy_options), shared with tune-model and strategies."""
+    from triton_workbench.autotune.strategies import options_summary
+
+    parser.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE", dest="strategy_options",
+                        help=f"set a hyperparameter of the strategy, repeatable (defaults: {options_summary()}; "
+                             "other strategies take none; see autotune/strategies/forest.py ForestOptions)")
+
+
+def strategy_options_from(args: argparse.Namespace, strategies: list[str]) -> dict[str, str]:
+    """The --strategy-option assignments, checked against each of `strategies` (ValueError naming the option)."""
+    from triton_workbench.autotune.strategies import parse_assignments, strategy_options
+
+    options = parse_assignments(args.strategy_options)
+    for strategy in strategies:
+        strategy_options(strategy, options)
+    return options
 
 
 def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +140,7 @@ def performance_table(trials: pd.DataFrame, problem: dict[str, Any], baseline_ms
         "TFLOP/s": trials["tflops"].map(lambda v: f"{v:.3g}"),
         "GB/s": trials["gbps"].map(lambda v: f"{v:.3g}"),
     })  # fmt: skip
-    peaks = None if interpreter else peaks_for(device)
+    peaks = None if interpreter else gpu_by_name(device)
     if peaks is not None:
         flop_peak = peaks.compute_tflops.get(_ceiling(problem), math.nan)
         table["% peak FLOP"] = (100 * trials["tflops"] / flop_peak).map(lambda v: f"{v:.1f}")
@@ -158,18 +179,19 @@ def energy_meter_for(profile: bool, objective: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from triton_workbench.autotune.database import Database
-    from triton_workbench.autotune.environment import device_key
     from triton_workbench.autotune.distributed import Distributed, leave_process_group
+    from triton_workbench.autotune.results import TuningDatabase
     from triton_workbench.autotune.tuner import tune
+    from triton_workbench.database.environment import device_key
 
     spec = spec_for(args.kernel)
     problem = build_problem(spec, args.shape, args.dtype, args.activation, args.problem)
+    options = strategy_options_from(args, [args.strategy])
     if args.objective != "time" and not args.profile:
         raise ValueError(f"--objective {args.objective} needs --profile")
     distributed = Distributed.from_environment()
     lead = distributed is None or distributed.rank == 0
-    database = Database(args.db)
+    database = TuningDatabase(args.db)
     meter, sampler = energy_meter_for(args.profile, args.objective)
     key = device_key()
     interpreter = key.capability == ""
@@ -180,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
         sampler.start()
     finished = False
     try:
-        trials = tune(spec, problem, strategy=args.strategy, budget=args.budget, db=database, objective=args.objective,
-                      seed=args.seed, energy_meter=meter, compile_ahead=False if args.no_compile_ahead else None,
+        trials = tune(spec, problem, strategy=args.strategy, strategy_options=options, budget=args.budget, db=database,
+                      objective=args.objective, seed=args.seed, energy_meter=meter, compile_ahead=False if args.no_compile_ahead else None,
                       workers=args.workers, timeout_s=args.timeout, progress=lead, distributed=distributed)  # fmt: skip
         finished = True
     finally:
@@ -191,8 +213,8 @@ def run(args: argparse.Namespace) -> int:
     if not lead:
         return 0
     if sampler is not None and trials.attrs.get("run_id") is not None:  # the power trace beside the trials
-        database.append("samples", trials.attrs["run_id"], sampler.frame())
-        database.append("windows", trials.attrs["run_id"], sampler.windows())
+        database.append(SeriesTable.SAMPLES, trials.attrs["run_id"], sampler.frame())
+        database.append(SeriesTable.WINDOWS, trials.attrs["run_id"], sampler.windows())
     print(summary(spec, problem, trials, args.objective, key.device, interpreter))
     return 0
 
@@ -202,7 +224,7 @@ def summary(spec, problem: dict[str, Any], trials: pd.DataFrame, objective: str,
     """Counts by status, the top configs as an aligned table, and the winner."""
     counts = trials["status"].value_counts()
     lines = [f"{len(trials)} trials stored: " + ", ".join(f"{n} {status}" for status, n in counts.items())]
-    ok = trials[trials["status"] == "ok"].copy()
+    ok = trials[trials["status"] == TrialStatus.OK].copy()
     if ok.empty:
         lines.append("no config produced a correct result; the kernel keeps its default config")
         failures = trials[["config", "status", "reason"]].head(TOP_CONFIGS)

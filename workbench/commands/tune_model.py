@@ -13,6 +13,8 @@ import math
 import pandas as pd
 import torch
 
+from triton_workbench.database import RunKind, TrialStatus
+from triton_workbench.workbench.commands.tune import add_strategy_option_argument, strategy_options_from
 from triton_workbench.workbench.models import MODEL_NAMES, build_model
 from triton_workbench.workbench.tables import format_table
 
@@ -26,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--budget", type=int, default=30, help="configs tried per problem (stored trials count)")
     parser.add_argument("--strategy", default="auto")
+    add_strategy_option_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--db", help="database path (default: $WORKBENCH_DB or the user cache)")
     parser.add_argument("--no-compile-ahead", action="store_true",
@@ -47,14 +50,15 @@ def parse_input(text: str) -> tuple[int, int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from triton_workbench.autotune.database import Database
     from triton_workbench.autotune.pipeline import CompilePool
+    from triton_workbench.autotune.results import TuningDatabase
     from triton_workbench.kernels import runtime
     from triton_workbench.workbench.model_problems import record_model_problems
 
     channels, height, width = parse_input(args.input)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    options = strategy_options_from(args, [args.strategy])
     runtime.announce()
     # One compile pool serves every problem; it starts before this process runs a kernel (see CompilePool).
     pool = None if args.no_compile_ahead else CompilePool()
@@ -66,11 +70,13 @@ def run(args: argparse.Namespace) -> int:
               f"{len(recorded.problems)} distinct kernel problems in one forward + backward step")
         if recorded.left_to_torch:
             print(f"skipped (no Triton kernel swapped in, runs PyTorch's): {', '.join(recorded.left_to_torch)}")
-        db = Database(args.db)
+        db = TuningDatabase(args.db)
         meta = {"model": args.model, "batch_size": args.batch_size, "input": [channels, height, width],
                 "budget": args.budget, "strategy": args.strategy, "problems": len(recorded.problems)}
-        with db.run("tune", f"{args.model} model, batch {args.batch_size}", meta) as run_id:
-            rows = [_tune_problem(args, item, db, pool, run_id) for item in recorded.problems]
+        if options:
+            meta["strategy_options"] = options
+        with db.run(RunKind.TUNE, f"{args.model} model, batch {args.batch_size}", meta) as run_id:
+            rows = [_tune_problem(args, options, item, db, pool, run_id) for item in recorded.problems]
     finally:
         if pool is not None:
             pool.close()
@@ -79,14 +85,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune_problem(args: argparse.Namespace, item, db, pool, run_id: int) -> dict:
+def _tune_problem(args: argparse.Namespace, options: dict[str, str], item, db, pool, run_id: int) -> dict:
     """Tune one recorded problem into the model's run; its row of the summary table."""
-    from triton_workbench.autotune.database import config_id
+    from triton_workbench.autotune.results import config_id
     from triton_workbench.autotune.tuner import tune
 
-    trials = tune(item.spec, item.problem, strategy=args.strategy, budget=args.budget, db=db, seed=args.seed,
-                  progress=not args.no_progress, compile_ahead=pool or False, run_id=run_id)  # fmt: skip
-    ok = trials[trials["status"] == "ok"]
+    trials = tune(item.spec, item.problem, strategy=args.strategy, strategy_options=options,
+                  budget=args.budget, db=db, seed=args.seed, progress=not args.no_progress,
+                  compile_ahead=pool or False, run_id=run_id)  # fmt: skip
+    ok = trials[trials["status"] == TrialStatus.OK]
     best_ms = float(ok["time_ms"].min()) if len(ok) else math.nan
     default = ok[ok["config"] == config_id(item.spec.default_config(item.problem))]  # sweeps measure it first
     default_ms = float(default["time_ms"].iloc[0]) if len(default) else math.nan

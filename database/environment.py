@@ -1,7 +1,9 @@
 """Where a measurement was taken: the device, its limits and the software versions.
 
-Recorded once per run in the database, and the device part keys every tuning result, so a
-config tuned on one GPU (or in the interpreter) is never taken for one tuned on another.
+Recorded once per run in the database (`Database.start_run`), and the device part keys every
+tuning result (`autotune.results.TuningKey`), so a config tuned on one GPU (or in the
+interpreter) is never taken for one tuned on another. It lives beside the database, below
+autotune and profiler, because every kind of run records it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 import triton
 
-from triton_workbench.kernels import runtime
+from triton_workbench.kernels import hardware, runtime
 
 INTERPRETER_DEVICE = "no GPU: Triton interpreter"
 
@@ -42,15 +44,21 @@ def device_key() -> DeviceKey:
 def device_limits() -> dict[str, int]:
     """Per-block limits used to reject configs before they run: shared memory and registers.
 
-    On a GPU they come from the device; in the interpreter from the sm_90 target that configs are
-    compiled for ahead of time (H100: 227 KiB opt-in shared memory per block, 64 Ki registers per SM).
+    On a GPU they come from the device, or where it does not say from `kernels.hardware`'s table (its
+    architecture, else the interpreter's target); in the interpreter from `hardware.INTERPRETER_TARGET`,
+    the sm_90 target that configs are compiled for ahead of time (227 KiB opt-in shared memory per block,
+    64 Ki registers per SM).
     """
+    target = hardware.INTERPRETER_TARGET
     if device_key().device != INTERPRETER_DEVICE:
+        target = hardware.architecture(device_key().capability) or target
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        shared = getattr(props, "shared_memory_per_block_optin", 0) or 232448
-        registers = getattr(props, "regs_per_multiprocessor", 0) or 65536
-        return {"shared_bytes": int(shared), "registers_per_sm": int(registers), "registers_per_thread": 255}
-    return {"shared_bytes": 232448, "registers_per_sm": 65536, "registers_per_thread": 255}
+        shared = getattr(props, "shared_memory_per_block_optin", 0) or target.shared_bytes_per_block
+        registers = getattr(props, "regs_per_multiprocessor", 0) or target.registers_per_sm
+        return {"shared_bytes": int(shared), "registers_per_sm": int(registers),
+                "registers_per_thread": target.registers_per_thread}
+    return {"shared_bytes": target.shared_bytes_per_block, "registers_per_sm": target.registers_per_sm,
+            "registers_per_thread": target.registers_per_thread}
 
 
 def _nvml_facts() -> dict[str, Any]:
