@@ -10,12 +10,12 @@ or `tune` says which database to take tuned configs from.
 """
 
 from triton_workbench.autotune.config_source import DatabaseConfigSource, use_database
-from triton_workbench.autotune.results import TuningDatabase, TuningKey
+from triton_workbench.autotune.results import ClaimTimes, TuningDatabase, TuningKey
 from triton_workbench.autotune.timing import Timing, measure
 from triton_workbench.autotune.tuner import tune
 from triton_workbench.autotune.space import Space
 from triton_workbench.autotune.strategies import make_strategy
 from triton_workbench.autotune.replay import replay
 
-__all__ = ["DatabaseConfigSource", "Space", "Timing", "TuningDatabase", "TuningKey", "make_strategy", "measure",
+__all__ = ["ClaimTimes", "DatabaseConfigSource", "Space", "Timing", "TuningDatabase", "TuningKey", "make_strategy", "measure",
            "replay", "tune", "use_database"]

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from triton_workbench.autotune.landscape import Landscape, load_landscape
 from triton_workbench.autotune.replay import replay
 from triton_workbench.autotune.strategies import strategy_options as strategy_options_for
+from triton_workbench.kernels.errors import UsageError
 
 RESULT_COLUMNS = ["landscape", "budget", "strategy", "seed", "fraction", "source"]
 KERNEL_TUNER_BASELINE = "kernel_tuner_baseline.csv"  # package data of triton_workbench.autotune
@@ -31,10 +32,10 @@ def landscape_files(directory: str | Path) -> list[Path]:
     """The Kernel Tuner cache files (*.json, *.json.gz) in a directory, sorted by name."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ValueError(f"landscapes: {directory} is not a directory")
+        raise UsageError(f"landscapes: {directory} is not a directory")
     files = sorted(p for p in directory.iterdir() if p.name.endswith((".json", ".json.gz")))
     if not files:
-        raise ValueError(f"landscapes: no *.json or *.json.gz cache files in {directory}")
+        raise UsageError(f"landscapes: no *.json or *.json.gz cache files in {directory}")
     return files
 
 
@@ -49,12 +50,12 @@ def compare(
     """One row per (landscape, budget, strategy, seed) with the fraction of the optimum found.
     `strategy_options` go to every strategy (each must take them: see `make_strategy`)."""
     if not budgets or any(not isinstance(b, int) or b < 1 for b in budgets):
-        raise ValueError(f"budgets: expected positive ints, got {budgets!r}")
+        raise UsageError(f"budgets: expected positive ints, got {budgets!r}")
     if not strategies:
-        raise ValueError("strategies: expected at least one strategy name")
+        raise UsageError("strategies: expected at least one strategy name")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
-        raise ValueError(f"seeds: expected a positive count or a list of seeds, got {seeds!r}")
+        raise UsageError(f"seeds: expected a positive count or a list of seeds, got {seeds!r}")
     for strategy in strategies:  # before any landscape is loaded or replayed
         strategy_options_for(strategy, strategy_options)
     loaded = [item if isinstance(item, Landscape) else load_landscape(item) for item in landscapes]
@@ -90,7 +91,7 @@ def load_kernel_tuner_results(path: str | Path | Traversable | None = None) -> p
         frame = pd.read_csv(handle)
     missing = set(RESULT_COLUMNS[:5]) - set(frame.columns)
     if missing:
-        raise ValueError(f"kernel_tuner_csv: {source} lacks columns {sorted(missing)}")
+        raise UsageError(f"kernel_tuner_csv: {source} lacks columns {sorted(missing)}")
     frame = frame[RESULT_COLUMNS[:5]].copy()
     frame["strategy"] = "kt:" + frame["strategy"]
     frame["source"] = "kernel_tuner"

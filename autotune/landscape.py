@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from triton_workbench.autotune.space import Config, Space
+from triton_workbench.kernels.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def load_landscape(source: str | Path | pd.DataFrame, name: str | None = None) -
     """A landscape from a Kernel Tuner cache file, or from a frame of parameter columns plus `time`."""
     if isinstance(source, pd.DataFrame):
         if "time" not in source.columns or len(source.columns) < 2 or source.empty:
-            raise ValueError("path_or_frame: a frame needs parameter columns, a 'time' column and at least one row")
+            raise UsageError("path_or_frame: a frame needs parameter columns, a 'time' column and at least one row")
         names = [c for c in source.columns if c != "time"]
         params = {n: sorted(source[n].unique().tolist()) for n in names}
         values = {tuple(row[:-1]): _time(row[-1]) for row in source[names + ["time"]].itertuples(index=False)}
@@ -68,7 +69,7 @@ def load_landscape(source: str | Path | pd.DataFrame, name: str | None = None) -
         data = json.load(handle)
     missing = {"tune_params", "tune_params_keys", "cache"} - set(data)
     if missing:
-        raise ValueError(f"path_or_frame: {path} is not a Kernel Tuner cache file (missing {sorted(missing)})")
+        raise UsageError(f"path_or_frame: {path} is not a Kernel Tuner cache file (missing {sorted(missing)})")
     names = list(data["tune_params_keys"])
     params = {n: list(data["tune_params"][n]) for n in names}
     values = {tuple(entry[n] for n in names): _time(entry["time"]) for entry in data["cache"].values()}

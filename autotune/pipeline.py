@@ -17,9 +17,10 @@ anything that returns to Python, which covers the interpreter (a hung kernel the
 loop) and host-side hangs on a GPU. A GPU kernel that never finishes blocks inside the CUDA
 driver, where no signal is acted on and the CUDA context is lost anyway: the realistic remedy is
 to kill the process and run the sweep again. It resumes from the database: before each trial the
-tuner leaves a note in it, so a config that was running when its process died is run once more
-(the death may have been a plain kill -9), and recorded as 'timeout' if a second process died
-during it too (single-process sweeps; see `tuner`).
+tuner claims the config there (`TuningDatabase.claim`), so a config whose process died while
+measuring it is run once more (the death may have been a plain kill -9), and recorded as 'timeout'
+if a second process died during it too (single-process sweeps; a process that is alive, even frozen,
+never counts as dead; see `tuner`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 from triton_workbench.autotune.timing import measure
 from triton_workbench.database import TrialStatus
 from triton_workbench.database.environment import device_key, device_limits
+from triton_workbench.database.store import short_reason
 from triton_workbench.kernels import runtime
 from triton_workbench.kernels.aot import compile_in_worker, compile_pool
 from triton_workbench.kernels.spec import Config, KernelSpec, Problem
@@ -162,11 +164,6 @@ def classify(error: BaseException) -> str:
     return TrialStatus.RUNTIME_ERROR
 
 
-def _short(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".strip()
-    return text if len(text) <= 500 else text[:497] + "..."
-
-
 def over_limits(report: dict[str, Any], config: Config, limits: dict[str, int]) -> str:
     """Why a compiled config cannot launch on the device ('' if it can)."""
     shared = report.get("shared_bytes")
@@ -199,7 +196,7 @@ class CompilePool:
         capability = device_key().capability
         self.arch = int(capability.replace(".", "")) if capability else 90
         self.workers = workers or os.cpu_count() or 1
-        self._pool, _ = compile_pool(self.workers)
+        self._pool = compile_pool(self.workers)
 
     @staticmethod
     def supports(spec: KernelSpec) -> bool:
@@ -262,7 +259,7 @@ class Pipeline:
             with watchdog(self.timeout_s):
                 self._run(trial)
         except Exception as error:  # a failed config is an outcome, not the end of the sweep
-            trial.status, trial.reason = classify(error), _short(error)
+            trial.status, trial.reason = classify(error), short_reason(error)
         return trial
 
     def _run(self, trial: Trial) -> None:

@@ -6,6 +6,12 @@ device, versions) are fed back to the strategy instead of being evaluated again,
 finished sweep returns at once and an interrupted one goes on where it stopped. Each trial is
 committed as it finishes.
 
+Several sweeps of one problem on one database at once share the work: each claims a config before
+measuring it (`TuningDatabase.claim`, kept fresh by a heartbeat while it runs), skips configs that
+others hold live claims on, and at its end waits (at most `ClaimTimes.wait_s`) for those to be stored,
+taking over any whose owner died or froze. The best config is chosen from every stored trial of the
+problem, whichever sweep measured it.
+
 Distributed: under `torchrun`, rank 0 asks the strategy for a batch, broadcasts it, every rank
 evaluates its share (config i goes to rank i mod world size), and rank 0 gathers the trials and is
 the only one writing the database.
@@ -17,6 +23,7 @@ import json
 import logging
 import math
 import os
+import time
 from concurrent.futures import Future
 from contextlib import nullcontext
 from typing import Any, Callable, Mapping
@@ -27,8 +34,9 @@ from tqdm.auto import tqdm
 from triton_workbench.autotune.config_source import use_database
 from triton_workbench.autotune.distributed import Distributed
 from triton_workbench.autotune.pipeline import OBJECTIVES, CompilePool, EnergyMeter, Pipeline, Trial, objective_value
-from triton_workbench.autotune.results import TuningDatabase, TuningKey, config_id
+from triton_workbench.autotune.results import STORED, TAKEN, Claim, ClaimTimes, TuningDatabase, TuningKey, config_id
 from triton_workbench.database import RunKind, TrialStatus
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.kernels.spec import Config, KernelSpec, Problem, problem_id
 
 log = logging.getLogger("triton_workbench.autotune")
@@ -41,8 +49,9 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
          workers: int | None = None,
          timeout_s: float | None = 120.0, interpreter_reps: int = 3, progress: bool = True,
          distributed: Distributed | None = None, on_trial: Callable[[Trial], None] | None = None,
-         run_id: int | None = None) -> pd.DataFrame:  # fmt: skip
-    """Tune `spec` for `problem`; returns every stored trial of this kernel/problem/device (a DataFrame).
+         run_id: int | None = None, claims: ClaimTimes | None = None) -> pd.DataFrame:  # fmt: skip
+    """Tune `spec` for `problem`; returns every stored trial of this kernel/problem/device (a DataFrame, one
+    row per run that measured a config, whichever sweep that was).
 
     `.attrs["run_id"]` of the result is this sweep's run (None if everything was already stored).
 
@@ -58,19 +67,23 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
     (shared by many sweeps; the caller closes it); timeout_s: per-trial
     watchdog; distributed: set under torchrun (default: detected from the environment); run_id: record
     the trials in this run, which the caller started and finishes (one run for a whole model's problems),
-    instead of a run of the sweep's own.
+    instead of a run of the sweep's own; claims: how often claims on configs are renewed, when they go
+    stale and how long to wait for configs other sweeps are measuring (default `ClaimTimes()`).
     Non-zero ranks return an empty DataFrame.
     """
     if not isinstance(spec, KernelSpec):
         raise TypeError(f"spec must be a kernels.spec.KernelSpec, got {type(spec).__name__}")
     if not isinstance(problem, dict):
         raise TypeError(f"problem must be a dict of sizes and dtype, got {type(problem).__name__}")
+    spec.validate_problem(problem)  # ProblemError: entries, types, ranges, the device's memory; nothing stored yet
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if objective != "time" and energy_meter is None:
         raise ValueError(f"objective {objective!r} needs an energy meter (workbench tune --profile, on a GPU with NVML)")
     if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+        raise UsageError(f"budget must be a positive integer, got {budget!r}")
+    if claims is not None and not isinstance(claims, ClaimTimes):
+        raise TypeError(f"claims must be an autotune.ClaimTimes or None, got {type(claims).__name__}")
     from triton_workbench.autotune.strategies import strategy_options as check_strategy_options
 
     check_strategy_options(strategy, strategy_options)  # before any run starts or pool is made
@@ -83,7 +96,7 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
         _follow(pipeline, distributed)
         return pd.DataFrame()
     database = db if isinstance(db, TuningDatabase) else TuningDatabase(db)
-    sweep = _Sweep(spec, problem, database, pipeline, objective, run_id)
+    sweep = _Sweep(spec, problem, database, pipeline, objective, run_id, claims or ClaimTimes())
     try:
         return sweep.run(strategy, dict(strategy_options or {}), budget, seed, compile_ahead, workers, progress,
                          distributed, on_trial)
@@ -113,15 +126,14 @@ class _Sweep:
     """Rank 0's (or a single process's) side of `tune`."""
 
     def __init__(self, spec: KernelSpec, problem: Problem, database: TuningDatabase, pipeline: Pipeline, objective: str,
-                 run_id: int | None):  # fmt: skip
+                 run_id: int | None, claims: ClaimTimes):  # fmt: skip
         self.spec, self.problem, self.database, self.pipeline = spec, problem, database, pipeline
-        self.objective = objective
+        self.objective, self.claims = objective, claims
+        self.needs = ("energy_j_per_call",) if objective != "time" else ()  # what a stored ok trial must have
         self.key = TuningKey.of(spec, problem)
-        self.values: dict[str, float] = {}  # config_id -> objective value of every usable stored trial
-        for row in database.trials(key=self.key).itertuples(index=False):
-            if row.status == TrialStatus.OK and objective != "time" and math.isnan(row.energy_j_per_call):
-                continue  # timed without energy: measure again for this objective
-            self.values[row.config] = objective_value(objective, row.time_ms, row.energy_j_per_call, row.status)
+        self.values: dict[str, float] = {}  # config_id -> best objective value of its usable stored trials
+        self._learn(database.trials(key=self.key))
+        self.deferred: list[tuple[Config, Callable[[], dict | None]]] = []  # claimed by live sweeps elsewhere
         self.run_id = run_id
         self.owns_run = run_id is None  # a sweep of its own starts and finishes its run
         self.best = min(self.values.values(), default=math.inf)
@@ -156,10 +168,23 @@ class _Sweep:
                 self.bar.close()
                 if pool is not None and pool is not borrowed:
                     pool.close()
+        self._store_best()
         trials = self.database.trials(key=self.key)
-        self._store_best(trials)
         trials.attrs["run_id"] = self.run_id  # None when a sweep of its own had nothing left to evaluate
         return trials
+
+    def _usable_value(self, row: Any) -> float:
+        """A stored trial row's objective value; NaN if it cannot serve this objective (timed without energy)."""
+        if row.status == TrialStatus.OK and self.needs and math.isnan(row.energy_j_per_call):
+            return math.nan
+        return objective_value(self.objective, row.time_ms, row.energy_j_per_call, row.status)
+
+    def _learn(self, trials: pd.DataFrame) -> None:
+        """Take stored trials into `values` (a config measured by several runs keeps its best value)."""
+        for row in trials.itertuples(index=False):
+            value = self._usable_value(row)
+            if not math.isnan(value):
+                self.values[row.config] = min(value, self.values.get(row.config, math.inf))
 
     def _next_batch(self) -> list[Config]:
         """Ask the strategy for up to batch_size configs that still need evaluating; stored ones are told back."""
@@ -178,22 +203,72 @@ class _Sweep:
         return batch
 
     def _loop(self, pool: CompilePool | None, distributed: Distributed | None) -> None:
-        died = self.database.died_running(self.key)
         batch = self._next_batch()
         futures = [pool.submit(self.spec, self.problem, config) for config in batch] if pool else []
         while batch:
             following = self._next_batch()  # asked now so that it compiles while this batch is measured
             following_futures = [pool.submit(self.spec, self.problem, config) for config in following] if pool else []
-            if distributed is None:
-                for index, config in enumerate(batch):
-                    self._evaluate_here(config, self._report(futures, index), died)
-            else:
-                pairs = [(config, self._report(futures, index)) for index, config in enumerate(batch)]
-                distributed.broadcast(pairs)
-                shares = distributed.gather(_evaluate_share(self.pipeline, pairs, distributed))
-                for _, trial in sorted((pair for share in shares for pair in share), key=lambda pair: pair[0]):
-                    self._record(trial)
+            self._measure([(config, self._reporter(futures, index)) for index, config in enumerate(batch)], distributed)
             batch, futures = following, following_futures
+        self._wait_for_others(distributed)
+
+    def _reporter(self, futures: list[Future], index: int) -> Callable[[], dict | None]:
+        return lambda: self._report(futures, index)
+
+    def _measure(self, pairs: list[tuple[Config, Callable[[], dict | None]]], distributed: Distributed | None) -> None:
+        """Claim and measure configs (with their compile reports, fetched when needed); those stored or
+        claimed elsewhere meanwhile are told back or deferred by `_claim`."""
+        if distributed is None:  # claimed one at a time, right before it runs: a death then concerns this config
+            for config, report in pairs:
+                claim = self._claim(config, report, measuring=True)
+                if claim is not None:
+                    with self.database.holding([claim], self.claims.heartbeat_s):
+                        self._record(self.pipeline.evaluate(config, report()))
+            return
+        claimed = [(claim, report) for config, report in pairs
+                   if (claim := self._claim(config, report, measuring=False)) is not None]  # fmt: skip
+        if not claimed:
+            return
+        with self.database.holding([claim for claim, _ in claimed], self.claims.heartbeat_s):
+            batch = [(claim.config, report()) for claim, report in claimed]
+            distributed.broadcast(batch)
+            shares = distributed.gather(_evaluate_share(self.pipeline, batch, distributed))
+            for _, trial in sorted((pair for share in shares for pair in share), key=lambda pair: pair[0]):
+                self._record(trial)
+
+    def _claim(self, config: Config, report: Callable[[], dict | None], measuring: bool) -> Claim | None:
+        """The claim on `config` when this sweep is to measure it, else None: stored meanwhile (told back),
+        claimed by another live sweep (deferred), or its measuring owners died twice (recorded as timeout)."""
+        claim = self.database.claim(self.run_id, self.key, config, stale_s=self.claims.stale_s, needs=self.needs,
+                                    measuring=measuring)  # fmt: skip
+        if claim.state == STORED:
+            self._learn(self.database.trials(key=self.key, config=config))
+            self._tell(config, self.values[config_id(config)])
+            return None
+        if claim.state != TAKEN:
+            log.info("%s is being measured by %s: coming back to it at the end", config_id(config), claim.owner)
+            self.deferred.append((config, report))
+            return None
+        if claim.died >= 2:
+            with self.database.holding([claim], self.claims.heartbeat_s):
+                self._record(Trial(config=config, status=TrialStatus.TIMEOUT,
+                                   reason="the sweep's process died twice while running this config (hang or crash)"))  # fmt: skip
+            return None
+        return claim
+
+    def _wait_for_others(self, distributed: Distributed | None) -> None:
+        """Come back to the configs other sweeps were measuring: take the stored ones, measure those whose
+        owner died or froze, and wait for the rest, at most `claims.wait_s`."""
+        deadline = time.monotonic() + self.claims.wait_s
+        while self.deferred:
+            waiting, self.deferred = self.deferred, []
+            self._measure(waiting, distributed)
+            if self.deferred and time.monotonic() >= deadline:
+                log.warning("left %d configs to the sweeps still measuring them after waiting %g s: %s",
+                            len(self.deferred), self.claims.wait_s, ", ".join(config_id(c) for c, _ in self.deferred))  # fmt: skip
+                return
+            if len(self.deferred) == len(waiting):  # nothing moved: give the owners time
+                time.sleep(min(self.claims.heartbeat_s, 1.0, max(deadline - time.monotonic(), 0.0)))
 
     @staticmethod
     def _report(futures: list[Future], index: int) -> dict | None:
@@ -206,41 +281,27 @@ class _Sweep:
             log.warning("compiling ahead failed (%s: %s); the config is compiled when it runs", type(error).__name__, error)
             return None
 
-    def _evaluate_here(self, config: Config, report: dict | None, died: dict[str, int]) -> None:
-        if died.get(config_id(config), 0) >= 2:
-            trial = Trial(config=config, status=TrialStatus.TIMEOUT,
-                          reason="the sweep's process died twice while running this config (hang or crash)")  # fmt: skip
-        else:
-            self.database.mark_running(self.key, config)
-            try:
-                trial = self.pipeline.evaluate(config, report)
-            except KeyboardInterrupt:
-                self.database.forget_running(self.key, config)
-                raise
-        self._record(trial)
-
     def _record(self, trial: Trial) -> None:
+        """Store a trial this sweep measured (which releases its claim) and tell the strategy."""
         self.database.record_trial(self.run_id, self.key, trial.config, trial.status, trial.reason, **trial.measures())
         value = objective_value(self.objective, trial.time_ms, trial.energy_j_per_call, trial.status)
         self.values[config_id(trial.config)] = value
-        self.strategy.tell(trial.config, value)
+        self._tell(trial.config, value)
+        if self.on_trial is not None:
+            self.on_trial(trial)
+
+    def _tell(self, config: Config, value: float) -> None:
+        self.strategy.tell(config, value)
         self.best = min(self.best, value)
         if math.isfinite(self.best):
             self.bar.set_postfix_str(f"best {self.best:.4g} {_UNITS[self.objective]}")
         self.bar.update(1)
-        if self.on_trial is not None:
-            self.on_trial(trial)
 
-    def _store_best(self, trials: pd.DataFrame) -> None:
-        """Store the best ok trial (of `trials`, all stored for this key) and make the kernels launch with it:
-        this database becomes their config source (`use_database`)."""
-        if not self.values or not math.isfinite(min(self.values.values())):
-            return
-        winner = min(self.values, key=self.values.get)
-        row = trials[trials["config"] == winner].iloc[0]
-        self.database.set_best(self.key, json.loads(winner), self.objective, self.values[winner], row["time_ms"],
-                               int(row["run_id"]))  # fmt: skip
-        use_database(self.database)
+    def _store_best(self) -> None:
+        """Store the best trial of every stored for this key, whichever sweep measured it, and make the
+        kernels launch with it: this database becomes their config source (`use_database`)."""
+        if self.database.store_best(self.key, self.objective, self._usable_value) is not None:
+            use_database(self.database)
 
 
 _UNITS = {"time": "ms", "energy": "J", "edp": "J*s"}

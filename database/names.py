@@ -46,7 +46,7 @@ class Table(StrEnum):
     RUNS = "runs"
     TRIALS = "trials"
     BEST_CONFIGS = "best_configs"
-    RUNNING_TRIALS = "running_trials"
+    RUNNING_TRIALS = "running_trials"  # claims on the configs being measured: owner pid/host, run, heartbeat
 
 
 class SeriesTable(StrEnum):

@@ -108,6 +108,18 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() and not INTERPRETER else torch.device("cpu")
 
 
+@functools.cache
+def device_memory() -> tuple[int | None, str]:
+    """(bytes, whose) of the memory kernels' tensors live in: the GPU's, or in the interpreter the host's
+    RAM; (None, ...) where the host does not say."""
+    if not INTERPRETER and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "this GPU"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host's RAM (Triton's interpreter)"
+    except (AttributeError, ValueError, OSError):
+        return None, "this host's RAM"
+
+
 def timer_name() -> str:
     """How a measurement on this machine is taken: 'cuda_events' on a GPU, 'interpreter' otherwise."""
     return "interpreter" if INTERPRETER else "cuda_events"

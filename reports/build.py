@@ -9,6 +9,7 @@ import pandas as pd
 
 from triton_workbench.autotune.results import TuningDatabase
 from triton_workbench.database import SERIES_TABLES, RunKind, SeriesTable, Table, TrialStatus
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.reports.baselines import baseline_figure, speedups
 from triton_workbench.reports.environment import device_label, environment_section, interpreter_banner, is_interpreter
 from triton_workbench.reports.html import Section, anchor_for, render_page
@@ -31,7 +32,7 @@ class ReportData:
         if run_ids:
             missing = sorted(set(int(run_id) for run_id in run_ids) - set(runs["run_id"]))
             if missing:
-                raise ValueError(f"run_ids {missing} are not in {db.path} (it has runs "
+                raise UsageError(f"run_ids {missing} are not in {db.path} (it has runs "
                                  f"{', '.join(map(str, runs['run_id'])) or 'none'})")
             runs = runs[runs["run_id"].isin([int(run_id) for run_id in run_ids])].reset_index(drop=True)
         self.runs = runs

@@ -21,7 +21,7 @@ def _scale(x, factor):  # the "kernel" of the spec below: only its source hash a
 SPEC = KernelSpec(
     name="scale", kernel=_scale, params={"BLOCK": [16, 32, 64]}, constraints=(),
     default_config=lambda problem: {"BLOCK": 16}, make_inputs=None, launch=None, reference=None,
-    flops=lambda p: p["n"], bytes=lambda p: 8 * p["n"], aot_signature=None, grid=None, shape_keys=("n",),
+    flops=lambda p: p["n"], bytes=lambda p: 8 * p["n"], grid=None, shape_keys=("n",),
 )  # fmt: skip
 
 

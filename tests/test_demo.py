@@ -21,6 +21,17 @@ def test_every_step_parses_as_a_workbench_command_against_the_demo_database(size
     assert ("bench" in commands) == SIZES[size].benchmark
 
 
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_every_tune_step_tunes_a_problem_its_kernel_looks_up(size, tmp_path):
+    from triton_workbench.workbench.commands.tune import build_problem, spec_for
+
+    parser = build_parser()
+    for _, arguments in steps(SIZES[size], tmp_path, tmp_path / "workbench.db", landscapes=tmp_path):
+        parsed = parser.parse_args(arguments)
+        if parsed.command == "tune":  # build_problem validates it against the kernel's spec
+            build_problem(spec_for(parsed.kernel), parsed.shape, parsed.dtype, parsed.activation, parsed.problem)
+
+
 def test_without_landscapes_the_strategy_step_is_left_out(tmp_path):
     commands = [arguments[0] for _, arguments in steps(SIZES["cpu"], tmp_path, tmp_path / "db", landscapes=None)]
     assert "strategies" not in commands and commands[-1] == "report"

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import math
+import multiprocessing
+import os
 import time
 
 import pytest
@@ -119,10 +121,12 @@ def test_energy_objective_measures_stored_time_trials_again_and_picks_by_energy(
     assert first["energy_j_per_call"].isna().all()
     trials = tune(SPEC, PROBLEM, strategy="exhaustive", budget=8, progress=False, interpreter_reps=1,
                   objective="energy", energy_meter=_block_energy)  # fmt: skip
-    assert len(trials) == 8 and trials["config"].is_unique and trials.attrs["run_id"] == 2
-    ok = trials[trials["status"] == "ok"].sort_values("energy_j_per_call", ascending=False)  # the default runs first
+    assert trials.attrs["run_id"] == 2 and len(trials) == 11  # run 2 measured the 3 ok configs again, with energy
+    kept = trials[trials["run_id"] == 1]  # and run 1's trials stay as they were: no run replaces another's
+    assert kept[["trial_id", "config", "status", "started_at"]].equals(first[["trial_id", "config", "status", "started_at"]])
+    ok = trials[trials["run_id"] == 2].sort_values("energy_j_per_call", ascending=False)  # the default runs first
+    assert (ok["status"] == "ok").all() and ok["config"].is_unique
     assert ok["energy_j_per_call"].tolist() == pytest.approx([1 / 16, 1 / 32, 1 / 64])
-    assert (ok["run_id"] == 2).all() and (trials[trials["status"] != "ok"]["run_id"] == 1).all()
     assert ok["peak_power_w"].tolist() == [320.0, 640.0, 1280.0] and (ok["throttled"] == 0).all()
     best = TuningDatabase().best_configs("tiny_scale").iloc[0]
     assert json.loads(best["config"])["BLOCK"] == 64 and best["objective"] == "energy"
@@ -149,19 +153,40 @@ def test_ctrl_c_marks_the_run_interrupted_and_the_next_sweep_finishes_it():
     assert db.runs()["status"].tolist() == ["interrupted", "done"]
 
 
+def _claim_and_exit(config):
+    db = TuningDatabase()
+    run = db.start_run("tune", "a sweep that dies")
+    assert db.claim(run, TuningKey.of(SPEC, PROBLEM), config).state == "taken"
+    os._exit(0)  # no trial stored, claim not released: as a kill -9 during the trial
+
+
+def _die_measuring(config):
+    """A process claims `config` to measure it and dies without storing a trial."""
+    process = multiprocessing.get_context("fork").Process(target=_claim_and_exit, args=(config,))
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0
+
+
 def test_config_whose_process_died_twice_is_recorded_as_timeout_not_run_again():
     key = TuningKey.of(SPEC, PROBLEM)
-    hang = {"BLOCK": 16, "BROKEN": 0, "HANG": 0}  # runs fine, so only the notes can make it a timeout
+    hang = {"BLOCK": 16, "BROKEN": 0, "HANG": 0}  # runs fine, so only the deaths can make it a timeout
     retry = {"BLOCK": 32, "BROKEN": 0, "HANG": 0}
     db = TuningDatabase()
     for _ in range(2):
-        db.mark_running(key, hang)
-    db.mark_running(key, retry)  # died once: could have been a kill -9, so it runs again
+        _die_measuring(hang)
+    _die_measuring(retry)  # died once: could have been a kill -9, so it runs again
+    assert db.died_running(key) == {'{"BLOCK":16,"BROKEN":0,"HANG":0}': 2, '{"BLOCK":32,"BROKEN":0,"HANG":0}': 1}
+    assert db.runs()["status"].tolist() == ["interrupted"] * 3  # their processes are gone
+    live = {"BLOCK": 64, "BROKEN": 0, "HANG": 0}
+    assert db.claim(db.start_run("tune", "alive"), key, live).state == "taken"  # this live process's own claim
+    assert db.died_running(key) == {'{"BLOCK":16,"BROKEN":0,"HANG":0}': 2, '{"BLOCK":32,"BROKEN":0,"HANG":0}': 1}
     trials = tune(SPEC, PROBLEM, strategy="exhaustive", budget=8, progress=False, interpreter_reps=1).set_index("config")
     assert trials.loc['{"BLOCK":16,"BROKEN":0,"HANG":0}', "status"] == "timeout"
     assert "died twice" in trials.loc['{"BLOCK":16,"BROKEN":0,"HANG":0}', "reason"]
     assert trials.loc['{"BLOCK":32,"BROKEN":0,"HANG":0}', "status"] == "ok"
-    assert db.died_running(key) == {}
+    assert trials.loc['{"BLOCK":64,"BROKEN":0,"HANG":0}', "status"] == "ok"  # a live owner's claim is no death
+    assert db.died_running(key) == {} and db.claims(key).empty
 
 
 def test_a_sweep_measures_the_heuristic_default_first():

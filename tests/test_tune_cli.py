@@ -82,7 +82,8 @@ def test_sweep_killed_with_sigkill_resumes_without_loss_or_duplicates(tmp_path):
     db = TuningDatabase()
     before = db.trials()
     assert marker.exists() and len(before) == 3, "the sweep should have been killed after its third trial"
-    assert db.runs()["status"].tolist() == ["running"]  # killed: it could not say so
+    runs = db.runs()  # killed, it could not say so: its process is gone, so it reads as interrupted
+    assert runs["status"].tolist() == ["interrupted"] and "ended without finishing" in runs["meta"][0]["reason"]
 
     trials = tune(SPEC, {"n": 37, "dtype": "fp32"}, strategy="exhaustive", budget=8, progress=False)
     assert len(trials) == 8 and trials["config"].is_unique

@@ -112,6 +112,7 @@ def test_the_cli_installs_its_database_and_tune_the_one_it_stored_into(tmp_path)
     from tiny_spec import SPEC
 
     target = tmp_path / "elsewhere.db"
+    TuningDatabase(target).runs()  # export refuses a --db that does not exist
     assert main(["export", "-o", str(tmp_path / "best.json"), "--db", str(target)]) == 0
     assert tuned.config_source() == DatabaseConfigSource(target)
     assert main(["export", "-o", str(tmp_path / "best.json")]) == 0

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.workbench.train_config import TrainConfig
 
 log = logging.getLogger("triton_workbench.workbench.train")
@@ -110,7 +111,7 @@ def restore_training(
     differing = [key for key in RESUME_MUST_MATCH if saved.get(key) != getattr(config, key)]
     if differing:
         details = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {getattr(config, key)!r}" for key in differing)
-        raise ValueError(f"cannot resume from {path}: settings differ ({details})")
+        raise UsageError(f"cannot resume from {path}: settings differ ({details})")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

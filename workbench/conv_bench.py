@@ -32,6 +32,7 @@ import torch
 from triton_workbench import kernels
 from triton_workbench.kernels.conv_fwd import CONV_FWD_SPEC
 from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry, problem_geometry
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.kernels.spec import Problem, problem_id
 
 INPUT_SIZES = (224, 32)
@@ -95,7 +96,7 @@ def resnet18_shapes(input_size: int) -> tuple[dict[str, Any], ...]:
         scaled = tuple(shape | {"h": shape["h"] * 32 // IMAGENET_LAYER1_HW, "w": shape["w"] * 32 // IMAGENET_LAYER1_HW}
                        for shape in RESNET18_CONV_SHAPES if shape["name"] != "conv1")
         return (CIFAR_STEM, *scaled)
-    raise ValueError(f"input_size must be one of {INPUT_SIZES}, got {input_size!r}")
+    raise UsageError(f"input_size must be one of {INPUT_SIZES}, got {input_size!r}")
 
 
 def resnet18_problem(shape: dict[str, Any], batch: int = 32, dtype: str = "fp16", layout: str = "nhwc",
@@ -123,10 +124,10 @@ def resnet18_cases(batches: Sequence[int] = BATCHES, input_sizes: Sequence[int] 
     """Every layer of resnet18_shapes(size) x batch x dtype, ordered by input size, batch, dtype, layer."""
     for batch in batches:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch sizes must be positive ints, got {batch!r}")
+            raise UsageError(f"batch sizes must be positive ints, got {batch!r}")
     for dtype in dtypes:
         if dtype not in BENCH_DTYPES:
-            raise ValueError(f"dtype must be one of {BENCH_DTYPES}, got {dtype!r}")
+            raise UsageError(f"dtype must be one of {BENCH_DTYPES}, got {dtype!r}")
     return [
         ConvBenchCase(shape["name"], size, with_policy(
             resnet18_problem(shape, batch, dtype, LAYOUTS[dtype], activation, bias=True), tf32))
@@ -148,7 +149,7 @@ def _ours(problem: Problem) -> Callable[..., torch.Tensor]:
     """y = kernels.conv2d(x, w, b, ...) with the problem's geometry and fused activation."""
     g = problem_geometry(problem)
     if (g.pad_top, g.pad_left) != (g.pad_bottom, g.pad_right):
-        raise ValueError(f"problem padding must be symmetric for kernels.conv2d, got {problem['padding']}")
+        raise UsageError(f"problem padding must be symmetric for kernels.conv2d, got {problem['padding']}")
     return lambda x, w, b: kernels.conv2d(x, w, b, (g.stride_h, g.stride_w), (g.pad_top, g.pad_left),
                                           (g.dilation_h, g.dilation_w), g.groups, problem["activation"])
 

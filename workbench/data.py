@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from triton_workbench.kernels.errors import UsageError
+
 DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10")
 CIFAR_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{index}.bin" for index in range(1, 6))
 CIFAR_TEST_FILE = "test_batch.bin"
@@ -68,9 +70,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         return load_digits()
     if name == "cifar10":
         if data_dir is None:
-            raise ValueError("data_dir is required for cifar10 (--data-dir): a folder holding cifar-10-batches-bin")
+            raise UsageError("data_dir is required for cifar10 (--data-dir): a folder holding cifar-10-batches-bin")
         return load_cifar10(data_dir)
-    raise ValueError(f"dataset {name!r} is unknown: expected one of {', '.join(DATASET_NAMES)}")
+    raise UsageError(f"dataset {name!r} is unknown: expected one of {', '.join(DATASET_NAMES)}")
 
 
 def load_digits() -> Dataset:
@@ -129,13 +131,13 @@ def _read_cifar_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one binary batch file."""
     size_bytes = path.stat().st_size
     if size_bytes == 0 or size_bytes % CIFAR_RECORD_BYTES:
-        raise ValueError(
+        raise UsageError(
             f"CIFAR-10 file {path} is malformed: {size_bytes} bytes is not a positive multiple of "
             f"the {CIFAR_RECORD_BYTES}-byte record (1 label byte + 3072 pixel bytes)"
         )
     records = np.fromfile(path, dtype=np.uint8).reshape(-1, CIFAR_RECORD_BYTES)
     labels = records[:, 0].astype(np.int64)
     if labels.max() > 9:
-        raise ValueError(f"CIFAR-10 file {path} is malformed: label {labels.max()} outside 0..9")
+        raise UsageError(f"CIFAR-10 file {path} is malformed: label {labels.max()} outside 0..9")
     images = records[:, 1:].reshape(-1, 3, 32, 32).copy()
     return torch.from_numpy(images), torch.from_numpy(labels)

@@ -18,6 +18,7 @@ import pandas as pd
 from triton_workbench.autotune.results import TuningDatabase
 from triton_workbench.database import RunKind, SeriesTable, TrialStatus
 from triton_workbench.kernels import runtime
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.workbench.cli import main as workbench
 from triton_workbench.workbench.tables import format_table
 
@@ -55,7 +56,7 @@ def pick_size(size: str) -> str:
     if size == "auto":
         return "cpu" if runtime.INTERPRETER else "gpu"
     if size not in SIZES:
-        raise ValueError(f"size must be auto, {' or '.join(SIZES)}, got {size!r}")
+        raise UsageError(f"size must be auto, {' or '.join(SIZES)}, got {size!r}")
     return size
 
 
@@ -72,7 +73,8 @@ def steps(size: DemoSize, out_dir: Path, db: Path, landscapes: Path | None) -> l
           "--budget", str(size.budget), *database]),
         ("Tune the fused conv2d forward (3x3, +bias, ReLU)",
          ["tune", "conv_fwd", "--shape", size.conv_shape, "--dtype", size.conv_dtype, "--activation", "relu",
-          "--problem", json.dumps({"kh": 3, "kw": 3, "padding": [1, 1]}), "--budget", str(size.budget), *database]),
+          "--problem", json.dumps({"kh": 3, "kw": 3, "padding": [1, 1, 1, 1]}), "--budget", str(size.budget),
+          *database]),
         ("Tune every kernel problem of the demo ResNet",
          ["tune-model", "--model", "resnet", "--input", "1,8,8", "--num-classes", "10",
           "--batch-size", str(size.batch_size), "--budget", str(size.model_budget), *database]),

@@ -11,6 +11,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from triton_workbench.kernels.errors import UsageError
+
 
 class ResidualBlock(nn.Module):
     """conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN when the shape changes), then ReLU."""
@@ -99,10 +101,10 @@ MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """A freshly initialised model (uses the current torch RNG: seed before calling for a fixed init)."""
     if name not in _BUILDERS:
-        raise ValueError(f"model {name!r} is unknown: expected one of {', '.join(MODEL_NAMES)}")
+        raise UsageError(f"model {name!r} is unknown: expected one of {', '.join(MODEL_NAMES)}")
     for argument, value in (("in_channels", in_channels), ("num_classes", num_classes), ("image_size", image_size)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{argument} must be a positive int, got {value!r}")
+            raise UsageError(f"{argument} must be a positive int, got {value!r}")
     if image_size < 4 or image_size % 4:
-        raise ValueError(f"image_size must be a multiple of 4 (two stride-2 stages), got {image_size}")
+        raise UsageError(f"image_size must be a multiple of 4 (two stride-2 stages), got {image_size}")
     return _BUILDERS[name](in_channels, num_classes, image_size)

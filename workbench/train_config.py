@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from triton_workbench.kernels import runtime
+from triton_workbench.kernels.errors import UsageError
 
 KERNEL_CHOICES = ("triton", "torch")
 AMP_CHOICES = ("off", "fp16", "bf16")
@@ -41,19 +42,19 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.kernels not in KERNEL_CHOICES:
-            raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
+            raise UsageError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
         if self.amp not in AMP_CHOICES:
-            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+            raise UsageError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         for name in ("epochs", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("steps", "eval_images"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise UsageError(f"lr must be > 0, got {self.lr}")
         if self.amp == "bf16" and self.kernels == "triton" and runtime.INTERPRETER:
-            raise ValueError(
+            raise UsageError(
                 "amp bf16 is not possible with --kernels triton here: Triton's interpreter has no bfloat16 "
                 "(use --amp fp16 or off, or --kernels torch, or a GPU)"
             )

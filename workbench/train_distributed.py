@@ -10,6 +10,7 @@ from torch.utils.data import DistributedSampler
 
 from triton_workbench.autotune.distributed import Distributed
 from triton_workbench.kernels import runtime
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.workbench.checkpoint import parameters_sha256
 from triton_workbench.workbench.data import ImageSet
 
@@ -41,7 +42,7 @@ def epoch_batches(train: ImageSet, batch_size: int, seed: int, epoch: int, distr
     sampler.set_epoch(epoch)
     indices = list(sampler)
     if len(indices) < batch_size:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(indices)} training images per process")
+        raise UsageError(f"batch_size {batch_size} exceeds the {len(indices)} training images per process")
     return [indices[start : start + batch_size] for start in range(0, len(indices) - batch_size + 1, batch_size)]
 
 

@@ -10,6 +10,7 @@ from triton_workbench.autotune.strategies.exhaustive import Exhaustive
 from triton_workbench.autotune.strategies.forest import ForestOptions, ForestSearch
 from triton_workbench.autotune.strategies.options import StrategyOptions, parse_assignments, parse_options
 from triton_workbench.autotune.strategies.random_sample import RandomSample
+from triton_workbench.kernels.errors import UsageError
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "exhaustive": Exhaustive,
@@ -21,13 +22,13 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 def _strategy_class(name: str) -> type[Strategy]:
     if name not in STRATEGIES:
-        raise ValueError(f"name: unknown strategy {name!r}, expected one of {', '.join(STRATEGIES)}")
+        raise UsageError(f"name: unknown strategy {name!r}, expected one of {', '.join(STRATEGIES)}")
     return STRATEGIES[name]
 
 
 def strategy_options(name: str, options: Mapping[str, Any] | None = None) -> StrategyOptions | None:
     """The options record strategy `name` would run with given `options` (None if it has none): what
-    `make_strategy` checks, callable ahead of it. ValueError for an unknown strategy, option or value."""
+    `make_strategy` checks, callable ahead of it. UsageError (a ValueError) for an unknown strategy, option or value."""
     return parse_options(name, _strategy_class(name).options_type, options)
 
 

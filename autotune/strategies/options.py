@@ -13,6 +13,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from triton_workbench.kernels.errors import UsageError
+
 _KINDS = {bool: "a boolean", int: "an integer", float: "a number"}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -47,7 +49,7 @@ class StrategyOptions:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not _accepts(field, value):
-                raise ValueError(f"strategy option {field.name}: expected {expected(field)}, got {value!r}")
+                raise UsageError(f"strategy option {field.name}: expected {expected(field)}, got {value!r}")
             object.__setattr__(self, field.name, type(field.default)(value))  # numpy scalars, ints for floats
 
     @classmethod
@@ -71,17 +73,17 @@ def parse_options(strategy: str, options_type: type[StrategyOptions] | None,
                   values: Mapping[str, Any] | None) -> StrategyOptions | None:  # fmt: skip
     """The options record of strategy `strategy` (named in messages) with `values` set, the rest default;
     None for a strategy without options. Strings are read as the option's type (the command line's
-    KEY=VALUE). ValueError naming the option, and listing the valid ones, for an unknown name or a bad
+    KEY=VALUE). UsageError (a ValueError) naming the option, and listing the valid ones, for an unknown name or a bad
     value; for any option at all given to a strategy that has none."""
     values = dict(values or {})
     if options_type is None:
         if values:
-            raise ValueError(f"strategy {strategy!r} takes no options, got {', '.join(sorted(values))}")
+            raise UsageError(f"strategy {strategy!r} takes no options, got {', '.join(sorted(values))}")
         return None
     fields = {field.name: field for field in dataclasses.fields(options_type)}
     for name, value in values.items():
         if name not in fields:
-            raise ValueError(f"strategy {strategy!r} has no option {name!r}; its options are {', '.join(fields)}")
+            raise UsageError(f"strategy {strategy!r} has no option {name!r}; its options are {', '.join(fields)}")
         if isinstance(value, str):
             values[name] = _from_text(fields[name], value)
     return options_type(**values)
@@ -89,14 +91,14 @@ def parse_options(strategy: str, options_type: type[StrategyOptions] | None,
 
 def parse_assignments(items: Iterable[str], flag: str = "--strategy-option") -> dict[str, str]:
     """['trees=8', 'local_radius=1'] -> {'trees': '8', 'local_radius': '1'}: the KEY=VALUE arguments of a
-    repeatable command-line flag. ValueError naming `flag` when one is malformed or a key repeats."""
+    repeatable command-line flag. UsageError naming `flag` when one is malformed or a key repeats."""
     assignments: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key or not value.strip():
-            raise ValueError(f"{flag}: expected KEY=VALUE, got {item!r}")
+            raise UsageError(f"{flag}: expected KEY=VALUE, got {item!r}")
         if key in assignments:
-            raise ValueError(f"{flag}: {key} is given twice")
+            raise UsageError(f"{flag}: {key} is given twice")
         assignments[key] = value.strip()
     return assignments

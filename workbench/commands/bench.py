@@ -16,6 +16,7 @@ import json
 
 import pandas as pd
 
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.kernels.spec import problem_id
 from triton_workbench.workbench.commands.tune import baseline_time_ms, build_problem, performance_table, spec_for
 from triton_workbench.workbench.conv_bench import BATCHES, BENCH_DTYPES, INPUT_SIZES
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kernel == "conv":
         return run_conv(args)
     if args.batch is not None or args.input_size is not None:
-        raise ValueError("--batch and --input-size apply to `workbench bench conv` only")
+        raise UsageError("--batch and --input-size apply to `workbench bench conv` only")
     return run_specs(args)
 
 
@@ -73,11 +74,11 @@ def conv_cases(args: argparse.Namespace) -> list:
     activation = None if args.activation is not None and args.activation.lower() == "none" else args.activation
     if args.shapes is None:
         if args.problem is not None:
-            raise ValueError("--problem applies to --shapes problems, not to the ResNet-18 sweep")
+            raise UsageError("--problem applies to --shapes problems, not to the ResNet-18 sweep")
         return conv_bench.resnet18_cases(args.batch or BATCHES, args.input_size or INPUT_SIZES, dtypes, args.tf32,
                                          "relu" if args.activation is None else activation)
     if args.batch is not None or args.input_size is not None:
-        raise ValueError("--batch and --input-size narrow the ResNet-18 sweep: give the batch inside --shapes "
+        raise UsageError("--batch and --input-size narrow the ResNet-18 sweep: give the batch inside --shapes "
                          "(n,c_in,h,w,c_out) instead")
     problems = [build_problem(CONV_FWD_SPEC, shape, dtype, args.activation, args.problem)
                 for dtype in dtypes for shape in args.shapes]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from triton_workbench.workbench.paths import existing_database, writable_file, written_whole
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,15 +22,15 @@ def run(args: argparse.Namespace) -> int:
     from triton_workbench.autotune.results import TuningDatabase
     from triton_workbench.autotune.transfer import export_best
 
+    existing_database(args.db)
+    path = None if args.output == "-" else writable_file(args.output, "-o")
     database = TuningDatabase(args.db)
     document = export_best(database, args.kernel)
     text = json.dumps(document, indent=2) + "\n"
-    if args.output == "-":
+    if path is None:
         sys.stdout.write(text)
     else:
-        path = Path(args.output)
-        temporary = path.with_name(path.name + ".partial")
-        temporary.write_text(text)
-        temporary.replace(path)  # never a half-written file under the final name
+        with written_whole(path) as temporary:  # never a half-written file under the final name, nor a .partial
+            temporary.write_text(text)
         print(f"exported {len(document['configs'])} best configs from {database.path} to {path}")
     return 0

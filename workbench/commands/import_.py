@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from triton_workbench.kernels.errors import UsageError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -20,16 +22,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from triton_workbench.autotune.results import TuningDatabase
     from triton_workbench.autotune.transfer import import_best
+    from triton_workbench.database import DatabaseFileError
 
     path = Path(args.file)
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path} is not a JSON text file: {error}") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+        raise UsageError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise UsageError(f"{path} is nested too deeply to be a best-configs file") from None
     try:
         counts = import_best(TuningDatabase(args.db), document)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    except DatabaseFileError:
+        raise
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
     print(f"imported {counts['stored']} best configs from {path}")
     if counts["stale"]:
         print(f"{counts['stale']} of them were tuned for another version of the kernel source: "

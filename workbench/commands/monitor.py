@@ -21,7 +21,9 @@ import subprocess
 from pathlib import Path
 
 from triton_workbench.database import Database, RunKind, RunStatus, SeriesTable
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.profiler import NvmlSampler
+from triton_workbench.workbench.paths import writable_file, written_whole
 
 FLUSH_EVERY_S = 5.0
 
@@ -47,13 +49,14 @@ def _device(text: str) -> int | str:
 
 def _export(db: Database, run_id: int, csv: Path | None) -> int:
     if csv is None:
-        raise ValueError("--export needs --csv FILE")
+        raise UsageError("--export needs --csv FILE")
     samples = db.read(SeriesTable.SAMPLES, run_id)
     if samples.empty:
         known = run_id in set(db.runs()["run_id"])
         why = "it was monitored without NVML, or is not a monitor run" if known else f"no such run in {db.path}"
-        raise ValueError(f"run {run_id} has no samples ({why})")
-    samples.drop(columns=["run_id"]).to_csv(csv, index=False)
+        raise UsageError(f"run {run_id} has no samples ({why})")
+    with written_whole(csv) as temporary:
+        samples.drop(columns=["run_id"]).to_csv(temporary, index=False)
     print(f"wrote {len(samples)} samples of run {run_id} to {csv}")
     return 0
 
@@ -81,14 +84,16 @@ def _summary(command: str, status: int, sampler: NvmlSampler, window) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.csv is not None:  # checked before anything runs: the trace is written after the command
+        writable_file(args.csv, "--csv")
     db = Database(args.db)
     if args.export is not None:
         return _export(db, args.export, args.csv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
-        raise ValueError("give the command to monitor after --, e.g. `workbench monitor -- python train.py`")
+        raise UsageError("give the command to monitor after --, e.g. `workbench monitor -- python train.py`")
     if not args.interval_s > 0:
-        raise ValueError(f"--interval-s must be positive, got {args.interval_s}")
+        raise UsageError(f"--interval-s must be positive, got {args.interval_s}")
     command = shlex.join(cmd)
     with NvmlSampler(device=_device(args.device), interval_s=args.interval_s) as sampler:
         meta = {
@@ -107,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             with sampler.window("command") as record:
-                # FileNotFoundError: the run stays failed, the cli reports it
-                process = subprocess.Popen(cmd, env={**os.environ, "WORKBENCH_DB": str(db.path)})
+                try:
+                    process = subprocess.Popen(cmd, env={**os.environ, "WORKBENCH_DB": str(db.path)})
+                except OSError as error:  # the run stays failed, the cli reports it
+                    raise UsageError(f"cannot run {cmd[0]!r}: {error.strerror or error}") from None
                 try:
                     while returncode is None:
                         try:
@@ -132,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     exit_status = _exit_status(returncode)
     print(f"monitor run {run_id}: " + _summary(command, exit_status, sampler, sampler.window_stats(record)))
     if args.csv is not None:
-        sampler.frame().to_csv(args.csv, index=False)
+        with written_whole(args.csv) as temporary:
+            sampler.frame().to_csv(temporary, index=False)
         print(f"wrote {stored} samples to {args.csv}")
     print(f"stored in {db.path} (run {run_id}); `workbench monitor --export {run_id} --csv FILE` exports it")
     return exit_status

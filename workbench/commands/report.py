@@ -15,6 +15,7 @@ from pathlib import Path
 
 from triton_workbench.autotune.results import TuningDatabase
 from triton_workbench.reports import write_report
+from triton_workbench.workbench.paths import existing_database
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,9 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    existing_database(args.db)
     db = TuningDatabase(args.db)
-    if args.db is not None and not db.path.exists():
-        raise FileNotFoundError(f"--db {db.path} does not exist")
     try:
         path = write_report(db, None if args.all else args.run_ids, args.output)
     finally:

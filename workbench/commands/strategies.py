@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.workbench.commands.tune import add_strategy_option_argument, strategy_options_from
 
 
@@ -37,23 +38,23 @@ def _budgets(text: str) -> list[int]:
     try:
         budgets = [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"--budgets: expected comma-separated positive ints, got {text!r}") from None
+        raise UsageError(f"--budgets: expected comma-separated positive ints, got {text!r}") from None
     if any(b < 1 for b in budgets):
-        raise ValueError(f"--budgets: expected positive ints, got {text!r}")
+        raise UsageError(f"--budgets: expected positive ints, got {text!r}")
     return budgets
 
 
 def run(args: argparse.Namespace) -> int:
     from triton_workbench.autotune.compare import compare, landscape_files, load_kernel_tuner_results, summarise
-    from triton_workbench.database import Database
+    from triton_workbench.database import Database, RunKind, SeriesTable
     from triton_workbench.workbench.tables import format_table
 
     budgets = _budgets(args.budgets)
     strategies = [name for name in args.strategies.split(",") if name]
     if args.seeds < 1:
-        raise ValueError(f"--seeds: expected a positive int, got {args.seeds}")
+        raise UsageError(f"--seeds: expected a positive int, got {args.seeds}")
     if args.first_seed < 0:
-        raise ValueError(f"--first-seed: expected a non-negative int, got {args.first_seed}")
+        raise UsageError(f"--first-seed: expected a non-negative int, got {args.first_seed}")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     options = strategy_options_from(args, strategies)
     files = landscape_files(args.landscapes)
@@ -64,15 +65,15 @@ def run(args: argparse.Namespace) -> int:
     meta = {"landscapes": [f.name for f in files], "budgets": budgets, "seeds": seeds}
     if options:
         meta["strategy_options"] = options
-    with database.run("strategies", ",".join(strategies), meta=meta) as run_id:
+    with database.run(RunKind.STRATEGIES, ",".join(strategies), meta=meta) as run_id:
         results = compare(files, strategies, budgets, seeds, strategy_options=options)
         frames = [results]
         if kernel_tuner is not None:
             landscapes = set(results["landscape"])
             frames.append(kernel_tuner[kernel_tuner["landscape"].isin(landscapes) & kernel_tuner["budget"].isin(budgets)])
         combined = pd.concat(frames, ignore_index=True)
-        database.append("strategy_results", run_id, combined)
+        database.append(SeriesTable.STRATEGY_RESULTS, run_id, combined)
     print(format_table(summarise(combined).reset_index(), float_format="{:.3f}"))
     print(f"\nfraction = optimum / best found within the budget, mean over seeds; stored as run {run_id} "
-          f"in {database.path} (table strategy_results)")  # fmt: skip
+          f"in {database.path} (table {SeriesTable.STRATEGY_RESULTS})")  # fmt: skip
     return 0

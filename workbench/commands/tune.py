@@ -15,7 +15,8 @@ import pandas as pd
 
 from triton_workbench.autotune.pipeline import objective_value
 from triton_workbench.database import SeriesTable, TrialStatus
-from triton_workbench.kernels.hardware import gpu_by_name
+from triton_workbench.kernels.errors import UsageError
+from triton_workbench.kernels.hardware import gpu_by_name, peak_label
 from triton_workbench.reports.labels import parameters_label
 from triton_workbench.workbench.tables import format_table
 
@@ -77,45 +78,43 @@ def spec_for(name: str):
     from triton_workbench import kernels
 
     if name not in kernels.SPECS:
-        raise ValueError(f"unknown kernel {name!r}: expected one of {', '.join(sorted(kernels.SPECS))}")
+        raise UsageError(f"unknown kernel {name!r}: expected one of {', '.join(sorted(kernels.SPECS))}")
     return kernels.SPECS[name]
 
 
 def build_problem(spec, shape: str | None, dtype: str | None, activation: str | None,
                   extra: str | None) -> dict[str, Any]:  # fmt: skip
-    """A problem from the command line: the spec's example problem for the dtype, with the given entries."""
+    """A problem from the command line: the spec's example problem for the dtype, with the given entries,
+    checked against the kernel (`KernelSpec.validate_problem`: entries, types, ranges, the device's memory)."""
     examples = [dict(p) for p in spec.example_problems if dtype is None or p.get("dtype") == dtype]
     if not examples:
-        raise ValueError(f"--dtype {dtype} is not supported by {spec.name}")
+        raise UsageError(f"--dtype {dtype} is not supported by {spec.name}")
     problem = examples[0]
     if shape is not None:
         try:
             sizes = [int(part) for part in shape.split(",")]
         except ValueError:
-            raise ValueError(f"--shape must be comma-separated integers, got {shape!r}") from None
+            raise UsageError(f"--shape must be comma-separated integers, got {shape!r}") from None
         if len(sizes) != len(spec.shape_keys) or min(sizes) < 1:
-            raise ValueError(f"--shape for {spec.name} needs {len(spec.shape_keys)} positive sizes "
+            raise UsageError(f"--shape for {spec.name} needs {len(spec.shape_keys)} positive sizes "
                              f"({','.join(spec.shape_keys)}), got {shape!r}")  # fmt: skip
         problem.update(zip(spec.shape_keys, sizes))
     if activation is not None:
         if "activation" not in problem:
-            raise ValueError(f"--activation: {spec.name} has no fused activation")
-        problem["activation"] = None if activation.lower() == "none" else activation
+            raise UsageError(f"--activation: {spec.name} has no fused activation")
+        problem["activation"] = None if activation.lower() in ("none", "identity") else activation
     if extra is not None:
         try:
             entries = json.loads(extra)
         except json.JSONDecodeError as error:
-            raise ValueError(f"--problem must be a JSON object: {error}") from None
+            raise UsageError(f"--problem must be a JSON object: {error}") from None
+        except RecursionError:
+            raise UsageError("--problem is nested too deeply to be a problem") from None
         if not isinstance(entries, dict):
-            raise ValueError(f"--problem must be a JSON object, got {extra!r}")
+            raise UsageError(f"--problem must be a JSON object, got {extra!r}")
         problem.update(entries)
+    spec.validate_problem(problem)
     return problem
-
-
-def _ceiling(problem: dict[str, Any]) -> str:
-    if problem.get("dtype") in ("fp16", "bf16"):
-        return "FP16/BF16 tensor"
-    return "TF32 tensor" if problem.get("tf32") else "FP32"
 
 
 def baseline_time_ms(spec, problem: dict[str, Any]) -> float:
@@ -142,7 +141,7 @@ def performance_table(trials: pd.DataFrame, problem: dict[str, Any], baseline_ms
     })  # fmt: skip
     peaks = None if interpreter else gpu_by_name(device)
     if peaks is not None:
-        flop_peak = peaks.compute_tflops.get(_ceiling(problem), math.nan)
+        flop_peak = peaks.compute_tflops.get(peak_label(problem.get("dtype"), bool(problem.get("tf32"))), math.nan)
         table["% peak FLOP"] = (100 * trials["tflops"] / flop_peak).map(lambda v: f"{v:.1f}")
         table["% peak BW"] = (100 * trials["gbps"] / peaks.bandwidth_gbps).map(lambda v: f"{v:.1f}")
     if not math.isnan(baseline_ms):
@@ -171,7 +170,7 @@ def energy_meter_for(profile: bool, objective: str):
     sampler = NvmlSampler()
     if not sampler.available:
         if objective != "time":
-            raise ValueError(f"--objective {objective} needs NVML on a GPU: {sampler.reason}")
+            raise UsageError(f"--objective {objective} needs NVML on a GPU: {sampler.reason}")
         print(f"--profile: no energy measurements ({sampler.reason}); tuning goes on by time")
         return None, None
     synchronize = torch.cuda.synchronize if runtime.timer_name() == "cuda_events" else (lambda: None)
@@ -188,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     problem = build_problem(spec, args.shape, args.dtype, args.activation, args.problem)
     options = strategy_options_from(args, [args.strategy])
     if args.objective != "time" and not args.profile:
-        raise ValueError(f"--objective {args.objective} needs --profile")
+        raise UsageError(f"--objective {args.objective} needs --profile")
     distributed = Distributed.from_environment()
     lead = distributed is None or distributed.rank == 0
     database = TuningDatabase(args.db)

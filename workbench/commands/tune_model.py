@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from triton_workbench.database import RunKind, TrialStatus
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.workbench.commands.tune import add_strategy_option_argument, strategy_options_from
 from triton_workbench.workbench.models import MODEL_NAMES, build_model
 from triton_workbench.workbench.tables import format_table
@@ -43,9 +44,9 @@ def parse_input(text: str) -> tuple[int, int, int]:
     try:
         channels, height, width = (int(part) for part in text.split(","))
     except ValueError:
-        raise ValueError(f"--input must be channels,height,width (three ints, e.g. 3,32,32), got {text!r}") from None
+        raise UsageError(f"--input must be channels,height,width (three ints, e.g. 3,32,32), got {text!r}") from None
     if height != width or min(channels, height) < 1:
-        raise ValueError(f"--input must be positive with square images, got {text!r}")
+        raise UsageError(f"--input must be positive with square images, got {text!r}")
     return channels, height, width
 
 
@@ -57,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
     channels, height, width = parse_input(args.input)
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.budget < 1:
+        raise UsageError(f"--budget must be >= 1, got {args.budget}")
     options = strategy_options_from(args, [args.strategy])
     runtime.announce()
     # One compile pool serves every problem; it starts before this process runs a kernel (see CompilePool).
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
               f"{len(recorded.problems)} distinct kernel problems in one forward + backward step")
         if recorded.left_to_torch:
             print(f"skipped (no Triton kernel swapped in, runs PyTorch's): {', '.join(recorded.left_to_torch)}")
+        for item in recorded.problems:  # all of them before the run starts: one that cannot be tuned stores nothing
+            item.spec.validate_problem(item.problem)
         db = TuningDatabase(args.db)
         meta = {"model": args.model, "batch_size": args.batch_size, "input": [channels, height, width],
                 "budget": args.budget, "strategy": args.strategy, "problems": len(recorded.problems)}
