@@ -1,11 +1,21 @@
 """Ahead-of-time compilation of a kernel config for a GPU target, with no GPU present.
 
-`compile_config` compiles one (problem, config) for one architecture and reports its resources;
-`compile_space` does it for many in a process pool. Triton decides when a kernel is *defined*
-whether it is interpreted, so compilation happens in processes started with TRITON_INTERPRET=0
-(spawned workers that look the kernel up by name in `kernels.SPECS`); the calling process may
-itself run in the interpreter. Identical compilations (e.g. configs differing only in a runtime
-argument such as GEMM's GROUP_M) are compiled once and their result shared.
+What is compiled is what a launch compiles. `launches_of` runs the spec's own launcher on meta tensors
+(the shapes, strides and dtypes of the problem's inputs, no data, 16-byte-aligned addresses like every
+fresh allocation) and captures the arguments it passes to its kernel instead of launching it (an op may
+launch its kernel more than once, e.g. once per stride phase). `specialise` binds them with Triton's
+binder for the target, the steps `JITFunction.run` takes (`create_function_from_signature`, then
+`JITFunction._pack_args`): the signature, the constants (constexprs, and integer arguments equal to 1)
+and the attributes (tt.divisibility 16 of pointers and integers) that `ASTSource` compiles, and the
+compile options (num_warps, num_stages, ...).
+
+`compile_config` compiles one (problem, config) for one architecture and reports its resources (the
+largest over its launches); `compile_space` does it for many in a process pool; `compile_kernels`
+returns the cubins, one per launch (for `workbench inspect`). Triton decides when a kernel is *defined*
+whether it is interpreted, so compilation happens in processes started with TRITON_INTERPRET=0 (spawned
+workers that look the kernel up by name in `kernels.SPECS`); the calling process may itself run in the
+interpreter. Identical compilations (the same specialisations: e.g. problems that differ only in sizes
+with the same divisibility) are compiled once and their result shared.
 """
 
 from __future__ import annotations
@@ -18,18 +28,156 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from triton_workbench.kernels import hardware
 from triton_workbench.kernels.spec import Config, KernelSpec, Problem, canonical_json, problem_id
+
+WARP_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a launcher passes to its kernel: `kernel[grid](*args, **kwargs)`."""
+
+    args: tuple
+    kwargs: dict[str, Any]  # constexprs by name, and the launch options (num_warps, num_stages)
+    grid: Any  # a tuple, or a callable of the bound arguments
+
+
+@dataclass(frozen=True)
+class Specialisation:
+    """What Triton compiles for one launch on one target: `ASTSource(kernel, signature, constexprs, attrs)`
+    and `options`, as `JITFunction.run` forms them; and the launch's grid.
+
+    signature: argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr"). constexprs and
+    attrs are keyed by argument path, as Triton keys them ((index,), or deeper into tuple arguments):
+    constexprs holds every constant (constexpr parameters and integer arguments equal to 1), attrs
+    the specialisation attributes of the other arguments ([["tt.divisibility", 16]] or []).
+    """
+
+    signature: dict[str, str]
+    constexprs: dict[tuple, Any]
+    attrs: dict[tuple, list]
+    options: dict[str, Any]  # the backend's options (CUDAOptions fields): num_warps, num_stages, arch, ...
+    grid: tuple[int, int, int]
+
+    def source(self, kernel: Any) -> Any:
+        from triton.compiler import ASTSource
+
+        return ASTSource(kernel, self.signature, self.constexprs, self.attrs)
+
+    @property
+    def key(self) -> str:
+        """Equal for equal compilations: what `compile_space` compiles once."""
+        return json.dumps([self.signature, sorted(self.constexprs.items(), key=str),
+                           sorted(self.attrs.items(), key=str), self.options], sort_keys=True, default=str)
+
+    def named(self) -> dict[str, Any]:
+        """By argument name, for people and JSON: the signature, the constants, and the arguments with
+        specialisation attributes (name -> attributes)."""
+        names = list(self.signature)
+
+        def name(path: tuple) -> str:
+            return names[path[0]] + "".join(f"[{index}]" for index in path[1:])
+
+        return {"signature": dict(self.signature),
+                "constants": {name(path): value for path, value in self.constexprs.items()},
+                "attributes": {name(path): value for path, value in self.attrs.items() if value},
+                "num_warps": self.options["num_warps"], "num_stages": self.options["num_stages"],
+                "grid": list(self.grid)}
+
+
+_capture_lock = threading.Lock()
+
+
+@contextmanager
+def _launch_policy(problem: Problem) -> Iterator[None]:
+    """PyTorch's TF32 switches as the problem records them ("tf32"): the launchers choose an fp32 dot's
+    input precision from them (the GEMM from cuda.matmul's, the convs from cuDNN's)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(problem.get("tf32"))
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def launches_of(spec: KernelSpec, problem: Problem, config: Config) -> list[Launch]:
+    """The kernel launches `spec.launch` makes for `problem` with `config`, captured instead of run.
+
+    The launcher runs on `spec.make_inputs(problem)` made on the meta device, with PyTorch's TF32
+    switches set as the problem records them; its kernel's `run` is replaced, for this thread only,
+    while it does (a launch returns None, and the launcher goes on to its end). In a process that
+    interprets kernels the launchers choose as they do there (no TF32): capture where TRITON_INTERPRET=0
+    for what a GPU launch passes.
+    """
+    kernel = spec.kernel
+    owner = threading.get_ident()
+    original, own = kernel.run, vars(kernel).get("run")  # own: a `run` set on the kernel itself, kept
+    captured: list[Launch] = []
+
+    def run(*args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        if threading.get_ident() != owner:  # another thread's launch goes on as usual
+            return original(*args, grid=grid, warmup=warmup, **kwargs)
+        captured.append(Launch(args, kwargs, grid))
+        return None
+
+    with _capture_lock, _launch_policy(problem), torch.device("meta"):
+        kernel.run = run
+        try:
+            spec.launch(spec.make_inputs(problem, torch.device("meta")), dict(config))
+        finally:
+            if own is None:
+                del kernel.run
+            else:
+                kernel.run = own
+    if not captured:
+        raise RuntimeError(f"{spec.name}'s launcher launched no kernel for {problem_id(problem)}")
+    return captured
+
+
+def specialise(spec: KernelSpec, problem: Problem, config: Config, arch: int) -> list[Specialisation]:
+    """What the launches of `spec` for `problem` with `config` compile for sm_`arch`, one per launch: their
+    captured arguments (`launches_of`) bound by Triton's own binder for that target. Needs the kernel as a
+    `JITFunction`, i.e. a process with TRITON_INTERPRET=0 (a compile worker) or a GPU."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    kernel = spec.kernel
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError(f"{spec.name}'s kernel is interpreted in this process: specialise it where "
+                           "TRITON_INTERPRET=0 (a compile worker, see compile_space)")
+    backend = make_backend(GPUTarget("cuda", arch, WARP_SIZE))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    found = []
+    for launch in launches_of(spec, problem, config):
+        kwargs = dict(launch.kwargs)
+        # the options JITFunction.run adds before it binds
+        kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        bound, specialization, options = binder(*launch.args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        grid = tuple(launch.grid(bound) if callable(launch.grid) else launch.grid)
+        found.append(Specialisation(signature, constexprs, attrs, dict(options.__dict__), (*grid, 1, 1)[:3]))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# one compilation
 
 
 @dataclass
@@ -46,6 +194,33 @@ class CompileResult:
     registers: float = float("nan")
     spills: float = float("nan")
     compile_time_s: float = float("nan")
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """One launch's compiled kernel: its specialisation, cubin and resources."""
+
+    specialisation: Specialisation
+    cubin: bytes
+    shared_bytes: int
+    registers: int
+    spills: int
+    compile_time_s: float  # of its compilation (a specialisation launches share is compiled once)
+
+
+def summary(launches: Sequence[Compiled], arch: int) -> CompileResult:
+    """The launches of one (problem, config) as one `CompileResult`: the most shared memory, registers and
+    spills of any, the time of their distinct compilations; not ok when the shared memory exceeds sm_`arch`'s
+    per-block limit."""
+    distinct = {compiled.specialisation.key: compiled for compiled in launches}.values()
+    shared = max(compiled.shared_bytes for compiled in launches)
+    numbers = (shared, max(c.registers for c in launches), max(c.spills for c in launches),
+               sum(c.compile_time_s for c in distinct))
+    known = hardware.architecture(arch)
+    if known is not None and shared > known.shared_bytes_per_block:
+        return CompileResult(False, f"shared memory {shared} B > sm_{arch} limit {known.shared_bytes_per_block} B",
+                             *numbers)
+    return CompileResult(True, "", *numbers)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -65,8 +240,49 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def compile_launches(spec: KernelSpec, problem: Problem, config: Config, arch: int) -> list[Compiled]:
+    """Compile what the launches of `spec` for `problem` with `config` compile (`specialise`) for sm_`arch`,
+    one `Compiled` per launch; a specialisation several launches share is compiled once.
+
+    Raises what the compiler raises. Needs a process where kernels are `JITFunction`s (see `specialise`).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    done: dict[str, Compiled] = {}
+    launches = []
+    for specialisation in specialise(spec, problem, config, arch):
+        if specialisation.key not in done:
+            started = time.perf_counter()
+            compiled = triton.compile(specialisation.source(spec.kernel), target=GPUTarget("cuda", arch, WARP_SIZE),
+                                      options=specialisation.options)
+            cubin = compiled.asm["cubin"]
+            registers, spills = _resource_usage(cubin)
+            done[specialisation.key] = Compiled(specialisation, cubin, int(compiled.metadata.shared), registers,
+                                                spills, time.perf_counter() - started)
+        launches.append(replace(done[specialisation.key], specialisation=specialisation))  # its own grid
+    return launches
+
+
+def _failure(error: Exception, started: float) -> CompileResult:
+    """The error's first and last lines (Triton's CompilationError: where, the source, then what went wrong)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    message = " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+    return CompileResult(False, f"{type(error).__name__}: {message}"[:300],
+                         compile_time_s=time.perf_counter() - started)
+
+
+def _attempt(spec: KernelSpec, problem: Problem, config: Config, arch: int) -> list[Compiled] | CompileResult:
+    """`compile_launches`, or the failure (a compile error is a result to report, not raised)."""
+    started = time.perf_counter()
+    try:
+        return compile_launches(spec, problem, config, arch)
+    except Exception as error:
+        return _failure(error, started)
+
+
 def compile_config(spec: KernelSpec, problem: Problem, config: Config, arch: int) -> CompileResult:
-    """Compile `spec`'s kernel for `problem` and `config` for sm_`arch` (e.g. 80, 90).
+    """Compile `spec`'s kernel for `problem` and `config` for sm_`arch` (e.g. 80, 90), as a launch would.
 
     A failure is returned, not raised. Where this process runs kernels in the interpreter, the
     compilation runs in one spawned worker instead (slower to start, same result).
@@ -77,33 +293,12 @@ def compile_config(spec: KernelSpec, problem: Problem, config: Config, arch: int
         row = compile_space(spec, [(config, problem)], archs=(arch,), workers=1, progress=False).iloc[0]
         numbers = {name: float(row[name]) for name in ("shared_bytes", "registers", "spills", "compile_time_s")}
         return CompileResult(bool(row["ok"]), str(row["reason"]), **numbers)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    started = time.perf_counter()
-    try:
-        signature, constexprs = spec.aot_signature(problem, config)
-        compiled = triton.compile(
-            ASTSource(spec.kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)})
-        registers, spills = _resource_usage(compiled.asm["cubin"])
-    except Exception as error:  # any compiler failure is a result to report
-        message = str(error).strip().splitlines()
-        return CompileResult(False, f"{type(error).__name__}: {message[0] if message else ''}"[:300],
-                             compile_time_s=time.perf_counter() - started)
-    elapsed = time.perf_counter() - started
-    shared = int(compiled.metadata.shared)
-    known = hardware.architecture(arch)
-    limit = None if known is None else known.shared_bytes_per_block
-    if limit is not None and shared > limit:
-        return CompileResult(False, f"shared memory {shared} B > sm_{arch} limit {limit} B", shared, registers,
-                             spills, elapsed)
-    return CompileResult(True, "", shared, registers, spills, elapsed)
+    outcome = _attempt(spec, problem, config, arch)
+    return outcome if isinstance(outcome, CompileResult) else summary(outcome, arch)
 
 
 # ---------------------------------------------------------------------------------------------
-# many configs in parallel
+# in compile workers
 
 
 def _die_with_parent() -> None:
@@ -122,21 +317,38 @@ def compile_in_worker(spec_name: str, problem: Problem, config: Config, arch: in
     return asdict(compile_config(kernels.SPECS[spec_name], problem, config, arch))
 
 
-def compile_pool(workers: int, first_tasks: Iterable[tuple] = ()) -> tuple[ProcessPoolExecutor, list]:
-    """A spawned process pool for `compile_in_worker`, and the futures of `first_tasks` (argument tuples).
+def _compiled_in_worker(spec_name: str, problem: Problem, config: Config,
+                        arch: int) -> list[Compiled] | CompileResult:
+    from triton_workbench import kernels
+
+    return _attempt(kernels.SPECS[spec_name], problem, config, arch)
+
+
+def _key_in_worker(spec_name: str, problem: Problem, config: Config, arch: int) -> str | None:
+    """The keys of the launches' specialisations, or None where the launcher or binder fails (the compile
+    reports why)."""
+    from triton_workbench import kernels
+
+    try:
+        return json.dumps([found.key for found in specialise(kernels.SPECS[spec_name], problem, config, arch)])
+    except Exception:
+        return None
+
+
+def compile_pool(workers: int) -> ProcessPoolExecutor:
+    """A spawned process pool for compile tasks (`compile_in_worker`).
 
     Its workers define kernels with TRITON_INTERPRET=0 (a spawned child copies the environment as it
     starts, and the spawn pool starts one per submission while none is idle), so every worker is
-    started here, with the variable set: by the first tasks, or by trivial ones. Workers end with
-    their parent, even when it is killed.
+    started here, with the variable set, by trivial tasks. Workers end with their parent, even when
+    it is killed.
     """
     with _compiling_environment():
         pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_die_with_parent)
-        futures = [pool.submit(compile_in_worker, *task) for task in first_tasks]
-        for _ in range(max(1, workers) - len(futures)):
+        for _ in range(max(1, workers)):
             pool.submit(int)
-    return pool, futures
+    return pool
 
 
 @contextmanager
@@ -153,10 +365,11 @@ def _compiling_environment() -> Iterator[None]:
             os.environ["TRITON_INTERPRET"] = previous
 
 
-def _compile_key(spec: KernelSpec, problem: Problem, config: Config, arch: int) -> str:
-    signature, constexprs = spec.aot_signature(problem, config)
-    return json.dumps([signature, constexprs, config.get("num_warps"), config.get("num_stages"), arch],
-                      sort_keys=True, default=str)
+def _registered(spec: KernelSpec) -> None:
+    from triton_workbench import kernels
+
+    if kernels.SPECS.get(spec.name) is not spec:
+        raise ValueError(f"spec {spec.name!r} is not registered in kernels.SPECS: workers could not find it")
 
 
 def compile_space(spec: KernelSpec, configs_and_problems: Iterable[tuple[Config, Problem]],
@@ -166,52 +379,63 @@ def compile_space(spec: KernelSpec, configs_and_problems: Iterable[tuple[Config,
 
     Columns: kernel, problem (JSON), config (JSON), arch, ok, reason, shared_bytes, registers,
     spills, compile_time_s. `spec` must be registered in `kernels.SPECS` (workers look it up by
-    name). `on_result(row)` is called as each row is done, so a caller can store results as they
-    come (an interrupted run keeps them). `workers` defaults to the number of CPUs.
+    name). The workers first specialise every job, then compile each distinct specialisation once.
+    `on_result(row)` is called as each row is done, so a caller can store results as they come (an
+    interrupted run keeps them). `workers` defaults to the number of CPUs.
     """
-    from triton_workbench import kernels
-
-    if kernels.SPECS.get(spec.name) is not spec:
-        raise ValueError(f"spec {spec.name!r} is not registered in kernels.SPECS: workers could not find it")
+    _registered(spec)
     jobs = [(config, problem, arch) for config, problem in configs_and_problems for arch in archs]
-    keys = [_compile_key(spec, problem, config, arch) for config, problem, arch in jobs]
-    unique = {key: job for key, job in zip(keys, jobs)}
-    results: dict[str, dict] = {}
     rows: list[dict] = []
-
-    def row_of(index: int) -> dict:
-        config, problem, arch = jobs[index]
-        return {"kernel": spec.name, "problem": problem_id(problem), "config": canonical_json(config),
-                "arch": arch, **results[keys[index]]}
-
-    waiting: dict[str, list[int]] = defaultdict(list)  # compile key -> the jobs it answers
-    for index, key in enumerate(keys):
-        waiting[key].append(index)
     bar = tqdm(total=len(jobs), desc=f"compile {spec.name}", unit="cfg", disable=not progress)
-    tasks = [(spec.name, problem, config, arch) for config, problem, arch in unique.values()]
-    pool, submitted = compile_pool(min(workers or os.cpu_count() or 1, len(unique)), tasks)
-    futures = dict(zip(submitted, unique))
+    pool = compile_pool(min(workers or os.cpu_count() or 1, max(len(jobs), 1)))
     try:
+        tasks = [(spec.name, problem, config, arch) for config, problem, arch in jobs]
+        keys = [key if key is not None else f"unspecialised {index}"  # compiled alone, to report why
+                for index, key in enumerate(pool.map(_key_in_worker, *zip(*tasks)) if tasks else [])]
+        waiting: dict[str, list[int]] = defaultdict(list)  # specialisation -> the jobs it answers
+        for index, key in enumerate(keys):
+            waiting[key].append(index)
+        futures = {pool.submit(compile_in_worker, *tasks[indices[0]]): key for key, indices in waiting.items()}
         failures = 0
         for future in as_completed(futures):
-            key = futures[future]
             try:
-                results[key] = future.result()
+                result = future.result()
             except Exception as error:  # a crashed worker is a failed compilation, not a stopped sweep
-                results[key] = asdict(CompileResult(False, f"worker failed: {type(error).__name__}: {error}"[:300]))
-            for index in waiting[key]:
-                row = row_of(index)
+                result = asdict(CompileResult(False, f"worker failed: {type(error).__name__}: {error}"[:300]))
+            for index in waiting[futures[future]]:
+                config, problem, arch = jobs[index]
+                row = {"kernel": spec.name, "problem": problem_id(problem), "config": canonical_json(config),
+                       "arch": arch, **result}
                 rows.append(row)
                 failures += not row["ok"]
                 if on_result is not None:
                     on_result(row)
-            bar.update(len(waiting[key]))
+            bar.update(len(waiting[futures[future]]))
             bar.set_postfix(failures=failures)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     columns = ["kernel", "problem", "config", "arch", *CompileResult.__dataclass_fields__]
     return pd.DataFrame(rows, columns=columns).sort_values(["problem", "config", "arch"], ignore_index=True)
+
+
+def compile_kernels(spec: KernelSpec, jobs: Sequence[tuple[Problem, Config, int]],
+                    workers: int | None = None) -> list[list[Compiled] | CompileResult]:
+    """`compile_launches` for each (problem, config, arch), in order; a failure is its `CompileResult`.
+
+    In spawned workers where this process interprets kernels (`spec` must then be registered in
+    `kernels.SPECS`), else here.
+    """
+    from triton_workbench.kernels import runtime
+
+    if not runtime.INTERPRETER:
+        return [_attempt(spec, *job) for job in jobs]
+    _registered(spec)
+    pool = compile_pool(min(workers or os.cpu_count() or 1, max(len(jobs), 1)))
+    try:
+        return list(pool.map(_compiled_in_worker, *zip(*[(spec.name, *job) for job in jobs]))) if jobs else []
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_space(spec: KernelSpec, problem: Problem) -> list[Config]:

@@ -26,12 +26,12 @@ import triton.language as tl
 
 from triton_workbench.kernels import hardware, runtime, tuned
 from triton_workbench.kernels.runtime import jit
-from triton_workbench.kernels.activation import (DEFAULT_NEGATIVE_SLOPE, activation_code, apply, derivative,
-                                torch_activation)
+from triton_workbench.kernels.activation import (ACTIVATION_ENTRY, DEFAULT_NEGATIVE_SLOPE, activation_code, apply,
+                                                 derivative, torch_activation)
 from triton_workbench.kernels.activation import run as run_activation
-from triton_workbench.kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
+from triton_workbench.kernels.spec import (DTYPE_ENTRY, DTYPES, INT32_MAX, Config, KernelSpec, Problem, choice,
+                                          dtype_name, flag, size, tf32_with_fp32)
 
-INT32_MAX = 2**31 - 1
 CHEAP_DERIVATIVES = frozenset({None, "relu", "leaky_relu"})  # a select: recomputing costs nothing
 
 
@@ -296,24 +296,6 @@ def torch_gemm(inputs: dict[str, Any], dtype: torch.dtype | None = None) -> torc
     return torch_activation(z, inputs["activation"])
 
 
-def aot_signature(problem: Problem, config: Config) -> tuple[dict[str, str], dict[str, Any]]:
-    pointer = TRITON_POINTER_TYPES[problem["dtype"]]
-    signature = {name: pointer for name in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "aux_ptr", "rowsum_ptr")}
-    signature |= {name: "i32" for name in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
-                                           "stride_cm", "stride_cn", "stride_bias", "stride_aux0", "stride_aux1")}
-    signature |= {"negative_slope": "fp32", "GROUP_M": "i32"}
-    backward = bool(problem.get("backward"))
-    constexprs = {
-        "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
-        "HAS_BIAS": bool(problem.get("bias")) and not backward, "ACTIVATION": activation_code(problem.get("activation")),
-        "STORE_PRE": False, "ACT_GRAD_A": _reads_pre(problem), "ROWSUM_A": backward and bool(problem.get("bias")),
-        "INPUT_PRECISION": "tf32" if problem["dtype"] == "fp32" and problem.get("tf32") else "ieee",
-        "INT64": False,
-    }
-    signature |= {name: "constexpr" for name in constexprs}
-    return signature, constexprs
-
-
 def _bytes(problem: Problem) -> int:
     M, N, K = problem["M"], problem["N"], problem["K"]
     elements = M * K + K * N + M * N + (N if problem.get("bias") else 0)
@@ -340,7 +322,6 @@ GEMM_SPEC = KernelSpec(
     reference=lambda inputs: torch_gemm(inputs, torch.float64),
     flops=lambda problem: 2 * problem["M"] * problem["N"] * problem["K"],
     bytes=_bytes,
-    aot_signature=aot_signature,
     grid=grid,
     baseline=torch_gemm,
     example_problems=(
@@ -349,4 +330,8 @@ GEMM_SPEC = KernelSpec(
         {"M": 4096, "N": 4096, "K": 4096, "dtype": "bf16", "activation": "gelu", "bias": True},
     ),
     shape_keys=("M", "N", "K"),
+    # as `problem_for` writes them: "backward" only when true, "tf32" with fp32 only (K = 0 is an empty sum)
+    problem_schema={"M": size(), "N": size(), "K": size(0), "dtype": DTYPE_ENTRY, "activation": ACTIVATION_ENTRY,
+                    "bias": flag(), "backward": choice(True, required=False), "tf32": flag(required=False)},
+    problem_rules=(tf32_with_fp32,),
 )

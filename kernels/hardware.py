@@ -1,9 +1,10 @@
 """The GPUs this project knows: per architecture limits and per model published peaks, in one table.
 
 The compile checks (kernels/aot.py, the spaces' shared-memory constraints), the tuner (the limits a
-config is rejected by before it runs, the split heuristics) and the reports (roofline ceilings, % of
-peak) all read it. Numbers are vendor datasheets (dense peaks at boost clocks) and the CUDA C++
-Programming Guide's per compute capability limits.
+config is rejected by before it runs, the split heuristics), the reports (roofline ceilings, % of
+peak) and the static ceilings of compiled code (kernels/ceilings.py, `workbench inspect`) all read it.
+Numbers are vendor datasheets (dense peaks at boost clocks), the architecture whitepapers (tensor-core
+rates per SM) and the CUDA C++ Programming Guide's per compute capability limits.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ class Architecture:
     """32-bit registers per SM."""
     registers_per_thread: int = 255
     """Most registers one thread may use."""
+    shared_bytes_per_sm: int = 0
+    """Shared memory of one SM, for all its resident blocks (bytes)."""
+    shared_bytes_reserved_per_block: int = 1024
+    """Shared memory the system takes per resident block beside the kernel's own (1 KiB from sm_80 on)."""
+    max_warps_per_sm: int = 64
+    max_blocks_per_sm: int = 32
+    schedulers_per_sm: int = 4
+    """Warp schedulers per SM: each issues at most one instruction per clock."""
+    tensor_fma_per_clock: Mapping[str, int] = field(default_factory=dict)
+    """Dense tensor-core multiply-adds per clock per SM, by MMA input type ("fp16", "bf16", "tf32"): the rate behind
+    the published peaks, peak = 2 x rate x SMs x boost clock (H100 SXM: 2 x 2048 x 132 x 1.83 GHz = 989.4
+    TFLOP/s fp16; A100: 2 x 1024 x 108 x 1.41 GHz = 312)."""
 
     @property
     def target(self) -> str:
@@ -51,11 +64,18 @@ class GPU:
     """Dense peak per precision: ceiling label ("FP32", "TF32 tensor", "FP16/BF16 tensor") -> TFLOP/s."""
 
 
-VOLTA = Architecture(70, "Volta", shared_bytes_per_block=96 * 1024)
-AMPERE_A100 = Architecture(80, "Ampere", shared_bytes_per_block=163 * 1024)
-AMPERE = Architecture(86, "Ampere", shared_bytes_per_block=99 * 1024)
-ADA = Architecture(89, "Ada Lovelace", shared_bytes_per_block=99 * 1024)
-HOPPER = Architecture(90, "Hopper", shared_bytes_per_block=227 * 1024)
+VOLTA = Architecture(70, "Volta", shared_bytes_per_block=96 * 1024, shared_bytes_per_sm=96 * 1024,
+                     shared_bytes_reserved_per_block=0, tensor_fma_per_clock={"fp16": 512})
+AMPERE_A100 = Architecture(80, "Ampere", shared_bytes_per_block=163 * 1024, shared_bytes_per_sm=164 * 1024,
+                           tensor_fma_per_clock={"fp16": 1024, "bf16": 1024, "tf32": 512})
+AMPERE = Architecture(86, "Ampere", shared_bytes_per_block=99 * 1024, shared_bytes_per_sm=100 * 1024,
+                      max_warps_per_sm=48, max_blocks_per_sm=16,
+                      tensor_fma_per_clock={"fp16": 512, "bf16": 512, "tf32": 256})
+ADA = Architecture(89, "Ada Lovelace", shared_bytes_per_block=99 * 1024, shared_bytes_per_sm=100 * 1024,
+                   max_warps_per_sm=48, max_blocks_per_sm=24,
+                   tensor_fma_per_clock={"fp16": 512, "bf16": 512, "tf32": 256})
+HOPPER = Architecture(90, "Hopper", shared_bytes_per_block=227 * 1024, shared_bytes_per_sm=228 * 1024,
+                      tensor_fma_per_clock={"fp16": 2048, "bf16": 2048, "tf32": 1024})
 
 ARCHITECTURES: Mapping[int, Architecture] = {
     arch.capability: arch for arch in (VOLTA, AMPERE_A100, AMPERE, ADA, HOPPER)
@@ -85,6 +105,10 @@ V100_SXM2 = GPU("V100 SXM2", r"V100", VOLTA, 80, 900, {"FP32": 15.7, "FP16 tenso
 
 GPUS: tuple[GPU, ...] = (H200, H100_PCIE, H100_SXM, A100_80GB_PCIE, A100_80GB_SXM, A100_40GB, L40S, L4, A10, V100_SXM2)
 """Every known model, in matching order: the first whose pattern matches a device name wins."""
+
+REFERENCE_GPUS: Mapping[int, GPU] = {80: A100_80GB_SXM, 90: H100_SXM}
+"""The model a compile target's static ceilings (`workbench inspect`) are computed for unless another is named:
+the H100 SXM for sm_90 (what the split heuristics size for), the A100 80GB SXM for sm_80."""
 
 
 def capability_number(capability: int | str | tuple[int, int]) -> int:
@@ -120,3 +144,17 @@ def gpus_of(capability: int | str | tuple[int, int]) -> tuple[GPU, ...]:
     """The known models of one compute capability."""
     number = capability_number(capability)
     return tuple(gpu for gpu in GPUS if gpu.architecture.capability == number)
+
+
+def reference_gpu(capability: int | str | tuple[int, int]) -> GPU | None:
+    """`REFERENCE_GPUS`' model of a compute capability, else its first known model; None when none is known."""
+    number = capability_number(capability)
+    return REFERENCE_GPUS.get(number) or next(iter(gpus_of(number)), None)
+
+
+def peak_label(dtype: str, tf32: bool = False) -> str:
+    """Which of a GPU's `compute_tflops` bounds a problem of this element type ("fp32", "fp16", "bf16"): the
+    tensor cores' fp16/bf16 peak, TF32's for fp32 with TF32 on, else plain FP32."""
+    if dtype in ("fp16", "bf16"):
+        return "FP16/BF16 tensor"
+    return "TF32 tensor" if tf32 else "FP32"

@@ -1,7 +1,9 @@
 """Ahead-of-time compilation for sm_80 and sm_90 without a GPU (spawned TRITON_INTERPRET=0 workers).
 
-The full default spaces are checked by `workbench check-compile KERNEL`; here a seeded sample plus
-the extremes of each space (largest tiles, most stages, most warps) keep the test to a handful.
+What is compiled is what a launch compiles: the specialisation of every kernel is checked against Triton's
+own `JITFunction.run` on the op's real tensors (tests/launch_oracle.py). The full default spaces are
+checked by `workbench check-compile KERNEL`; here a seeded sample plus the extremes of each space (largest
+tiles, most stages, most warps) keep the test to a handful.
 """
 
 import dataclasses
@@ -10,9 +12,10 @@ import random
 import pytest
 
 from triton_workbench import kernels
-from triton_workbench.kernels import hardware
+from triton_workbench.kernels import aot, hardware
 from triton_workbench.kernels.aot import compile_space, default_space
-from triton_workbench.kernels.spec import canonical_json
+from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry
+from triton_workbench.kernels.spec import canonical_json, problem_id
 from triton_workbench.workbench.cli import main
 
 ARCHS = (80, 90)
@@ -52,9 +55,13 @@ def test_gemm_sample_and_extremes_compile_for_sm80_and_sm90():
     fp32, fp16 = spec.example_problems[0], spec.example_problems[1]
     pairs = [(c, fp16) for c in _sample_and_extremes(spec, fp16, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))]
     pairs.append((random.Random(1).choice(default_space(spec, fp32)), fp32))  # the seeded sample
-    pairs.append((dict(pairs[0][0], GROUP_M=1), fp16))  # same compilation as pairs[0]: compiled once, two rows
+    bigger = dict(fp16, M=2 * fp16["M"], K=3 * fp16["K"])
+    pairs.append((pairs[0][0], bigger))  # sizes divisible by 16 as before: the same compilation, compiled once
     frame = compile_space(spec, pairs, archs=ARCHS, workers=2, progress=False)
     _check_ok(frame, 2 * len(pairs))
+    twins = frame[(frame["config"] == canonical_json(pairs[0][0]))
+                  & frame["problem"].isin([problem_id(fp16), problem_id(bigger)])]
+    assert len(twins) == 4 and (twins.groupby("arch")["compile_time_s"].nunique() == 1).all()  # compiled once
     same = frame[frame["problem"].str.contains("fp16")].groupby("arch")["shared_bytes"].max()
     assert (same > 0).all()  # the pipelined tiles live in shared memory
 
@@ -78,3 +85,44 @@ def test_check_compile_command(capsys):
     assert "unknown kernel" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not registered"):
         compile_space(dataclasses.replace(kernels.SPECS["gemm"], name="copy"), [])
+
+
+def _odd_problems():
+    """Sizes and layouts that take divisibility and unit strides away: what the example problems do not show."""
+    conv = conv_problem(3, 5, 9, 11, 7, 3, 2, make_geometry((3, 2), 2, 1), "fp32", "nchw", "leaky_relu", False)
+    return {"gemm": [{"M": 100, "N": 30, "K": 7, "dtype": "bf16", "activation": None, "bias": False}],
+            "activation": [{"numel": 1001, "dtype": "fp16", "activation": "silu", "backward": True}],
+            "conv_fwd": [conv | {"tf32": False}], "conv_dgrad": [conv | {"tf32": True}],
+            "conv_wgrad": [conv | {"tf32": False, "bias": True}]}
+
+
+def test_ahead_of_time_specialisation_is_what_the_launch_compiles():
+    """For each kernel, its example problems and odd ones, the default config and a seeded sample of the space,
+    sm_80 and sm_90: the signature, constants, attributes and options `aot.specialise` derives (launcher on meta
+    tensors) equal what Triton's `JITFunction.run` compiles when the op launches on real tensors, launch by
+    launch (a strided dgrad launches once per stride phase)."""
+    import launch_oracle
+
+    odd = _odd_problems()
+    cases = []
+    for name, spec in kernels.SPECS.items():
+        for index, problem in enumerate([*spec.example_problems, *odd[name]]):
+            sample = random.Random(f"{name}-{index}").choice(default_space(spec, problem))
+            for config in (spec.default_config(problem), sample):
+                cases += [(name, problem, config, ARCHS[index % 2])]
+    pool = aot.compile_pool(2)
+    try:
+        results = list(pool.map(launch_oracle.both, *zip(*cases)))
+    finally:
+        pool.shutdown()
+    for case, (specialised, launched) in zip(cases, results):
+        assert specialised == launched, case
+    divisible = set()  # arguments some launch marks 16-divisible (pointers, sizes, strides)
+    for launched in (launch for _, launches in results for launch in launches):
+        names = list(launched["signature"])
+        divisible |= {names[path[0]] for path, attrs in launched["attrs"].items() if attrs == [["tt.divisibility", 16]]}
+    assert {"a_ptr", "M", "stride_am", "x_ptr", "n_elements", "sxn"} <= divisible
+    (gemm_odd,) = results[[case[1] for case in cases].index(odd["gemm"][0])][1]
+    names = list(gemm_odd["signature"])
+    assert gemm_odd["attrs"][(names.index("N"),)] == []  # N = 30: no divisibility, as on the GPU
+    assert gemm_odd["constexprs"][(names.index("stride_ak"),)] == 1  # a unit stride is a constant

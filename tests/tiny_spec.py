@@ -42,13 +42,6 @@ def launch(inputs, config):
     return out
 
 
-def aot_signature(problem, config):
-    pointer = {"fp32": "*fp32", "fp16": "*fp16"}[problem["dtype"]]
-    constexprs = {"BLOCK": config["BLOCK"], "BROKEN": config["BROKEN"]}
-    return {"x_ptr": pointer, "out_ptr": pointer, "n": "i32", "factor": "fp32", "BLOCK": "constexpr",
-            "BROKEN": "constexpr"}, constexprs  # fmt: skip
-
-
 SPEC = KernelSpec(
     name="tiny_scale",
     kernel=scale_kernel,
@@ -60,7 +53,6 @@ SPEC = KernelSpec(
     reference=lambda inputs: inputs["x"].double() * inputs["factor"],
     flops=lambda problem: problem["n"],
     bytes=lambda problem: 2 * problem["n"] * DTYPES[problem["dtype"]].itemsize,
-    aot_signature=aot_signature,
     grid=lambda problem, config: (triton.cdiv(problem["n"], config["BLOCK"]),),
     baseline=lambda inputs: inputs["x"] * inputs["factor"],
     example_problems=({"n": 1000, "dtype": "fp32"},),

@@ -7,6 +7,7 @@ import json
 import random
 import time
 
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.kernels.hardware import COMPILE_TARGETS
 from triton_workbench.workbench.tables import format_table
 
@@ -33,9 +34,9 @@ def _archs(text: str) -> tuple[int, ...]:
     try:
         archs = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"--arch must be comma-separated integers such as 80,90, got {text!r}") from None
+        raise UsageError(f"--arch must be comma-separated integers such as 80,90, got {text!r}") from None
     if not archs:
-        raise ValueError("--arch names no architecture")
+        raise UsageError("--arch names no architecture")
     return archs
 
 
@@ -44,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from triton_workbench.kernels.aot import compile_space, default_space
 
     if args.kernel not in kernels.SPECS:
-        raise ValueError(f"unknown kernel {args.kernel!r}: expected one of {', '.join(sorted(kernels.SPECS))}")
+        raise UsageError(f"unknown kernel {args.kernel!r}: expected one of {', '.join(sorted(kernels.SPECS))}")
     if args.sample is not None and args.sample < 1:
-        raise ValueError(f"--sample must be a positive number of configs, got {args.sample}")
+        raise UsageError(f"--sample must be a positive number of configs, got {args.sample}")
     spec, archs = kernels.SPECS[args.kernel], _archs(args.arch)
     pairs = []
     for problem in spec.example_problems:
