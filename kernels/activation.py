@@ -17,13 +17,15 @@ import triton.language as tl
 
 from triton_workbench.kernels import runtime, tuned
 from triton_workbench.kernels.runtime import jit
-from triton_workbench.kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, KernelSpec, Problem, dtype_name
+from triton_workbench.kernels.spec import (DTYPE_ENTRY, DTYPES, Config, KernelSpec, Problem, choice, dtype_name, flag,
+                                          size)
 
 # constexpr code of each activation; None (identity) is 0 so `if ACTIVATION:` means "has one"
 CODES: dict[str | None, int] = {
     None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "sigmoid": 6, "tanh": 7,
 }
 NAMES: tuple[str, ...] = tuple(name for name in CODES if name is not None)
+ACTIVATION_ENTRY = choice(None, *NAMES)  # the "activation" of a problem (kernels write None, never "identity")
 DEFAULT_NEGATIVE_SLOPE = 0.01
 
 
@@ -141,16 +143,20 @@ def _problem(x: torch.Tensor, name: str | None, backward: bool) -> Problem:
 
 def run(x: torch.Tensor, name: str | None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
         grad: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
-    """act(x), or grad * act'(x) when `grad` is given; a new contiguous tensor shaped like x.
+    """act(x), or grad * act'(x) when `grad` is given; a new tensor shaped like x.
 
-    Non-contiguous inputs are made contiguous first (the kernel walks flat memory).
+    The kernel walks flat memory: a contiguous or channels_last x with a grad of the same strides is read
+    in place and the result keeps that layout; other inputs are made contiguous first.
     """
     runtime.announce()
     code = activation_code(name)
-    x = x.contiguous()
-    grad = x if grad is None else grad.contiguous()
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    in_place = dense and (grad is None or grad.stride() == x.stride())
+    if not in_place:
+        x = x.contiguous()
+    grad = x if grad is None else grad if in_place else grad.contiguous()
     backward = grad is not x
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x)  # x's strides, as x is dense here
     if x.numel() == 0:
         return out
     problem = _problem(x, name, backward)
@@ -213,16 +219,6 @@ def _torch_result(inputs: dict[str, Any], dtype: torch.dtype | None) -> torch.Te
     return grad_x
 
 
-def _aot_signature(problem: Problem, config: Config) -> tuple[dict[str, str], dict[str, Any]]:
-    pointer = TRITON_POINTER_TYPES[problem["dtype"]]
-    signature = {"x_ptr": pointer, "grad_ptr": pointer, "out_ptr": pointer, "n_elements": "i32",
-                 "negative_slope": "fp32", "ACTIVATION": "constexpr", "BACKWARD": "constexpr",
-                 "BLOCK_SIZE": "constexpr"}
-    constexprs = {"ACTIVATION": activation_code(problem["activation"]), "BACKWARD": bool(problem.get("backward")),
-                  "BLOCK_SIZE": config["BLOCK_SIZE"]}
-    return signature, constexprs
-
-
 def _bytes(problem: Problem) -> int:
     tensors = 3 if problem.get("backward") else 2
     return tensors * problem["numel"] * DTYPES[problem["dtype"]].itemsize
@@ -242,13 +238,13 @@ ACTIVATION_SPEC = KernelSpec(
     reference=lambda inputs: _torch_result(inputs, torch.float64),
     flops=lambda problem: problem["numel"] * (2 if problem.get("backward") else 1),
     bytes=_bytes,
-    aot_signature=_aot_signature,
     grid=_grid,
     baseline=lambda inputs: _torch_result(inputs, None),
     example_problems=tuple(
         {"numel": 1 << 20, "dtype": dtype, "activation": "gelu", "backward": False} for dtype in ("fp32", "fp16", "bf16")
     ),
     shape_keys=("numel",),
+    problem_schema={"numel": size(), "dtype": DTYPE_ENTRY, "activation": ACTIVATION_ENTRY, "backward": flag()},
 )
 
 __all__ = ["ACTIVATION_SPEC", "CODES", "NAMES", "activation_code", "apply", "derivative", "run", "torch_activation"]

@@ -1,13 +1,19 @@
-"""Implicit-GEMM conv2d input gradient (dgrad): its kernel, launcher and KernelSpec.
+"""Implicit-GEMM conv2d input gradient (dgrad) by stride phases: its kernel, launcher and KernelSpec.
 
-    dx[(n,ih,iw), ci] = sum over (kh, kw, co) of dz[n, co, oh, ow] * w[co, ci, kh, kw]
+    dx[(n,ih,iw), ci] = sum over (kh, kw, co) of dz[n, co, oh, ow] * w[co, ci, kh, kw],
+    oh = (ih + pad - kh*dil) / stride, a whole number in range
 
-where oh = (ih + pad - kh*dil) / stride must be a whole number in range: the stride is handled by
-masking inside the kernel, no zero-inserted copy of dz is built. dz = dy * act'(z) is formed on the fly.
+Only the taps with kh*dil = ih + pad (mod stride) reach an input row, and which those are depends on
+the row's phase ih mod stride alone. So the input is split into its stride x stride phases, and
+each phase is one launch of a stride-1 correlation of dz with that phase's taps: no tensor-core
+work is spent on the zeros a strided forward leaves between outputs, and no tap is tested per row.
+dz = dy * act'(z) comes in formed (`ops` forms it once for dgrad and wgrad).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,131 +22,193 @@ import triton.language as tl
 
 from triton_workbench.kernels import runtime, tuned
 from triton_workbench.kernels.runtime import jit
-from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
-from triton_workbench.kernels.conv_geometry import (ConvGeometry, dot_precision, empty_in_layout_of, gemm_dims_dgrad,
-                                                    needs_int64, problem_of)
-from triton_workbench.kernels.conv_spec import (EXAMPLE_PROBLEMS, SHAPE_KEYS, aot_signature, elements, flops,
-                                                make_inputs, torch_backward)
-from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, constraints, default_config, offsets, output_grad,
-                                                 position, spatial_offsets)
+from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, empty_in_layout_of,
+                                                    gemm_dims_dgrad, needs_int64, problem_geometry, problem_of)
+from triton_workbench.kernels.conv_spec import (BACKWARD_EXAMPLE_PROBLEMS, BACKWARD_PROBLEM_RULES, PROBLEM_SCHEMA,
+                                                SHAPE_KEYS,
+                                                elements, flops, make_inputs, torch_backward)
+from triton_workbench.kernels.conv_tiles import TILE_PARAMS, offsets, position, spatial_offsets, tile_constraints, \
+    tile_default_config
 from triton_workbench.kernels.gemm import tile_coordinates
 from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
 
+@dataclass(frozen=True)
+class PhaseTaps:
+    """The taps of one kernel dimension that reach the input positions of one stride phase.
+
+    phase: ih mod stride; first: the first such tap kh; count: how many (kh = first + t * step, t < count);
+    step: stride / gcd(stride, dilation); base: oh - qh at t = 0 (ih = phase + stride * qh), and oh
+    falls by dilation / gcd(stride, dilation) per further tap; rows: how many ih have this phase.
+    """
+
+    phase: int
+    first: int
+    count: int
+    step: int
+    base: int
+    oh_step: int
+    rows: int
+
+
+def phase_taps(size: int, kernel: int, stride: int, pad: int, dilation: int) -> tuple[PhaseTaps, ...]:
+    """PhaseTaps of every phase of one dimension (input size, kernel size, stride, leading pad, dilation)."""
+    g = math.gcd(stride, dilation)
+    step = stride // g
+    phases = []
+    for phase in range(stride):
+        first = next((kh for kh in range(step) if (phase + pad - kh * dilation) % stride == 0), kernel)
+        count = max(0, -(-(kernel - first) // step)) if first < kernel else 0
+        base = (phase + pad - first * dilation) // stride if count else 0
+        phases.append(PhaseTaps(phase, first, count, step, base, dilation // g, max(0, -(-(size - phase) // stride))))
+    return tuple(phases)
+
+
 @jit
 def conv2d_dgrad_kernel(
-    dy_ptr, z_ptr, w_ptr, dx_ptr,
-    N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, negative_slope, GROUP_M,
-    sdyn, sdyc, sdyh, sdyw, szn, szc, szh, szw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
-    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
+    dz_ptr, w_ptr, dx_ptr,
+    N, Hq, Wq, Ho, Wo, C_in_g, C_out_g, GROUP_M,
+    sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    PHASE_H: tl.constexpr, PHASE_W: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    FIRST_KH: tl.constexpr, FIRST_KW: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
+    STEP_H: tl.constexpr, STEP_W: tl.constexpr, BASE_H: tl.constexpr, BASE_W: tl.constexpr,
+    OH_STEP: tl.constexpr, OW_STEP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx for one (input-position tile, input-channel tile, group); strided taps are masked."""
+    """dx of one stride phase for one (input-position tile, input-channel tile, group): a stride-1
+    correlation of dz with the phase's TAPS_H x TAPS_W taps."""
     group = tl.program_id(1)
-    M = N * H * W
+    M = N * Hq * Wq
     pid_m, pid_n = tile_coordinates(M, C_in_g, GROUP_M, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < C_in_g
-    image, ih, iw = position(offs_m, H, W, INT64)
-    c_in = offsets(group * C_in_g + offs_n, INT64)
+    image, qh, qw = position(offs_m, Hq, Wq, INT64)
+    oh0 = tl.where(m_ok, qh + BASE_H, -1 - OH_STEP * TAPS_H)  # rows past M fail every bounds check
+    ow0 = qw + BASE_W
     c_out0 = offsets(group * C_out_g, INT64)
+    dz_rows = dz_ptr + image * sdzn + c_out0 * sdzc + offsets(oh0, INT64) * sdzh + offsets(ow0, INT64) * sdzw
+    w_cols = w_ptr + c_out0 * swo + offsets(offs_n, INT64) * swi + (FIRST_KH * swh + FIRST_KW * sww)
 
-    w_cols = w_ptr + offsets(offs_n, INT64) * swi
-    channel_blocks = tl.cdiv(C_out_g, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, KH * KW * channel_blocks):  # flat (tap, channel block) loop, as in the forward
-        tap = step // channel_blocks
-        channel = offsets((step % channel_blocks) * BLOCK_K + offs_k, INT64)
-        kh = tap // KW
-        kw = tap % KW
-        th = ih + pad_h - kh * dil_h
-        tw = iw + pad_w - kw * dil_w
-        oh = th // stride_h
-        ow = tw // stride_w
-        row_ok = m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) & (oh < Ho) & (ow < Wo)
-        k_ok = channel < C_out_g
-        mask = row_ok[:, None] & k_ok[None, :]
-        dy_rows = spatial_offsets(image, oh, ow, sdyn, sdyh, sdyw, INT64)
-        z_rows = spatial_offsets(image, oh, ow, szn, szh, szw, INT64)
-        grad = output_grad(dy_ptr, z_ptr, dy_rows[:, None] + (c_out0 + channel)[None, :] * sdyc,
-                           z_rows[:, None] + (c_out0 + channel)[None, :] * szc, mask, negative_slope, ACTIVATION)
-        b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + (c_out0 + channel)[:, None] * swo,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+    channel = 0
+    th = 0
+    tw = 0
+    for _ in range(0, TAPS_H * TAPS_W * tl.cdiv(C_out_g, BLOCK_K)):
+        oh = oh0 - th * OH_STEP
+        ow = ow0 - tw * OW_STEP
+        row_ok = (oh.to(tl.uint32, bitcast=True) < Ho) & (ow.to(tl.uint32, bitcast=True) < Wo)
+        channels = channel + offs_k
+        a_mask = row_ok[:, None]
+        b_mask = n_ok[None, :]
+        if not EVEN_K:
+            a_mask = a_mask & (channels < C_out_g)[None, :]
+            b_mask = b_mask & (channels < C_out_g)[:, None]
+        a_ptrs = dz_rows[:, None] + channels[None, :] * sdzc
+        if TAPS_H * TAPS_W > 1:  # (unit tap strides would hide the rows' 16-byte alignment, as in the forward)
+            a_ptrs -= (th * OH_STEP) * sdzh + (tw * OW_STEP) * sdzw
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b_ptrs = w_cols[None, :] + channels[:, None] * swo
+        if TAPS_H * TAPS_W > 1:
+            b_ptrs += (th * STEP_H) * swh + (tw * STEP_W) * sww
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        # next (tap, channel block): channels fastest, then the width tap, then the height tap
+        channel += BLOCK_K
+        wrap = channel >= C_out_g
+        channel = tl.where(wrap, 0, channel)
+        tw = tl.where(wrap, tw + 1, tw)
+        th = tl.where(tw == TAPS_W, th + 1, th)
+        tw = tl.where(tw == TAPS_W, 0, tw)
 
-    dx_rows = spatial_offsets(image, ih, iw, sdxn, sdxh, sdxw, INT64)
-    dx_offsets = dx_rows[:, None] + c_in[None, :] * sdxc
+    ih = PHASE_H + STRIDE_H * qh
+    iw = PHASE_W + STRIDE_W * qw
+    dx_offsets = spatial_offsets(image, ih, iw, sdxn, sdxh, sdxw, INT64)[:, None] + \
+        offsets(group * C_in_g + offs_n, INT64)[None, :] * sdxc
     tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def conv2d_input_grad(
-    grad_output: torch.Tensor, pre: torch.Tensor | None, weight: torch.Tensor, x: torch.Tensor,
-    geometry: ConvGeometry, activation_name: str | None = None,
-    negative_slope: float = DEFAULT_NEGATIVE_SLOPE, config: Config | None = None,
-) -> torch.Tensor:
-    """grad_input of act(conv2d(x, weight) + b), shaped, typed and laid out like x (only its metadata is read).
-
-    `pre` is the kept pre-activation (None when there is no activation).
-    """
+def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometry: ConvGeometry,
+                      config: Config | None = None) -> torch.Tensor:
+    """grad_input of conv2d(x, weight) for the output gradient dz, shaped, typed and laid out like x (only its
+    metadata is read). One launch per stride phase."""
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
-    ho, wo = grad_output.shape[2:]
-    problem = problem_of(x, weight.shape, geometry, activation_name, False)
+    ho, wo = dz.shape[2:]
+    problem = problem_of(x, weight.shape, geometry, None, False)
     config = config if config is not None else tuned.config_for(CONV_DGRAD_SPEC, problem)
     dx = empty_in_layout_of(x, (n, c_in, h, w))
     if dx.numel() == 0:
         return dx
-    if grad_output.numel() == 0:
+    if dz.numel() == 0:
         return dx.zero_()
-    pre = pre if activation_name is not None else grad_output
+    if channels_last(x):
+        weight = weight.contiguous(memory_format=torch.channels_last)  # input channels contiguous, as dx's
     runtime.announce()
-    conv2d_dgrad_kernel[_grid(problem, config)](
-        grad_output, pre, weight, dx,
-        n, h, w, ho, wo, kh, kw, c_in_g, c_out // geometry.groups,
-        *geometry.kernel_args(), float(negative_slope), config["GROUP_M"],
-        *grad_output.stride(), *pre.stride(), *weight.stride(), *dx.stride(),
-        ACTIVATION=activation_code(activation_name), DOT_PRECISION=dot_precision(weight.dtype),
-        INT64=needs_int64(grad_output, pre, weight, dx),
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
+    c_out_g = c_out // geometry.groups
+    for taps_h, taps_w in _phases(problem):
+        if taps_h.rows * taps_w.rows == 0:
+            continue
+        grid = (triton.cdiv(n * taps_h.rows * taps_w.rows, config["BLOCK_M"]) * triton.cdiv(c_in_g, config["BLOCK_N"]),
+                geometry.groups)
+        conv2d_dgrad_kernel[grid](
+            dz, weight, dx,
+            n, taps_h.rows, taps_w.rows, ho, wo, c_in_g, c_out_g, config["GROUP_M"],
+            *dz.stride(), *weight.stride(), *dx.stride(),
+            taps_h.phase, taps_w.phase, geometry.stride_h, geometry.stride_w, taps_h.first, taps_w.first,
+            taps_h.count, taps_w.count, taps_h.step, taps_w.step, taps_h.base, taps_w.base,
+            taps_h.oh_step, taps_w.oh_step,
+            DOT_PRECISION=dot_precision(weight.dtype), INT64=needs_int64(dz, weight, dx),
+            EVEN_K=c_out_g % config["BLOCK_K"] == 0,
+            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
     return dx
 
 
+def _phases(problem: Problem) -> list[tuple[PhaseTaps, PhaseTaps]]:
+    """(height taps, width taps) of every stride phase of the problem's input."""
+    g = problem_geometry(problem)
+    heights = phase_taps(problem["h"], problem["kh"], g.stride_h, g.pad_top, g.dilation_h)
+    widths = phase_taps(problem["w"], problem["kw"], g.stride_w, g.pad_left, g.dilation_w)
+    return [(taps_h, taps_w) for taps_h in heights for taps_w in widths]
+
+
 def _grid(problem: Problem, config: Config) -> tuple[int, ...]:
-    rows, cols, _ = gemm_dims_dgrad(problem)
-    return triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]), problem["groups"]
+    """All phases' programs together (one launch each)."""
+    _, cols, _ = gemm_dims_dgrad(problem)
+    rows = [problem["n"] * taps_h.rows * taps_w.rows for taps_h, taps_w in _phases(problem)]
+    tiles = sum(triton.cdiv(r, config["BLOCK_M"]) for r in rows if r) * triton.cdiv(cols, config["BLOCK_N"])
+    return tiles, problem["groups"]
 
 
 def _bytes(problem: Problem) -> int:
     e = elements(problem)
-    grad_output_reads = 2 if problem["activation"] is not None else 1  # dy, and the pre-activation
-    return (e["y"] * grad_output_reads + e["weight"] + e["x"]) * DTYPES[problem["dtype"]].itemsize
+    return (e["y"] + e["weight"] + e["x"]) * DTYPES[problem["dtype"]].itemsize
 
 
 def _launch(inputs: dict[str, Any], config: Config) -> torch.Tensor:
-    return conv2d_input_grad(inputs["grad_output"], inputs["pre"], inputs["weight"], inputs["x"],
-                             inputs["geometry"], inputs["activation"], config=config)
+    return conv2d_input_grad(inputs["grad_output"], inputs["weight"], inputs["x"], inputs["geometry"], config=config)
 
 
 CONV_DGRAD_SPEC = KernelSpec(
     name="conv_dgrad",
     kernel=conv2d_dgrad_kernel,
     params=TILE_PARAMS,
-    constraints=constraints(gemm_dims_dgrad, backward=True),
-    default_config=default_config(gemm_dims_dgrad, backward=True),
+    constraints=tile_constraints(gemm_dims_dgrad),
+    default_config=tile_default_config(gemm_dims_dgrad),
     make_inputs=make_inputs,
     launch=_launch,
     reference=lambda inputs: torch_backward(inputs, "x", torch.float64),
     flops=flops,
     bytes=_bytes,
-    aot_signature=aot_signature(conv2d_dgrad_kernel, {}, lambda problem: {}),
     grid=_grid,
     baseline=lambda inputs: torch_backward(inputs, "x"),
-    example_problems=EXAMPLE_PROBLEMS,
+    example_problems=BACKWARD_EXAMPLE_PROBLEMS,
     shape_keys=SHAPE_KEYS,
+    problem_schema=PROBLEM_SCHEMA,
+    problem_rules=BACKWARD_PROBLEM_RULES,
 )

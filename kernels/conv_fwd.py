@@ -16,12 +16,12 @@ import triton.language as tl
 from triton_workbench.kernels import runtime, tuned
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code, apply
-from triton_workbench.kernels.conv_geometry import (ConvGeometry, dot_precision, empty_in_layout_of, gemm_dims_fwd,
-                                                    needs_int64, problem_of)
-from triton_workbench.kernels.conv_spec import (EXAMPLE_PROBLEMS, SHAPE_KEYS, aot_signature, elements, flops,
-                                                make_inputs, torch_forward)
-from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, constraints, default_config, offsets, position,
-                                                 spatial_offsets)
+from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, empty_in_layout_of,
+                                                    gemm_dims_fwd, needs_int64, problem_of)
+from triton_workbench.kernels.conv_spec import (EXAMPLE_PROBLEMS, PROBLEM_RULES, PROBLEM_SCHEMA, SHAPE_KEYS,
+                                                elements, flops, make_inputs, torch_forward)
+from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, offsets, position, spatial_offsets, tile_constraints,
+                                                 tile_default_config)
 from triton_workbench.kernels.gemm import tile_coordinates
 from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
@@ -29,14 +29,20 @@ from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 @jit
 def conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
-    N, H, W, Ho, Wo, KH, KW, C_in_g, C_out_g,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, negative_slope, GROUP_M,
+    N, H, W, Ho, Wo, C_in_g, C_out_g, negative_slope, GROUP_M,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64: tl.constexpr,
+    INT64: tl.constexpr, EVEN_K: tl.constexpr, C_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y = act(conv(x, w) + bias) for one (output-position tile, output-channel tile, group)."""
+    """y = act(conv(x, w) + bias) for one (output-position tile, output-channel tile, group).
+
+    The geometry is constexpr: each row's input position at tap (0, 0) is computed once, and the
+    loop over (tap, channel block) advances its counters without division, so an iteration spends
+    its integer work on one bounds check per row and the operands' addresses.
+    """
     group = tl.program_id(1)
     M = N * Ho * Wo
     pid_m, pid_n = tile_coordinates(M, C_out_g, GROUP_M, BLOCK_M, BLOCK_N)
@@ -46,28 +52,65 @@ def conv2d_fwd_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < C_out_g
     image, oh, ow = position(offs_m, Ho, Wo, INT64)
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    # padding rows fail the unsigned bounds check (negative positions wrap to large values)
+    ih0 = tl.where(m_ok, ih0, -1 - DIL_H * (KH - 1))
+    x_row_offsets = (image * sxn + offsets(group * C_in_g, INT64) * sxc
+                     + offsets(ih0, INT64) * sxh + offsets(iw0, INT64) * sxw)
+    x_rows = x_ptr + x_row_offsets
     c_out = offsets(group * C_out_g + offs_n, INT64)
-    x_image = x_ptr + image * sxn + offsets(group * C_in_g, INT64) * sxc
     w_cols = w_ptr + c_out * swo
 
-    # one flat loop over (tap, channel block) so Triton's software pipeliner sees a single loop
-    channel_blocks = tl.cdiv(C_in_g, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, KH * KW * channel_blocks):
-        tap = step // channel_blocks
-        channel = (step % channel_blocks) * BLOCK_K + offs_k
-        kh = tap // KW
-        kw = tap % KW
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
-        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        c_ok = channel < C_in_g
-        x_rows = x_image + offsets(ih, INT64) * sxh + offsets(iw, INT64) * sxw
-        a = tl.load(x_rows[:, None] + offsets(channel, INT64)[None, :] * sxc,
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + offsets(channel, INT64)[:, None] * swi,
-                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if C_FLAT:
+        # few channels (the stem's 3, padded to 4): in dense channels_last tensors the (kw, channel)
+        # pairs of one kernel row are one contiguous run of KW * C_FLAT values, so a K tile covers a
+        # whole kernel row with vector loads; the width bounds are set once, the loop walks the rows
+        kw_k = offs_k // C_FLAT
+        k_ok = offs_k < KW * C_FLAT
+        iw = iw0[:, None] + kw_k[None, :]
+        a_ok = (iw.to(tl.uint32, bitcast=True) < W) & k_ok[None, :]
+        b_ok = n_ok[:, None] & k_ok[None, :]
+        a_ptrs = x_ptr + tl.multiple_of(x_row_offsets, C_FLAT)[:, None] + offs_k[None, :]
+        b_ptrs = w_ptr + tl.multiple_of(c_out * swo, C_FLAT)[:, None] + offs_k[None, :]  # (N, K): K contiguous
+        a_row_step = DIL_H * sxh // C_FLAT  # the rows' steps in whole channel runs, so that their alignment shows
+        b_row_step = swh // C_FLAT
+        for kh in range(0, KH):
+            ih = ih0 + kh * DIL_H
+            a = tl.load(a_ptrs + (kh * a_row_step) * C_FLAT, mask=a_ok & (ih.to(tl.uint32, bitcast=True) < H)[:, None],
+                        other=0.0)
+            b = tl.trans(tl.load(b_ptrs + (kh * b_row_step) * C_FLAT, mask=b_ok, other=0.0))
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        channel = 0
+        kh = 0
+        kw = 0
+        for _ in range(0, KH * KW * tl.cdiv(C_in_g, BLOCK_K)):
+            ih = ih0 + kh * DIL_H
+            iw = iw0 + kw * DIL_W
+            row_ok = (ih.to(tl.uint32, bitcast=True) < H) & (iw.to(tl.uint32, bitcast=True) < W)
+            channels = channel + offs_k
+            a_mask = row_ok[:, None]
+            b_mask = n_ok[None, :]
+            if not EVEN_K:
+                a_mask = a_mask & (channels < C_in_g)[None, :]
+                b_mask = b_mask & (channels < C_in_g)[:, None]
+            a_ptrs = x_rows[:, None] + channels[None, :] * sxc
+            b_ptrs = w_cols[None, :] + channels[:, None] * swi
+            if KH * KW > 1:  # (a 1x1 weight's unit tap strides would hide its rows' 16-byte alignment)
+                a_ptrs += (kh * DIL_H) * sxh + (kw * DIL_W) * sxw
+                b_ptrs += kh * swh + kw * sww
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            # next (tap, channel block): channels fastest, then kw, then kh
+            channel += BLOCK_K
+            wrap = channel >= C_in_g
+            channel = tl.where(wrap, 0, channel)
+            kw = tl.where(wrap, kw + 1, kw)
+            kh = tl.where(kw == KW, kh + 1, kh)
+            kw = tl.where(kw == KW, 0, kw)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c_out, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -76,6 +119,46 @@ def conv2d_fwd_kernel(
     if SAVE_PREACT:
         tl.store(z_ptr + y_offsets, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
     tl.store(y_ptr + y_offsets, apply(acc, ACTIVATION, negative_slope).to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def stem_channels(c_in_g: int, itemsize: int) -> int:
+    """The channel count the forward computes with for few channels: rounded up to whole 8-byte channel runs
+    (the stem's 3 -> 4 in fp16), so that a kernel row's (kw, channel) run loads as vectors."""
+    unit = max(1, 8 // itemsize)
+    return -(-c_in_g // unit) * unit
+
+
+def flat_row(problem: Problem) -> int:
+    """Values in one kernel row's (kw, channel) run when the K tile covers whole kernel rows (channels_last,
+    fewer than 16 channels, one group, unit width dilation), else 0: the smallest BLOCK_K the problem runs with."""
+    c_in = problem["c_in"]
+    if problem["layout"] != "nhwc" or c_in >= 16 or problem["groups"] != 1 or problem["dilation"][1] != 1:
+        return 0
+    return problem["kw"] * stem_channels(c_in, DTYPES[problem["dtype"]].itemsize)
+
+
+def flat_channels(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry, block_k: int) -> int:
+    """C_FLAT: the channel count when a K tile spans a kernel row's contiguous (kw, channel) run (fewer than
+    16 channels, where a tile of channels alone would be mostly padding; dense channels_last operands,
+    unit width dilation, the row fits the tile, whole 8-byte rows), else 0."""
+    c_out, c_in, _, kw = weight.shape
+    n, _, h, w = x.shape
+    dense = (x.stride() == (h * w * c_in, 1, w * c_in, c_in)
+             and weight.stride() == (weight.shape[2] * kw * c_in, 1, kw * c_in, c_in))
+    fits = c_in < 16 and kw * c_in <= block_k and (c_in * x.element_size()) % 8 == 0
+    return c_in if dense and fits and geometry.groups == 1 and geometry.dilation_w == 1 else 0
+
+
+def _pad_channels(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and weight with zero channels appended up to `stem_channels`, for channels_last inputs with
+    fewer than 16 channels (the stem's 3 -> 4 in fp16), so that `flat_channels` applies."""
+    c_in = weight.shape[1]
+    padded = stem_channels(c_in, x.element_size())
+    if geometry.groups != 1 or c_in >= 16 or padded == c_in or not channels_last(x):
+        return x, weight
+    pad = (0, 0, 0, 0, 0, padded - c_in)
+    return (torch.nn.functional.pad(x, pad).contiguous(memory_format=torch.channels_last),
+            torch.nn.functional.pad(weight, pad).contiguous(memory_format=torch.channels_last))
 
 
 def conv2d_forward(
@@ -97,13 +180,17 @@ def conv2d_forward(
     if y.numel() == 0:
         return y, pre
     runtime.announce()
+    x, weight = _pad_channels(x, weight, geometry)
+    c_in_g = weight.shape[1]
+    if channels_last(x):
+        weight = weight.contiguous(memory_format=torch.channels_last)  # channel runs along K, as x's
     conv2d_fwd_kernel[_grid(problem, config)](
         x, weight, bias.contiguous() if bias is not None else y, y, pre if pre is not None else y,  # C_out values
-        n, h, w, ho, wo, kh, kw, c_in_g, c_out // geometry.groups,
-        *geometry.kernel_args(), float(negative_slope), config["GROUP_M"],
-        *x.stride(), *weight.stride(), *y.stride(),
+        n, h, w, ho, wo, c_in_g, c_out // geometry.groups, float(negative_slope), config["GROUP_M"],
+        *x.stride(), *weight.stride(), *y.stride(), *geometry.constexprs(kh, kw),
         HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,
-        DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(x, weight, y),
+        DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(x, weight, y), EVEN_K=c_in_g % config["BLOCK_K"] == 0,
+        C_FLAT=flat_channels(x, weight, geometry, config["BLOCK_K"]),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
@@ -129,17 +216,17 @@ CONV_FWD_SPEC = KernelSpec(
     name="conv_fwd",
     kernel=conv2d_fwd_kernel,
     params=TILE_PARAMS,
-    constraints=constraints(gemm_dims_fwd, backward=False),
-    default_config=default_config(gemm_dims_fwd, backward=False),
+    constraints=tile_constraints(gemm_dims_fwd, k_floor=flat_row),
+    default_config=tile_default_config(gemm_dims_fwd, k_floor=flat_row),
     make_inputs=make_inputs,
     launch=_launch,
     reference=lambda inputs: torch_forward(inputs, torch.float64),
     flops=flops,
     bytes=_bytes,
-    aot_signature=aot_signature(conv2d_fwd_kernel, {}, lambda problem: {
-        "HAS_BIAS": bool(problem["bias"]), "SAVE_PREACT": False}),
     grid=_grid,
     baseline=torch_forward,
     example_problems=EXAMPLE_PROBLEMS,
     shape_keys=SHAPE_KEYS,
+    problem_schema=PROBLEM_SCHEMA,
+    problem_rules=PROBLEM_RULES,
 )

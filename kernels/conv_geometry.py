@@ -43,6 +43,11 @@ class ConvGeometry:
         wo = (w + self.pad_left + self.pad_right - self.dilation_w * (kw - 1) - 1) // self.stride_w + 1
         return ho, wo
 
+    def constexprs(self, kh: int, kw: int) -> tuple[int, ...]:
+        """KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W as a kernel specialised on its geometry takes
+        them (the leading padding is all a kernel needs)."""
+        return (kh, kw, self.stride_h, self.stride_w, self.pad_top, self.pad_left, self.dilation_h, self.dilation_w)
+
     def kernel_args(self) -> tuple[int, ...]:
         """stride_h, stride_w, pad_h, pad_w, dil_h, dil_w: the leading padding is all a kernel needs."""
         return (self.stride_h, self.stride_w, self.pad_top, self.pad_left, self.dilation_h, self.dilation_w)

@@ -1,5 +1,5 @@
-"""What the three conv KernelSpecs share: example problems, bench inputs, the PyTorch references,
-element and FLOP counts, and the ahead-of-time signature."""
+"""What the three conv KernelSpecs share: example problems, the problem schema, bench inputs, the PyTorch
+references, element and FLOP counts."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from triton_workbench.kernels.activation import activation_code, torch_activation
+from triton_workbench.kernels.activation import ACTIVATION_ENTRY, torch_activation
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, conv_problem, gemm_dims_fwd, make_geometry,
                                                     output_hw, problem_geometry)
-from triton_workbench.kernels.gemm import INT32_MAX
-from triton_workbench.kernels.spec import DTYPES, TRITON_POINTER_TYPES, Config, Problem
+from triton_workbench.kernels.spec import DTYPE_ENTRY, DTYPES, Problem, choice, flag, ints, size, tf32_with_fp32
 
 # one per dtype: ResNet-18's layer1 conv (64 -> 64 channels, 56x56, 3x3) at batch 32, bias + ReLU, channels_last;
 # fp32 as a GPU runs it by default (cuDNN's allow_tf32 is on unless a user turns it off)
@@ -20,7 +19,42 @@ EXAMPLE_PROBLEMS = tuple(
     conv_problem(32, 64, 56, 56, 64, 3, 3, make_geometry((3, 3), 1, 1), dtype, "nhwc", "relu", True)
     | ({"tf32": True} if dtype == "fp32" else {})
     for dtype in ("fp32", "fp16", "bf16"))
+# dgrad and wgrad take dz = dy * act'(z) formed, so their problems have neither activation nor bias
+BACKWARD_EXAMPLE_PROBLEMS = tuple(problem | {"activation": None, "bias": False} for problem in EXAMPLE_PROBLEMS)
 SHAPE_KEYS = ("n", "c_in", "h", "w", "c_out")
+# the entries `conv_geometry.conv_problem` writes ("tf32" with fp32 only)
+PROBLEM_SCHEMA = {
+    **{key: size() for key in ("n", "c_in", "h", "w", "c_out", "kh", "kw")},
+    "stride": ints(2, 1), "padding": ints(4, 0), "dilation": ints(2, 1), "groups": size(),
+    "dtype": DTYPE_ENTRY, "layout": choice("nchw", "nhwc"), "activation": ACTIVATION_ENTRY, "bias": flag(),
+    "tf32": flag(required=False),
+}
+
+
+def _groups_and_output(problem: Problem) -> str:
+    """A problem rule: the groups split both channel counts, and the output has at least one position."""
+    c_in, c_out, groups = problem["c_in"], problem["c_out"], problem["groups"]
+    if c_in % groups or c_out % groups:
+        return f"groups ({groups}) must divide c_in ({c_in}) and c_out ({c_out})"
+    ho, wo = output_hw(problem)
+    if ho < 1 or wo < 1:
+        return (f"the output would be {ho}x{wo}: an input of {problem['h']}x{problem['w']} is too small for a "
+                f"{problem['kh']}x{problem['kw']} kernel with this padding and dilation")
+    return ""
+
+
+PROBLEM_RULES = (tf32_with_fp32, _groups_and_output)
+
+
+def _formed_gradient(problem: Problem) -> str:
+    """A problem rule of dgrad and wgrad: they take dz = dy * act'(z) formed, so a problem names no activation
+    (a launch looks its config up without one)."""
+    if problem["activation"] is not None:
+        return f"activation must be null: the conv backward kernels take dz formed, got {problem['activation']!r}"
+    return ""
+
+
+BACKWARD_PROBLEM_RULES = PROBLEM_RULES + (_formed_gradient,)
 
 
 def _randn(generator: torch.Generator, shape: Sequence[int], problem: Problem, device: torch.device,
@@ -92,25 +126,3 @@ def elements(problem: Problem) -> dict[str, int]:
 def flops(problem: Problem) -> int:
     rows, cols, depth = gemm_dims_fwd(problem)
     return 2 * rows * cols * depth * problem["kh"] * problem["kw"] * problem["groups"]
-
-
-def aot_signature(kernel, pointer_overrides: dict[str, str], constexprs_of):
-    """Signature from the kernel's argument names: *_ptr are pointers of the problem's dtype (unless
-    overridden), negative_slope is fp32, every other runtime argument i32."""
-
-    def aot_signature(problem: Problem, config: Config) -> tuple[dict[str, str], dict[str, Any]]:
-        constexprs = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
-                      "ACTIVATION": activation_code(problem["activation"]),
-                      "DOT_PRECISION": "tf32" if problem.get("tf32") else "ieee",
-                      "INT64": max(elements(problem).values()) >= INT32_MAX // 2} | constexprs_of(problem)
-        signature = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = pointer_overrides.get(name, TRITON_POINTER_TYPES[problem["dtype"]])
-            else:
-                signature[name] = "fp32" if name == "negative_slope" else "i32"
-        return signature, constexprs
-
-    return aot_signature

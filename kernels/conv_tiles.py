@@ -1,8 +1,12 @@
 """What the three conv kernels share about their tiles: the @jit helpers that address a tile's
 operands, the tile parameter space, and the constraints and default-config heuristic over it.
 
-Channel counts below tl.dot's minimum of 16 are handled by masking the K tile. Offsets are
-computed in 64 bits only when some tensor needs it (INT64; conv_geometry.needs_int64).
+The constraints were derived from the kernels' sm_80 and sm_90 code compiled as the launch
+specialises it (16-byte alignment, unit strides, constexpr geometry; `workbench inspect`): the
+operands reach shared memory by cp.async without passing through registers, so the fp32
+accumulator is what decides register pressure. Channel counts below tl.dot's minimum of 16 are
+handled by masking the K tile. Offsets are computed in 64 bits only when some tensor needs it
+(INT64; conv_geometry.needs_int64).
 """
 
 from __future__ import annotations
@@ -12,19 +16,21 @@ from typing import Callable
 import triton
 import triton.language as tl
 
+from triton_workbench.kernels import hardware
 from triton_workbench.kernels.runtime import jit
-from triton_workbench.kernels.activation import derivative
 from triton_workbench.kernels.gemm import fits_shared_memory
 from triton_workbench.kernels.spec import Config, Problem
 
 TILE_PARAMS = {
-    "BLOCK_M": [32, 64, 128],
-    "BLOCK_N": [16, 32, 64, 128],
-    "BLOCK_K": [16, 32, 64],
+    "BLOCK_M": [32, 64, 128, 256],
+    "BLOCK_N": [16, 32, 64, 128, 256],
+    "BLOCK_K": [16, 32, 64, 128],
     "GROUP_M": [1, 8],
     "num_warps": [2, 4, 8],
     "num_stages": [2, 3, 4],
 }
+Dims = Callable[[Problem], tuple[int, int, int]]  # a problem's GEMM view per group: (rows, columns, depth)
+KFloor = Callable[[Problem], int]  # the smallest K tile a problem's kernel can run with
 
 
 @jit
@@ -47,35 +53,23 @@ def spatial_offsets(image, h, w, stride_n, stride_h, stride_w, INT64: tl.constex
     return image * stride_n + offsets(h, INT64) * stride_h + offsets(w, INT64) * stride_w
 
 
-@jit
-def output_grad(dy_ptr, z_ptr, dy_offsets, z_offsets, mask, negative_slope, ACTIVATION: tl.constexpr):
-    """dz = dy * act'(z) in fp32 (z is only read when there is an activation)."""
-    grad = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(tl.float32)
-    if ACTIVATION != 0:
-        preact = tl.load(z_ptr + z_offsets, mask=mask, other=0.0).to(tl.float32)
-        grad = grad * derivative(preact, ACTIVATION, negative_slope)
-    return grad
+def _fits_shared_memory(config: Config, problem: Problem) -> bool:
+    """The GEMM's estimate (pipelined A and B tiles, or the fp32 epilogue tile) fits sm_80 and sm_90."""
+    return fits_shared_memory(config, {"dtype": problem["dtype"]})
 
 
-def _fits_shared_memory(config: Config, problem: Problem, backward: bool) -> bool:
-    """The GEMM's estimate (pipelined A and B tiles, or the fp32 epilogue tile) fits sm_80 and sm_90;
-    the backward kernels load the pre-activation beside operand A when there is an activation."""
-    view = {"dtype": problem["dtype"], "backward": backward, "activation": problem.get("activation")}
-    return fits_shared_memory(config, view)
+def _accumulator_fits(config: Config, problem: Problem) -> bool:
+    """At most 64 fp32 accumulator values per thread: 128x128 on 8 warps and 128x64 on 4 compile with
+    138-179 registers and no spill for sm_90 and sm_80 (ResNet-18's layers, fp16, channels_last)."""
+    return config["BLOCK_M"] * config["BLOCK_N"] <= 64 * 32 * config["num_warps"]
 
 
-def _fits_registers(config: Config, problem: Problem) -> bool:
-    """At most 32 fp32 accumulator values per thread: beside the gathered operands' addresses and masks,
-    every config with 64 spilled when the full fp16 forward space was compiled for sm_80/sm_90."""
-    return config["BLOCK_M"] * config["BLOCK_N"] <= 32 * 32 * config["num_warps"]
-
-
-def _fits_operand_registers(config: Config, problem: Problem, backward: bool) -> bool:
-    """At most 32 gathered operand elements per thread (A, B and, in the backward with an activation, the
-    pre-activation tile beside A): each carries an address and a mask, and beyond 32 the kernels spilled
-    when the full default spaces were compiled for sm_80/sm_90."""
-    a_tiles = 2 if backward and problem.get("activation") is not None else 1
-    operands = config["BLOCK_M"] * config["BLOCK_K"] * a_tiles + config["BLOCK_K"] * config["BLOCK_N"]
+def _gathers_fit(config: Config, problem: Problem) -> bool:
+    """NCHW tensors are gathered element by element through registers (channels are not contiguous):
+    there at most 32 gathered operand values per thread."""
+    if problem["layout"] == "nhwc":
+        return True
+    operands = config["BLOCK_M"] * config["BLOCK_K"] + config["BLOCK_K"] * config["BLOCK_N"]
     return operands <= 32 * 32 * config["num_warps"]
 
 
@@ -84,49 +78,45 @@ def _uses_its_warps(config: Config, problem: Problem) -> bool:
     return config["BLOCK_M"] * config["BLOCK_N"] >= 256 * config["num_warps"]
 
 
-def constraints(dims: Callable[[Problem], tuple[int, int, int]], backward: bool) -> tuple:
-    """The constraints of a conv spec whose GEMM view per group is `dims(problem)` = (rows, columns, depth)."""
-
-    def fits_shared_memory(config: Config, problem: Problem) -> bool:
-        return _fits_shared_memory(config, problem, backward)
-
-    def fits_operand_registers(config: Config, problem: Problem) -> bool:
-        return _fits_operand_registers(config, problem, backward)
+def tile_constraints(dims: Dims, k_floor: KFloor | None = None) -> tuple:
+    """The constraints of a conv spec whose GEMM view per group is `dims(problem)`; `k_floor`, if given, is
+    the smallest BLOCK_K its kernel can run a problem with."""
 
     def fits_problem(config: Config, problem: Problem) -> bool:
         """No tile extends more than one power of two beyond the problem (16 and 32 stay allowed)."""
         rows, cols, depth = dims(problem)
         return (config["BLOCK_M"] <= max(32, triton.next_power_of_2(rows))
                 and config["BLOCK_N"] <= max(16, triton.next_power_of_2(cols))
-                and config["BLOCK_K"] <= max(16, triton.next_power_of_2(depth)))
+                and config["BLOCK_K"] <= max(16, triton.next_power_of_2(depth), k_floor(problem) if k_floor else 0))
 
-    return (fits_shared_memory, _fits_registers, fits_operand_registers, _uses_its_warps, fits_problem)
+    def k_tile_fits(config: Config, problem: Problem) -> bool:
+        return k_floor is None or config["BLOCK_K"] >= k_floor(problem)
+
+    return (_fits_shared_memory, _accumulator_fits, _gathers_fit, _uses_its_warps, fits_problem, k_tile_fits)
 
 
-def default_config(dims: Callable[[Problem], tuple[int, int, int]], backward: bool,
-                   finish: Callable[[Problem, Config], Config] | None = None) -> Callable[[Problem], Config]:
-    """Tiles as large as the problem warrants (up to 128x64, K up to 32) within the register limits, 3 stages
-    if they fit in shared memory."""
+def tile_default_config(dims: Dims, k_floor: KFloor | None = None, programs_per_tile: Callable[[Problem], int] | None
+                        = None, finish: Callable[[Problem, Config], Config] | None = None) -> Callable[[Problem], Config]:
+    """128-row tiles with up to 64 values of K (at least `k_floor`), as many columns as there are up to 128,
+    shrunk until the grid (`programs_per_tile` programs per tile: the groups, unless given) fills an H100's
+    SMs once; 8 warps for 128x128, 4 stages where they fit; then `finish`, if given."""
 
     def default_config(problem: Problem) -> Config:
         rows, cols, depth = dims(problem)
-        block_m = min(128, max(32, triton.next_power_of_2(rows)))
-        block_n = min(64 if rows >= 4 * cols else 128, max(16, triton.next_power_of_2(cols)))
-        config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": min(32, max(16, triton.next_power_of_2(depth))),
-                  "GROUP_M": 8, "num_warps": max(2, min(8, block_m * block_n // 1024)), "num_stages": 3}
-        # registers: narrower K, then more warps, then a smaller tile
-        while not (_fits_operand_registers(config, problem, backward) and _fits_registers(config, problem)):
-            if not _fits_operand_registers(config, problem, backward) and config["BLOCK_K"] > 16:
-                config["BLOCK_K"] //= 2
-            elif config["num_warps"] < 8 and _uses_its_warps(config | {"num_warps": 2 * config["num_warps"]}, problem):
-                config["num_warps"] *= 2
-            elif config["BLOCK_N"] >= config["BLOCK_M"] and config["BLOCK_N"] > 16:
-                config["BLOCK_N"] //= 2
-            elif config["BLOCK_M"] > 32:
-                config["BLOCK_M"] //= 2
-            else:
-                break
-        while not _fits_shared_memory(config, problem, backward) and config["num_stages"] > 2:
+        floor = k_floor(problem) if k_floor else 0
+        block_k = triton.next_power_of_2(floor) if floor else min(64, max(16, triton.next_power_of_2(depth)))
+        config = {"BLOCK_M": 128, "BLOCK_N": min(128, max(16, triton.next_power_of_2(cols))), "BLOCK_K": block_k,
+                  "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+        per_tile = programs_per_tile(problem) if programs_per_tile else problem["groups"]
+        while (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]) * per_tile
+               < hardware.H100_SXM.sm_count and max(config["BLOCK_M"], config["BLOCK_N"]) > 64):
+            config["BLOCK_N" if config["BLOCK_N"] > 64 else "BLOCK_M"] //= 2
+        config["BLOCK_M"] = min(config["BLOCK_M"], max(32, triton.next_power_of_2(rows)))
+        tile = config["BLOCK_M"] * config["BLOCK_N"]
+        config["num_warps"] = 8 if tile > 64 * 32 * 4 else 4 if tile >= 256 * 4 else 2
+        while not _gathers_fit(config, problem) and config["BLOCK_K"] > max(16, floor):
+            config["BLOCK_K"] //= 2
+        while not _fits_shared_memory(config, problem) and config["num_stages"] > 2:
             config["num_stages"] -= 1
         return finish(problem, config) if finish is not None else config
 

@@ -267,15 +267,15 @@ def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
                         stride: list[int], padding: list[int], dilation: list[int], groups: int,
                         activation: Optional[str], negative_slope: float, need_x: bool, need_weight: bool,
                         need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for x (dgrad kernel), weight and bias (one wgrad kernel); empty where not needed."""
+    """Gradients for x (dgrad kernel), weight and bias (wgrad kernel) from dz = dy * act'(pre), formed once by
+    the activation kernel for both; empty where not needed."""
     geometry = _geometry(stride, padding, dilation, groups)
-    pre_or_none = pre if activation is not None else None
+    dz = run_activation(pre, activation, negative_slope, grad=grad_out) if activation is not None else grad_out
     grad_x = grad_weight = grad_bias = None
     if need_x:
-        grad_x = conv2d_input_grad(grad_out, pre_or_none, weight, x, geometry, activation, negative_slope)
+        grad_x = conv2d_input_grad(dz, weight, x, geometry)
     if need_weight or need_bias:
-        grad_weight, grad_bias = conv2d_weight_grad(grad_out, pre_or_none, x, weight, geometry,
-                                                    activation, negative_slope, bias_grad=need_bias)
+        grad_weight, grad_bias = conv2d_weight_grad(dz, x, weight, geometry, bias_grad=need_bias)
     return (grad_x if grad_x is not None else x.new_empty(_EMPTY),
             grad_weight if need_weight else x.new_empty(_EMPTY),
             grad_bias if grad_bias is not None else x.new_empty(_EMPTY))
@@ -331,6 +331,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have C_out = {weight.shape[0]} elements, got shape {tuple(bias.shape)}")
     geometry = make_geometry(tuple(weight.shape[2:]), stride, padding, dilation, groups)
+    _check_conv_sizes(x, weight, groups)
     if x.shape[-3] != weight.shape[1] * groups:
         raise ValueError(f"x has {x.shape[-3]} channels but weight {tuple(weight.shape)} with groups={groups} "
                          f"expects {weight.shape[1] * groups}")
@@ -346,6 +347,20 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = _conv2d_op(batched, weight, bias, [g.stride_h, g.stride_w], [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right],
                    [g.dilation_h, g.dilation_w], groups, name, slope, _keep_pre(name, x, weight, bias))[0]
     return y.squeeze(0) if x.dim() == 3 else y
+
+
+def _check_conv_sizes(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
+    """The sizes F.conv2d refuses (no output channel, a kernel with no tap), refused with a ValueError naming
+    them; and no input channel, for which PyTorch returns an output of 0 channels whatever C_out is."""
+    c_out, c_in_g, kh, kw = weight.shape
+    if c_out < groups:
+        raise ValueError(f"weight has {c_out} output channels (dimension 0 of {tuple(weight.shape)}): conv2d needs "
+                         f"at least groups = {groups}")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"weight's kernel size must be at least 1x1, got {kh}x{kw} (weight {tuple(weight.shape)})")
+    if x.shape[-3] == 0 or c_in_g == 0:
+        raise ValueError(f"x has {x.shape[-3]} input channels and weight {tuple(weight.shape)} {c_in_g} per group: "
+                         "conv2d needs at least one")
 
 
 # ---------------------------------------------------------------------------------------------

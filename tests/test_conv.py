@@ -15,6 +15,7 @@ from triton_workbench import kernels
 from triton_workbench.kernels import conv_dgrad, conv_fwd, conv_tiles, conv_wgrad, ops
 from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry
 from triton_workbench.kernels.activation import NAMES, torch_activation
+from triton_workbench.kernels.activation import run as activation_run
 from triton_workbench.kernels.nn import TritonConv2d, swap
 from triton_workbench.workbench.conv_bench import RESNET18_CONV_SHAPES, resnet18_problem
 
@@ -79,6 +80,8 @@ CASES = {
     "stride_2_dgrad": ((2, 3, 7, 7), (4, 3, 3, 3), {"stride": 2, "padding": 1}),
     "stride_3_uneven": ((1, 2, 7, 6), (3, 2, 2, 3), {"stride": (3, 2), "padding": (1, 2)}),
     "stride_larger_than_kernel": ((1, 2, 7, 7), (2, 2, 1, 1), {"stride": 3}),
+    "stride_phases_with_one_tap": ((1, 4, 9, 9), (2, 4, 3, 3), {"stride": 4, "padding": 1}),
+    "stride_phases_without_taps": ((1, 3, 9, 8), (2, 3, 3, 3), {"stride": 2, "dilation": 2, "padding": 2}),
     "dilation": ((1, 3, 7, 7), (2, 3, 3, 3), {"dilation": (2, 3), "padding": 2}),
     "same_even_kernel": ((1, 2, 6, 5), (3, 2, 4, 2), {"padding": "same", "dilation": (1, 3)}),
     "valid": ((1, 2, 5, 6), (2, 2, 3, 3), {"padding": "valid"}),
@@ -102,6 +105,41 @@ def test_matches_pytorch(case, layout):
     out = _check_against_torch(x, weight, bias, **conv_args)
     if layout == "channels_last" and out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1:
         assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype, c_in", [(torch.float32, 3), (torch.float16, 3), (torch.float16, 2), (torch.float32, 5)])
+def test_stem_k_tiles_cover_whole_kernel_rows(dtype, c_in):
+    """Few channels, channels_last: padded to whole 8-byte channel runs, a K tile spans a kernel row's
+    (kw, channel) run (the stem's 7x7x3 path); forward and gradients still match PyTorch."""
+    generator = torch.Generator().manual_seed(c_in)
+    x = torch.randn(2, c_in, 11, 10, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, c_in, 7, 7, generator=generator).to(dtype)
+    bias = torch.randn(6, generator=generator).to(dtype)
+    geometry = make_geometry((7, 7), 2, 3)
+    padded_x, padded_weight = conv_fwd._pad_channels(x, weight, geometry)
+    channels = conv_fwd.stem_channels(c_in, x.element_size())
+    assert padded_x.shape[1] == padded_weight.shape[1] == channels and channels * x.element_size() % 8 == 0
+    problem = conv_problem(2, c_in, 11, 10, 6, 7, 7, geometry, "fp32" if dtype == torch.float32 else "fp16", "nhwc")
+    config = conv_fwd.CONV_FWD_SPEC.default_config(problem)
+    assert config["BLOCK_K"] >= 7 * channels == conv_fwd.flat_row(problem)
+    assert conv_fwd.flat_channels(padded_x, padded_weight.contiguous(memory_format=torch.channels_last), geometry,
+                                  config["BLOCK_K"]) == channels
+    tolerance = FP32_TOLERANCE if dtype == torch.float32 else FP16_TOLERANCE
+    _check_against_torch(x, weight, bias, tolerance, activation="relu", stride=2, padding=3)
+
+
+@pytest.mark.parametrize("block_k", [16, 32])
+def test_channels_last_channel_tails_and_one_by_one_strided(block_k):
+    """K tails (40 channels in tiles of 16/32) and a strided 1x1 conv on the channels_last forward path."""
+    generator = torch.Generator().manual_seed(block_k)
+    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": 2, "num_stages": 2}
+    for w_shape, stride, padding in (((20, 40, 3, 3), 1, 1), ((24, 40, 1, 1), 2, 0)):
+        x = torch.randn(2, 40, 7, 6, generator=generator).contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(w_shape, generator=generator), torch.randn(w_shape[0], generator=generator)
+        geometry = make_geometry(w_shape[2:], stride, padding)
+        out, _ = conv_fwd.conv2d_forward(x, weight, bias, geometry, "relu", config=config)
+        expected = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, padding))
+        _assert_close(out, expected, FP32_TOLERANCE, f"{w_shape} stride {stride}")
 
 
 @pytest.mark.parametrize("activation", NAMES)
@@ -164,9 +202,10 @@ def test_multiple_tiles_split_k_and_channel_tails(int64, monkeypatch):
     out64 = F.gelu(F.conv2d(x64, w64, b64, (2, 1), (1, 1)))
     grad_out = torch.randn(out64.shape, generator=generator, dtype=torch.float64)
     expected = torch.autograd.grad(out64, (x64, w64, b64), grad_out)
-    grad_x = conv_dgrad.conv2d_input_grad(grad_out.float(), pre, weight, x, geometry, "gelu", config=config)
-    grad_w, grad_b = conv_wgrad.conv2d_weight_grad(grad_out.float(), pre, x, weight, geometry, "gelu",
-                                                   config=config | {"SPLIT_K": 3})
+    dz = activation_run(pre, "gelu", grad=grad_out.float().contiguous(memory_format=torch.channels_last))
+    assert dz.is_contiguous(memory_format=torch.channels_last)  # formed in pre's layout, as the backward reads it
+    grad_x = conv_dgrad.conv2d_input_grad(dz, weight, x, geometry, config=config)
+    grad_w, grad_b = conv_wgrad.conv2d_weight_grad(dz, x, weight, geometry, config=config | {"SPLIT_K": 3})
     for name, actual, wanted in zip(("grad_input", "grad_weight", "grad_bias"), (grad_x, grad_w, grad_b), expected):
         _assert_close(actual, wanted, FP32_TOLERANCE, name)
     assert grad_x.stride() == x.stride() and grad_w.stride() == weight.stride()
@@ -192,6 +231,13 @@ def test_multiple_tiles_split_k_and_channel_tails(int64, monkeypatch):
     ({"stride": (1, 0)}, ValueError, "stride"),
     ({"dilation": 1.5}, TypeError, "dilation"),
     ({"x": torch.randn(1, 3, 2, 2)}, ValueError, "too small"),
+    # where F.conv2d raises: no output channel, a kernel with no tap; and no input channel, where PyTorch
+    # returns 0 output channels whatever the weight's C_out
+    ({"weight": torch.randn(0, 3, 3, 3)}, ValueError, "weight has 0 output channels"),
+    ({"weight": torch.randn(2, 3, 3, 3), "groups": 3, "x": torch.randn(1, 9, 5, 5)}, ValueError, "at least groups"),
+    ({"weight": torch.randn(4, 3, 0, 3)}, ValueError, "kernel size must be at least 1x1, got 0x3"),
+    ({"weight": torch.randn(4, 3, 3, 0)}, ValueError, "kernel size"),
+    ({"x": torch.randn(1, 0, 5, 5), "weight": torch.randn(4, 0, 3, 3)}, ValueError, "0 input channels"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, error, words):
     arguments = {"x": torch.randn(1, 3, 5, 5), "weight": torch.randn(4, 3, 3, 3), "bias": None} | kwargs
@@ -240,6 +286,20 @@ def test_triton_conv2d_has_conv2d_state_dict_keys():
     _assert_close(module(x), F.relu(reference(x)).double(), FP32_TOLERANCE, "module output")
 
 
+@pytest.mark.parametrize("in_channels, out_channels, kernel_size, words", [
+    (3, 0, 3, "0 output channels"), (3, 4, 0, "kernel size"), (3, 4, (0, 3), "kernel size"),
+    (0, 4, 3, "0 input channels"),
+])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_triton_conv2d_refuses_empty_channels_and_kernels(in_channels, out_channels, kernel_size, words):
+    x = torch.randn(1, in_channels, 5, 5)
+    if in_channels:  # PyTorch refuses these too (with 0 input channels it returns 0 output channels instead)
+        with pytest.raises(RuntimeError):
+            nn.Conv2d(in_channels, out_channels, kernel_size)(x)
+    with pytest.raises(ValueError, match=words):
+        TritonConv2d(in_channels, out_channels, kernel_size)(x)
+
+
 def test_swap_keeps_outputs_and_gradients_and_reports_unsupported_padding_mode():
     torch.manual_seed(8)
     model = nn.Sequential(
@@ -283,7 +343,9 @@ def test_specs_are_registered():
 @pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
 def test_spec_launch_matches_its_reference_and_baseline(spec):
     geometry = make_geometry((3, 3), stride=2, padding=1)
-    problem = conv_problem(2, 3, 5, 6, 4, 3, 3, geometry, "fp32", "nhwc", "leaky_relu", True)
+    activation = "leaky_relu" if spec is conv_fwd.CONV_FWD_SPEC else None  # the backward kernels take dz formed
+    problem = conv_problem(2, 3, 5, 6, 4, 3, 3, geometry, "fp32", "nhwc", activation, True)
+    spec.validate_problem(problem)
     inputs = spec.make_inputs(problem, torch.device("cpu"))
     config = spec.default_config(problem)
     assert spec.is_valid(config, problem)
@@ -294,9 +356,6 @@ def test_spec_launch_matches_its_reference_and_baseline(spec):
     _assert_close(spec.baseline(inputs), reference, spec.tolerance(problem), f"{spec.name} baseline")
     assert spec.flops(problem) == 2 * 2 * 3 * 3 * 4 * 3 * 3 * 3  # N * Ho * Wo * C_out * C_in * kH * kW, times 2
     assert spec.bytes(problem) > 0
-    signature, constexprs = spec.aot_signature(problem, config)
-    assert list(signature) == spec.kernel.arg_names
-    assert all(signature[name] == "constexpr" for name in constexprs)
     assert all(dim >= 1 for dim in spec.grid(problem, config))
 
 
@@ -331,12 +390,3 @@ def test_default_config_is_valid_across_shapes():
         for spec in SPECS:
             assert spec.is_valid(spec.default_config(problem), problem), (spec.name, problem)
 
-
-def test_backward_shared_memory_counts_the_pre_activation_tile():
-    # dgrad/wgrad load z beside operand A when there is an activation: 128x64 fp32 tiles, 3 stages,
-    # fit sm_80 without it (144 KiB) and not with it (240 KiB)
-    config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_stages": 3}
-    with_activation = {"dtype": "fp32", "activation": "gelu"}
-    assert conv_tiles._fits_shared_memory(config, with_activation, backward=False)
-    assert not conv_tiles._fits_shared_memory(config, with_activation, backward=True)
-    assert conv_tiles._fits_shared_memory(config, {"dtype": "fp32", "activation": None}, backward=True)
