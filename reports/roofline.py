@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from triton_workbench.database import TrialStatus
 from triton_workbench.kernels.hardware import gpu_by_name
 from triton_workbench.reports.html import escape, style_figure
 from triton_workbench.reports.labels import FLOP_RATE_UNITS, rate_unit
@@ -18,7 +19,7 @@ from triton_workbench.reports.labels import FLOP_RATE_UNITS, rate_unit
 
 def roofline_points(trials: pd.DataFrame) -> pd.DataFrame:
     """Successful trials with both rates known, plus intensity (flop/byte) and achieved TFLOP/s."""
-    ok = trials[(trials["status"] == "ok") & (trials["tflops"] > 0) & (trials["gbps"] > 0)].copy()
+    ok = trials[(trials["status"] == TrialStatus.OK) & (trials["tflops"] > 0) & (trials["gbps"] > 0)].copy()
     ok["intensity"] = ok["tflops"] * 1e12 / (ok["gbps"] * 1e9)
     return ok
 

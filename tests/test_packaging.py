@@ -180,15 +180,13 @@ def project_kernels():
 
 def test_import_sets_no_environment_and_leaves_user_jit_alone(tmp_path):
     (tmp_path / "user_kernels.py").write_text(USER_KERNEL)
-    third_party = sorted(set(declared_dependencies().values()))
     code = [f"""
     import importlib
     import os
     import pkgutil
-    # third-party packages first: scikit-learn sets KMP_* variables when imported, which is its own business
-    for name in {third_party!r}:
-        importlib.import_module(name)
-    before = dict(os.environ)
+    import sys
+    before = dict(os.environ)  # before anything of ours, and before the dependencies they import
+    assert not any(name.split(".")[0] in ("triton_workbench", "sklearn") for name in sys.modules), "imported too early"
     imported = []
     for top in {TOP_PACKAGES!r}:
         package = importlib.import_module(top)
@@ -200,6 +198,8 @@ def test_import_sets_no_environment_and_leaves_user_jit_alone(tmp_path):
     changed = sorted(key for key in set(before) | set(os.environ) if before.get(key) != os.environ.get(key))
     assert not changed, f"importing triton_workbench changed environment variables {{changed}}"
     assert "TRITON_INTERPRET" not in os.environ
+    # scikit-learn sets KMP_* variables when imported: only a search that fits its trees may import it
+    assert "sklearn" not in sys.modules, "importing triton_workbench imported scikit-learn"
     print(len(imported), "modules")
     """, PROJECT_KERNELS, OPS_AGAINST_TORCH, """
     import triton.language as tl

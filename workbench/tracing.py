@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from triton_workbench.database import SeriesTable
 from triton_workbench.workbench.tables import format_table
 from triton_workbench.workbench.train_recorder import TrainRecorder
 
@@ -87,7 +88,7 @@ def record_trace(tracer: StepTracer, recorder: TrainRecorder | None) -> None:
         print("trace: no step was traced (the run ended before the first traced step)")
         return
     if recorder is not None:
-        recorder.append("op_times", op_times)
+        recorder.append(SeriesTable.OP_TIMES, op_times)
     print(f"trace: {tracer.steps_traced} steps traced -> {tracer.trace_path}")
     from triton_workbench.reports.training import op_device  # the report's rule for where a step's kernel time is
 

@@ -9,6 +9,7 @@ from typing import ContextManager, Iterator
 
 import torch
 
+from triton_workbench.database import SeriesTable
 from triton_workbench.workbench.train_recorder import TrainRecorder
 
 
@@ -58,6 +59,6 @@ class EnergyWindows:
             return
         self.sampler.stop()
         if recorder is not None:
-            recorder.append("windows", self.sampler.windows())
-            recorder.append("samples", self.sampler.frame())
+            recorder.append(SeriesTable.WINDOWS, self.sampler.windows())
+            recorder.append(SeriesTable.SAMPLES, self.sampler.frame())
         self.sampler = None

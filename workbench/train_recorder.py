@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from triton_workbench.database import Database
+from triton_workbench.database import Database, RunKind, RunStatus, SeriesTable
 from triton_workbench.workbench.train_config import TrainConfig
 
 log = logging.getLogger("triton_workbench.workbench.train")
@@ -23,8 +23,8 @@ class TrainRecorder:
     def __init__(self, config: TrainConfig, resumed_run_id: int | None) -> None:
         self.db = Database(config.db_path)
         self.run_id = self._open_run(config, resumed_run_id)
-        recorded_steps = self.db.read("train_steps", self.run_id)
-        recorded_epochs = self.db.read("train_epochs", self.run_id)
+        recorded_steps = self.db.read(SeriesTable.TRAIN_STEPS, self.run_id)
+        recorded_epochs = self.db.read(SeriesTable.TRAIN_EPOCHS, self.run_id)
         self.last_step = int(recorded_steps["step"].max()) if len(recorded_steps) else 0
         self.last_epoch = int(recorded_epochs["epoch"].max()) if len(recorded_epochs) else 0
         self._steps: list[dict[str, Any]] = []
@@ -40,7 +40,7 @@ class TrainRecorder:
         if resumed_run_id is not None:
             meta["resumed_from_run_id"] = resumed_run_id  # the checkpoint's run lives in another database
         name = f"{config.model}-{config.data}-{config.kernels}"
-        return self.db.start_run("train", name, meta)
+        return self.db.start_run(RunKind.TRAIN, name, meta)
 
     def step(self, row: dict[str, Any]) -> None:
         if row["step"] > self.last_step:
@@ -53,22 +53,22 @@ class TrainRecorder:
     def flush(self) -> None:
         if self._steps:
             frame = pd.DataFrame(self._steps)
-            self.db.append("train_steps", self.run_id, frame)
+            self.db.append(SeriesTable.TRAIN_STEPS, self.run_id, frame)
             self.last_step = int(frame["step"].max())
             self._steps.clear()
         if self._epochs:
-            self.db.append("train_epochs", self.run_id, pd.DataFrame(self._epochs))
+            self.db.append(SeriesTable.TRAIN_EPOCHS, self.run_id, pd.DataFrame(self._epochs))
             self.last_epoch = max(row["epoch"] for row in self._epochs)
             self._epochs.clear()
 
-    def append(self, table: str, frame: pd.DataFrame) -> None:
+    def append(self, table: SeriesTable, frame: pd.DataFrame) -> None:
         """Store `frame` in `table` at once (nothing when empty)."""
         if len(frame):
             self.db.append(table, self.run_id, frame)
 
-    def read(self, table: str) -> pd.DataFrame:
+    def read(self, table: SeriesTable) -> pd.DataFrame:
         """The rows of `table` this run holds."""
         return self.db.read(table, self.run_id)
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: RunStatus) -> None:
         self.db.finish_run(self.run_id, status=status)

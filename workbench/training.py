@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from triton_workbench.autotune.distributed import Distributed
+from triton_workbench.database import RunStatus, SeriesTable
 from triton_workbench.kernels import runtime
 from triton_workbench.workbench.checkpoint import (
     CHECKPOINT_NAME,
@@ -85,11 +86,11 @@ def train(config: TrainConfig) -> TrainResult:
     energy = EnergyWindows(config.profile and distributed.is_main, device)
     tracer = StepTracer(Path(config.out_dir) / TRACE_FILE, warmup_steps=1) if config.trace and distributed.is_main else None
     state = _Loop(config, dataset, model, trained, optimizer, scaler, device, distributed, recorder, energy, tracer)
-    status = "failed"
+    status = RunStatus.FAILED
     try:
-        status = "interrupted" if state.run(progress, checkpoint_path) else "done"
+        status = RunStatus.INTERRUPTED if state.run(progress, checkpoint_path) else RunStatus.DONE
     except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint stands, resumed steps are not re-recorded
-        status = "interrupted"
+        status = RunStatus.INTERRUPTED
         raise
     finally:
         energy.close(recorder)
@@ -102,14 +103,14 @@ def train(config: TrainConfig) -> TrainResult:
     eval_loss, eval_accuracy = state.final_eval
     return TrainResult(
         run_id=recorder.run_id if recorder else None,
-        steps=recorder.read("train_steps") if recorder else pd.DataFrame(),
-        epochs=recorder.read("train_epochs") if recorder else pd.DataFrame(),
+        steps=recorder.read(SeriesTable.TRAIN_STEPS) if recorder else pd.DataFrame(),
+        epochs=recorder.read(SeriesTable.TRAIN_EPOCHS) if recorder else pd.DataFrame(),
         global_step=progress.global_step,
         final_eval_loss=eval_loss,
         final_eval_accuracy=eval_accuracy,
         parameters_sha256=checksum,
         checkpoint_path=checkpoint_path,
-        interrupted=status == "interrupted",
+        interrupted=status == RunStatus.INTERRUPTED,
         skipped_modules=skipped,
     )
 

@@ -36,15 +36,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.spatial.distance import cdist
-from scipy.stats import norm
-from sklearn.tree import DecisionTreeRegressor
 
 from triton_workbench.autotune.space import Space
 from triton_workbench.autotune.strategies.base import Strategy
 from triton_workbench.autotune.strategies.options import StrategyOptions, option
+
+# scikit-learn and scipy are imported where first used: importing scikit-learn sets environment variables
+# (KMP_DUPLICATE_LIB_OK, KMP_INIT_AT_FORK), and importing the package must set none; scipy.stats is slow to import.
+if TYPE_CHECKING:
+    from sklearn.tree import DecisionTreeRegressor
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class ForestSearch(Strategy):
         mean, std = per_tree.mean(axis=0), per_tree.std(axis=0) + 1e-9
         best = math.log(min(finite))
         z = (best - mean) / std
+        from scipy.stats import norm
+
         improvement = (best - mean) * norm.cdf(z) + std * norm.pdf(z)
         return int(candidates[np.argmax(improvement)])
 
@@ -123,6 +128,8 @@ class ForestSearch(Strategy):
         asked = np.flatnonzero(self.asked)
         if not len(asked):
             return int(pool[0])
+        from scipy.spatial.distance import cdist
+
         positions = self.space.positions
         distances = cdist(positions[pool], positions[asked], metric="cityblock")
         return int(pool[np.argmax(distances.min(axis=1))])
@@ -140,6 +147,8 @@ class ForestSearch(Strategy):
             targets = np.concatenate([targets, np.full(len(self.pending), targets.mean())])
         features = self._features[rows]
         seeds = self.rng.integers(2**31, size=self.options.trees)
+        from sklearn.tree import DecisionTreeRegressor
+
         return [DecisionTreeRegressor(splitter="random", random_state=int(s)).fit(features, targets) for s in seeds]
 
     def _exploiting(self) -> bool:
