@@ -163,7 +163,8 @@ def run(x: torch.Tensor, name: str | None, negative_slope: float = DEFAULT_NEGAT
     config = config if config is not None else tuned.config_for(ACTIVATION_SPEC, problem)
     activation_kernel[_grid(problem, config)](
         x, grad, out, x.numel(), float(negative_slope),
-        ACTIVATION=code, BACKWARD=backward, BLOCK_SIZE=config["BLOCK_SIZE"], num_warps=config["num_warps"])
+        ACTIVATION=code, BACKWARD=backward, BLOCK_SIZE=config["BLOCK_SIZE"], num_warps=config["num_warps"],
+        **runtime.LAUNCH_OPTIONS)
     return out
 
 

@@ -164,7 +164,7 @@ def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, g
             DOT_PRECISION=dot_precision(weight.dtype), INT64=needs_int64(dz, weight, dx),
             EVEN_K=c_out_g % config["BLOCK_K"] == 0,
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-            num_warps=config["num_warps"], num_stages=config["num_stages"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
         )
     return dx
 

@@ -192,7 +192,7 @@ def conv2d_forward(
         DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(x, weight, y), EVEN_K=c_in_g % config["BLOCK_K"] == 0,
         C_FLAT=flat_channels(x, weight, geometry, config["BLOCK_K"]),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
     )
     return y, pre
 

@@ -130,7 +130,7 @@ def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             DENSE_DZ=dz.stride()[0] == ho * dz.stride()[2] and dz.stride()[2] == wo * dz.stride()[3],
             DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(dz, x, dw_partial),
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-            num_warps=config["num_warps"], num_stages=config["num_stages"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
         )
     dw = dw_partial.sum(0).to(weight.dtype).permute(0, 3, 1, 2)  # channels_last strides
     if not channels_last(weight):

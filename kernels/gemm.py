@@ -153,7 +153,7 @@ def _launch_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, bias: t
         HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation_name),
         STORE_PRE=pre_out is not None, ACT_GRAD_A=pre_in is not None, ROWSUM_A=rowsum is not None,
         INPUT_PRECISION=input_precision(a.dtype), INT64=max(map(max_offset, tensors)) > INT32_MAX,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
     )
 
 

@@ -179,7 +179,24 @@ def _swap_children(parent: nn.Module, prefix: str, records: list[SwapRecord]) ->
         kept_layer = path if converter is not None and reason is not None else ""
 
 
-def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
+def _to_channels_last(module: nn.Module, inputs: tuple) -> tuple:
+    """A forward pre-hook: 4-D tensor inputs in channels_last, converted once at the model's entry."""
+    return tuple(x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.dim() == 4
+                 else x for x in inputs)
+
+
+def use_channels_last(model: nn.Module) -> nn.Module:
+    """Run `model` channels_last end to end: its 4-D parameters and buffers converted in place (the same
+    Parameter objects, so optimizers keep working) and its 4-D inputs converted once at its entry, so no
+    layer converts per call and the conv kernels read contiguous channels. Idempotent; returns `model`."""
+    model.to(memory_format=torch.channels_last)
+    if not getattr(model, "_workbench_channels_last", False):
+        model.register_forward_pre_hook(_to_channels_last)
+        model._workbench_channels_last = True
+    return model
+
+
+def swap(model: nn.Module, verbose: bool = False, channels_last: bool = True) -> nn.Module:
     """Replace, in place, every supported layer and activation of `model` by its Triton module.
 
     A layer directly followed by a supported activation inside an nn.Sequential absorbs it (the
@@ -187,7 +204,8 @@ def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
     are shared, not copied. A module is swapped only where the kernels can run it: layers whose
     parameters have a dtype or device the kernels do not take here stay in PyTorch, and so do the
     activations of a container all of whose parameters are such: a swap never turns a working model
-    into a failing one. Logs a one-line summary; `verbose` prints a table of every module
+    into a failing one. With `channels_last` (the default) a model with a Triton conv runs channels_last
+    end to end (`use_channels_last`). Logs a one-line summary; `verbose` prints a table of every module
     swapped or left alone, and why. Returns `model`.
     """
     if not isinstance(model, nn.Module):
@@ -196,6 +214,8 @@ def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
     if _fusable_converter(model) is not None or activation_of(model) is not None:
         raise ValueError("model must be a container: swap replaces children in place, not the model itself")
     _swap_children(model, "", records)
+    if channels_last and any(isinstance(module, TritonConv2d) for module in model.modules()):
+        use_channels_last(model)
     counts = {action: sum(r.action == action for r in records) for action in ("fused", "swapped", "absorbed", "kept")}
     log.info("kernels.nn.swap: %d layers fused with their activation, %d modules swapped, %d left alone",
              counts["fused"], counts["swapped"], counts["kept"])

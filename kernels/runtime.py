@@ -34,6 +34,10 @@ def _interpreter() -> bool:
 
 INTERPRETER: bool = _interpreter()
 
+# passed with every launch: Triton's current default, stated so that Triton 3.10's change of default (and
+# the warning 3.9 prints when it is left unset) does not touch our kernels' numerics
+LAUNCH_OPTIONS: dict[str, Any] = {"enable_fp_fusion": True}
+
 
 def jit(fn: Callable | None = None, **options: Any) -> Any:
     """`triton.jit` for this project's kernels: interpreted where there is no GPU (see the module doc)."""

@@ -143,3 +143,23 @@ def test_swap_never_breaks_a_model_the_kernels_cannot_run(capsys):
     assert not any(isinstance(m, (knn.TritonActivation, knn.TritonLinear, knn.TritonConv2d)) for m in model.modules())
     table = capsys.readouterr().out
     assert "its container's" in table and "dtype torch.float64 not supported" in table
+
+
+def test_swapped_conv_model_runs_channels_last_from_its_entry():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 6, 5)  # NCHW in
+    expected = model(x)
+    parameters = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    knn.swap(model)
+    assert [p for p in model.parameters()] == parameters  # the same Parameter objects
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    model[2].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    out = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and out.is_contiguous(memory_format=torch.channels_last)
+    out.sum().backward()
+    optimizer.step()  # the optimizer built before the swap still updates the model's parameters
+    knn.swap(model)  # idempotent: one conversion hook
+    assert len(model._forward_pre_hooks) == 1

@@ -16,7 +16,7 @@ SPECIAL = [math.nan, math.inf, -math.inf, -0.0, 0.0, 1e-40, -1e-40, 1e-8, -1e-8,
 
 
 def assert_same_values(actual: torch.Tensor, expected64: torch.Tensor, gradient: bool = False,
-                       atol: float | None = None) -> None:
+                       atol: float | None = None, signed_zeros: bool = True) -> None:
     """NaN where the reference is NaN, the same infinities, the sign of zeros, and finite values close.
 
     Tolerances: the kernel dtype's relative precision, and an absolute `atol` (default: the dtype's
@@ -24,6 +24,9 @@ def assert_same_values(actual: torch.Tensor, expected64: torch.Tensor, gradient:
     rounding, ~1e-6 of its terms). For gradients, a zero's sign comes from the order of saturated
     terms, and a saturated slope may be a rounded 0 on one side (float64's 1 - tanh(20)^2 is 0, the
     kernel's 1.7e-17): zeros' signs are not compared, and absolute differences up to 1e-12 are allowed.
+    Nor are they after a sum of products (`signed_zeros=False`): an accumulator that starts at +0.0 turns
+    a lone -0.0 product into +0.0 (as cuBLAS does), so the sign a GEMM gives an activation is not the
+    activation's semantics.
     """
     rtol = {torch.float32: 1e-5, torch.float16: 2e-3}[actual.dtype]
     atol = atol if atol is not None else 1e-12 if gradient else torch.finfo(actual.dtype).tiny
@@ -31,7 +34,7 @@ def assert_same_values(actual: torch.Tensor, expected64: torch.Tensor, gradient:
     actual = actual.double()
     assert torch.equal(actual.isnan(), expected.isnan()), (actual, expected)
     assert torch.equal(actual.isposinf(), expected.isposinf()) and torch.equal(actual.isneginf(), expected.isneginf())
-    if not gradient:
+    if signed_zeros and not gradient:
         zeros = expected == 0
         assert torch.equal(actual[zeros].signbit(), expected[zeros].signbit()), "sign of zero differs"
     finite = expected.isfinite()
@@ -81,7 +84,7 @@ def test_fused_linear_propagates_special_values_like_pytorch(name):
     out, grads = _ours(lambda a, w, b: kernels.linear(a, w, b, activation=name), x, weight, bias)
     expected, expected_grads = _reference(
         lambda a, w, b: torch_activation(torch.nn.functional.linear(a, w, b), name), x, weight, bias)
-    assert_same_values(out, expected, atol=1e-5)
+    assert_same_values(out, expected, atol=1e-5, signed_zeros=False)
     for grad, expected_grad in zip(grads, expected_grads):
         assert_same_values(grad, expected_grad, gradient=True, atol=1e-5)
 
@@ -95,7 +98,7 @@ def test_fused_conv_propagates_special_values_like_pytorch(name):
     out, grads = _ours(lambda a, w, b: kernels.conv2d(a, w, b, padding=1, activation=name), x, weight, bias)
     expected, expected_grads = _reference(
         lambda a, w, b: torch_activation(torch.nn.functional.conv2d(a, w, b, padding=1), name), x, weight, bias)
-    assert_same_values(out, expected, atol=1e-5)
+    assert_same_values(out, expected, atol=1e-5, signed_zeros=False)
     for grad, expected_grad in zip(grads, expected_grads):
         assert_same_values(grad, expected_grad, gradient=True, atol=1e-5)
 
@@ -108,13 +111,13 @@ def test_fp16_gemm_that_overflows_gives_inf_as_pytorch(name):
     out = kernels.gemm(a, b, None, activation=name)
     expected = torch_activation(a.double() @ b.double(), name)
     assert out.dtype == torch.float16 and (out.isinf().any() or name == "tanh")
-    assert_same_values(out, expected)
+    assert_same_values(out, expected, signed_zeros=False)
 
 
 _floats32 = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # the same examples on every run
 @given(name=st.sampled_from(NAMES), values=st.lists(_floats32, min_size=1, max_size=70),
        columns=st.integers(1, 7), transpose=st.booleans(), half=st.booleans())
 def test_activation_property_against_float64_pytorch(name, values, columns, transpose, half):
@@ -131,7 +134,7 @@ def test_activation_property_against_float64_pytorch(name, values, columns, tran
     assert_same_values(grad, expected_grad, gradient=True)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(name=st.sampled_from(NAMES), m=st.integers(1, 9), n=st.integers(1, 9), k=st.integers(1, 9),
        special=st.lists(st.sampled_from(SPECIAL), min_size=1, max_size=4), seed=st.integers(0, 2**16))
 def test_linear_property_against_float64_pytorch(name, m, n, k, special, seed):
@@ -143,6 +146,6 @@ def test_linear_property_against_float64_pytorch(name, m, n, k, special, seed):
     out, grads = _ours(lambda a, w: kernels.linear(a, w, None, activation=name), x, weight)
     expected, expected_grads = _reference(lambda a, w: torch_activation(torch.nn.functional.linear(a, w), name),
                                           x, weight)
-    assert_same_values(out, expected, atol=1e-5)
+    assert_same_values(out, expected, atol=1e-5, signed_zeros=False)
     for grad, expected_grad in zip(grads, expected_grads):
         assert_same_values(grad, expected_grad, gradient=True, atol=1e-5)
