@@ -141,22 +141,32 @@ def _problem(x: torch.Tensor, name: str | None, backward: bool) -> Problem:
     return {"numel": x.numel(), "dtype": dtype_name(x.dtype), "activation": name, "backward": backward}
 
 
+def _read_in_place(x: torch.Tensor, grad: torch.Tensor | None) -> bool:
+    """Whether the flat kernel can walk x (and grad) where they lie: contiguous or channels_last, grad with x's strides."""
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    return dense and (grad is None or grad.stride() == x.stride())
+
+
+def output_like(x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """An empty tensor laid out as `run`'s result for these inputs (the ops' fake kernels use it too)."""
+    return torch.empty_like(x, memory_format=torch.preserve_format if _read_in_place(x, grad)
+                            else torch.contiguous_format)
+
+
 def run(x: torch.Tensor, name: str | None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
         grad: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
     """act(x), or grad * act'(x) when `grad` is given; a new tensor shaped like x.
 
     The kernel walks flat memory: a contiguous or channels_last x with a grad of the same strides is read
-    in place and the result keeps that layout; other inputs are made contiguous first.
+    in place and the result keeps that layout (`output_like`); other inputs are made contiguous first.
     """
     runtime.announce()
     code = activation_code(name)
-    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-    in_place = dense and (grad is None or grad.stride() == x.stride())
-    if not in_place:
-        x = x.contiguous()
-    grad = x if grad is None else grad if in_place else grad.contiguous()
+    out = output_like(x, grad)
+    if not _read_in_place(x, grad):
+        x, grad = x.contiguous(), grad.contiguous() if grad is not None else None
+    grad = x if grad is None else grad
     backward = grad is not x
-    out = torch.empty_like(x)  # x's strides, as x is dense here
     if x.numel() == 0:
         return out
     problem = _problem(x, name, backward)

@@ -27,9 +27,8 @@ from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last,
 from triton_workbench.kernels.conv_spec import (BACKWARD_EXAMPLE_PROBLEMS, BACKWARD_PROBLEM_RULES, PROBLEM_SCHEMA,
                                                 SHAPE_KEYS,
                                                 elements, flops, make_inputs, torch_backward)
-from triton_workbench.kernels.conv_tiles import TILE_PARAMS, offsets, position, spatial_offsets, tile_constraints, \
-    tile_default_config
-from triton_workbench.kernels.gemm import tile_coordinates
+from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, offsets, position, spatial_offsets, tile_constraints,
+                                                 tile_default_config, tile_offsets)
 from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
 
@@ -80,12 +79,8 @@ def conv2d_dgrad_kernel(
     correlation of dz with the phase's TAPS_H x TAPS_W taps."""
     group = tl.program_id(1)
     M = N * Hq * Wq
-    pid_m, pid_n = tile_coordinates(M, C_in_g, GROUP_M, BLOCK_M, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(M, C_in_g, GROUP_M, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < C_in_g
     image, qh, qw = position(offs_m, Hq, Wq, INT64)
     oh0 = tl.where(m_ok, qh + BASE_H, -1 - OH_STEP * TAPS_H)  # rows past M fail every bounds check
     ow0 = qw + BASE_W

@@ -21,8 +21,7 @@ from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last,
 from triton_workbench.kernels.conv_spec import (EXAMPLE_PROBLEMS, PROBLEM_RULES, PROBLEM_SCHEMA, SHAPE_KEYS,
                                                 elements, flops, make_inputs, torch_forward)
 from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, offsets, position, spatial_offsets, tile_constraints,
-                                                 tile_default_config)
-from triton_workbench.kernels.gemm import tile_coordinates
+                                                 tile_default_config, tile_offsets)
 from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
 
@@ -45,12 +44,8 @@ def conv2d_fwd_kernel(
     """
     group = tl.program_id(1)
     M = N * Ho * Wo
-    pid_m, pid_n = tile_coordinates(M, C_out_g, GROUP_M, BLOCK_M, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(M, C_out_g, GROUP_M, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < C_out_g
     image, oh, ow = position(offs_m, Ho, Wo, INT64)
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W

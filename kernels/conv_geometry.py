@@ -48,10 +48,6 @@ class ConvGeometry:
         them (the leading padding is all a kernel needs)."""
         return (kh, kw, self.stride_h, self.stride_w, self.pad_top, self.pad_left, self.dilation_h, self.dilation_w)
 
-    def kernel_args(self) -> tuple[int, ...]:
-        """stride_h, stride_w, pad_h, pad_w, dil_h, dil_w: the leading padding is all a kernel needs."""
-        return (self.stride_h, self.stride_w, self.pad_top, self.pad_left, self.dilation_h, self.dilation_w)
-
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     if isinstance(value, bool):

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from triton_workbench.kernels import hardware
 from triton_workbench.kernels.runtime import jit
-from triton_workbench.kernels.gemm import fits_shared_memory
+from triton_workbench.kernels.gemm import fits_shared_memory, tile_coordinates
 from triton_workbench.kernels.spec import Config, Problem
 
 TILE_PARAMS = {
@@ -31,6 +31,16 @@ TILE_PARAMS = {
 }
 Dims = Callable[[Problem], tuple[int, int, int]]  # a problem's GEMM view per group: (rows, columns, depth)
 KFloor = Callable[[Problem], int]  # the smallest K tile a problem's kernel can run with
+
+
+@jit
+def tile_offsets(rows, cols, GROUP_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of a rows x cols GEMM view (GROUP_M row tiles walked together): its row and
+    column offsets and which of them are in range."""
+    pid_m, pid_n = tile_coordinates(rows, cols, GROUP_M, BLOCK_M, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < rows, offs_n < cols
 
 
 @jit
@@ -87,7 +97,7 @@ def tile_constraints(dims: Dims, k_floor: KFloor | None = None) -> tuple:
         rows, cols, depth = dims(problem)
         return (config["BLOCK_M"] <= max(32, triton.next_power_of_2(rows))
                 and config["BLOCK_N"] <= max(16, triton.next_power_of_2(cols))
-                and config["BLOCK_K"] <= max(16, triton.next_power_of_2(depth), k_floor(problem) if k_floor else 0))
+                and config["BLOCK_K"] <= max(16, triton.next_power_of_2(max(depth, k_floor(problem) if k_floor else 0))))
 
     def k_tile_fits(config: Config, problem: Problem) -> bool:
         return k_floor is None or config["BLOCK_K"] >= k_floor(problem)

@@ -24,8 +24,7 @@ from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last,
 from triton_workbench.kernels.conv_spec import (BACKWARD_EXAMPLE_PROBLEMS, BACKWARD_PROBLEM_RULES, PROBLEM_SCHEMA,
                                                 SHAPE_KEYS,
                                                 elements, flops, make_inputs, torch_backward)
-from triton_workbench.kernels.conv_tiles import TILE_PARAMS, offsets, tile_constraints, tile_default_config
-from triton_workbench.kernels.gemm import tile_coordinates
+from triton_workbench.kernels.conv_tiles import TILE_PARAMS, offsets, tile_constraints, tile_default_config, tile_offsets
 from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
 
@@ -54,12 +53,8 @@ def conv2d_wgrad_kernel(
         kw = tl.program_id(1) % KW
         cols = C_in_g
     split = tl.program_id(2)
-    pid_m, pid_n = tile_coordinates(C_out_g, cols, GROUP_M, BLOCK_M, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(C_out_g, cols, GROUP_M, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < C_out_g
-    n_ok = offs_n < cols
     c_out = offsets(group * C_out_g + offs_m, INT64)
     dz_cols = dz_ptr + c_out * sdzc
     if C_FLAT:
@@ -135,8 +130,12 @@ def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dw = dw_partial.sum(0).to(weight.dtype).permute(0, 3, 1, 2)  # channels_last strides
     if not channels_last(weight):
         dw = dw.contiguous()
-    grad_bias = dz.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if bias_grad else None
-    return dw, grad_bias
+    return dw, conv2d_bias_grad(dz, weight.dtype) if bias_grad else None
+
+
+def conv2d_bias_grad(dz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bias gradient: dz summed over (n, oh, ow) in fp32, apart from the weight GEMM."""
+    return dz.sum(dim=(0, 2, 3), dtype=torch.float32).to(dtype)
 
 
 def _positions_per_split(problem: Problem, config: Config) -> int:

@@ -196,7 +196,7 @@ def use_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def swap(model: nn.Module, verbose: bool = False, channels_last: bool = True) -> nn.Module:
+def swap(model: nn.Module, verbose: bool = False, channels_last: bool = False) -> nn.Module:
     """Replace, in place, every supported layer and activation of `model` by its Triton module.
 
     A layer directly followed by a supported activation inside an nn.Sequential absorbs it (the
@@ -204,8 +204,10 @@ def swap(model: nn.Module, verbose: bool = False, channels_last: bool = True) ->
     are shared, not copied. A module is swapped only where the kernels can run it: layers whose
     parameters have a dtype or device the kernels do not take here stay in PyTorch, and so do the
     activations of a container all of whose parameters are such: a swap never turns a working model
-    into a failing one. With `channels_last` (the default) a model with a Triton conv runs channels_last
-    end to end (`use_channels_last`). Logs a one-line summary; `verbose` prints a table of every module
+    into a failing one. With `channels_last`, a model with a Triton conv runs channels_last end to end
+    (`use_channels_last`): the layout the conv kernels read fastest. It is opt-in because the model's
+    intermediate tensors then come out channels_last, and code of its own that calls `.view` on them
+    (rather than `.reshape`/`flatten`) would fail. Logs a one-line summary; `verbose` prints a table of every module
     swapped or left alone, and why. Returns `model`.
     """
     if not isinstance(model, nn.Module):

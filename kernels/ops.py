@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
-from triton_workbench.kernels.activation import run as run_activation
+from triton_workbench.kernels.activation import output_like, run as run_activation
 from triton_workbench.kernels.conv_dgrad import conv2d_input_grad
 from triton_workbench.kernels.conv_fwd import conv2d_forward
 from triton_workbench.kernels.conv_geometry import ConvGeometry, empty_in_layout_of, make_geometry
-from triton_workbench.kernels.conv_wgrad import conv2d_weight_grad
+from triton_workbench.kernels.conv_wgrad import conv2d_bias_grad, conv2d_weight_grad
 from triton_workbench.kernels import gemm as gemm_kernels
 from triton_workbench.kernels import runtime
 from triton_workbench.kernels.spec import DTYPES
@@ -198,7 +198,7 @@ def _activation_op(x: torch.Tensor, name: str, negative_slope: float) -> torch.T
 
 @_activation_op.register_fake
 def _(x, name, negative_slope):
-    return x.new_empty(x.shape)
+    return output_like(x)
 
 
 @torch.library.custom_op("workbench::activation_backward", mutates_args=())
@@ -208,7 +208,7 @@ def _activation_backward_op(grad_out: torch.Tensor, x: torch.Tensor, name: str, 
 
 @_activation_backward_op.register_fake
 def _(grad_out, x, name, negative_slope):
-    return x.new_empty(x.shape)
+    return output_like(x, grad_out)
 
 
 def _activation_setup_context(ctx, inputs, output) -> None:
@@ -274,8 +274,10 @@ def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     grad_x = grad_weight = grad_bias = None
     if need_x:
         grad_x = conv2d_input_grad(dz, weight, x, geometry)
-    if need_weight or need_bias:
+    if need_weight:
         grad_weight, grad_bias = conv2d_weight_grad(dz, x, weight, geometry, bias_grad=need_bias)
+    elif need_bias:
+        grad_bias = conv2d_bias_grad(dz, weight.dtype)
     return (grad_x if grad_x is not None else x.new_empty(_EMPTY),
             grad_weight if need_weight else x.new_empty(_EMPTY),
             grad_bias if grad_bias is not None else x.new_empty(_EMPTY))

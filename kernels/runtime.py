@@ -2,9 +2,11 @@
 
 The choice is made for this project's kernels alone, through `jit`, which every kernel and helper
 here is decorated with: it builds Triton's interpreted function where there is no GPU and Triton's
-`JITFunction` elsewhere. Nothing process-wide changes, so import order does not matter and a
-user's own `@triton.jit` functions are untouched. An explicit `TRITON_INTERPRET` in the environment
-is obeyed (processes that compile ahead of time set it to 0).
+`JITFunction` elsewhere. Importing changes nothing process-wide (no environment variable), so
+import order does not matter and a user's own `@triton.jit` functions are untouched; only while one
+of our kernels runs in the interpreter are `triton.language`'s own @jit helpers swapped for
+interpreted twins (`_InterpretedKernel`). An explicit `TRITON_INTERPRET` in the environment is
+obeyed (processes that compile ahead of time set it to 0).
 """
 
 from __future__ import annotations

@@ -390,3 +390,21 @@ def test_default_config_is_valid_across_shapes():
         for spec in SPECS:
             assert spec.is_valid(spec.default_config(problem), problem), (spec.name, problem)
 
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_every_spec_has_a_tunable_space_and_a_valid_default(layout):
+    """The stem's K tiles must cover a whole kernel row (7 x 4 channels: 28 -> 32): the space keeps them."""
+    for shape in (RESNET18_CONV_SHAPES[0], RESNET18_CONV_SHAPES[1], {**RESNET18_CONV_SHAPES[1], "c_in": 8}):
+        for dtype in ("fp16", "fp32"):
+            problem = resnet18_problem(shape, batch=2, dtype=dtype, layout=layout)
+            for spec in SPECS:
+                if spec is not conv_fwd.CONV_FWD_SPEC:
+                    problem = problem | {"activation": None}
+                assert spec.is_valid(spec.default_config(problem), problem), (spec.name, problem)
+                assert any(spec.is_valid(config, problem) for config in _sample_space(spec)), (spec.name, problem)
+
+
+def _sample_space(spec):
+    names = list(spec.params)
+    return [dict(zip(names, values)) for values in itertools.islice(itertools.product(*spec.params.values()), 0, None, 7)]

@@ -151,7 +151,7 @@ def test_swapped_conv_model_runs_channels_last_from_its_entry():
     expected = model(x)
     parameters = list(model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    knn.swap(model)
+    knn.swap(model, channels_last=True)
     assert [p for p in model.parameters()] == parameters  # the same Parameter objects
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     seen = []
@@ -160,6 +160,25 @@ def test_swapped_conv_model_runs_channels_last_from_its_entry():
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and out.is_contiguous(memory_format=torch.channels_last)
     out.sum().backward()
+    before = model[0].weight.detach().clone()
     optimizer.step()  # the optimizer built before the swap still updates the model's parameters
-    knn.swap(model)  # idempotent: one conversion hook
+    assert not torch.equal(model[0].weight.detach(), before)
+    knn.use_channels_last(model)  # idempotent: one conversion hook
     assert len(model._forward_pre_hooks) == 1
+
+
+def test_swap_keeps_the_layout_unless_asked_so_views_in_a_models_forward_still_work():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 3 * 3, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))  # .view needs a contiguous conv output
+
+    model = Net()
+    x = torch.randn(2, 3, 5, 5)
+    expected = model(x)
+    knn.swap(model)
+    assert model.conv.weight.is_contiguous()  # left as it was
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)

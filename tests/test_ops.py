@@ -66,6 +66,9 @@ def test_activation_op_passes_opcheck(device):
     x = torch.randn(3, 7, device=device, requires_grad=True)
     torch.library.opcheck(ops._activation_op, (x, "gelu_tanh", 0.01))
     torch.library.opcheck(ops._activation_op, (x[:, ::2], "leaky_relu", 0.3))
+    nhwc = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.library.opcheck(ops._activation_op, (nhwc, "relu", 0.01))  # the fake keeps channels_last, as the kernel
+    torch.library.opcheck(ops._activation_backward_op, (torch.randn_like(nhwc), nhwc.detach(), "silu", 0.01))
 
 
 def test_linear_with_fused_activation_and_any_leading_dims(device):

@@ -18,7 +18,7 @@ def swap_kernels(model: nn.Module) -> list[str]:
     """Replace the layers our Triton kernels support; return the compute layers left to PyTorch."""
     from triton_workbench.kernels.nn import activation_of, swap
 
-    swap(model)
+    swap(model, channels_last=True)  # the demo models flatten with nn.Flatten: channels_last end to end is safe
     kept = [
         f"{name} ({type(module).__name__})"
         for name, module in model.named_modules()
