@@ -18,7 +18,7 @@ from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activati
 from triton_workbench.kernels.activation import output_like, run as run_activation
 from triton_workbench.kernels.conv_dgrad import conv2d_input_grad
 from triton_workbench.kernels.conv_fwd import conv2d_forward
-from triton_workbench.kernels.conv_geometry import ConvGeometry, empty_in_layout_of, make_geometry
+from triton_workbench.kernels.conv_geometry import ConvGeometry, channels_last, empty_in_layout_of, make_geometry
 from triton_workbench.kernels.conv_wgrad import conv2d_bias_grad, conv2d_weight_grad
 from triton_workbench.kernels import gemm as gemm_kernels
 from triton_workbench.kernels import runtime
@@ -345,6 +345,10 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                          f"with this padding and dilation: output would be {ho}x{wo}")
     name, slope = resolve_activation(activation, **activation_kwargs)
     batched = x.unsqueeze(0) if x.dim() == 3 else x
+    if channels_last(weight) and not channels_last(batched):
+        # as PyTorch's convs: a channels_last weight runs the conv channels_last (one copy where x is not;
+        # none for a single channel, dense in both layouts)
+        batched = batched.contiguous(memory_format=torch.channels_last)
     g = geometry
     y = _conv2d_op(batched, weight, bias, [g.stride_h, g.stride_w], [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right],
                    [g.dilation_h, g.dilation_w], groups, name, slope, _keep_pre(name, x, weight, bias))[0]

@@ -182,3 +182,14 @@ def test_swap_keeps_the_layout_unless_asked_so_views_in_a_models_forward_still_w
     knn.swap(model)
     assert model.conv.weight.is_contiguous()  # left as it was
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_weights_run_the_conv_channels_last_as_pytorch_does():
+    """A one-channel input is dense in both layouts; after it, channels_last weights decide, as in PyTorch."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(2, 1, 6, 6)
+    expected = model(x)
+    knn.swap(model, channels_last=True)
+    out = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
