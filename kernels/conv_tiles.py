@@ -114,7 +114,7 @@ def tile_default_config(dims: Dims, k_floor: KFloor | None = None, programs_per_
     def default_config(problem: Problem) -> Config:
         rows, cols, depth = dims(problem)
         floor = k_floor(problem) if k_floor else 0
-        block_k = triton.next_power_of_2(floor) if floor else min(64, max(16, triton.next_power_of_2(depth)))
+        block_k = max(16, triton.next_power_of_2(floor)) if floor else min(64, max(16, triton.next_power_of_2(depth)))
         config = {"BLOCK_M": 128, "BLOCK_N": min(128, max(16, triton.next_power_of_2(cols))), "BLOCK_K": block_k,
                   "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
         per_tile = programs_per_tile(problem) if programs_per_tile else problem["groups"]

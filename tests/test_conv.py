@@ -395,13 +395,16 @@ def test_default_config_is_valid_across_shapes():
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_every_spec_has_a_tunable_space_and_a_valid_default(layout):
     """The stem's K tiles must cover a whole kernel row (7 x 4 channels: 28 -> 32): the space keeps them."""
-    for shape in (RESNET18_CONV_SHAPES[0], RESNET18_CONV_SHAPES[1], {**RESNET18_CONV_SHAPES[1], "c_in": 8}):
+    for shape in (RESNET18_CONV_SHAPES[0], RESNET18_CONV_SHAPES[1], {**RESNET18_CONV_SHAPES[1], "c_in": 8},
+                  {**RESNET18_CONV_SHAPES[1], "c_in": 2}):  # a 3-wide row of 2 channels: 6 values, K tile 16
         for dtype in ("fp16", "fp32"):
             problem = resnet18_problem(shape, batch=2, dtype=dtype, layout=layout)
             for spec in SPECS:
                 if spec is not conv_fwd.CONV_FWD_SPEC:
                     problem = problem | {"activation": None}
-                assert spec.is_valid(spec.default_config(problem), problem), (spec.name, problem)
+                default = spec.default_config(problem)
+                assert spec.is_valid(default, problem), (spec.name, problem)
+                assert all(default[name] in values for name, values in spec.params.items()), (spec.name, default)
                 assert any(spec.is_valid(config, problem) for config in _sample_space(spec)), (spec.name, problem)
 
 
