@@ -27,8 +27,8 @@ from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last,
 from triton_workbench.kernels.conv_spec import (BACKWARD_EXAMPLE_PROBLEMS, BACKWARD_PROBLEM_RULES, PROBLEM_SCHEMA,
                                                 SHAPE_KEYS,
                                                 elements, flops, make_inputs, torch_backward)
-from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, offsets, position, spatial_offsets, tile_constraints,
-                                                 tile_default_config, tile_offsets)
+from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, next_block, offsets, position, spatial_offsets,
+                                                 tile_constraints, tile_default_config, tile_offsets)
 from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
 
@@ -111,13 +111,7 @@ def conv2d_dgrad_kernel(
             b_ptrs += (th * STEP_H) * swh + (tw * STEP_W) * sww
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        # next (tap, channel block): channels fastest, then the width tap, then the height tap
-        channel += BLOCK_K
-        wrap = channel >= C_out_g
-        channel = tl.where(wrap, 0, channel)
-        tw = tl.where(wrap, tw + 1, tw)
-        th = tl.where(tw == TAPS_W, th + 1, th)
-        tw = tl.where(tw == TAPS_W, 0, tw)
+        channel, tw, th = next_block(channel, tw, th, C_out_g, TAPS_W, BLOCK_K)
 
     ih = PHASE_H + STRIDE_H * qh
     iw = PHASE_W + STRIDE_W * qw

@@ -20,8 +20,8 @@ from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last,
                                                     gemm_dims_fwd, needs_int64, problem_of)
 from triton_workbench.kernels.conv_spec import (EXAMPLE_PROBLEMS, PROBLEM_RULES, PROBLEM_SCHEMA, SHAPE_KEYS,
                                                 elements, flops, make_inputs, torch_forward)
-from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, offsets, position, spatial_offsets, tile_constraints,
-                                                 tile_default_config, tile_offsets)
+from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, next_block, offsets, position, spatial_offsets,
+                                                 tile_constraints, tile_default_config, tile_offsets)
 from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
 
@@ -99,13 +99,7 @@ def conv2d_fwd_kernel(
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             b = tl.load(b_ptrs, mask=b_mask, other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            # next (tap, channel block): channels fastest, then kw, then kh
-            channel += BLOCK_K
-            wrap = channel >= C_in_g
-            channel = tl.where(wrap, 0, channel)
-            kw = tl.where(wrap, kw + 1, kw)
-            kh = tl.where(kw == KW, kh + 1, kh)
-            kw = tl.where(kw == KW, 0, kw)
+            channel, kw, kh = next_block(channel, kw, kh, C_in_g, KW, BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c_out, mask=n_ok, other=0.0).to(tl.float32)[None, :]

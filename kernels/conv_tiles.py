@@ -44,6 +44,19 @@ def tile_offsets(rows, cols, GROUP_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @jit
+def next_block(channel, column, row, channels, COLUMNS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (channel block, tap column, tap row) after this one in a loop over taps and channel blocks:
+    channels fastest, then columns, then rows; counters instead of a division per iteration."""
+    channel += BLOCK_K
+    wrap = channel >= channels
+    channel = tl.where(wrap, 0, channel)
+    column = tl.where(wrap, column + 1, column)
+    row = tl.where(column == COLUMNS, row + 1, row)
+    column = tl.where(column == COLUMNS, 0, column)
+    return channel, column, row
+
+
+@jit
 def offsets(index, INT64: tl.constexpr):
     """index in the integer type offsets are computed in: int64 when some tensor spans 2**31 elements or more."""
     if INT64:
