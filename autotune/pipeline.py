@@ -47,6 +47,8 @@ from triton_workbench.kernels.aot import compile_in_worker, compile_pool
 from triton_workbench.kernels.spec import Config, KernelSpec, Problem
 
 OBJECTIVES = ("time", "energy", "edp")
+STORED_CEILINGS = ("static_tensor_ceiling", "static_memory_ceiling")
+"""The static ceilings of a compile report (`kernels.ceilings.static_ceilings`) a trial stores."""
 
 
 class EnergyRecord(Protocol):
@@ -91,6 +93,8 @@ class Trial:
     spills: float = math.nan
     tflops: float = math.nan
     gbps: float = math.nan
+    static_tensor_ceiling: float = math.nan  # static estimates of the compiled code (`kernels.ceilings`), NaN
+    static_memory_ceiling: float = math.nan  # when not compiled ahead or not known: fractions of peak, not measures
     energy: EnergyRecord | None = None  # None when no energy meter measured it
 
     @property
@@ -115,6 +119,16 @@ def objective_value(objective: str, time_ms: float, energy_j_per_call: float, st
         return math.inf
     value = {"time": time_ms, "energy": energy_j_per_call, "edp": energy_j_per_call * time_ms / 1e3}[objective]
     return math.inf if value is None or math.isnan(value) else float(value)
+
+
+def compiled_trial(config: Config, compiled: dict[str, Any] | None, status: str = TrialStatus.OK,
+                   reason: str = "") -> Trial:  # fmt: skip
+    """A trial of `config` holding what its compile report says (resources, compile time, static ceilings)."""
+    trial = Trial(config=dict(config), status=status, reason=reason)
+    for name in ("compile_time_s", "shared_bytes", "registers", "spills", *STORED_CEILINGS):
+        value = (compiled or {}).get(name)
+        setattr(trial, name, math.nan if value is None else float(value))
+    return trial
 
 
 class TrialTimeout(Exception):
@@ -182,7 +196,8 @@ class CompilePool:
     """Compiles configs for the GPU target with `kernels.aot.compile_config` in a process pool.
 
     `submit(spec, problem, config)` returns a future at once; its result is the compile report (ok,
-    reason, shared_bytes, registers, spills, compile_time_s). The caller measures earlier configs
+    reason, shared_bytes, registers, spills, compile_time_s and, when it compiled, the static ceilings of its
+    code on the target's reference GPU: `kernels.ceilings.static_ceilings`). The caller measures earlier configs
     while the pool (one process per core) compiles later ones. One pool can serve many sweeps
     (tune-model tunes every problem of a model with one). The target is this GPU's architecture, or
     sm_90 where there is none.
@@ -207,7 +222,7 @@ class CompilePool:
     def submit(self, spec: KernelSpec, problem: Problem, config: Config) -> Future:
         if not self.supports(spec):
             raise ValueError(f"spec {spec.name!r} is not registered in kernels.SPECS: it cannot be compiled ahead")
-        return self._pool.submit(compile_in_worker, spec.name, problem, dict(config), self.arch)
+        return self._pool.submit(compile_in_worker, spec.name, problem, dict(config), self.arch, True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -237,11 +252,8 @@ class Pipeline:
 
     def evaluate(self, config: Config, compiled: dict[str, Any] | None = None) -> Trial:
         """One config's trial; `compiled` is its ahead-of-time compile report, when there is one."""
-        trial = Trial(config=dict(config))
+        trial = compiled_trial(config, compiled)
         if compiled is not None:
-            for name in ("compile_time_s", "shared_bytes", "registers", "spills"):
-                value = compiled.get(name)
-                setattr(trial, name, math.nan if value is None else float(value))
             if not compiled.get("ok", True):
                 reason = str(compiled.get("reason") or "compile failed")
                 trial.status = TrialStatus.OUT_OF_RESOURCES if "out of resource" in reason.lower() else TrialStatus.COMPILE_ERROR

@@ -44,8 +44,10 @@ from triton_workbench.kernels.spec import Config, KernelSpec, Problem, canonical
 TRIAL_MEASURES = (
     "time_ms", "time_ms_p20", "time_ms_p80", "timer", "compile_time_s", "shared_bytes", "registers", "spills",
     "tflops", "gbps", "energy_j_per_call", "avg_power_w", "peak_power_w", "start_temp_c", "end_temp_c",
-    "mean_sm_clock_mhz", "throttled", "started_at",
+    "mean_sm_clock_mhz", "throttled", "started_at", "static_tensor_ceiling", "static_memory_ceiling",
 )  # fmt: skip
+# trial measures added after the trials table's first version: an older file gains them when opened
+_ADDED_TRIAL_COLUMNS = ("static_tensor_ceiling REAL", "static_memory_ceiling REAL")
 TRIAL_COLUMNS = ("run_id", "trial_id", "kernel", "problem", "config", "status", "reason") + TRIAL_MEASURES
 KEY_COLUMNS = ("kernel", "source_hash", "problem", "device", "capability", "triton_version", "torch_version")
 _KEY_MATCH = " AND ".join(f"{c} = ?" for c in KEY_COLUMNS)
@@ -162,7 +164,7 @@ class TuningDatabase(Database):
             {_KEY_TEXT}, config TEXT NOT NULL, attempts INTEGER NOT NULL, {", ".join(_CLAIM_COLUMNS)},
             PRIMARY KEY ({_KEYS}, config))""",
     }  # fmt: skip
-    ADDED_COLUMNS = {**Database.ADDED_COLUMNS, Table.RUNNING_TRIALS: _CLAIM_COLUMNS}
+    ADDED_COLUMNS = {**Database.ADDED_COLUMNS, Table.RUNNING_TRIALS: _CLAIM_COLUMNS, Table.TRIALS: _ADDED_TRIAL_COLUMNS}
 
     def _schema_changes(self, connection) -> list[str]:
         """`Database._schema_changes`, and a trials table keyed without the run (before runs kept their own

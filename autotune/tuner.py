@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 
 from triton_workbench.autotune.config_source import use_database
 from triton_workbench.autotune.distributed import Distributed
-from triton_workbench.autotune.pipeline import OBJECTIVES, CompilePool, EnergyMeter, Pipeline, Trial, objective_value
+from triton_workbench.autotune.pipeline import (OBJECTIVES, CompilePool, EnergyMeter, Pipeline, Trial, compiled_trial,
+                                                objective_value, over_limits)
 from triton_workbench.autotune.results import STORED, TAKEN, Claim, ClaimTimes, TuningDatabase, TuningKey, config_id
 from triton_workbench.database import RunKind, TrialStatus
+from triton_workbench.kernels.ceilings import static_bound_tflops
 from triton_workbench.kernels.errors import UsageError
 from triton_workbench.kernels.spec import Config, KernelSpec, Problem, problem_id
 
@@ -49,7 +51,8 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
          workers: int | None = None,
          timeout_s: float | None = 120.0, interpreter_reps: int = 3, progress: bool = True,
          distributed: Distributed | None = None, on_trial: Callable[[Trial], None] | None = None,
-         run_id: int | None = None, claims: ClaimTimes | None = None) -> pd.DataFrame:  # fmt: skip
+         run_id: int | None = None, claims: ClaimTimes | None = None,
+         prune_static: float | None = None) -> pd.DataFrame:  # fmt: skip
     """Tune `spec` for `problem`; returns every stored trial of this kernel/problem/device (a DataFrame, one
     row per run that measured a config, whichever sweep that was).
 
@@ -68,7 +71,14 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
     watchdog; distributed: set under torchrun (default: detected from the environment); run_id: record
     the trials in this run, which the caller started and finishes (one run for a whole model's problems),
     instead of a run of the sweep's own; claims: how often claims on configs are renewed, when they go
-    stale and how long to wait for configs other sweeps are measuring (default `ClaimTimes()`).
+    stale and how long to wait for configs other sweeps are measuring (default `ClaimTimes()`);
+    prune_static: R in (0, 1], or None (default: off): a config compiled ahead whose static ceiling
+    (`kernels.ceilings.static_bound_tflops`: the lower of its tensor/issue and memory ceilings, in TFLOP/s
+    on the target's reference GPU) is below R x the highest one of the configs this sweep measured correct
+    so far is not measured but recorded as 'pruned', both figures in its reason. The heuristic default
+    (measured first) is never pruned, and a pruned trial is never the best config; like any stored trial,
+    a later sweep of the same key does not measure it again. Needs compile_ahead (without it nothing is
+    pruned: there are no ceilings).
     Non-zero ranks return an empty DataFrame.
     """
     if not isinstance(spec, KernelSpec):
@@ -82,6 +92,7 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
         raise ValueError(f"objective {objective!r} needs an energy meter (workbench tune --profile, on a GPU with NVML)")
     if not isinstance(budget, int) or budget < 1:
         raise UsageError(f"budget must be a positive integer, got {budget!r}")
+    check_prune_static(prune_static)
     if claims is not None and not isinstance(claims, ClaimTimes):
         raise TypeError(f"claims must be an autotune.ClaimTimes or None, got {type(claims).__name__}")
     from triton_workbench.autotune.strategies import strategy_options as check_strategy_options
@@ -96,13 +107,22 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
         _follow(pipeline, distributed)
         return pd.DataFrame()
     database = db if isinstance(db, TuningDatabase) else TuningDatabase(db)
-    sweep = _Sweep(spec, problem, database, pipeline, objective, run_id, claims or ClaimTimes())
+    sweep = _Sweep(spec, problem, database, pipeline, objective, run_id, claims or ClaimTimes(), prune_static)
     try:
         return sweep.run(strategy, dict(strategy_options or {}), budget, seed, compile_ahead, workers, progress,
                          distributed, on_trial)
     finally:
         if distributed is not None:
             distributed.broadcast(None)  # releases the other ranks, also when rank 0 failed
+
+
+def check_prune_static(value: Any, name: str = "prune_static") -> None:
+    """UsageError naming `name` unless `value` is None or a number R with 0 < R <= 1."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise UsageError(f"{name} must be a number R with 0 < R <= 1 (prune configs whose static ceiling is below "
+                         f"R x the best so far), got {value!r}")
 
 
 def _follow(pipeline: Pipeline, distributed: Distributed) -> None:
@@ -126,8 +146,12 @@ class _Sweep:
     """Rank 0's (or a single process's) side of `tune`."""
 
     def __init__(self, spec: KernelSpec, problem: Problem, database: TuningDatabase, pipeline: Pipeline, objective: str,
-                 run_id: int | None, claims: ClaimTimes):  # fmt: skip
+                 run_id: int | None, claims: ClaimTimes, prune_static: float | None = None):  # fmt: skip
         self.spec, self.problem, self.database, self.pipeline = spec, problem, database, pipeline
+        self.prune_static = prune_static
+        self.default_id = config_id(spec.default_config(problem))  # measured first, never pruned
+        self.bounds: dict[str, float] = {}  # config_id -> static bound (TFLOP/s) of the configs compiled ahead
+        self.best_bound: tuple[float, str] | None = None  # the highest bound of a config measured correct, its id
         self.objective, self.claims = objective, claims
         self.needs = ("energy_j_per_call",) if objective != "time" else ()  # what a stored ok trial must have
         self.key = TuningKey.of(spec, problem)
@@ -223,18 +247,51 @@ class _Sweep:
                 claim = self._claim(config, report, measuring=True)
                 if claim is not None:
                     with self.database.holding([claim], self.claims.heartbeat_s):
-                        self._record(self.pipeline.evaluate(config, report()))
+                        compiled = report()
+                        self._record(self._pruned(config, compiled) or self.pipeline.evaluate(config, compiled))
             return
         claimed = [(claim, report) for config, report in pairs
                    if (claim := self._claim(config, report, measuring=False)) is not None]  # fmt: skip
         if not claimed:
             return
         with self.database.holding([claim for claim, _ in claimed], self.claims.heartbeat_s):
-            batch = [(claim.config, report()) for claim, report in claimed]
+            batch = []
+            for claim, report in claimed:
+                compiled = report()
+                pruned = self._pruned(claim.config, compiled)
+                if pruned is not None:
+                    self._record(pruned)
+                else:
+                    batch.append((claim.config, compiled))
             distributed.broadcast(batch)
             shares = distributed.gather(_evaluate_share(self.pipeline, batch, distributed))
             for _, trial in sorted((pair for share in shares for pair in share), key=lambda pair: pair[0]):
                 self._record(trial)
+
+    def _pruned(self, config: Config, compiled: dict | None) -> Trial | None:
+        """The 'pruned' trial of `config` when `prune_static` skips it (see `tune`), else None (measure it)."""
+        if self.prune_static is None or not compiled or not compiled.get("ok", True):
+            return None
+        tensor, memory = compiled.get("static_tensor_ceiling"), compiled.get("static_memory_ceiling")
+        bound = static_bound_tflops(tensor, memory, compiled.get("static_peak_tflops"))
+        if bound is None:
+            return None
+        self.bounds[config_id(config)] = bound
+        if config_id(config) == self.default_id or self.best_bound is None:
+            return None
+        best, best_id = self.best_bound
+        if bound >= self.prune_static * best:
+            return None
+        if over_limits(compiled, config, self.pipeline.limits) or not self.spec.is_valid(config, self.problem):
+            return None  # cannot run at all: the pipeline records why
+        unit = " TFLOP/s" if compiled.get("static_peak_tflops") else " of peak"
+
+        def fraction(value: Any) -> str:
+            return "-" if value is None else f"{value:.3g}"
+
+        reason = (f"static estimate {bound:.4g}{unit} (tensor/issue ceiling {fraction(tensor)}, memory ceiling "
+                  f"{fraction(memory)}) < {self.prune_static:g} x the best so far, {best:.4g}{unit} of {best_id}")
+        return compiled_trial(config, compiled, TrialStatus.PRUNED, reason)
 
     def _claim(self, config: Config, report: Callable[[], dict | None], measuring: bool) -> Claim | None:
         """The claim on `config` when this sweep is to measure it, else None: stored meanwhile (told back),
@@ -286,6 +343,9 @@ class _Sweep:
         self.database.record_trial(self.run_id, self.key, trial.config, trial.status, trial.reason, **trial.measures())
         value = objective_value(self.objective, trial.time_ms, trial.energy_j_per_call, trial.status)
         self.values[config_id(trial.config)] = value
+        bound = self.bounds.get(config_id(trial.config))
+        if trial.status == TrialStatus.OK and bound is not None and (self.best_bound is None or bound > self.best_bound[0]):
+            self.best_bound = (bound, config_id(trial.config))
         self._tell(trial.config, value)
         if self.on_trial is not None:
             self.on_trial(trial)

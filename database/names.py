@@ -38,6 +38,7 @@ class TrialStatus(StrEnum):
     OUT_OF_RESOURCES = "out_of_resources"  # over the device's shared memory or registers
     RUNTIME_ERROR = "runtime_error"
     TIMEOUT = "timeout"  # hung past the watchdog, or its process died twice
+    PRUNED = "pruned"  # not measured: its static ceiling was below `tune --prune-static` R x the best one's
 
 
 class Table(StrEnum):

@@ -310,11 +310,30 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def compile_in_worker(spec_name: str, problem: Problem, config: Config, arch: int) -> dict:
-    """`compile_config` for a spec registered in `kernels.SPECS`, as a dict: the task a compile pool runs."""
+def compile_in_worker(spec_name: str, problem: Problem, config: Config, arch: int, ceilings: bool = False) -> dict:
+    """`compile_config` for a spec registered in `kernels.SPECS`, as a dict: the task a compile pool runs.
+
+    ceilings: also the static ceilings of the compiled code when it compiled (`ceilings.static_ceilings`, from
+    the cubins this worker has; the tuner's compile pool asks for them). An estimate that fails is left out
+    (`static_error` says why), never a failed compilation.
+    """
     from triton_workbench import kernels
 
-    return asdict(compile_config(kernels.SPECS[spec_name], problem, config, arch))
+    spec = kernels.SPECS[spec_name]
+    if not ceilings:
+        return asdict(compile_config(spec, problem, config, arch))
+    outcome = _attempt(spec, problem, config, arch)
+    if isinstance(outcome, CompileResult):
+        return asdict(outcome)
+    report = asdict(summary(outcome, arch))
+    if report["ok"]:
+        from triton_workbench.kernels.ceilings import static_ceilings
+
+        try:
+            report.update(static_ceilings(spec, problem, outcome, arch))
+        except Exception as error:  # e.g. no nvdisasm: the trial goes on without the estimate
+            report["static_error"] = f"{type(error).__name__}: {error}"[:300]
+    return report
 
 
 def _compiled_in_worker(spec_name: str, problem: Problem, config: Config,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from triton_workbench.kernels import hardware, sass
 from triton_workbench.kernels.aot import Compiled, CompileResult, summary
@@ -136,3 +136,44 @@ def _mma(instructions: list[sass.Instruction]) -> list[dict[str, Any]]:
     shapes = {i.opcode: sass.mma_shape(i) for i in instructions}
     return [{"opcode": opcode, "count": count, "shape": str(shapes[opcode]) if shapes[opcode] else None}
             for opcode, count in sass.mma_shapes(instructions).items()]
+
+
+STATIC_CEILINGS = ("static_tensor_ceiling", "static_memory_ceiling", "static_peak_tflops")
+"""What `static_ceilings` reports of one config's compilation (the tuner stores the first two with each trial)."""
+
+
+def static_ceilings(spec: KernelSpec, problem: Problem, launches: Sequence[Compiled], arch: int) -> dict[str, float | None]:
+    """The static ceilings of one config's compiled launches on sm_`arch`'s reference GPU
+    (`hardware.reference_gpu`), cheap enough for every trial of a sweep: each distinct cubin is disassembled once.
+
+    static_tensor_ceiling: the lowest `tensor_issue_ceiling` of the launches (None when none has an MMA loop
+    the model knows); static_memory_ceiling: the lowest roofline `memory_ceiling` against the peak each
+    launch's code can reach (None without a reference GPU or a known peak); static_peak_tflops: that peak
+    (of the launch giving the memory ceiling), so that the fractions of different peaks can be compared in
+    TFLOP/s (`static_bound_tflops`).
+    """
+    gpu = hardware.reference_gpu(arch)
+    distinct = {compiled.specialisation.key: compiled for compiled in launches}.values()
+    reports = [inspect(spec, problem, {}, arch, compiled, gpu) for compiled in distinct]
+    tensor = [r["tensor_issue_ceiling"] for r in reports if r.get("tensor_issue_ceiling") is not None]
+    memory = [(r["memory_ceiling"], r["peak_tflops"]) for r in reports
+              if r.get("memory_ceiling") is not None and not math.isnan(r["memory_ceiling"])]  # (ceiling, peak)
+    lowest = min(memory, default=None)
+    return {"static_tensor_ceiling": min(tensor, default=None),
+            "static_memory_ceiling": lowest[0] if lowest else None,
+            "static_peak_tflops": lowest[1] if lowest else None}
+
+
+def static_bound_tflops(tensor: float | None, memory: float | None, peak_tflops: float | None) -> float | None:
+    """The one figure `tune --prune-static` compares: min(tensor/issue ceiling, memory ceiling) x the peak, in
+    TFLOP/s on the reference GPU (the fraction itself when the peak is unknown); None when neither is known.
+
+    The min, not the product: each ceiling is an upper bound on the same fraction of peak, so the tighter one
+    is still a bound; their product would assume the issue-bound and memory-bound time add up, when they
+    overlap. Times the peak, because configs whose code reaches different peaks (tensor cores or FP32) have
+    fractions of different wholes."""
+    known = [value for value in (tensor, memory) if value is not None and not math.isnan(value)]
+    if not known:
+        return None
+    fraction = min(known)
+    return fraction * peak_tflops if peak_tflops else fraction

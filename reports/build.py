@@ -126,7 +126,8 @@ def tuning_run_section(data: ReportData, run: pd.Series) -> Section:
             if not top.empty:
                 part.add_table(top, f"Top {len(top)} configs by {metric.label}")
             if ok_count < len(group):
-                part.add_table(failures_table(group), "Failed configs")
+                pruned = (group["status"] == TrialStatus.PRUNED).any()
+                part.add_table(failures_table(group), "Failed or pruned configs" if pruned else "Failed configs")
             best = best_so_far_figure(group, metric)
             if best is not None:
                 part.add_figure(best)

@@ -23,6 +23,9 @@ FAILED_GREY = "#c4c8cd"
 MAX_FACET_COLUMNS = 6
 MAX_FACET_ROWS = 4
 TOP_CONFIGS = 10
+# The compiled code's static ceilings (`kernels.ceilings`), shown beside measured times: never measurements.
+STATIC_COLUMNS = {"static_tensor_ceiling": "tensor/issue ceiling (static estimate)",
+                  "static_memory_ceiling": "memory ceiling (static estimate)"}
 # Parameters worth a panel of their own before any other (configs are stored with sorted keys).
 PREFERRED_FACETS = ("BLOCK_K", "num_warps", "num_stages")
 
@@ -165,7 +168,8 @@ def config_heatmap(frame: pd.DataFrame, params: list[str], metric: Metric, title
 
 
 def top_configs_table(frame: pd.DataFrame, metric: Metric, limit: int = TOP_CONFIGS) -> pd.DataFrame:
-    """The best `limit` successful configs with their timing spread and resource use."""
+    """The best `limit` successful configs with their timing spread, the static estimates of their compiled code
+    (fractions of peak, labelled as such) and resource use."""
     ok = frame[(frame["status"] == TrialStatus.OK) & frame[metric.column].notna()]
     ok = ok.sort_values(metric.column, ascending=not metric.higher_is_better).head(limit)
     columns = {
@@ -174,6 +178,7 @@ def top_configs_table(frame: pd.DataFrame, metric: Metric, limit: int = TOP_CONF
         "time (ms)": ok["time_ms"],
         "p20-p80 (ms)": [f"{a:.3g}-{b:.3g}" if a == a and b == b else None for a, b in
                          zip(ok["time_ms_p20"], ok["time_ms_p80"])],
+        **{label: ok[column] if column in ok else np.nan for column, label in STATIC_COLUMNS.items()},
         "GB/s": ok["gbps"] if metric.column != "gbps" else np.nan,
         "energy/call (J)": ok["energy_j_per_call"],
         "registers": ok["registers"],
@@ -186,7 +191,8 @@ def top_configs_table(frame: pd.DataFrame, metric: Metric, limit: int = TOP_CONF
 
 
 def failures_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Failed configs counted by status, with one example reason each."""
+    """Failed (and pruned: not measured, see `tune --prune-static`) configs counted by status, with one example
+    reason each."""
     failed = frame[frame["status"] != TrialStatus.OK]
     grouped = failed.groupby("status", sort=True)
     return pd.DataFrame({"status": list(grouped.groups),

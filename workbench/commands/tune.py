@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=None, help="ahead-of-time compile processes (default: CPUs)")
     parser.add_argument("--no-compile-ahead", action="store_true", help="compile each config only when it runs")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a trial may take (default 120)")
+    parser.add_argument("--prune-static", type=float, default=None, metavar="R",
+                        help="0 < R <= 1: do not measure a config whose static ceiling (from its compiled code, on the "
+                             "target's reference GPU) is below R x the best of those measured so far; it is recorded "
+                             "as 'pruned' with both figures (default: off; needs compiling ahead)")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -151,7 +155,25 @@ def performance_table(trials: pd.DataFrame, problem: dict[str, Any], baseline_ms
         if source in trials and trials[source].notna().any():
             scale = 1024 if column == "shared KiB" else 1
             table[column] = (trials[source] / scale).map(lambda v: "-" if math.isnan(v) else f"{v:.3g}")
+    ceiling = static_ceiling(trials)
+    if ceiling is not None:
+        table["static ceiling"] = ceiling.to_list()
     return table
+
+
+def static_ceiling(trials: pd.DataFrame) -> pd.Series | None:
+    """Each trial's static estimates as "tensor/issue / memory" fractions of peak ('-' where unknown); None when
+    no trial has one (not compiled ahead)."""
+    columns = ["static_tensor_ceiling", "static_memory_ceiling"]
+    if not set(columns) <= set(trials) or not trials[columns].notna().any().any():
+        return None
+
+    def text(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.2f}"
+
+    return pd.Series([f"{text(t)} / {text(m)}" for t, m in
+                      zip(trials["static_tensor_ceiling"], trials["static_memory_ceiling"])],
+                     index=trials.index)
 
 
 def energy_meter_for(profile: bool, objective: str):
@@ -180,12 +202,15 @@ def energy_meter_for(profile: bool, objective: str):
 def run(args: argparse.Namespace) -> int:
     from triton_workbench.autotune.distributed import Distributed, leave_process_group
     from triton_workbench.autotune.results import TuningDatabase
-    from triton_workbench.autotune.tuner import tune
+    from triton_workbench.autotune.tuner import check_prune_static, tune
     from triton_workbench.database.environment import device_key
 
     spec = spec_for(args.kernel)
     problem = build_problem(spec, args.shape, args.dtype, args.activation, args.problem)
     options = strategy_options_from(args, [args.strategy])
+    check_prune_static(args.prune_static, "--prune-static")
+    if args.prune_static is not None and args.no_compile_ahead:
+        raise UsageError("--prune-static needs the static ceilings of compiling ahead: drop --no-compile-ahead")
     if args.objective != "time" and not args.profile:
         raise UsageError(f"--objective {args.objective} needs --profile")
     distributed = Distributed.from_environment()
@@ -203,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         trials = tune(spec, problem, strategy=args.strategy, strategy_options=options, budget=args.budget, db=database,
                       objective=args.objective, seed=args.seed, energy_meter=meter, compile_ahead=False if args.no_compile_ahead else None,
-                      workers=args.workers, timeout_s=args.timeout, progress=lead, distributed=distributed)  # fmt: skip
+                      workers=args.workers, timeout_s=args.timeout, progress=lead, distributed=distributed,
+                      prune_static=args.prune_static)  # fmt: skip
         finished = True
     finally:
         if sampler is not None:
@@ -234,6 +260,8 @@ def summary(spec, problem: dict[str, Any], trials: pd.DataFrame, objective: str,
     if objective != "time":
         table.insert(1, "J/call", top["energy_j_per_call"].map(lambda v: f"{v:.4g}").to_list())
     title = f"top {len(top)} of {len(ok)} correct configs by {objective}"
+    if "static ceiling" in table:
+        title += "; static ceiling: static estimate, tensor/issue / memory fraction of peak (reference GPU)"
     if interpreter:
         title += " (interpreter timings on CPU: not GPU performance)"
     best = json.loads(top["config"].iloc[0])
