@@ -126,26 +126,18 @@ def flat_row(problem: Problem) -> int:
     return problem["kw"] * stem_channels(c_in, DTYPES[problem["dtype"]].itemsize)
 
 
-def flat_channels(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry, block_k: int) -> int:
-    """C_FLAT: the channel count when a K tile spans a kernel row's contiguous (kw, channel) run (fewer than
-    16 channels, where a tile of channels alone would be mostly padding; dense channels_last operands,
-    unit width dilation, the row fits the tile, whole 8-byte rows), else 0."""
-    c_out, c_in, _, kw = weight.shape
-    n, _, h, w = x.shape
-    dense = (x.stride() == (h * w * c_in, 1, w * c_in, c_in)
-             and weight.stride() == (weight.shape[2] * kw * c_in, 1, kw * c_in, c_in))
-    fits = c_in < 16 and kw * c_in <= block_k and (c_in * x.element_size()) % 8 == 0
-    return c_in if dense and fits and geometry.groups == 1 and geometry.dilation_w == 1 else 0
+def flat_channels(problem: Problem, block_k: int) -> int:
+    """C_FLAT: the channel count the kernel computes with (`stem_channels`) when its K tiles of `block_k` cover
+    whole kernel rows (`flat_row`), else 0."""
+    row = flat_row(problem)
+    return row // problem["kw"] if row and block_k >= row else 0
 
 
-def _pad_channels(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and weight with zero channels appended up to `stem_channels`, for channels_last inputs with
-    fewer than 16 channels (the stem's 3 -> 4 in fp16), so that `flat_channels` applies."""
-    c_in = weight.shape[1]
-    padded = stem_channels(c_in, x.element_size())
-    if geometry.groups != 1 or c_in >= 16 or padded == c_in or not channels_last(x):
-        return x, weight
-    pad = (0, 0, 0, 0, 0, padded - c_in)
+def _pad_channels(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and weight (channels_last) with zero channels appended up to `stem_channels`: whole 8-byte channel
+    runs (the stem's 3 -> 4 in fp16), so that a kernel row's (kw, channel) run loads as vectors."""
+    padded = stem_channels(weight.shape[1], x.element_size())
+    pad = (0, 0, 0, 0, 0, padded - weight.shape[1])
     return (torch.nn.functional.pad(x, pad).contiguous(memory_format=torch.channels_last),
             torch.nn.functional.pad(weight, pad).contiguous(memory_format=torch.channels_last))
 
@@ -169,17 +161,19 @@ def conv2d_forward(
     if y.numel() == 0:
         return y, pre
     runtime.announce()
-    x, weight = _pad_channels(x, weight, geometry)
-    c_in_g = weight.shape[1]
+    c_flat = flat_channels(problem, config["BLOCK_K"])
+    if c_flat:
+        x, weight = _pad_channels(x, weight)
     if channels_last(x):
         weight = weight.contiguous(memory_format=torch.channels_last)  # channel runs along K, as x's
+    c_in_g = weight.shape[1]
     conv2d_fwd_kernel[_grid(problem, config)](
         x, weight, bias.contiguous() if bias is not None else y, y, pre if pre is not None else y,  # C_out values
         n, h, w, ho, wo, c_in_g, c_out // geometry.groups, float(negative_slope), config["GROUP_M"],
         *x.stride(), *weight.stride(), *y.stride(), *geometry.constexprs(kh, kw),
         HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,
         DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(x, weight, y), EVEN_K=c_in_g % config["BLOCK_K"] == 0,
-        C_FLAT=flat_channels(x, weight, geometry, config["BLOCK_K"]),
+        C_FLAT=c_flat,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
     )

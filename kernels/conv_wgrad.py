@@ -31,7 +31,7 @@ from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 @jit
 def conv2d_wgrad_kernel(
     dz_ptr, x_ptr, dw_ptr,
-    N, H, W, C_in_g, C_out_g, positions_per_split, GROUP_M,
+    N, H, W, C_in_g, C_out_g, C_out, positions_per_split, GROUP_M,
     sdzn, sdzc, sdzh, sdzw, sxn, sxc, sxh, sxw,
     HO: tl.constexpr, WO: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
@@ -89,7 +89,6 @@ def conv2d_wgrad_kernel(
         b = tl.load(x_cols[None, :] + x_rows[:, None], mask=x_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    C_out = C_out_g * (tl.num_programs(1) * (KW if C_FLAT else 1) // (KH * KW))
     row = (offsets(split, INT64) * C_out + c_out) * (KH * KW) + kh * KW + kw  # (split, co, kh, kw), then columns
     dw_offsets = row[:, None] * C_in_g + offs_n[None, :]
     tl.store(dw_ptr + dw_offsets, acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -119,7 +118,7 @@ def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         runtime.announce()
         conv2d_wgrad_kernel[grid](
             dz, x, dw_partial,
-            n, h, w, c_in_g, c_out // geometry.groups, _positions_per_split(problem, config), config["GROUP_M"],
+            n, h, w, c_in_g, c_out // geometry.groups, c_out, _positions_per_split(problem, config), config["GROUP_M"],
             *dz.stride(), *x.stride(), ho, wo, *geometry.constexprs(kh, kw),
             C_FLAT=c_in_g if flat_rows(problem) else 0,
             DENSE_DZ=dz.stride()[0] == ho * dz.stride()[2] and dz.stride()[2] == wo * dz.stride()[3],

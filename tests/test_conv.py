@@ -116,14 +116,14 @@ def test_stem_k_tiles_cover_whole_kernel_rows(dtype, c_in):
     weight = torch.randn(6, c_in, 7, 7, generator=generator).to(dtype)
     bias = torch.randn(6, generator=generator).to(dtype)
     geometry = make_geometry((7, 7), 2, 3)
-    padded_x, padded_weight = conv_fwd._pad_channels(x, weight, geometry)
+    padded_x, padded_weight = conv_fwd._pad_channels(x, weight)
     channels = conv_fwd.stem_channels(c_in, x.element_size())
     assert padded_x.shape[1] == padded_weight.shape[1] == channels and channels * x.element_size() % 8 == 0
+    assert padded_x.is_contiguous(memory_format=torch.channels_last)
     problem = conv_problem(2, c_in, 11, 10, 6, 7, 7, geometry, "fp32" if dtype == torch.float32 else "fp16", "nhwc")
     config = conv_fwd.CONV_FWD_SPEC.default_config(problem)
     assert config["BLOCK_K"] >= 7 * channels == conv_fwd.flat_row(problem)
-    assert conv_fwd.flat_channels(padded_x, padded_weight.contiguous(memory_format=torch.channels_last), geometry,
-                                  config["BLOCK_K"]) == channels
+    assert conv_fwd.flat_channels(problem, config["BLOCK_K"]) == channels
     tolerance = FP32_TOLERANCE if dtype == torch.float32 else FP16_TOLERANCE
     _check_against_torch(x, weight, bias, tolerance, activation="relu", stride=2, padding=3)
 
