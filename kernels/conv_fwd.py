@@ -1,8 +1,10 @@
-"""Implicit-GEMM conv2d forward with a fused bias + activation epilogue: its kernel, launcher and KernelSpec.
+"""Implicit-GEMM conv2d forward with a fused bias (+ residual) + activation epilogue: its kernel, launcher and
+KernelSpec.
 
-    y[(n,oh,ow), co] = act(sum over (kh, kw, ci) of x[n, ci, ih, iw] * w[co, ci, kh, kw] + bias[co])
+    y[(n,oh,ow), co] = act(sum over (kh, kw, ci) of x[n, ci, ih, iw] * w[co, ci, kh, kw] + bias[co] + r[...])
 
-The pre-activation can be kept for the backward (SAVE_PREACT).
+The residual r (a tensor shaped and laid out as y: a residual block's shortcut) is added before the
+activation; the pre-activation can be kept for the backward (SAVE_PREACT).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
 @jit
 def conv2d_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
+    x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, z_ptr,
     N, H, W, Ho, Wo, C_in_g, C_out_g, negative_slope, GROUP_M,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INT64: tl.constexpr, EVEN_K: tl.constexpr, C_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -105,6 +107,8 @@ def conv2d_fwd_kernel(
         acc += tl.load(bias_ptr + c_out, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_offsets = spatial_offsets(image, oh, ow, syn, syh, syw, INT64)[:, None] + c_out[None, :] * syc
     out_mask = m_ok[:, None] & n_ok[None, :]
+    if RESIDUAL:
+        acc += tl.load(r_ptr + y_offsets, mask=out_mask, other=0.0).to(tl.float32)
     if SAVE_PREACT:
         tl.store(z_ptr + y_offsets, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
     tl.store(y_ptr + y_offsets, apply(acc, ACTIVATION, negative_slope).to(y_ptr.dtype.element_ty), mask=out_mask)
@@ -145,11 +149,13 @@ def _pad_channels(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, 
 def conv2d_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry,
     activation_name: str | None = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
-    keep_pre: bool = False, config: Config | None = None,
+    keep_pre: bool = False, config: Config | None = None, residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(act(conv2d(x, weight) + bias), the pre-activation if keep_pre and there is an activation, else None).
+    """(act(conv2d(x, weight) + bias + residual), the pre-activation if keep_pre and there is an activation,
+    else None).
 
-    x is 4-D; the outputs have its memory format. Arguments are assumed validated (kernels.conv2d does that).
+    x is 4-D; the outputs have its memory format, and so must the residual (shaped as the output). Arguments
+    are assumed validated (kernels.conv2d does that).
     """
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
@@ -168,10 +174,11 @@ def conv2d_forward(
         weight = weight.contiguous(memory_format=torch.channels_last)  # channel runs along K, as x's
     c_in_g = weight.shape[1]
     conv2d_fwd_kernel[_grid(problem, config)](
-        x, weight, bias.contiguous() if bias is not None else y, y, pre if pre is not None else y,  # C_out values
+        x, weight, bias.contiguous() if bias is not None else y, residual if residual is not None else y,
+        y, pre if pre is not None else y,
         n, h, w, ho, wo, c_in_g, c_out // geometry.groups, float(negative_slope), config["GROUP_M"],
         *x.stride(), *weight.stride(), *y.stride(), *geometry.constexprs(kh, kw),
-        HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,
+        HAS_BIAS=bias is not None, RESIDUAL=residual is not None, ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,
         DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(x, weight, y), EVEN_K=c_in_g % config["BLOCK_K"] == 0,
         C_FLAT=c_flat,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],

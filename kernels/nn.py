@@ -1,39 +1,31 @@
-"""Modules running the Triton kernels, and `swap`, which puts them into an existing model.
+"""Modules running the Triton kernels, and `swap`, which puts the kernels into an existing model.
 
-`TritonLinear` is an `nn.Linear` (same parameters, same state_dict keys) whose forward is one
-fused kernel, optionally with an activation. `swap(model)` replaces modules in place and shares
-their Parameter objects, so an optimizer built before the swap keeps working.
+`swap(model)` traces the model with torch.fx and rewrites it through the fusion pass
+(`kernels.fusion`): conv -> BN -> (+ residual) -> activation chains and the rest become calls of
+`kernels.chains` on the model's own modules; it returns the model to use (a GraphModule sharing the
+model's modules, parameters and buffers). A module that cannot be traced (data-dependent control
+flow) is swapped by module walk instead: `TritonLinear` / `TritonConv2d` (an nn.Linear / nn.Conv2d
+with the same parameters and state_dict keys, optionally with a fused activation) replace its layers
+in place, a layer absorbing the activation that follows it in an nn.Sequential, and its child
+containers are traced one by one.
 
-Extending: `FUSABLE[module type] = converter(module, activation_name, negative_slope) -> module`
-adds a layer that can absorb a following activation (conv adds nn.Conv2d); `activation_of`
-maps the supported activation modules to kernel names for every such layer.
+Extending the module walk: `FUSABLE[module type] = converter(module, activation_name, negative_slope)
+-> module` adds a layer that can absorb a following activation (conv adds nn.Conv2d).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
-from triton_workbench.kernels import ops, runtime
+from triton_workbench.kernels import fusion, ops, runtime
+from triton_workbench.kernels.fusion import SwapRecord, activation_of
 
 log = logging.getLogger("triton_workbench.kernels")
-
-
-def activation_of(module: nn.Module) -> tuple[str, float] | None:
-    """(kernel activation name, negative slope) of a supported activation module, else None."""
-    slope = DEFAULT_NEGATIVE_SLOPE
-    if isinstance(module, nn.GELU):
-        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), slope
-    if isinstance(module, nn.LeakyReLU):
-        return "leaky_relu", float(module.negative_slope)
-    names = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
-    name = names.get(type(module))
-    return (name, slope) if name is not None else None
 
 
 def activation_kwargs(name: str | None, negative_slope: float) -> dict[str, float]:
@@ -94,16 +86,6 @@ FUSABLE: dict[type[nn.Module], Callable[[nn.Module, str | None, float], nn.Modul
 ALREADY_SWAPPED: tuple[type[nn.Module], ...] = (TritonLinear, TritonActivation)  # conv appends its module
 # module type -> check(module) -> why the Triton module cannot stand in for it (None: it can)
 UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {}
-
-
-@dataclass
-class SwapRecord:
-    """One line of swap's report: a module, what became of it, and why."""
-
-    path: str
-    module: str
-    action: str  # "swapped", "fused", "absorbed" (an activation folded into the layer before it), "kept"
-    detail: str
 
 
 def _placement_reason(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
@@ -173,7 +155,7 @@ def _swap_children(parent: nn.Module, prefix: str, records: list[SwapRecord]) ->
             setattr(parent, name, TritonActivation(*act))
             records.append(SwapRecord(path, type(child).__name__, "swapped", act[0]))
         elif len(child._modules) > 0:
-            _swap_children(child, f"{path}.", records)
+            setattr(parent, name, _swap_module(child, f"{path}.", records))
         elif not isinstance(child, ALREADY_SWAPPED + (nn.Identity,)):
             records.append(SwapRecord(path, type(child).__name__, "kept", reason or "no Triton kernel for this module"))
         kept_layer = path if converter is not None and reason is not None else ""
@@ -196,34 +178,56 @@ def use_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def swap(model: nn.Module, verbose: bool = False, channels_last: bool = False) -> nn.Module:
-    """Replace, in place, every supported layer and activation of `model` by its Triton module.
+def _swap_module(module: nn.Module, prefix: str, records: list[SwapRecord]) -> nn.Module:
+    """`module` rewritten by the fusion pass (a GraphModule), or, where torch.fx cannot trace it, `module` with
+    its children swapped by module walk (`_swap_children`, which traces child containers in turn)."""
+    try:
+        traced = fusion.trace(module, ALREADY_SWAPPED)
+    except Exception as error:  # any failure of symbolic tracing in the user's code: fall back, say why
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        records.append(SwapRecord(prefix.rstrip(".") or "(model)", type(module).__name__, "walked",
+                                  f"torch.fx cannot trace it ({why[:80]}); its children swapped one by one"))
+        _swap_children(module, prefix, records)
+        return module
+    reason = _activations_reason(module)
+    found = fusion.fuse(traced, _unsupported_reason, f"the model's {reason}" if reason else None)
+    records += [SwapRecord(prefix + r.path, r.module, r.action, r.detail) for r in found]
+    return traced
 
-    A layer directly followed by a supported activation inside an nn.Sequential absorbs it (the
-    activation's slot becomes nn.Identity, so indices and state_dict keys stay valid). Parameters
-    are shared, not copied. A module is swapped only where the kernels can run it: layers whose
-    parameters have a dtype or device the kernels do not take here stay in PyTorch, and so do the
-    activations of a container all of whose parameters are such: a swap never turns a working model
-    into a failing one. With `channels_last`, a model with a Triton conv runs channels_last end to end
-    (`use_channels_last`): the layout the conv kernels read fastest. It is opt-in because the model's
-    intermediate tensors then come out channels_last, and code of its own that calls `.view` on them
-    (rather than `.reshape`/`flatten`) would fail. Logs a one-line summary; `verbose` prints a table of every module
-    swapped or left alone, and why. Returns `model`.
+
+def swap(model: nn.Module, verbose: bool = False, channels_last: bool = False) -> nn.Module:
+    """`model` with every supported layer, BatchNorm and activation running on the Triton kernels: use the
+    model this returns.
+
+    The fusion pass fuses conv -> BN -> (+ residual) -> activation, BN -> activation, conv -> activation and
+    linear -> activation chains wherever they are in the model's forward (see `kernels.fusion`). Parameters,
+    buffers and state_dict keys are the model's own (an optimizer built before the swap keeps working;
+    checkpoints load both ways), and `train()` / `eval()` switch BatchNorm between batch and running
+    statistics as in PyTorch. Layers whose parameters have a dtype or device the kernels do not take here
+    stay in PyTorch, and so do the activations of a model none of whose parameters can run on the kernels:
+    a swap never turns a working model into a failing one. With `channels_last`, a model with a swapped conv
+    runs channels_last end to end (`use_channels_last`): the layout the conv kernels read fastest. It is
+    opt-in because the model's intermediate tensors then come out channels_last, and code of its own that
+    calls `.view` on them (rather than `.reshape`/`flatten`) would fail. Logs a one-line summary; `verbose`
+    prints a table of every chain fused and everything left in PyTorch, and why; the returned model keeps
+    that table's records as `swap_records`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    records: list[SwapRecord] = []
     if _fusable_converter(model) is not None or activation_of(model) is not None:
-        raise ValueError("model must be a container: swap replaces children in place, not the model itself")
-    _swap_children(model, "", records)
-    if channels_last and any(isinstance(module, TritonConv2d) for module in model.modules()):
-        use_channels_last(model)
-    counts = {action: sum(r.action == action for r in records) for action in ("fused", "swapped", "absorbed", "kept")}
-    log.info("kernels.nn.swap: %d layers fused with their activation, %d modules swapped, %d left alone",
+        raise ValueError("model must be a container: swap rewrites what the model runs, not a single layer")
+    records: list[SwapRecord] = []
+    swapped = _swap_module(model, "", records)
+    convs = any(r.module == "Conv2d" and r.action in ("fused", "swapped") for r in records)
+    if channels_last and convs:
+        use_channels_last(swapped)
+    counts = {action: sum(r.action == action for r in records) for action in ("fused", "swapped", "kept")}
+    log.info("kernels.nn.swap: %d chains fused, %d modules swapped alone, %d left in PyTorch",
              counts["fused"], counts["swapped"], counts["kept"])
     if verbose:
         print(format_table(records))
-    return model
+    swapped.swap_records = records
+    return swapped
 
 
 def format_table(records: list[SwapRecord]) -> str:

@@ -247,15 +247,17 @@ def _geometry(stride: list[int], padding: list[int], dilation: list[int], groups
 @torch.library.custom_op("workbench::conv2d", mutates_args=())
 def _conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
                padding: list[int], dilation: list[int], groups: int, activation: Optional[str],
-               negative_slope: float, keep_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act(conv2d(x, weight) + bias) in x's memory format, pre-activation if keep_pre and an activation, else empty)."""
+               negative_slope: float, keep_pre: bool, residual: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(conv2d(x, weight) + bias + residual) in x's memory format, pre-activation if keep_pre and an
+    activation, else empty)."""
     y, pre = conv2d_forward(x, weight, bias, _geometry(stride, padding, dilation, groups), activation,
-                            negative_slope, keep_pre)
+                            negative_slope, keep_pre, residual=residual)
     return y, pre if pre is not None else x.new_empty(_EMPTY)
 
 
 @_conv2d_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre):
+def _(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual):
     ho, wo = _geometry(stride, padding, dilation, groups).output_hw(*x.shape[2:], *weight.shape[2:])
     shape = (x.shape[0], weight.shape[0], ho, wo)
     keeps = keep_pre and activation is not None
@@ -266,9 +268,10 @@ def _(x, weight, bias, stride, padding, dilation, groups, activation, negative_s
 def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor,
                         stride: list[int], padding: list[int], dilation: list[int], groups: int,
                         activation: Optional[str], negative_slope: float, need_x: bool, need_weight: bool,
-                        need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for x (dgrad kernel), weight and bias (wgrad kernel) from dz = dy * act'(pre), formed once by
-    the activation kernel for both; empty where not needed."""
+                        need_bias: bool, need_residual: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for x (dgrad kernel), weight and bias (wgrad kernel) and the residual (dz itself) from
+    dz = dy * act'(pre), formed once by the activation kernel for all; empty where not needed."""
     geometry = _geometry(stride, padding, dilation, groups)
     dz = run_activation(pre, activation, negative_slope, grad=grad_out) if activation is not None else grad_out
     grad_x = grad_weight = grad_bias = None
@@ -280,36 +283,41 @@ def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
         grad_bias = conv2d_bias_grad(dz, weight.dtype)
     return (grad_x if grad_x is not None else x.new_empty(_EMPTY),
             grad_weight if need_weight else x.new_empty(_EMPTY),
-            grad_bias if grad_bias is not None else x.new_empty(_EMPTY))
+            grad_bias if grad_bias is not None else x.new_empty(_EMPTY),
+            (dz.clone() if dz is grad_out else dz) if need_residual else x.new_empty(_EMPTY))
 
 
 @_conv2d_backward_op.register_fake
 def _(grad_out, x, weight, pre, stride, padding, dilation, groups, activation, negative_slope, need_x, need_weight,
-      need_bias):
+      need_bias, need_residual):
     return (empty_in_layout_of(x, x.shape) if need_x else x.new_empty(_EMPTY),
             empty_in_layout_of(weight, weight.shape) if need_weight else x.new_empty(_EMPTY),
-            x.new_empty(weight.shape[0]) if need_bias else x.new_empty(_EMPTY))
+            x.new_empty(weight.shape[0]) if need_bias else x.new_empty(_EMPTY),
+            output_like(pre if activation is not None else grad_out, grad_out) if need_residual
+            else x.new_empty(_EMPTY))
 
 
 def _conv2d_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre = inputs
+    x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual = inputs
     ctx.geometry_args = (stride, padding, dilation, groups)
     ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.kept_pre = keep_pre and activation is not None
-    ctx.save_for_backward(x, weight, bias, output[1])
+    ctx.save_for_backward(x, weight, bias, output[1], residual)
     ctx.mark_non_differentiable(output[1])
 
 
 def _conv2d_backward(ctx, grad_y, _grad_pre):
-    x, weight, bias, pre = ctx.saved_tensors
+    x, weight, bias, pre, residual = ctx.saved_tensors
     if ctx.activation is not None and not ctx.kept_pre:  # forward ran without keeping z: recompute it
-        pre = _conv2d_op(x, weight, bias, *ctx.geometry_args, None, 0.0, False)[0]
+        pre = _conv2d_op(x, weight, bias, *ctx.geometry_args, None, 0.0, False, residual)[0]
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
-    grad_x, grad_weight, grad_bias = _conv2d_backward_op(grad_y, x, weight, pre, *ctx.geometry_args, ctx.activation,
-                                                         ctx.negative_slope, need_x, need_weight, need_bias)
+    need_residual = ctx.needs_input_grad[10] and residual is not None
+    grad_x, grad_weight, grad_bias, grad_residual = _conv2d_backward_op(
+        grad_y, x, weight, pre, *ctx.geometry_args, ctx.activation, ctx.negative_slope, need_x, need_weight, need_bias,
+        need_residual)
     return (grad_x if need_x else None, grad_weight if need_weight else None, grad_bias if need_bias else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, grad_residual if need_residual else None)
 
 
 _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
@@ -318,14 +326,16 @@ _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_conte
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
            dilation: int | tuple[int, int] = 1, groups: int = 1, activation: str | None = None,
-           **activation_kwargs: object) -> torch.Tensor:
-    """act(F.conv2d(x, weight, bias, stride, padding, dilation, groups)) in one implicit-GEMM Triton kernel.
+           residual: torch.Tensor | None = None, **activation_kwargs: object) -> torch.Tensor:
+    """act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual) in one implicit-GEMM Triton
+    kernel.
 
     x is [N, C_in, H, W] or unbatched [C_in, H, W], NCHW or channels_last (the output keeps x's
     memory format); weight [C_out, C_in / groups, kH, kW]; padding an int, a pair, 'same' or
-    'valid'. `activation` as in `gemm`. Gradients flow to x, weight and bias.
+    'valid'; residual (optional) shaped as the output. `activation` as in `gemm`. Gradients flow to
+    x, weight, bias and residual.
     """
-    x, weight, bias = autocast_inputs(x, weight, bias)
+    x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
     check_tensor("x", x, (3, 4))
     check_tensor("weight", weight, 4, like=x)
     if bias is not None:
@@ -349,10 +359,23 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # as PyTorch's convs: a channels_last weight runs the conv channels_last (one copy where x is not;
         # none for a single channel, dense in both layouts)
         batched = batched.contiguous(memory_format=torch.channels_last)
+    if residual is not None:
+        residual = _residual_like(residual, batched, (batched.shape[0], weight.shape[0], ho, wo))
     g = geometry
     y = _conv2d_op(batched, weight, bias, [g.stride_h, g.stride_w], [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right],
-                   [g.dilation_h, g.dilation_w], groups, name, slope, _keep_pre(name, x, weight, bias))[0]
+                   [g.dilation_h, g.dilation_w], groups, name, slope, _keep_pre(name, x, weight, bias, residual),
+                   residual)[0]
     return y.squeeze(0) if x.dim() == 3 else y
+
+
+def _residual_like(residual: torch.Tensor, batched: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The residual checked against the conv's output shape and dtype, batched and laid out as the output."""
+    check_tensor("residual", residual, (3, 4), like=batched)
+    batched_residual = residual.unsqueeze(0) if residual.dim() == 3 else residual
+    if tuple(batched_residual.shape) != tuple(shape):
+        raise ValueError(f"residual must have the conv's output shape {tuple(shape)}, got {tuple(residual.shape)}")
+    layout = torch.channels_last if channels_last(batched) else torch.contiguous_format
+    return batched_residual.contiguous(memory_format=layout)
 
 
 def _check_conv_sizes(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:

@@ -249,16 +249,19 @@ def test_bad_arguments_name_the_argument(kwargs, error, words):
 # the custom op
 
 
-@pytest.mark.parametrize("activation, keep_pre, channels_last", [(None, False, False), ("relu", True, True)])
-def test_opcheck(activation, keep_pre, channels_last):
+@pytest.mark.parametrize("activation, keep_pre, channels_last, residual",
+                         [(None, False, False, False), ("relu", True, True, False), ("gelu", True, True, True)])
+def test_opcheck(activation, keep_pre, channels_last, residual):
     generator = torch.Generator().manual_seed(6)
     x = torch.randn(1, 3, 5, 4, generator=generator, requires_grad=True)
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     weight = torch.randn(4, 3, 3, 2, generator=generator, requires_grad=True)
     bias = torch.randn(4, generator=generator, requires_grad=True)
+    shortcut = torch.randn(1, 4, 2, 5, generator=generator).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True) if residual else None
     torch.library.opcheck(torch.ops.workbench.conv2d.default,
-                          (x, weight, bias, [2, 1], [1, 0, 1, 1], [1, 1], 1, activation, 0.01, keep_pre))
+                          (x, weight, bias, [2, 1], [1, 0, 1, 1], [1, 1], 1, activation, 0.01, keep_pre, shortcut))
 
 
 def test_gradient_without_kept_preactivation_recomputes_it():
@@ -266,7 +269,7 @@ def test_gradient_without_kept_preactivation_recomputes_it():
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(1, 2, 4, 4, generator=generator, requires_grad=True)
     weight = torch.randn(3, 2, 3, 3, generator=generator, requires_grad=True)
-    y = torch.ops.workbench.conv2d(x, weight, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "tanh", 0.01, False)[0]
+    y = torch.ops.workbench.conv2d(x, weight, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "tanh", 0.01, False, None)[0]
     (grad_x,) = torch.autograd.grad(y.sum(), x)
     x64 = x.detach().double().requires_grad_(True)
     (expected,) = torch.autograd.grad(torch.tanh(F.conv2d(x64, weight.double(), padding=1)).sum(), x64)
@@ -312,10 +315,11 @@ def test_swap_keeps_outputs_and_gradients_and_reports_unsupported_padding_mode()
     x = torch.randn(2, 3, 6, 6)
     expected = model(x)
     expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
-    swap(model)
-    assert isinstance(model[0], TritonConv2d) and model[0].activation == "relu" and isinstance(model[1], nn.Identity)
-    assert isinstance(model[2], TritonConv2d) and model[2].activation == "silu"
-    assert type(model[4]) is nn.Conv2d  # padding_mode 'reflect' is left alone
+    model = swap(model)
+    fused = {record.path: record for record in model.swap_records}
+    assert fused["0"].action == "fused" and fused["0"].detail == "0 -> 1"
+    assert fused["2"].action == "fused" and fused["2"].detail == "2 -> 3"  # a grouped conv with its silu
+    assert fused["4"].action == "kept"  # padding_mode 'reflect' is left alone
     assert all(torch.equal(a, b) for a, b in zip(original, model.parameters()))
     out = model(x)
     _assert_close(out, expected.double(), FP32_TOLERANCE, "swapped output")

@@ -79,7 +79,7 @@ def record_model_problems(model: nn.Module, input_shape: tuple[int, ...], num_cl
     """
     if len(input_shape) != 4 or any(not isinstance(size, int) or size < 1 for size in input_shape):
         raise ValueError(f"input_shape must be 4 positive ints (batch, channels, height, width), got {input_shape}")
-    left_to_torch = swap_kernels(model)
+    model, left_to_torch = swap_kernels(model)
     model.train()
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(0)

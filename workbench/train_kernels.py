@@ -14,19 +14,17 @@ log = logging.getLogger("triton_workbench.workbench.train")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def swap_kernels(model: nn.Module) -> list[str]:
-    """Replace the layers our Triton kernels support; return the compute layers left to PyTorch."""
-    from triton_workbench.kernels.nn import activation_of, swap
+def swap_kernels(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """(the model with our Triton kernels swapped in, the compute modules left to PyTorch with why)."""
+    from triton_workbench.kernels.fusion import NO_KERNEL
+    from triton_workbench.kernels.nn import swap
 
-    swap(model, channels_last=True)  # the demo models flatten with nn.Flatten: channels_last end to end is safe
-    kept = [
-        f"{name} ({type(module).__name__})"
-        for name, module in model.named_modules()
-        if type(module) in (nn.Conv2d, nn.Linear) or activation_of(module) is not None
-    ]
+    swapped = swap(model, channels_last=True)  # the demo models flatten with nn.Flatten: channels_last is safe
+    kept = [f"{r.path} ({r.module}: {r.detail})" for r in swapped.swap_records if r.action == "kept"
+            and r.detail != NO_KERNEL]
     if kept:
         log.info("left to PyTorch (no Triton kernel swapped in for them): %s", ", ".join(kept))
-    return kept
+    return swapped, kept
 
 
 def autocast(amp: str, device: torch.device) -> ContextManager:

@@ -70,7 +70,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, dataset.in_channels, dataset.num_classes, dataset.image_size).to(device)
-    skipped = swap_kernels(model) if config.kernels == "triton" else []  # after init: same parameters as torch
+    model, skipped = swap_kernels(model) if config.kernels == "triton" else (model, [])  # after init: same parameters
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )

@@ -1,0 +1,363 @@
+"""BatchNorm's kernels: batch statistics, and the fused normalise + affine (+ residual) + activation
+with its backward, over a [rows, channels] view of 4-D activations.
+
+A tensor [N, C, H, W], contiguous or channels_last, is walked as rows
+m = (n, h, w) and channels c, at offset (m // HW) * stride_n + (m % HW) * stride_hw + c * stride_c:
+one kernel serves both memory formats, with contiguous channel vectors in channels_last.
+
+Every reduction is deterministic: a program reduces a fixed strip of rows into partial results,
+merged in strip order. Forward statistics are per strip (mean, M2) -- centred, so the variance does
+not cancel in fp32 as sum-of-squares does -- merged by Chan et al.'s formula.
+
+    forward:  out = act((y - mean) * invstd * weight + bias  [+ residual, itself optionally normalised])
+    backward: dz = grad * act'(pre); dbias = sum dz, dweight = sum dz * x_hat;
+              dy = invstd * weight * (dz - mean(dz) - x_hat * mean(dz * x_hat))  (batch statistics)
+              dy = invstd * weight * dz                                         (running statistics)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_workbench.kernels import runtime
+from triton_workbench.kernels.activation import apply, derivative
+from triton_workbench.kernels.conv_geometry import needs_int64
+from triton_workbench.kernels.conv_tiles import offsets
+from triton_workbench.kernels.runtime import jit
+
+MAX_STRIPS = 128  # partial results per channel: enough programs to fill a GPU, few enough to merge in one pass
+
+
+@jit
+def _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, first_row, pid_c, INT64: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets, mask and in-range channels of the [BLOCK_M, BLOCK_C] tile at (first_row, channel block pid_c)."""
+    rows = first_row + tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    row_offsets = offsets(rows // HW, INT64) * stride_n + offsets(rows % HW, INT64) * stride_hw
+    return row_offsets[:, None] + cols[None, :] * stride_c, (rows < ROWS)[:, None] & c_ok[None, :], cols, c_ok
+
+
+@jit
+def _channel(ptr, cols, c_ok, other: tl.constexpr):
+    return tl.load(ptr + cols, mask=c_ok, other=other).to(tl.float32)
+
+
+@jit
+def _normalize(v, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, AFFINE: tl.constexpr):
+    """(x_hat, x_hat * weight + bias) for an fp32 tile v, per column (channel)."""
+    x_hat = (v - _channel(mean_ptr, cols, c_ok, 0.0)[None, :]) * _channel(invstd_ptr, cols, c_ok, 0.0)[None, :]
+    if AFFINE:
+        return x_hat, x_hat * _channel(weight_ptr, cols, c_ok, 1.0)[None, :] + _channel(bias_ptr, cols, c_ok, 0.0)[None, :]
+    return x_hat, x_hat
+
+
+@jit
+def partial_moments_kernel(y_ptr, part_ptr, ROWS, C, HW, stride_n, stride_hw, stride_c, STRIP, STRIPS,
+                           INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel, the mean and M2 (sum of squared deviations) of rows [strip * STRIP, + STRIP): part[0|1, strip, c]."""
+    strip = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    first = strip * STRIP
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for start in range(first, first + STRIP, BLOCK_M):
+        offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, start, pid_c, INT64, BLOCK_M,
+                                       BLOCK_C)
+        v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        seen = (start - first).to(tl.float32)  # rows merged so far: every block before the last is full
+        count = tl.minimum(tl.minimum(BLOCK_M, ROWS - start), first + STRIP - start).to(tl.float32)
+        block_mean = tl.sum(v, 0) / tl.maximum(count, 1.0)
+        deviation = tl.where(mask, v - block_mean[None, :], 0.0)
+        total = tl.maximum(seen + count, 1.0)
+        delta = block_mean - mean
+        mean += delta * (count / total)
+        m2 += tl.sum(deviation * deviation, 0) + delta * delta * (seen * count / total)
+    tl.store(part_ptr + strip * C + cols, mean, mask=c_ok)
+    tl.store(part_ptr + (STRIPS + strip) * C + cols, m2, mask=c_ok)
+
+
+@jit
+def finalize_kernel(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, batches_ptr,
+                    ROWS, C, STRIP, STRIPS, momentum, eps,
+                    UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge the strips' (mean, M2) in order into mean and 1 / sqrt(var + eps) (biased var, as BN normalises);
+    with UPDATE, running = (1 - f) * running + f * batch with the unbiased var, f = momentum or, CUMULATIVE,
+    1 / num_batches_tracked (already incremented), as torch.nn.BatchNorm2d does."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for strip in range(0, STRIPS):
+        seen = (strip * STRIP).to(tl.float32)
+        count = tl.minimum(STRIP, ROWS - strip * STRIP).to(tl.float32)
+        total = seen + count
+        delta = _channel(part_ptr + strip * C, cols, c_ok, 0.0) - mean
+        mean += delta * (count / total)
+        m2 += _channel(part_ptr + (STRIPS + strip) * C, cols, c_ok, 0.0) + delta * delta * (seen * count / total)
+    rows = ROWS.to(tl.float32)
+    tl.store(mean_ptr + cols, mean, mask=c_ok)
+    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / rows + eps), mask=c_ok)
+    if UPDATE:
+        if CUMULATIVE:
+            factor = 1.0 / tl.load(batches_ptr).to(tl.float32)
+        else:
+            factor = momentum
+        running_mean = _channel(running_mean_ptr, cols, c_ok, 0.0)
+        running_var = _channel(running_var_ptr, cols, c_ok, 0.0)
+        tl.store(running_mean_ptr + cols, ((1.0 - factor) * running_mean + factor * mean).to(
+            running_mean_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(running_var_ptr + cols, ((1.0 - factor) * running_var + factor * (m2 / (rows - 1.0))).to(
+            running_var_ptr.dtype.element_ty), mask=c_ok)
+
+
+@jit
+def _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+                    r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+                    AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr):
+    """(x_hat, the residual's x_hat (or 0), the pre-activation) of a tile."""
+    x_hat, pre = _normalize(tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), cols, c_ok,
+                            mean_ptr, invstd_ptr, weight_ptr, bias_ptr, AFFINE)
+    r_hat = tl.zeros_like(x_hat)
+    if RESIDUAL:
+        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if R_NORM:
+            r_hat, r = _normalize(r, cols, c_ok, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr, R_AFFINE)
+        pre += r
+    return x_hat, r_hat, pre
+
+
+@jit
+def normalize_kernel(y_ptr, r_ptr, out_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+                     r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+                     ROWS, C, HW, stride_n, stride_hw, stride_c, negative_slope,
+                     AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
+                     ACTIVATION: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = act(normalise(y) [+ residual or normalise(residual)]) for one tile; out and residual share y's strides."""
+    offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, tl.program_id(0) * BLOCK_M,
+                                   tl.program_id(1), INT64, BLOCK_M, BLOCK_C)
+    _, _, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+                                r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr, AFFINE, RESIDUAL, R_NORM, R_AFFINE)
+    tl.store(out_ptr + offs, apply(pre, ACTIVATION, negative_slope).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def backward_sums_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+                         r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+                         ROWS, C, HW, stride_n, stride_hw, stride_c, negative_slope, STRIP, STRIPS,
+                         AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
+                         ACTIVATION: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel over a strip of rows: sum dz, sum dz * x_hat and (R_NORM) sum dz * r_hat -> part[0|1|2, strip, c]."""
+    strip = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    sum_dz = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_dz_x = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_dz_r = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for start in range(strip * STRIP, strip * STRIP + STRIP, BLOCK_M):
+        offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, start, pid_c, INT64, BLOCK_M,
+                                       BLOCK_C)
+        x_hat, r_hat, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr,
+                                            bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+                                            AFFINE, RESIDUAL, R_NORM, R_AFFINE)
+        dz = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * derivative(pre, ACTIVATION, negative_slope)
+        dz = tl.where(mask, dz, 0.0)
+        sum_dz += tl.sum(dz, 0)
+        sum_dz_x += tl.sum(dz * x_hat, 0)
+        if R_NORM:
+            sum_dz_r += tl.sum(dz * r_hat, 0)
+    tl.store(part_ptr + strip * C + cols, sum_dz, mask=c_ok)
+    tl.store(part_ptr + (STRIPS + strip) * C + cols, sum_dz_x, mask=c_ok)
+    if R_NORM:
+        tl.store(part_ptr + (2 * STRIPS + strip) * C + cols, sum_dz_r, mask=c_ok)
+
+
+@jit
+def _input_grad(dz, x_hat, sum_dz, sum_dz_x, rows, cols, c_ok, invstd_ptr, weight_ptr,
+                AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr):
+    """d loss / d y of y -> x_hat * weight + bias, through the batch's mean and variance when BATCH_STATS."""
+    scale = _channel(invstd_ptr, cols, c_ok, 0.0)
+    if AFFINE:
+        scale = scale * _channel(weight_ptr, cols, c_ok, 1.0)
+    if BATCH_STATS:
+        dz = dz - (sum_dz / rows)[None, :] - x_hat * (sum_dz_x / rows)[None, :]
+    return dz * scale[None, :]
+
+
+@jit
+def backward_apply_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, dy_ptr, dr_ptr, dweight_ptr, dbias_ptr,
+                          dr_weight_ptr, dr_bias_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+                          r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+                          ROWS, C, HW, stride_n, stride_hw, stride_c, negative_slope, STRIPS,
+                          AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
+                          ACTIVATION: tl.constexpr, BATCH_STATS: tl.constexpr, R_BATCH_STATS: tl.constexpr,
+                          NEED_DY: tl.constexpr, NEED_DR: tl.constexpr, NEED_PARAMS: tl.constexpr,
+                          INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dy (and d residual) of one tile from the strips' sums, merged in order; the first row block also writes
+    the affine parameters' gradients (the sums themselves)."""
+    pid_m = tl.program_id(0)
+    offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, pid_m * BLOCK_M, tl.program_id(1),
+                                   INT64, BLOCK_M, BLOCK_C)
+    sum_dz = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_dz_x = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_dz_r = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for strip in range(0, STRIPS):
+        sum_dz += _channel(part_ptr + strip * C, cols, c_ok, 0.0)
+        sum_dz_x += _channel(part_ptr + (STRIPS + strip) * C, cols, c_ok, 0.0)
+        if R_NORM:
+            sum_dz_r += _channel(part_ptr + (2 * STRIPS + strip) * C, cols, c_ok, 0.0)
+    x_hat, r_hat, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr,
+                                        bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+                                        AFFINE, RESIDUAL, R_NORM, R_AFFINE)
+    dz = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * derivative(pre, ACTIVATION, negative_slope)
+    rows = ROWS.to(tl.float32)
+    if NEED_DY:
+        dy = _input_grad(dz, x_hat, sum_dz, sum_dz_x, rows, cols, c_ok, invstd_ptr, weight_ptr, AFFINE, BATCH_STATS)
+        tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    if NEED_DR:
+        if R_NORM:
+            dr = _input_grad(dz, r_hat, sum_dz, sum_dz_r, rows, cols, c_ok, r_invstd_ptr, r_weight_ptr, R_AFFINE,
+                             R_BATCH_STATS)
+        else:
+            dr = dz
+        tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
+    if NEED_PARAMS:
+        if pid_m == 0:
+            tl.store(dweight_ptr + cols, sum_dz_x, mask=c_ok)
+            tl.store(dbias_ptr + cols, sum_dz, mask=c_ok)
+            tl.store(dr_weight_ptr + cols, sum_dz_r, mask=c_ok)
+            tl.store(dr_bias_ptr + cols, sum_dz, mask=c_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+
+@dataclass(frozen=True)
+class RowsView:
+    """A 4-D tensor seen as [rows, channels]: its sizes, strides and the tile shape its kernels use."""
+
+    rows: int
+    channels: int
+    hw: int
+    strides: tuple[int, int, int]  # (image, spatial position, channel)
+    int64: bool
+    block_m: int
+    block_c: int
+
+    @property
+    def row_blocks(self) -> int:
+        return triton.cdiv(self.rows, self.block_m)
+
+    @property
+    def channel_blocks(self) -> int:
+        return triton.cdiv(self.channels, self.block_c)
+
+    def strips(self) -> tuple[int, int]:
+        """(rows per strip, strips): at most MAX_STRIPS strips of whole row blocks."""
+        per_strip = triton.cdiv(self.row_blocks, MAX_STRIPS) * self.block_m
+        return per_strip, triton.cdiv(self.rows, per_strip)
+
+
+def rows_view(y: torch.Tensor) -> RowsView:
+    """The [rows, channels] view of y (4-D, contiguous or channels_last) and its tile shape: channels fastest in the tile
+    when they are in memory (channels_last), else rows; about 4096 elements per tile."""
+    n, c, h, w = y.shape
+    sn, sc, _, sw = y.stride()
+    block_c = min(64, triton.next_power_of_2(c)) if sc == 1 else min(16, triton.next_power_of_2(c))
+    block_m = max(16, min(4096 // block_c, triton.next_power_of_2(n * h * w)))
+    return RowsView(n * h * w, c, h * w, (sn, sw, sc), needs_int64(y), block_m, block_c)
+
+
+def _or(tensor: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor is not None else fallback  # a pointer the kernel never reads (its flag is off)
+
+
+def batch_moments(y: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                  num_batches_tracked: torch.Tensor | None, momentum: float | None, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / sqrt(var + eps)) of y's batch per channel, fp32; updates the running stats when given
+    (momentum None: cumulative average over num_batches_tracked, which the caller has incremented)."""
+    view = rows_view(y)
+    strip, strips = view.strips()
+    part = torch.empty((2, strips, view.channels), device=y.device, dtype=torch.float32)
+    mean = torch.empty(view.channels, device=y.device, dtype=torch.float32)
+    invstd = torch.empty_like(mean)
+    runtime.announce()
+    partial_moments_kernel[(strips, view.channel_blocks)](
+        y, part, view.rows, view.channels, view.hw, *view.strides, strip, strips,
+        INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
+    update = running_mean is not None
+    block_c = min(1024, triton.next_power_of_2(view.channels))
+    finalize_kernel[(triton.cdiv(view.channels, block_c),)](
+        part, mean, invstd, _or(running_mean, mean), _or(running_var, mean), _or(num_batches_tracked, mean),
+        view.rows, view.channels, strip, strips, float(momentum or 0.0), float(eps),
+        UPDATE=update, CUMULATIVE=update and momentum is None, BLOCK_C=block_c, **runtime.LAUNCH_OPTIONS)
+    return mean, invstd
+
+
+@dataclass
+class Norm:
+    """One BatchNorm's part in a fused launch: statistics (fp32 [C]), affine parameters, and whether the
+    statistics are the batch's (then the backward differentiates through them)."""
+
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    batch_stats: bool
+
+    def pointers(self, fallback: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.mean, self.invstd, _or(self.weight, fallback), _or(self.bias, fallback)
+
+
+def normalize(y: torch.Tensor, norm: Norm, residual: torch.Tensor | None, residual_norm: Norm | None,
+              activation_code: int, negative_slope: float) -> torch.Tensor:
+    """act(norm(y) [+ residual or residual_norm(residual)]): a new tensor laid out as y (and residual, which
+    must share y's strides)."""
+    view = rows_view(y)
+    out = torch.empty_like(y)
+    runtime.announce()
+    normalize_kernel[(view.row_blocks, view.channel_blocks)](
+        y, _or(residual, y), out, *norm.pointers(y), *(residual_norm or norm).pointers(y),
+        view.rows, view.channels, view.hw, *view.strides, float(negative_slope),
+        **_flags(norm, residual, residual_norm), ACTIVATION=activation_code, INT64=view.int64,
+        BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
+    return out
+
+
+def _flags(norm: Norm, residual: torch.Tensor | None, residual_norm: Norm | None) -> dict[str, bool]:
+    return {"AFFINE": norm.weight is not None, "RESIDUAL": residual is not None, "R_NORM": residual_norm is not None,
+            "R_AFFINE": residual_norm is not None and residual_norm.weight is not None}
+
+
+def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual: torch.Tensor | None,
+                       residual_norm: Norm | None, activation_code: int, negative_slope: float,
+                       need_dy: bool, need_dr: bool, need_params: bool) -> tuple[torch.Tensor | None, ...]:
+    """(dy, d residual, d weight, d bias, d residual weight, d residual bias) of `normalize`; None where not
+    needed. grad must share y's strides."""
+    view = rows_view(y)
+    strip, strips = view.strips()
+    fp32 = {"device": y.device, "dtype": torch.float32}
+    part = torch.empty((3, strips, view.channels), **fp32)
+    flags = _flags(norm, residual, residual_norm)
+    pointers = (*norm.pointers(y), *(residual_norm or norm).pointers(y))
+    shape = (view.rows, view.channels, view.hw, *view.strides, float(negative_slope))
+    runtime.announce()
+    backward_sums_kernel[(strips, view.channel_blocks)](
+        grad, y, _or(residual, y), part, *pointers, *shape, strip, strips, **flags, ACTIVATION=activation_code,
+        INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
+    dy = torch.empty_like(y) if need_dy else None
+    dr = torch.empty_like(y) if need_dr and residual is not None else None
+    params = torch.empty((4, view.channels), **fp32) if need_params else None
+    backward_apply_kernel[(view.row_blocks, view.channel_blocks)](
+        grad, y, _or(residual, y), part, _or(dy, y), _or(dr, y), *(params if params is not None else (part,) * 4),
+        *pointers, *shape, strips, **flags, ACTIVATION=activation_code,
+        BATCH_STATS=norm.batch_stats, R_BATCH_STATS=residual_norm is not None and residual_norm.batch_stats,
+        NEED_DY=dy is not None, NEED_DR=dr is not None, NEED_PARAMS=params is not None,
+        INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
+    return dy, dr, *(params if params is not None else (None,) * 4)

@@ -1,0 +1,178 @@
+"""BatchNorm on the Triton kernels: custom ops for the batch statistics and for the fused
+normalise + affine (+ residual, itself optionally normalised) + activation, and `batch_norm_act`,
+which runs a `torch.nn.BatchNorm2d` module's semantics through them.
+
+The statistics op updates the module's running stats in place (momentum, or the cumulative average
+when momentum is None, the unbiased variance) exactly as `torch.nn.BatchNorm2d`; the fused op's
+backward differentiates through the batch statistics when they were used, so the mean and inverse
+std themselves carry no gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from triton_workbench.kernels import batch_norm as kernels
+from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
+from triton_workbench.kernels.batch_norm import Norm
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("workbench::batch_norm_stats", mutates_args=("running_mean", "running_var"))
+def _stats_op(y: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+              num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float], eps: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / sqrt(var + eps)) of y's batch per channel (fp32), updating the running stats when given."""
+    return kernels.batch_moments(y, running_mean, running_var, num_batches_tracked, momentum, eps)
+
+
+@_stats_op.register_fake
+def _(y, running_mean, running_var, num_batches_tracked, momentum, eps):
+    return y.new_empty(y.shape[1], dtype=torch.float32), y.new_empty(y.shape[1], dtype=torch.float32)
+
+
+def _norms(mean, invstd, weight, bias, batch_stats, r_mean, r_invstd, r_weight, r_bias, r_batch_stats
+           ) -> tuple[Norm, Norm | None]:
+    residual_norm = Norm(r_mean, r_invstd, r_weight, r_bias, r_batch_stats) if r_mean is not None else None
+    return Norm(mean, invstd, weight, bias, batch_stats), residual_norm
+
+
+@torch.library.custom_op("workbench::batch_norm_act", mutates_args=())
+def _normalize_op(y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor], batch_stats: bool, residual: Optional[torch.Tensor],
+                  r_mean: Optional[torch.Tensor], r_invstd: Optional[torch.Tensor], r_weight: Optional[torch.Tensor],
+                  r_bias: Optional[torch.Tensor], r_batch_stats: bool, activation: Optional[str],
+                  negative_slope: float) -> torch.Tensor:
+    """act((y - mean) * invstd * weight + bias [+ residual, or the same of the residual's own statistics])."""
+    norm, residual_norm = _norms(mean, invstd, weight, bias, batch_stats, r_mean, r_invstd, r_weight, r_bias,
+                                 r_batch_stats)
+    return kernels.normalize(y, norm, residual, residual_norm, activation_code(activation), negative_slope)
+
+
+@_normalize_op.register_fake
+def _(y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
+      activation, negative_slope):
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op("workbench::batch_norm_act_backward", mutates_args=())
+def _normalize_backward_op(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                           weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], batch_stats: bool,
+                           residual: Optional[torch.Tensor], r_mean: Optional[torch.Tensor],
+                           r_invstd: Optional[torch.Tensor], r_weight: Optional[torch.Tensor],
+                           r_bias: Optional[torch.Tensor], r_batch_stats: bool, activation: Optional[str],
+                           negative_slope: float, need_y: bool, need_residual: bool, need_params: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, d residual, the affine gradients [4, C] fp32: weight, bias, residual weight, residual bias); empty
+    where not needed."""
+    norm, residual_norm = _norms(mean, invstd, weight, bias, batch_stats, r_mean, r_invstd, r_weight, r_bias,
+                                 r_batch_stats)
+    dy, dr, *params = kernels.normalize_backward(grad, y, norm, residual, residual_norm, activation_code(activation),
+                                                 negative_slope, need_y, need_residual, need_params)
+    return (_or_empty(dy, y), _or_empty(dr, y), torch.stack(params) if need_params else y.new_empty(_EMPTY))
+
+
+def _or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor is not None else like.new_empty(_EMPTY)
+
+
+@_normalize_backward_op.register_fake
+def _(grad, y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
+      activation, negative_slope, need_y, need_residual, need_params):
+    return (torch.empty_like(y) if need_y else y.new_empty(_EMPTY),
+            torch.empty_like(y) if need_residual and residual is not None else y.new_empty(_EMPTY),
+            y.new_empty((4, y.shape[1]), dtype=torch.float32) if need_params else y.new_empty(_EMPTY))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
+     activation, negative_slope) = inputs
+    ctx.flags = (batch_stats, r_batch_stats, activation, negative_slope)
+    ctx.save_for_backward(y, mean, invstd, weight, bias, residual, r_mean, r_invstd, r_weight, r_bias)
+
+
+def _backward(ctx, grad):
+    y, mean, invstd, weight, bias, residual, r_mean, r_invstd, r_weight, r_bias = ctx.saved_tensors
+    batch_stats, r_batch_stats, activation, negative_slope = ctx.flags
+    needs = ctx.needs_input_grad
+    need_params = any(needs[index] for index in (3, 4, 9, 10))
+    dy, dr, params = _normalize_backward_op(
+        grad.contiguous(memory_format=_format_of(y)), y, mean, invstd, weight, bias, batch_stats, residual, r_mean,
+        r_invstd, r_weight, r_bias, r_batch_stats, activation, negative_slope, needs[0], needs[6], need_params)
+
+    def param(index: int, row: int, like: torch.Tensor | None) -> torch.Tensor | None:
+        return params[row].to(like.dtype) if needs[index] and like is not None else None
+
+    return (dy if needs[0] else None, None, None, param(3, 0, weight), param(4, 1, bias), None,
+            dr if needs[6] and residual is not None else None, None, None, param(9, 2, r_weight),
+            param(10, 3, r_bias), None, None, None)
+
+
+_normalize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _format_of(y: torch.Tensor) -> torch.memory_format:
+    channels_last = not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------------
+# a BatchNorm2d module's semantics
+
+
+def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """Whether `bn` normalises with the batch's statistics now (training, or no running stats), as PyTorch decides."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def statistics(y: torch.Tensor, bn: nn.BatchNorm2d) -> Norm:
+    """`bn`'s normalisation of y: the batch's statistics (updating the running stats and num_batches_tracked
+    in training, as PyTorch does) or the running ones."""
+    if y.dim() != 4 or y.shape[1] != bn.num_features:
+        raise ValueError(f"BatchNorm2d({bn.num_features}) expects a 4-D input with {bn.num_features} channels, "
+                         f"got shape {tuple(y.shape)}")
+    if not uses_batch_stats(bn):
+        mean, invstd = bn.running_mean.float(), torch.rsqrt(bn.running_var.float() + bn.eps)
+        return Norm(mean, invstd, bn.weight, bn.bias, batch_stats=False)
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    if bn.training and y.numel() // y.shape[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
+    if update and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    mean, invstd = _stats_op(y.detach(), bn.running_mean if update else None, bn.running_var if update else None,
+                             bn.num_batches_tracked if update else None, bn.momentum, bn.eps)
+    return Norm(mean, invstd, bn.weight, bn.bias, batch_stats=True)
+
+
+def _rows_ready(y: torch.Tensor) -> torch.Tensor:
+    """y dense in one of the two memory formats (the kernels' rows view, and a layout other tensors can copy)."""
+    dense = y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)
+    return y if dense else y.contiguous()
+
+
+def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
+                   residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
+                   negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
+    """act(bn(y) [+ residual, or residual_bn(residual)]) in one Triton kernel after the statistics, with
+    `torch.nn.BatchNorm2d`'s semantics for each BN (train/eval, running stats, affine, eps, momentum).
+
+    The output has y's dtype and memory format; a residual of another dtype is added in the promoted one.
+    """
+    residual_norm = None
+    if residual is not None:
+        if residual.shape != y.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but the normalised tensor {tuple(y.shape)}")
+        dtype = torch.promote_types(y.dtype, residual.dtype)
+        y = _rows_ready(y.to(dtype))
+        residual = residual.to(dtype).contiguous(memory_format=_format_of(y))
+        residual_norm = statistics(residual, residual_bn) if residual_bn is not None else None
+    y = _rows_ready(y)
+    norm = statistics(y, bn)
+    r = residual_norm
+    return _normalize_op(y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, residual,
+                         r.mean if r else None, r.invstd if r else None, r.weight if r else None,
+                         r.bias if r else None, bool(r and r.batch_stats), activation, float(negative_slope))

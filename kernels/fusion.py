@@ -1,0 +1,371 @@
+"""The fusion pass: trace a model with torch.fx, find the chains the Triton kernels fuse, rewrite them.
+
+Chains, found in the graph whatever the module structure (nn.Sequential, a block's `forward`, one
+activation module used at several places, functional calls, in-place variants):
+
+    conv -> BN [-> + residual] [-> activation]      -> chains.conv_bn_act
+    BN [-> + residual] [-> activation]              -> chains.bn_act
+    conv -> activation, linear -> activation        -> chains.conv_act, chains.linear_act
+    conv, linear, activation alone                  -> the same, without the rest
+
+Each link but the last must have no other user. A residual that is itself conv -> BN with no
+other user (a downsample shortcut) is deferred: it stays raw and the consumer's fused kernel
+normalises it. The rewritten nodes call `kernels.chains` functions with the model's own modules
+(get_attr nodes), so parameters, buffers, state_dict keys and train/eval behaviour are the
+original model's. `fuse` returns a torch.fx.GraphModule that shares the model's top-level children,
+parameters and buffers (the whole module tree, used or not), and a record per decision.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from triton_workbench.kernels import chains
+from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
+
+
+@dataclass
+class SwapRecord:
+    """One line of swap's report: a module (or graph node), what became of it, and why."""
+
+    path: str
+    module: str
+    action: str  # "fused", "swapped", "absorbed" (folded into the layer before it), "kept"
+    detail: str
+
+
+def activation_of(module: nn.Module) -> tuple[str, float] | None:
+    """(kernel activation name, negative slope) of a supported activation module, else None."""
+    slope = DEFAULT_NEGATIVE_SLOPE
+    if type(module) is nn.GELU:
+        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), slope
+    if type(module) is nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope)
+    names = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+    name = names.get(type(module))
+    return (name, slope) if name is not None else None
+
+
+_FUNCTIONS: dict[Callable, str] = {
+    F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: "relu", F.silu: "silu", F.gelu: "gelu",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.leaky_relu: "leaky_relu",
+}
+_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
+            "tanh_": "tanh"}
+_IN_PLACE_FUNCTIONS = (F.relu_, torch.relu_, operator.iadd)
+NO_KERNEL = "no Triton kernel for this module"
+CHAIN_FUNCTIONS = (chains.conv_bn_act, chains.bn_act, chains.conv_act, chains.linear_act, chains.activation)
+
+
+@dataclass
+class Activation:
+    node: fx.Node
+    name: str
+    negative_slope: float
+    source: fx.Node  # its input
+
+
+@dataclass
+class Chain:
+    """Graph nodes that become one `kernels.chains` call; `last` is the node whose value it produces."""
+
+    source: fx.Node  # the chain's input tensor
+    conv: fx.Node | None = None
+    linear: fx.Node | None = None
+    bn: fx.Node | None = None
+    add: fx.Node | None = None
+    residual: fx.Node | None = None
+    residual_bn: fx.Node | None = None  # a deferred residual's BN (its producer leaves it raw)
+    activation: Activation | None = None
+    defer: bool = False
+    nodes: list[fx.Node] = field(default_factory=list)
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn's own modules (and `leaves`) stay call_module nodes, `kernels.chains` functions call_function
+    nodes; everything else is traced through."""
+
+    def __init__(self, leaves: tuple[type[nn.Module], ...]) -> None:
+        super().__init__(autowrap_functions=CHAIN_FUNCTIONS)  # a swapped model's calls stay calls when re-traced
+        self._leaves = leaves
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, self._leaves) or super().is_leaf_module(module, qualified_name)
+
+
+class _Graph:
+    """The traced graph with the questions the matcher asks of its nodes."""
+
+    def __init__(self, gm: fx.GraphModule, supported: Callable[[nn.Module], str | None],
+                 activations_reason: str | None):
+        self.gm, self.graph = gm, gm.graph
+        self._supported = supported
+        self._activations_reason = activations_reason
+        self.taken: set[fx.Node] = set()
+        self.kept: dict[fx.Node, str] = {}
+        self.replaced: dict[fx.Node, fx.Node] = {}  # a rewritten chain's last node -> the call that replaced it
+
+    def current(self, node: fx.Node) -> fx.Node:
+        """The node that now produces what `node` produced (itself unless a rewrite replaced it)."""
+        while node in self.replaced:
+            node = self.replaced[node]
+        return node
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    def _is(self, node: object, kind: type[nn.Module]) -> bool:
+        if not isinstance(node, fx.Node) or node in self.taken or type(self.module(node)) is not kind:
+            return False
+        reason = self._supported(self.module(node))
+        if reason is not None:
+            self.kept[node] = reason
+        return reason is None and len(node.args) == 1 and not node.kwargs
+
+    def conv(self, node: object) -> bool:
+        return self._is(node, nn.Conv2d)
+
+    def linear(self, node: object) -> bool:
+        return self._is(node, nn.Linear)
+
+    def bn(self, node: object) -> bool:
+        return self._is(node, nn.BatchNorm2d)
+
+    @staticmethod
+    def only_user(node: fx.Node, user: fx.Node) -> bool:
+        return list(node.users) == [user]
+
+    def activation(self, node: fx.Node) -> Activation | None:
+        """The supported activation `node` computes, unless it mutates an input that something else reads."""
+        if node in self.taken:
+            return None
+        if node.op == "call_module":
+            found = activation_of(self.module(node))
+            in_place = getattr(self.module(node), "inplace", False)
+            name, slope = found if found else (None, DEFAULT_NEGATIVE_SLOPE)
+        elif node.op == "call_function" and node.target in _FUNCTIONS:
+            name, slope, in_place = self._function_activation(node)
+        elif node.op == "call_method" and node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
+            name, slope, in_place = _METHODS[node.target], DEFAULT_NEGATIVE_SLOPE, node.target.endswith("_")
+        else:
+            return None
+        if name is None or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        source = node.args[0]
+        reason = self._activations_reason
+        if source in self.kept:
+            reason = f"follows {source.target}, left in PyTorch"
+        elif in_place and not self.only_user(source, node):
+            reason = "in place on a tensor something else also reads"
+        if reason is not None:
+            self.kept[node] = reason
+            return None
+        return Activation(node, name, slope, source)
+
+    def _function_activation(self, node: fx.Node) -> tuple[str | None, float, bool]:
+        """(name, negative slope, in place) of an activation function call; name None if its arguments are not
+        ones the kernels take."""
+        name = _FUNCTIONS[node.target]
+        if len(node.args) == 1 and not node.kwargs:
+            return name, DEFAULT_NEGATIVE_SLOPE, node.target in _IN_PLACE_FUNCTIONS
+        try:
+            arguments = dict(node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True).kwargs)
+        except (RuntimeError, AttributeError):  # no unambiguous signature (None has no .kwargs)
+            return None, DEFAULT_NEGATIVE_SLOPE, False
+        arguments.pop("input", None)
+        in_place = bool(arguments.pop("inplace", False)) or node.target in _IN_PLACE_FUNCTIONS
+        slope = arguments.pop("negative_slope", DEFAULT_NEGATIVE_SLOPE) if name == "leaky_relu" else DEFAULT_NEGATIVE_SLOPE
+        if name == "gelu" and arguments.pop("approximate", "none") == "tanh":
+            name = "gelu_tanh"
+        if arguments or not isinstance(slope, (int, float)):
+            return None, DEFAULT_NEGATIVE_SLOPE, in_place
+        return name, float(slope), in_place
+
+    def add_operands(self, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+        """The two tensors of a plain `a + b` (operator, torch.add, Tensor.add, in place or not), else None."""
+        if node in self.taken:
+            return None
+        if node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add):
+            operands = node.args
+        elif node.op == "call_method" and node.target in ("add", "add_"):
+            operands = node.args
+        else:
+            return None
+        if len(operands) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in operands):
+            return None
+        if operands[0] is operands[1]:
+            return None
+        in_place = node.target in ("add_", operator.iadd)
+        if in_place and not self.only_user(operands[0], node):
+            return None
+        return operands
+
+
+def _match(g: _Graph) -> list[Chain]:
+    """The chains of the graph, longest first: activation-ended, then add-ended, then BN, conv, linear alone."""
+    found: list[Chain] = []
+
+    def take(chain: Chain) -> None:
+        found.append(chain)
+        g.taken.update(chain.nodes)
+
+    def norm_chain(bn: fx.Node, chain: Chain) -> Chain:
+        chain.bn, chain.source = bn, bn.args[0]
+        chain.nodes.append(bn)
+        if g.conv(bn.args[0]) and g.only_user(bn.args[0], bn):
+            chain.conv = bn.args[0]
+            chain.source = chain.conv.args[0]
+            chain.nodes.append(chain.conv)
+        return chain
+
+    def residual_chain(add: fx.Node, chain: Chain) -> Chain | None:
+        operands = g.add_operands(add)
+        if operands is None:
+            return None
+        main, residual = operands if g.bn(operands[0]) and g.only_user(operands[0], add) else operands[::-1]
+        if not (g.bn(main) and g.only_user(main, add)):
+            return None
+        chain.add, chain.residual = add, residual
+        chain.nodes.append(add)
+        norm_chain(main, chain)
+        if g.bn(residual) and g.only_user(residual, add) and g.conv(residual.args[0]) and \
+                g.only_user(residual.args[0], residual):
+            shortcut = norm_chain(residual, Chain(source=residual, defer=True))
+            take(shortcut)
+            chain.residual_bn = residual
+        return chain
+
+    for node in list(g.graph.nodes):
+        act = g.activation(node)
+        if act is None or not g.only_user(act.source, node):
+            continue
+        chain = Chain(source=act.source, activation=act, nodes=[node])
+        if (fused := residual_chain(act.source, chain)) is not None:
+            take(fused)
+        elif g.bn(act.source):
+            take(norm_chain(act.source, chain))
+        elif g.conv(act.source) or g.linear(act.source):
+            kind = "conv" if g.conv(act.source) else "linear"
+            setattr(chain, kind, act.source)
+            chain.source = act.source.args[0]
+            chain.nodes.append(act.source)
+            take(chain)
+    for node in list(g.graph.nodes):
+        if (fused := residual_chain(node, Chain(source=node))) is not None:
+            take(fused)
+    for node in list(g.graph.nodes):
+        if g.bn(node):
+            take(norm_chain(node, Chain(source=node)))
+    for node in list(g.graph.nodes):
+        for kind in ("conv", "linear"):
+            if getattr(g, kind)(node):
+                take(Chain(source=node.args[0], nodes=[node], **{kind: node}))
+        if (act := g.activation(node)) is not None:
+            take(Chain(source=act.source, activation=act, nodes=[node]))
+    return found
+
+
+def _rewrite(g: _Graph, chain: Chain) -> None:
+    """Replace the chain's nodes by one call of its `kernels.chains` function."""
+    last = max(chain.nodes, key=_position(g.graph))
+    module = lambda node: g.graph.get_attr(node.target) if node is not None else None  # noqa: E731
+    act = chain.activation
+    act_kwargs = {"activation": act.name, "negative_slope": act.negative_slope} if act else {}
+    residual = {"residual": g.current(chain.residual)} if chain.residual is not None else {}
+    source = g.current(chain.source)
+    with g.graph.inserting_before(last):
+        if chain.residual_bn is not None:  # the shortcut's chain was rewritten first: its node now stands there
+            residual["residual_bn"] = module(chain.residual_bn)
+        if chain.bn is not None and chain.conv is not None:
+            args, target = (source, module(chain.conv), module(chain.bn)), chains.conv_bn_act
+            act_kwargs |= residual | ({"defer": True} if chain.defer else {})
+        elif chain.bn is not None:
+            args, target = (source, module(chain.bn)), chains.bn_act
+            act_kwargs |= residual
+        elif chain.conv is not None or chain.linear is not None:
+            target = chains.conv_act if chain.conv is not None else chains.linear_act
+            args = (source, module(chain.conv or chain.linear))
+        else:
+            args, target = (source, act.name, act.negative_slope), chains.activation
+            act_kwargs = {}
+        replacement = g.graph.call_function(target, args, act_kwargs)
+    last.replace_all_uses_with(replacement)
+    g.replaced[last] = replacement
+    for node in sorted(chain.nodes, key=_position(g.graph), reverse=True):
+        g.graph.erase_node(node)
+
+
+def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    return lambda node: order[node]
+
+
+def _link(g: _Graph, chain: Chain, node: fx.Node) -> str:
+    if node is chain.add:
+        return "+ residual" + (" (its BN fused)" if chain.residual_bn is not None else "")
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _describe(g: _Graph, chain: Chain) -> SwapRecord:
+    """The report line of a chain: its first link's path and type, and the whole chain."""
+    nodes = sorted(chain.nodes, key=_position(g.graph))
+    head = nodes[0]
+    kind = type(g.module(head)).__name__ if head.op == "call_module" else "function"
+    detail = " -> ".join(_link(g, chain, node) for node in nodes)
+    if chain.defer:
+        detail += " (normalised inside its consumer's kernel)"
+    action = "fused" if len(nodes) > 1 else "swapped"
+    return SwapRecord(str(head.target) if head.op == "call_module" else head.name, kind, action, detail)
+
+
+def trace(model: nn.Module, leaves: tuple[type[nn.Module], ...]) -> fx.GraphModule:
+    """`model` traced into a GraphModule that shares its whole module tree (see the module docstring)."""
+    graph = _Tracer(leaves).trace(model)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    for name, child in model.named_children():
+        setattr(gm, name, child)
+    for name, parameter in model.named_parameters(recurse=False):
+        setattr(gm, name, parameter)
+    for name, buffer in model.named_buffers(recurse=False):
+        gm.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+    return gm
+
+
+def fuse(gm: fx.GraphModule, supported: Callable[[nn.Module], str | None], activations_reason: str | None
+         ) -> list[SwapRecord]:
+    """Rewrite `gm` (from `trace`) in place: every chain to its kernels.chains call. `supported(module)` says
+    why a conv/linear/BN cannot run on the kernels (None: it can); `activations_reason`, if not None, why no
+    activation can (activations have no parameters to tell their input's dtype: the model's tell). Returns a
+    record per rewritten chain and per node left in PyTorch."""
+    g = _Graph(gm, supported, activations_reason)
+    found = _match(g)
+    records = [_describe(g, chain) for chain in found]
+    for chain in sorted(found, key=lambda c: not c.defer):  # a deferred shortcut before its consumer
+        _rewrite(g, chain)
+    records += _kept(g)
+    gm.graph.lint()
+    gm.recompile()
+    return records
+
+
+def _kept(g: _Graph) -> Iterable[SwapRecord]:
+    """What stays in PyTorch: unsupported layers (with why) and modules of kinds the kernels do not run."""
+    for node in g.graph.nodes:
+        if node.op != "call_module":
+            if node in g.kept:
+                yield SwapRecord(node.name, str(node.target).split(".")[-1].strip("<>'"), "kept", g.kept[node])
+            continue
+        module = g.module(node)
+        reason = g.kept.get(node) or (NO_KERNEL if not isinstance(module, nn.Identity) else None)
+        if reason is not None:
+            yield SwapRecord(str(node.target), type(module).__name__, "kept", reason)

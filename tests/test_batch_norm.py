@@ -1,0 +1,95 @@
+"""The BatchNorm kernels and ops against torch.nn.BatchNorm2d computed in float64: odd shapes, both memory
+formats, fp16, NaN and inf, and the custom ops' opcheck."""
+
+import pytest
+import torch
+from torch import nn
+
+from triton_workbench.kernels import batch_norm_ops
+from triton_workbench.kernels.batch_norm_ops import batch_norm_act
+
+
+def _pair(channels: int, **options) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:
+    """(the BN our kernels run, the same BN in float64 for PyTorch), random affine parameters."""
+    ours = nn.BatchNorm2d(channels, **options)
+    if ours.affine:
+        ours.weight.data.uniform_(0.5, 1.5)
+        ours.bias.data.normal_()
+    reference = nn.BatchNorm2d(channels, **options).double()
+    reference.load_state_dict(ours.state_dict())
+    return ours, reference
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (1, 70, 3, 1), (2, 1, 1, 9), (5, 3, 33, 35)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_train_forward_backward_and_running_stats_match(shape, layout):
+    torch.manual_seed(0)
+    ours, reference = _pair(shape[1], momentum=0.3)
+    y = (torch.randn(shape) * 3 + 2).contiguous(memory_format=layout).requires_grad_()
+    r = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+    y64, r64 = (t.detach().double().requires_grad_() for t in (y, r))
+    out = batch_norm_act(y, ours, r, activation="gelu")
+    expected = torch.nn.functional.gelu(reference(y64) + r64)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert out.stride() == y.stride()
+    grad = torch.randn(shape)
+    out.backward(grad)
+    expected.backward(grad.double())
+    for ours_grad, wanted in ((y.grad, y64.grad), (r.grad, r64.grad), (ours.weight.grad, reference.weight.grad),
+                              (ours.bias.grad, reference.bias.grad)):
+        torch.testing.assert_close(ours_grad.double(), wanted, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean.double(), reference.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var.double(), reference.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_input_with_fp32_parameters_as_autocast_gives_them():
+    torch.manual_seed(1)
+    ours, reference = _pair(6)
+    y = torch.randn(4, 6, 5, 5).half()
+    out = batch_norm_act(y, ours, activation="relu")
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), torch.relu(reference(y.double())), rtol=2e-3, atol=2e-3)
+
+
+def test_nan_and_inf_reach_their_channel_only_as_in_pytorch():
+    ours, reference = _pair(3)
+    y = torch.randn(2, 3, 4, 4)
+    y[0, 1, 2, 2] = float("nan")
+    y[1, 2, 0, 0] = float("inf")
+    out = batch_norm_act(y, ours, activation="relu")
+    expected = torch.relu(reference(y.double()))
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out[:, 0].double(), expected[:, 0], rtol=1e-5, atol=1e-5)
+    assert ours.running_mean[1].isnan() and reference.running_mean[1].isnan()
+
+
+def test_a_strided_input_and_residual_of_other_layout_are_handled():
+    torch.manual_seed(2)
+    ours, reference = _pair(4)
+    y = torch.randn(2, 4, 6, 10)[..., ::2]  # W not dense: copied to the rows view
+    r = torch.randn(2, 4, 6, 5).contiguous(memory_format=torch.channels_last)
+    out = batch_norm_act(y, ours, r, activation="silu")
+    torch.testing.assert_close(out.double(), torch.nn.functional.silu(reference(y.double()) + r.double()),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_gets_a_clear_error():
+    ours, _ = _pair(4)
+    with pytest.raises(ValueError, match="4-D input with 4 channels"):
+        batch_norm_act(torch.randn(2, 3, 4, 4), ours)
+    with pytest.raises(ValueError, match="residual has shape"):
+        batch_norm_act(torch.randn(2, 4, 4, 4), ours, torch.randn(2, 4, 4, 3))
+
+
+def test_ops_pass_opcheck():
+    torch.manual_seed(3)
+    y = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    r = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight, bias = torch.rand(4, requires_grad=True) + 0.5, torch.randn(4, requires_grad=True)
+    mean, invstd = batch_norm_ops._stats_op(y.detach(), None, None, None, 0.1, 1e-5)
+    r_mean, r_invstd = batch_norm_ops._stats_op(r.detach(), None, None, None, 0.1, 1e-5)
+    torch.library.opcheck(batch_norm_ops._stats_op, (y.detach(), torch.zeros(4), torch.ones(4), None, 0.1, 1e-5))
+    torch.library.opcheck(batch_norm_ops._normalize_op, (y, mean, invstd, weight, bias, True, r, r_mean, r_invstd,
+                                                         None, None, True, "relu", 0.01))
+    torch.library.opcheck(batch_norm_ops._normalize_op, (y, mean, invstd, None, None, False, None, None, None,
+                                                         None, None, False, None, 0.01))

@@ -1,0 +1,220 @@
+"""The fusion pass (kernels.fusion via kernels.nn.swap): which chains it finds in real model code, and that the
+rewritten model matches PyTorch computed in float64 -- outputs, every gradient, running stats -- in train and eval."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import triton_workbench.kernels.nn as knn
+from triton_workbench.workbench.torchvision_resnet import BasicBlock, Bottleneck, resnet18
+
+
+def _records(model: nn.Module) -> dict[str, tuple[str, str]]:
+    return {record.path: (record.action, record.detail) for record in model.swap_records}
+
+
+class _AtenOps(TorchDispatchMode):
+    """Every op that runs below autograd (aten and custom ops), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []  # (op name, rank of its first argument)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append((func._schema.name, args[0].dim() if args and isinstance(args[0], torch.Tensor) else -1))
+        return func(*args, **(kwargs or {}))
+
+
+def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest error relative to the reference's largest value, floored at 0.01: a gradient that is zero in
+    exact arithmetic (a conv bias before batch-statistics BN) is fp32 rounding noise, not a signal."""
+    return ((ours.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-2)).item()
+
+
+def _check_against_float64(block: nn.Module, x: torch.Tensor, steps: int, tolerance: float = 2e-4) -> None:
+    """Train `steps` SGD steps of the swapped block and of a float64 copy in PyTorch; compare outputs, every
+    gradient, the running stats and num_batches_tracked after each, then eval outputs."""
+    reference = copy.deepcopy(block).double()
+    swapped = knn.swap(block)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (swapped, reference)]
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        outputs = []
+        for model, optimizer, inputs in ((swapped, optimizers[0], x), (reference, optimizers[1], x.double())):
+            optimizer.zero_grad()
+            out = model(inputs)
+            if not outputs:
+                grad = torch.randn(out.shape, generator=generator)
+            out.backward(grad.to(out.dtype))
+            outputs.append(out)
+        assert _relative_error(*outputs) < tolerance
+        for (name, ours), theirs in zip(swapped.named_parameters(), reference.parameters()):
+            assert _relative_error(ours.grad, theirs.grad) < tolerance, name
+        for (name, ours), theirs in zip(swapped.named_buffers(), reference.buffers()):
+            assert _relative_error(ours, theirs) < tolerance, name  # running stats and num_batches_tracked
+        for optimizer in optimizers:
+            optimizer.step()
+    swapped.eval(), reference.eval()
+    assert _relative_error(swapped(x), reference(x.double())) < tolerance
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_basic_block_with_downsample_fuses_everything_and_matches_pytorch(channels_last):
+    torch.manual_seed(0)
+    block = BasicBlock(3, 6, stride=2)
+    x = torch.randn(4, 3, 7, 9)
+    if channels_last:
+        block, x = block.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    swapped = knn.swap(copy.deepcopy(block))
+    assert _records(swapped) == {
+        "conv1": ("fused", "conv1 -> bn1 -> relu"),
+        "downsample.0": ("fused", "downsample.0 -> downsample.1 (normalised inside its consumer's kernel)"),
+        "conv2": ("fused", "conv2 -> bn2 -> + residual (its BN fused) -> relu"),  # one ReLU module, used twice
+    }
+    _check_against_float64(block, x, steps=2)
+
+
+def test_bottleneck_and_identity_shortcut_match_pytorch():
+    torch.manual_seed(1)
+    block = nn.Sequential(Bottleneck(8, 2), BasicBlock(8, 8))  # identity shortcuts: a plain residual add
+    x = torch.randn(3, 8, 5, 6)
+    _check_against_float64(block, x, steps=2)
+
+
+def test_batch_norm_variants_match_pytorch():
+    """momentum=None (cumulative average), affine=False, track_running_stats=False, another eps, BN -> act."""
+    torch.manual_seed(2)
+    block = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5, momentum=None, eps=1e-3), nn.SiLU(),
+        nn.Conv2d(5, 4, 1, bias=False), nn.BatchNorm2d(4, affine=False), nn.GELU(),
+        nn.BatchNorm2d(4, track_running_stats=False), nn.LeakyReLU(0.2),
+    )
+    _check_against_float64(block, torch.randn(2, 3, 5, 5), steps=3)
+
+
+def test_functional_calls_shared_modules_and_in_place_ops_are_found():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.conv3 = nn.Conv2d(4, 4, 1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = torch.add(self.bn2(self.conv2(out)), x).relu_()
+            out = torch.sigmoid(self.conv3(out))
+            return F.gelu(self.fc(out.mean((2, 3))), approximate="tanh")
+
+    torch.manual_seed(4)
+    block = Block()
+    swapped = knn.swap(copy.deepcopy(block))
+    assert _records(swapped) == {
+        "conv1": ("fused", "conv1 -> bn1 -> relu"),
+        "conv2": ("fused", "conv2 -> bn2 -> + residual -> .relu_()"),
+        "conv3": ("fused", "conv3 -> sigmoid"),
+        "fc": ("fused", "fc -> gelu"),
+    }
+    _check_against_float64(block, torch.randn(2, 4, 5, 5), steps=1)
+
+
+def test_an_in_place_activation_on_a_tensor_read_elsewhere_is_left_in_pytorch():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            y = self.bn(x)
+            z = y.relu_()  # mutates y, which the return also reads
+            return y + z
+
+    block = Block()
+    x = torch.randn(2, 2, 3, 3)
+    expected = copy.deepcopy(block)(x)
+    swapped = knn.swap(block)
+    assert _records(swapped)["relu_"] == ("kept", "in place on a tensor something else also reads")
+    torch.testing.assert_close(swapped(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_swapped_resnet_forward_runs_no_pytorch_batch_norm_relu_or_add():
+    torch.manual_seed(5)
+    model = knn.swap(resnet18(num_classes=3, width=4))
+    assert not [r for r in model.swap_records if r.action == "kept" and r.module not in ("MaxPool2d",
+                                                                                       "AdaptiveAvgPool2d")]
+    with _AtenOps() as seen:
+        model(torch.randn(2, 3, 16, 16))
+    assert {name for name, _ in seen.ops if "batch_norm" in name or "relu" in name} <= {
+        "workbench::batch_norm_stats", "workbench::batch_norm_act"}
+    assert not [rank for name, rank in seen.ops if name.startswith("aten::add") and rank == 4]  # only the counters'
+
+
+
+def test_checkpoints_load_both_ways_and_optimizers_keep_working():
+    torch.manual_seed(6)
+    original = BasicBlock(2, 4, stride=2)
+    parameters = list(original.parameters())
+    optimizer = torch.optim.SGD(original.parameters(), lr=0.1, momentum=0.9)
+    swapped = knn.swap(original)
+    assert list(swapped.state_dict()) == list(original.state_dict())
+    assert all(a is b for a, b in zip(swapped.parameters(), parameters))
+    assert swapped.bn1.running_mean is original.bn1.running_mean  # buffers updated in place
+    swapped(torch.randn(3, 2, 5, 5)).sum().backward()
+    optimizer.step()  # built before the swap: updates the swapped model's parameters
+    assert swapped.bn1.num_batches_tracked.item() == 1 and original.bn1.running_var.ne(1).any()
+    fresh = BasicBlock(2, 4, stride=2)
+    fresh.load_state_dict(swapped.state_dict())
+    again = knn.swap(BasicBlock(2, 4, stride=2))
+    again.load_state_dict(fresh.state_dict())
+    x = torch.randn(2, 2, 5, 5)
+    torch.testing.assert_close(again.eval()(x), fresh.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_folds_the_current_running_stats_every_call():
+    torch.manual_seed(7)
+    block = knn.swap(BasicBlock(3, 3)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    block(x)
+    block.bn1.running_mean.add_(0.5)  # a later change of the stats must show in the next call
+    plain = BasicBlock(3, 3).eval()
+    plain.load_state_dict(block.state_dict())
+    torch.testing.assert_close(block(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_untraceable_model_falls_back_to_the_module_walk_and_says_so(capsys):
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 3 * 3, 2), nn.Tanh())
+
+        def forward(self, x):
+            y = self.features(x)
+            if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                y = y * 2
+            return self.head(y)
+
+    torch.manual_seed(8)
+    model = DataDependent()
+    x = torch.randn(2, 3, 5, 5)
+    expected = copy.deepcopy(model)(x)
+    swapped = knn.swap(model, verbose=True)
+    assert swapped is model and isinstance(model.features, torch.fx.GraphModule)
+    records = _records(model)
+    assert records["(model)"][0] == "walked" and "torch.fx cannot trace it" in records["(model)"][1]
+    assert records["features.0"] == ("fused", "0 -> 1 -> 2") and records["head.1"] == ("fused", "1 -> 2")
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    assert "walked" in capsys.readouterr().out
+
+
+def test_batch_norm_rejects_a_single_value_per_channel_in_training():
+    model = knn.swap(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        model(torch.randn(1, 2, 1, 1))
+    model.eval()
+    assert model(torch.randn(1, 2, 1, 1)).shape == (1, 3, 1, 1)  # running stats: fine
