@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from triton_workbench.autotune.timing import measure
+from triton_workbench.autotune.timing import Timing, measure
 from triton_workbench.database import TrialStatus
 from triton_workbench.database.environment import device_key, device_limits
 from triton_workbench.database.store import short_reason
@@ -46,7 +46,6 @@ from triton_workbench.kernels import runtime
 from triton_workbench.kernels.aot import compile_in_worker, compile_pool
 from triton_workbench.kernels.spec import Config, KernelSpec, Problem
 
-OBJECTIVES = ("time", "energy", "edp")
 STORED_CEILINGS = ("static_tensor_ceiling", "static_memory_ceiling")
 """The static ceilings of a compile report (`kernels.ceilings.static_ceilings`) a trial stores."""
 
@@ -62,6 +61,8 @@ class EnergyRecord(Protocol):
     end_temp_c: float
     mean_sm_clock_mhz: float
     throttled: bool | None
+    throttle_reasons: float  # NVML clock-event reasons seen in the window, OR-ed (a bitmask), NaN if unknown
+    remeasured: bool  # throttled by heat, so measured again after the GPU cooled
 
 
 ENERGY_FIELDS: tuple[str, ...] = tuple(EnergyRecord.__annotations__)
@@ -74,6 +75,20 @@ class EnergyMeter(Protocol):
     """
 
     def __call__(self, name: str, fn: Callable[[], object]) -> EnergyRecord: ...
+
+
+class DeviceKnobs(Protocol):
+    """Device settings tuned beside the kernel's parameters (the profiler's `DeviceKnobs` is one).
+
+    `params`: knob -> candidate values (names distinct from the kernel's), `default`: the values in force
+    before the sweep, `apply(settings)`: set them on the device before a trial. autotune does not import
+    the profiler; `workbench tune --power-limits/--sm-clocks` passes one.
+    """
+
+    params: dict[str, list[Any]]
+    default: dict[str, Any]
+
+    def apply(self, settings: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -109,16 +124,6 @@ class Trial:
         energy = {name: math.nan if self.energy is None else getattr(self.energy, name) for name in ENERGY_FIELDS}
         values.update(energy)
         return values
-
-
-def objective_value(objective: str, time_ms: float, energy_j_per_call: float, status: str = TrialStatus.OK) -> float:
-    """The number a sweep minimises: time_ms, energy_j_per_call, or energy x delay (J*s); inf unless ok."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if status != TrialStatus.OK:
-        return math.inf
-    value = {"time": time_ms, "energy": energy_j_per_call, "edp": energy_j_per_call * time_ms / 1e3}[objective]
-    return math.inf if value is None or math.isnan(value) else float(value)
 
 
 def compiled_trial(config: Config, compiled: dict[str, Any] | None, status: str = TrialStatus.OK,
@@ -232,8 +237,17 @@ class Pipeline:
     """Evaluates configs of `spec` on `problem` on this machine's device (see the module docstring)."""
 
     def __init__(self, spec: KernelSpec, problem: Problem, *, timeout_s: float | None = 120.0,
-                 energy_meter: EnergyMeter | None = None, interpreter_reps: int = 3):  # fmt: skip
+                 energy_meter: EnergyMeter | None = None, interpreter_reps: int = 3,
+                 device_knobs: DeviceKnobs | None = None, timer: Callable[[Callable[[], object]], Timing] | None = None):  # fmt: skip
+        """device_knobs: set before each trial from the config's knob entries (the rest is the kernel's config);
+        timer: how a call is timed (default `autotune.timing.measure`; a test double's clock in tests)."""
         self.spec, self.problem = spec, problem
+        self.device_knobs = device_knobs
+        self.knob_names = set(device_knobs.params) if device_knobs is not None else set()
+        clash = self.knob_names & set(spec.params)
+        if clash:
+            raise ValueError(f"device_knobs: {sorted(clash)} are also parameters of kernel {spec.name}")
+        self.timer = timer
         self.timeout_s, self.energy_meter, self.interpreter_reps = timeout_s, energy_meter, interpreter_reps
         self.device = runtime.default_device()
         self.limits = device_limits()
@@ -250,8 +264,13 @@ class Pipeline:
         """The reference result every config is checked against, computed at the first check."""
         return self.spec.reference(self.inputs)
 
+    def kernel_config(self, config: Config) -> Config:
+        """The kernel's part of a config (without the device knobs' entries)."""
+        return {name: value for name, value in config.items() if name not in self.knob_names}
+
     def evaluate(self, config: Config, compiled: dict[str, Any] | None = None) -> Trial:
-        """One config's trial; `compiled` is its ahead-of-time compile report, when there is one."""
+        """One config's trial; `compiled` is its ahead-of-time compile report, when there is one. The device
+        knobs in `config` are set first; a setting the device refuses is a failed trial (runtime_error)."""
         trial = compiled_trial(config, compiled)
         if compiled is not None:
             if not compiled.get("ok", True):
@@ -263,11 +282,13 @@ class Pipeline:
             if trial.reason:
                 trial.status = TrialStatus.OUT_OF_RESOURCES
                 return trial
-        if not self.spec.is_valid(config, self.problem):
+        if not self.spec.is_valid(self.kernel_config(config), self.problem):
             trial.status, trial.reason = TrialStatus.COMPILE_ERROR, "violates the kernel's constraints for this problem"
             return trial
         self.reference  # inputs and reference are made once, here: outside the watchdog and the compile timing
         try:
+            if self.device_knobs is not None:
+                self.device_knobs.apply({name: config[name] for name in self.knob_names})
             with watchdog(self.timeout_s):
                 self._run(trial)
         except Exception as error:  # a failed config is an outcome, not the end of the sweep
@@ -275,8 +296,10 @@ class Pipeline:
         return trial
 
     def _run(self, trial: Trial) -> None:
+        kernel_config = self.kernel_config(trial.config)
+
         def call() -> torch.Tensor:
-            return self.spec.launch(self.inputs, trial.config)
+            return self.spec.launch(self.inputs, kernel_config)
 
         started = time.perf_counter()
         result = call()
@@ -289,7 +312,7 @@ class Pipeline:
             trial.status = TrialStatus.WRONG
             trial.reason = f"relative error {error:.3g} exceeds tolerance {self.tolerance:g}"
             return
-        timing = measure(call, interpreter_reps=self.interpreter_reps)
+        timing = self.timer(call) if self.timer is not None else measure(call, interpreter_reps=self.interpreter_reps)
         trial.time_ms, trial.time_ms_p20, trial.time_ms_p80, trial.timer = (
             timing.time_ms, timing.time_ms_p20, timing.time_ms_p80, timing.timer)  # fmt: skip
         seconds = timing.time_ms / 1e3

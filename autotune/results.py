@@ -45,9 +45,11 @@ TRIAL_MEASURES = (
     "time_ms", "time_ms_p20", "time_ms_p80", "timer", "compile_time_s", "shared_bytes", "registers", "spills",
     "tflops", "gbps", "energy_j_per_call", "avg_power_w", "peak_power_w", "start_temp_c", "end_temp_c",
     "mean_sm_clock_mhz", "throttled", "started_at", "static_tensor_ceiling", "static_memory_ceiling",
+    "throttle_reasons", "remeasured",
 )  # fmt: skip
 # trial measures added after the trials table's first version: an older file gains them when opened
-_ADDED_TRIAL_COLUMNS = ("static_tensor_ceiling REAL", "static_memory_ceiling REAL")
+_ADDED_TRIAL_COLUMNS = ("static_tensor_ceiling REAL", "static_memory_ceiling REAL", "throttle_reasons REAL",
+                        "remeasured INTEGER")  # fmt: skip
 TRIAL_COLUMNS = ("run_id", "trial_id", "kernel", "problem", "config", "status", "reason") + TRIAL_MEASURES
 KEY_COLUMNS = ("kernel", "source_hash", "problem", "device", "capability", "triton_version", "torch_version")
 _KEY_MATCH = " AND ".join(f"{c} = ?" for c in KEY_COLUMNS)
@@ -366,12 +368,15 @@ class TuningDatabase(Database):
             (*key.values(), config_id(config), objective, sql_value(value), sql_value(time_ms), run_id, utc_now()),
         )
 
-    def store_best(self, key: TuningKey, objective: str, value_of: Callable[[Any], float]) -> Config | None:
+    def store_best(self, key: TuningKey, objective: str, value_of: Callable[[Any], float],
+                   config_of: Callable[[Config], Config] = dict) -> Config | None:  # fmt: skip
         """Decide the best config of `key` from every stored trial, whoever measured it, and store it; in one
         transaction, so that two sweeps finishing at once cannot store a winner chosen from fewer trials.
 
         `value_of(row)` gives a trial row's objective value (inf or NaN: not usable). The lowest wins, the
         first stored on a tie; returns the winner, or None (nothing stored) when no trial has a finite value.
+        `config_of(winner)` is what is stored as the best config: the kernel's part of a config that also
+        holds device knobs (which the kernels cannot launch with; the winner's trial keeps them).
         """
         with self._write() as connection:
             trials = self.trials(key=key)
@@ -381,7 +386,7 @@ class TuningDatabase(Database):
                 return None
             value, index = min(ranked)
             row = trials.iloc[index]
-            winner = json.loads(row["config"])
+            winner = config_of(json.loads(row["config"]))
             self._set_best(connection, key, winner, objective, value, row["time_ms"], int(row["run_id"]))
         return winner
 

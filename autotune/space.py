@@ -39,14 +39,19 @@ class Space:
         self._value_index = [{repr(v): i for i, v in enumerate(values)} for values in self.params.values()]
 
     @classmethod
-    def from_spec(cls, spec: Any, problem: Mapping[str, Any]) -> "Space":
-        """The space of a `KernelSpec` for one problem: its params, constraints bound to the problem."""
+    def from_spec(cls, spec: Any, problem: Mapping[str, Any],
+                  extra_params: Mapping[str, Sequence[Any]] | None = None) -> "Space":  # fmt: skip
+        """The space of a `KernelSpec` for one problem: its params, constraints bound to the problem, and
+        `extra_params` beside them (device knobs, which the kernel's constraints do not look at)."""
         if not hasattr(spec, "params") or not hasattr(spec, "constraints"):
             raise ValueError(f"spec: expected a KernelSpec, got {type(spec).__name__}")
         if not isinstance(problem, Mapping):
             raise ValueError(f"problem: expected a dict, got {type(problem).__name__}")
+        clash = set(extra_params or {}) & set(spec.params)
+        if clash:
+            raise ValueError(f"extra_params: {sorted(clash)} are already parameters of {spec.name}")
         bound = [lambda config, c=constraint: c(config, problem) for constraint in spec.constraints]
-        return cls(spec.params, bound)
+        return cls({**spec.params, **(extra_params or {})}, bound)
 
     @property
     def cardinality(self) -> int:

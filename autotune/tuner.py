@@ -33,8 +33,10 @@ from tqdm.auto import tqdm
 
 from triton_workbench.autotune.config_source import use_database
 from triton_workbench.autotune.distributed import Distributed
-from triton_workbench.autotune.pipeline import (OBJECTIVES, CompilePool, EnergyMeter, Pipeline, Trial, compiled_trial,
-                                                objective_value, over_limits)
+from triton_workbench.autotune.objectives import Objective
+from triton_workbench.autotune.pipeline import (CompilePool, DeviceKnobs, EnergyMeter, Pipeline, Trial, compiled_trial,
+                                                over_limits)
+from triton_workbench.autotune.timing import Timing
 from triton_workbench.autotune.results import STORED, TAKEN, Claim, ClaimTimes, TuningDatabase, TuningKey, config_id
 from triton_workbench.database import RunKind, TrialStatus
 from triton_workbench.kernels.ceilings import static_bound_tflops
@@ -52,7 +54,8 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
          timeout_s: float | None = 120.0, interpreter_reps: int = 3, progress: bool = True,
          distributed: Distributed | None = None, on_trial: Callable[[Trial], None] | None = None,
          run_id: int | None = None, claims: ClaimTimes | None = None,
-         prune_static: float | None = None) -> pd.DataFrame:  # fmt: skip
+         prune_static: float | None = None, device_knobs: DeviceKnobs | None = None,
+         timer: Callable[[Callable[[], object]], Timing] | None = None) -> pd.DataFrame:  # fmt: skip
     """Tune `spec` for `problem`; returns every stored trial of this kernel/problem/device (a DataFrame, one
     row per run that measured a config, whichever sweep that was).
 
@@ -63,8 +66,8 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
     (`autotune.use_database(db)`): later launches in this process use what was tuned.
     strategy/strategy_options/seed: passed to `autotune.strategies.make_strategy` (strategy_options: the
     strategy's declared hyperparameters by name, e.g. {"trees": 48} for auto); budget: how many configs the
-    strategy may propose in all (stored ones count); objective: 'time', or 'energy' / 'edp' which
-    need an `energy_meter`; compile_ahead: compile each batch for the GPU target in a process pool
+    strategy may propose in all (stored ones count); objective: 'time', 'energy', 'edp', 'time:power<=P' or
+    'energy:time<=X%' (see `autotune.objectives`), all but 'time' needing an `energy_meter`; compile_ahead: compile each batch for the GPU target in a process pool
     (`workers`, default all cores) one batch ahead of the measurements (default: for specs
     registered in kernels.SPECS, the only ones the pool can find), or a `CompilePool` to borrow
     (shared by many sweeps; the caller closes it); timeout_s: per-trial
@@ -79,6 +82,9 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
     (measured first) is never pruned, and a pruned trial is never the best config; like any stored trial,
     a later sweep of the same key does not measure it again. Needs compile_ahead (without it nothing is
     pruned: there are no ceilings).
+    device_knobs: device settings (power limit, SM clock: the profiler's `DeviceKnobs`) searched with the
+    kernel's parameters; each trial's config holds them, the stored best config is the kernel's part of the
+    winner. Single process only. timer: how a call is timed (default `autotune.timing.measure`).
     Non-zero ranks return an empty DataFrame.
     """
     if not isinstance(spec, KernelSpec):
@@ -86,9 +92,8 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
     if not isinstance(problem, dict):
         raise TypeError(f"problem must be a dict of sizes and dtype, got {type(problem).__name__}")
     spec.validate_problem(problem)  # ProblemError: entries, types, ranges, the device's memory; nothing stored yet
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if objective != "time" and energy_meter is None:
+    parsed = Objective.parse(objective)
+    if parsed.needs_energy and energy_meter is None:
         raise ValueError(f"objective {objective!r} needs an energy meter (workbench tune --profile, on a GPU with NVML)")
     if not isinstance(budget, int) or budget < 1:
         raise UsageError(f"budget must be a positive integer, got {budget!r}")
@@ -101,13 +106,15 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
     if compile_ahead is None or not CompilePool.supports(spec):
         compile_ahead = CompilePool.supports(spec)  # a borrowed pool cannot compile an unregistered spec
     distributed = distributed or Distributed.from_environment()
+    if device_knobs is not None and distributed is not None:
+        raise UsageError("device knobs are set on this process's GPU only: tune them without torchrun")
     pipeline = Pipeline(spec, problem, timeout_s=timeout_s, energy_meter=energy_meter,
-                        interpreter_reps=interpreter_reps)  # fmt: skip
+                        interpreter_reps=interpreter_reps, device_knobs=device_knobs, timer=timer)  # fmt: skip
     if distributed is not None and distributed.rank != 0:
         _follow(pipeline, distributed)
         return pd.DataFrame()
     database = db if isinstance(db, TuningDatabase) else TuningDatabase(db)
-    sweep = _Sweep(spec, problem, database, pipeline, objective, run_id, claims or ClaimTimes(), prune_static)
+    sweep = _Sweep(spec, problem, database, pipeline, parsed, run_id, claims or ClaimTimes(), prune_static)
     try:
         return sweep.run(strategy, dict(strategy_options or {}), budget, seed, compile_ahead, workers, progress,
                          distributed, on_trial)
@@ -145,15 +152,19 @@ def _evaluate_share(pipeline: Pipeline, batch: list[tuple[Config, dict | None]],
 class _Sweep:
     """Rank 0's (or a single process's) side of `tune`."""
 
-    def __init__(self, spec: KernelSpec, problem: Problem, database: TuningDatabase, pipeline: Pipeline, objective: str,
-                 run_id: int | None, claims: ClaimTimes, prune_static: float | None = None):  # fmt: skip
+    def __init__(self, spec: KernelSpec, problem: Problem, database: TuningDatabase, pipeline: Pipeline,
+                 objective: Objective, run_id: int | None, claims: ClaimTimes, prune_static: float | None = None):  # fmt: skip
         self.spec, self.problem, self.database, self.pipeline = spec, problem, database, pipeline
         self.prune_static = prune_static
-        self.default_id = config_id(spec.default_config(problem))  # measured first, never pruned
+        knobs = pipeline.device_knobs
+        self.knob_params = dict(knobs.params) if knobs is not None else {}
+        # measured first, never pruned: the kernel's heuristic default on the device as it was
+        self.default = {**spec.default_config(problem), **(knobs.default if knobs is not None else {})}
+        self.default_id = config_id(self.default)
         self.bounds: dict[str, float] = {}  # config_id -> static bound (TFLOP/s) of the configs compiled ahead
         self.best_bound: tuple[float, str] | None = None  # the highest bound of a config measured correct, its id
         self.objective, self.claims = objective, claims
-        self.needs = ("energy_j_per_call",) if objective != "time" else ()  # what a stored ok trial must have
+        self.needs = ("energy_j_per_call",) if objective.needs_energy else ()  # what a stored ok trial must have
         self.key = TuningKey.of(spec, problem)
         self.values: dict[str, float] = {}  # config_id -> best objective value of its usable stored trials
         self._learn(database.trials(key=self.key))
@@ -169,7 +180,7 @@ class _Sweep:
         from triton_workbench.autotune.strategies import make_strategy
 
         self.on_trial = on_trial
-        space = Space.from_spec(self.spec, self.problem)
+        space = Space.from_spec(self.spec, self.problem, extra_params=self.knob_params)
         if len(self.values) < min(budget, len(space)):
             world = distributed.world_size if distributed else 1
             borrowed = compile_ahead if isinstance(compile_ahead, CompilePool) else None
@@ -177,9 +188,11 @@ class _Sweep:
             self.batch_size = max(world, pool.workers if pool else 1)
             self.strategy = make_strategy(strategy_name, space, seed, **strategy_options)
             # the heuristic default goes first: a tuned config is then never worse than the untuned one
-            self.strategy.enqueue(self.spec.default_config(self.problem))
+            self.strategy.enqueue(self.default)
             meta = {"problem": json.loads(problem_id(self.problem)), "strategy": strategy_name, "budget": budget,
-                    "seed": seed, "objective": self.objective, "world_size": world}  # fmt: skip
+                    "seed": seed, "objective": self.objective.name, "world_size": world}  # fmt: skip
+            if self.knob_params:
+                meta["device_knobs"] = self.knob_params
             if strategy_options:
                 meta["strategy_options"] = strategy_options
             self.asked, self.budget = 0, budget
@@ -201,7 +214,7 @@ class _Sweep:
         """A stored trial row's objective value; NaN if it cannot serve this objective (timed without energy)."""
         if row.status == TrialStatus.OK and self.needs and math.isnan(row.energy_j_per_call):
             return math.nan
-        return objective_value(self.objective, row.time_ms, row.energy_j_per_call, row.status)
+        return self.objective.value(row.time_ms, row.energy_j_per_call, row.avg_power_w, row.status)
 
     def _learn(self, trials: pd.DataFrame) -> None:
         """Take stored trials into `values` (a config measured by several runs keeps its best value)."""
@@ -228,13 +241,16 @@ class _Sweep:
 
     def _loop(self, pool: CompilePool | None, distributed: Distributed | None) -> None:
         batch = self._next_batch()
-        futures = [pool.submit(self.spec, self.problem, config) for config in batch] if pool else []
+        futures = [self._compile(pool, config) for config in batch] if pool else []
         while batch:
             following = self._next_batch()  # asked now so that it compiles while this batch is measured
-            following_futures = [pool.submit(self.spec, self.problem, config) for config in following] if pool else []
+            following_futures = [self._compile(pool, config) for config in following] if pool else []
             self._measure([(config, self._reporter(futures, index)) for index, config in enumerate(batch)], distributed)
             batch, futures = following, following_futures
         self._wait_for_others(distributed)
+
+    def _compile(self, pool: CompilePool, config: Config) -> Future:
+        return pool.submit(self.spec, self.problem, self.pipeline.kernel_config(config))
 
     def _reporter(self, futures: list[Future], index: int) -> Callable[[], dict | None]:
         return lambda: self._report(futures, index)
@@ -282,7 +298,7 @@ class _Sweep:
         best, best_id = self.best_bound
         if bound >= self.prune_static * best:
             return None
-        if over_limits(compiled, config, self.pipeline.limits) or not self.spec.is_valid(config, self.problem):
+        if over_limits(compiled, config, self.pipeline.limits) or not self.spec.is_valid(self.pipeline.kernel_config(config), self.problem):
             return None  # cannot run at all: the pipeline records why
         unit = " TFLOP/s" if compiled.get("static_peak_tflops") else " of peak"
 
@@ -341,7 +357,8 @@ class _Sweep:
     def _record(self, trial: Trial) -> None:
         """Store a trial this sweep measured (which releases its claim) and tell the strategy."""
         self.database.record_trial(self.run_id, self.key, trial.config, trial.status, trial.reason, **trial.measures())
-        value = objective_value(self.objective, trial.time_ms, trial.energy_j_per_call, trial.status)
+        power_w = trial.energy.avg_power_w if trial.energy is not None else math.nan
+        value = self.objective.value(trial.time_ms, trial.energy_j_per_call, power_w, trial.status)
         self.values[config_id(trial.config)] = value
         bound = self.bounds.get(config_id(trial.config))
         if trial.status == TrialStatus.OK and bound is not None and (self.best_bound is None or bound > self.best_bound[0]):
@@ -354,14 +371,20 @@ class _Sweep:
         self.strategy.tell(config, value)
         self.best = min(self.best, value)
         if math.isfinite(self.best):
-            self.bar.set_postfix_str(f"best {self.best:.4g} {_UNITS[self.objective]}")
+            self.bar.set_postfix_str(f"best {self.best:.4g} {self.objective.unit}")
         self.bar.update(1)
 
     def _store_best(self) -> None:
         """Store the best trial of every stored for this key, whichever sweep measured it, and make the
-        kernels launch with it: this database becomes their config source (`use_database`)."""
-        if self.database.store_best(self.key, self.objective, self._usable_value) is not None:
+        kernels launch with it: this database becomes their config source (`use_database`). For
+        energy:time<=X% the fastest stored time bounds the candidates (`Objective.values`)."""
+        value_of = self._usable_value
+        if self.objective.time_slack is not None:
+            ok = self.database.trials(key=self.key).query("status == 'ok'")["time_ms"]
+            limit_ms = (1 + self.objective.time_slack) * ok.min() if len(ok) else math.nan
+
+            def value_of(row: Any) -> float:
+                return self._usable_value(row) if row.time_ms <= limit_ms else math.inf
+
+        if self.database.store_best(self.key, self.objective.name, value_of, self.pipeline.kernel_config) is not None:
             use_database(self.database)
-
-
-_UNITS = {"time": "ms", "energy": "J", "edp": "J*s"}

@@ -60,6 +60,7 @@ class SeriesTable(StrEnum):
     TRAIN_EPOCHS = "train_epochs"
     OP_TIMES = "op_times"  # torch.profiler per-op times of a training run
     STRATEGY_RESULTS = "strategy_results"
+    POWER_LIMIT_PROFILE = "power_limit_profile"  # train --power-limit auto: each limit's profiled steps, the choice
 
 
 RUN_KINDS: tuple[RunKind, ...] = tuple(RunKind)

@@ -22,10 +22,11 @@ beside it, so a caller who wants the net figure computes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 from triton_workbench.profiler.nvml_sampler import NvmlSampler
+from triton_workbench.profiler.windows import THERMAL_REASONS_MASK
 
 DEFAULT_MIN_WINDOW_S = 1.0
 
@@ -46,6 +47,8 @@ class EnergyStats:
     calls: int  # calls of fn inside the trial window
     window_s: float  # the trial window's length
     energy_j: float  # energy over the whole trial window
+    throttle_reasons: float = math.nan  # NVML clock-event reasons seen in the window, OR-ed; NaN if unknown
+    remeasured: bool = False  # the first window ran thermally throttled: measured again after cooling down
 
 
 ENERGY_RESULT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(EnergyStats))
@@ -136,17 +139,36 @@ def measure_energy(fn: Callable[[], object], sampler: NvmlSampler, name: str, *,
         calls=calls,
         window_s=stats.duration_s,
         energy_j=stats.energy_j,
+        throttle_reasons=stats.throttle_reasons,
     )
 
 
-def energy_meter(sampler: NvmlSampler, **options) -> Callable[[str, Callable[[], object]], EnergyStats]:
+def thermally_throttled(stats: EnergyStats) -> bool:
+    """Whether heat (SW or HW thermal slowdown) held the clocks down during the measurement."""
+    return not math.isnan(stats.throttle_reasons) and bool(int(stats.throttle_reasons) & THERMAL_REASONS_MASK)
+
+
+def energy_meter(sampler: NvmlSampler, remeasure_below_c: float | None = None,
+                 **options) -> Callable[[str, Callable[[], object]], EnergyStats]:  # fmt: skip
     """`meter(name, fn) -> EnergyStats`: measure_energy bound to a sampler and options (e.g. synchronize,
-    min_window_s, cooldown_s), the shape autotune's EnergyMeter protocol asks for."""
+    min_window_s, cooldown_s), the shape autotune's EnergyMeter protocol asks for.
+
+    remeasure_below_c: a measurement that ran thermally throttled is taken again once the GPU has cooled to
+    this temperature (`cool_down`), and the second one returned with `remeasured=True`; its
+    `throttle_reasons` say whether it was throttled again. A power cap (SW power cap) is not heat: a power
+    limit being tuned throttles on purpose, and such trials are flagged, not measured again."""
     unknown = set(options) - set(measure_energy.__kwdefaults__)
     if unknown:
         raise TypeError(f"unknown measure_energy options: {sorted(unknown)}")
+    if remeasure_below_c is not None and (isinstance(remeasure_below_c, bool) or
+                                          not isinstance(remeasure_below_c, (int, float))):  # fmt: skip
+        raise ValueError(f"remeasure_below_c must be a temperature in deg C or None, got {remeasure_below_c!r}")
 
     def meter(name: str, fn: Callable[[], object]) -> EnergyStats:
-        return measure_energy(fn, sampler, name, **options)
+        stats = measure_energy(fn, sampler, name, **options)
+        if remeasure_below_c is None or not thermally_throttled(stats):
+            return stats
+        cool_down(sampler, remeasure_below_c, options.get("cooldown_timeout_s", 60.0))
+        return replace(measure_energy(fn, sampler, f"{name} (remeasured)", **options), remeasured=True)
 
     return meter

@@ -24,6 +24,7 @@ import pandas as pd
 # SW power cap 0x4, HW slowdown 0x8, SW thermal 0x20, HW thermal 0x40, HW power brake 0x80.
 # Idle (0x1), application clocks (0x2), sync boost (0x10) and display clocks (0x100) are not throttling.
 THROTTLE_REASONS_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+THERMAL_REASONS_MASK = 0x20 | 0x40  # SW and HW thermal slowdown: heat, not a power limit someone set
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class WindowStats:
     peak_gpu_temp_c: float
     mean_sm_clock_mhz: float
     throttled: bool | None
+    throttle_reasons: float = math.nan  # the clock-event reasons of the samples inside, OR-ed (NVML's bitmask)
 
 
 WINDOW_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(WindowStats))
@@ -104,6 +106,7 @@ def window_stats(frame: Columns, name: str, start_s: float, end_s: float) -> Win
         peak_gpu_temp_c=_nan_reduce(column["gpu_temp_c"][inside], np.max),
         mean_sm_clock_mhz=_nan_reduce(column["sm_clock_mhz"][inside], np.mean),
         throttled=bool(np.any(reasons & THROTTLE_REASONS_MASK)) if len(reasons) else None,
+        throttle_reasons=float(np.bitwise_or.reduce(reasons)) if len(reasons) else math.nan,
     )
 
 

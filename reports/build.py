@@ -17,8 +17,8 @@ from triton_workbench.reports.roofline import roofline_figure
 from triton_workbench.reports.strategies import final_budget_table, strategies_figure
 from triton_workbench.reports.timeline import timeline_figure
 from triton_workbench.reports.training import TrainingRun, curves_figure, energy_figure as training_energy_figure
-from triton_workbench.reports.training import op_times_figure, summary_table
-from triton_workbench.reports.tuning import (best_so_far_figure, choose_metric, config_heatmap, energy_figure, failures_table,
+from triton_workbench.reports.training import op_times_figure, power_limit_table, summary_table
+from triton_workbench.reports.tuning import (best_so_far_figure, pareto_table, choose_metric, config_heatmap, energy_figure, failures_table,
                             prepare_trials, top_configs_table)
 
 TITLE = "Triton workbench report"
@@ -135,6 +135,8 @@ def tuning_run_section(data: ReportData, run: pd.Series) -> Section:
             if energy is not None:
                 part.add_figure(energy, "Pareto front: no other config is both faster and uses less energy. "
                                         "EDP: energy-delay product (energy × time).")
+                part.add_table(pareto_table(group), "The Pareto front, kernel parameters and device settings apart "
+                                                    "(throttled: power or heat held the clocks down in the trial)")
             section.add(part)
         roofline = roofline_figure(frame, run["environment"].get("gpu"), interpreter)
         if roofline is not None:
@@ -178,11 +180,17 @@ def training_section(data: ReportData) -> Section | None:
     training = [TrainingRun(int(run["run_id"]), str(run["name"]), is_interpreter(run["environment"]),
                             data.series(SeriesTable.TRAIN_STEPS, run["run_id"]),
                             data.series(SeriesTable.TRAIN_EPOCHS, run["run_id"]),
-                            data.series(SeriesTable.OP_TIMES, run["run_id"])) for run in runs]
+                            data.series(SeriesTable.OP_TIMES, run["run_id"]),
+                            data.series(SeriesTable.POWER_LIMIT_PROFILE, run["run_id"])) for run in runs]
     interpreter = any(run.interpreter for run in training)
     section.add_text("Every run is overlaid: Triton kernels solid, PyTorch kernels dashed."
                      + (" Times are interpreter measurements on the CPU." if interpreter else ""), "note")
     section.add_table(summary_table(training), "Side by side (median step time excludes the first, compiling step)")
+    for run in training:
+        limits = power_limit_table(run)
+        if not limits.empty:
+            section.add_table(limits, f"{run.label}: power limit chosen by --power-limit auto (cost = eta × energy "
+                                      "+ (1 − eta) × max power × time, per profiled step)")
     for figure in (curves_figure(training, interpreter), training_energy_figure(training),
                    op_times_figure(training, interpreter)):
         if figure is not None:

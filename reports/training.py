@@ -7,7 +7,7 @@ and a torch run of the same model read against each other directly. Frames are t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import plotly.express as px
@@ -30,6 +30,7 @@ class TrainingRun:
     steps: pd.DataFrame  # train_steps
     epochs: pd.DataFrame  # train_epochs
     op_times: pd.DataFrame  # op_times
+    power_limits: pd.DataFrame = field(default_factory=pd.DataFrame)  # power_limit_profile (train --power-limit)
 
     @property
     def kernels(self) -> str:
@@ -161,3 +162,18 @@ def summary_table(runs: list[TrainingRun]) -> pd.DataFrame:
                         "J/image": last.get("j_per_image")})
         rows.append(row)
     return pd.DataFrame(rows).dropna(axis=1, how="all")
+
+
+def power_limit_table(run: TrainingRun) -> pd.DataFrame:
+    """The power-limit optimiser's profile of one run: each limit's step time, energy, power and cost, the
+    chosen one marked (empty when the run did not choose its limit)."""
+    profile = run.power_limits
+    if profile.empty:
+        return pd.DataFrame()
+    profile = profile.sort_values("power_limit_w", ascending=False)
+    return pd.DataFrame({
+        "power limit (W)": profile["power_limit_w"].to_list(), "steps": profile["steps"].astype(int).to_list(),
+        "step time (ms)": (profile["time_s"] * 1e3).to_list(), "energy/step (J)": profile["energy_j"].to_list(),
+        "avg power (W)": profile["avg_power_w"].to_list(), "cost (J)": profile["cost"].to_list(),
+        "eta": profile["eta"].to_list(), "chosen": profile["chosen"].map(lambda c: "yes" if c else "").to_list(),
+    })  # fmt: skip

@@ -6,6 +6,7 @@ time where it matters); `prepare_trials` adds the parsed config and readable lab
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from triton_workbench.autotune.objectives import pareto_front
 from triton_workbench.database import TrialStatus
 from triton_workbench.reports.html import escape, style_figure
 from triton_workbench.reports.labels import (BYTE_RATE_UNITS, FLOP_RATE_UNITS, parameters_label, parse_json_object, problem_label,
@@ -223,15 +225,31 @@ def best_so_far_figure(frame: pd.DataFrame, metric: Metric) -> go.Figure | None:
     return style_figure(fig, 360)
 
 
-def pareto_front(times: pd.Series, energies: pd.Series) -> pd.Index:
-    """Index of the points no other point beats in both time and energy (lower is better)."""
-    order = pd.DataFrame({"t": times, "e": energies}).sort_values(["t", "e"])
-    front, lowest = [], math.inf
-    for index, row in order.iterrows():
-        if row["e"] < lowest:
-            front.append(index)
-            lowest = row["e"]
-    return pd.Index(front)
+DEVICE_KNOBS = {"power_limit_w": "power limit {} W", "sm_clock_mhz": "SM clock {} MHz"}
+
+
+def _device_label(config: dict) -> str:
+    """A config's device settings in words ('-' when it has none): 'power limit 300 W, SM clock unlocked'."""
+    parts = [label.format(config[knob]) if config[knob] is not None else label.split(" {}")[0] + " unlocked"
+             for knob, label in DEVICE_KNOBS.items() if knob in config]  # fmt: skip
+    return ", ".join(parts) or "-"
+
+
+def pareto_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The time/energy Pareto front, fastest first: kernel parameters and device settings apart, with power
+    and throttling (across both kinds of parameter when the sweep tuned device knobs)."""
+    ok = frame[(frame["status"] == TrialStatus.OK) & frame["energy_j_per_call"].notna() & frame["time_ms"].notna()]
+    if ok.empty:
+        return pd.DataFrame()
+    front = ok.loc[pareto_front(ok["time_ms"], ok["energy_j_per_call"])]
+    configs = [json.loads(c) for c in front["config"]]
+    throttled = front["throttled"].map(lambda v: "-" if pd.isna(v) else ("yes" if v else "no"))
+    return pd.DataFrame({
+        "kernel parameters": [parameters_label({k: v for k, v in c.items() if k not in DEVICE_KNOBS}) for c in configs],
+        "device settings": [_device_label(c) for c in configs],
+        "time (ms)": front["time_ms"].to_list(), "energy/call (J)": front["energy_j_per_call"].to_list(),
+        "avg power (W)": front["avg_power_w"].to_list(), "throttled": throttled.to_list(),
+    })  # fmt: skip
 
 
 def energy_figure(frame: pd.DataFrame) -> go.Figure | None:

@@ -11,15 +11,22 @@ the driver loaded), optionally refreshed only every `counter_period_s` like the 
 are real subclasses of `NVMLError` carrying `.value`, as in pynvml. Switches: `unsupported` (field
 names of FakeGpu.FIELDS that raise NVMLError_NotSupported), `init_error` (an NVML error code for
 nvmlInit), `clock_events_api=False` (a pynvml without nvmlDeviceGetCurrentClocksEventReasons).
+
+Device settings (the knobs): `FakeGpu.settings` holds the power limit and the locked / application clocks the
+fake was given; setting them enforces NVML's rules (limit within the constraints, clocks from the supported
+lists) and `refuse` (names of SETTINGS that raise NVMLError_NoPermission) stands for "not root". With
+`state_path`, the settings live in a JSON file, as a real GPU's outlive the process that set them.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import time
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 NVML_SUCCESS = 0
@@ -107,6 +114,15 @@ class FakeGpu:
     counter_offset_mj: int = 5_000_000_000
     unsupported: set[str] = field(default_factory=set)
     calls: dict[str, int] = field(default_factory=dict)
+    power_limit_range_w: tuple[float, float] = (200.0, 700.0)
+    default_power_limit_w: float = 700.0
+    graphics_clocks_mhz: tuple[int, ...] = (1980, 1755, 1530, 1305, 1080, 855)  # NVML lists them highest first
+    memory_clocks_mhz: tuple[int, ...] = (2619,)
+    refuse: set[str] = field(default_factory=set)  # of SETTINGS: NVMLError_NoPermission
+    state_path: Path | None = None  # settings kept in this JSON file (they outlive a process, like a GPU's)
+    settings_log: list[tuple[str, object]] = field(default_factory=list)
+
+    SETTINGS = ("power_limit", "locked_clocks", "applications_clocks")
 
     FIELDS = ("power_instant", "power_usage", "energy", "gpu_temp", "mem_temp", "sm_clock", "mem_clock",
               "util", "memory", "clock_events", "throttle_reasons")  # fmt: skip
@@ -115,6 +131,54 @@ class FakeGpu:
         self._origin = self.clock()
         self._times = [-math.inf]
         self._powers = [float(self.power_w)]
+        self._settings = self.default_settings()
+
+    def default_settings(self) -> dict:
+        return {"power_limit_mw": int(self.default_power_limit_w * 1000), "locked_clocks": None,
+                "applications_clocks": None}  # fmt: skip
+
+    @property
+    def settings(self) -> dict:
+        """power_limit_mw, locked_clocks (min, max) or None, applications_clocks (mem, graphics) or None."""
+        if self.state_path is not None and Path(self.state_path).exists():
+            stored = json.loads(Path(self.state_path).read_text())
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+        return dict(self._settings)
+
+    def change(self, setting: str, value) -> None:
+        """Apply one setting as NVML would: NoPermission when refused, InvalidArgument out of range."""
+        assert setting in self.SETTINGS, setting
+        if setting in self.refuse:
+            raise NVMLError_NoPermission()
+        low_w, high_w = self.power_limit_range_w
+        if setting == "power_limit" and value is not None and not low_w * 1000 <= value <= high_w * 1000:
+            raise NVMLError_InvalidArgument()
+        if setting == "locked_clocks" and value is not None and (value[0] > value[1] or value[1] > max(self.graphics_clocks_mhz)):
+            raise NVMLError_InvalidArgument()
+        if setting == "applications_clocks" and value is not None and (
+                value[0] not in self.memory_clocks_mhz or value[1] not in self.graphics_clocks_mhz):
+            raise NVMLError_InvalidArgument()
+        settings = self.settings
+        key = "power_limit_mw" if setting == "power_limit" else setting
+        settings[key] = int(self.default_power_limit_w * 1000) if key == "power_limit_mw" and value is None else value
+        self.settings_log.append((setting, value))
+        if self.state_path is not None:
+            Path(self.state_path).write_text(json.dumps(settings))
+        else:
+            self._settings = settings
+
+    def clock_cap_mhz(self) -> float:
+        """The highest SM clock the settings allow (locked clocks win over application clocks)."""
+        settings = self.settings
+        if settings["locked_clocks"] is not None:
+            return float(settings["locked_clocks"][1])
+        if settings["applications_clocks"] is not None:
+            return float(settings["applications_clocks"][1])
+        return float(max(self.graphics_clocks_mhz))
+
+    @property
+    def power_limit_w(self) -> float:
+        return self.settings["power_limit_mw"] / 1000
 
     def set_power(self, power_w: float, at_s: float | None = None) -> None:
         """Draw power_w from at_s (default: now) on; times must not go backwards."""
@@ -223,6 +287,28 @@ def make_pynvml(gpus: list[FakeGpu], init_error: int | None = None, clock_events
     module.nvmlDeviceGetUtilizationRates = lambda h: device(h).read("util")
     module.nvmlDeviceGetMemoryInfo = lambda h: device(h).read("memory")
     module.nvmlDeviceGetCurrentClocksThrottleReasons = lambda h: device(h).read("throttle_reasons")
+    def setting(name: str, handle, value) -> None:
+        if "settings" in device(handle).unsupported:
+            raise NVMLError_NotSupported()
+        device(handle).change(name, value)
+
+    low_high = lambda h: tuple(int(w * 1000) for w in device(h).power_limit_range_w)  # noqa: E731
+    module.nvmlDeviceGetPowerManagementLimitConstraints = low_high
+    module.nvmlDeviceGetPowerManagementLimit = lambda h: device(h).settings["power_limit_mw"]
+    module.nvmlDeviceGetPowerManagementDefaultLimit = lambda h: int(device(h).default_power_limit_w * 1000)
+    module.nvmlDeviceGetEnforcedPowerLimit = lambda h: device(h).settings["power_limit_mw"]
+    module.nvmlDeviceSetPowerManagementLimit = lambda h, limit_mw: setting("power_limit", h, int(limit_mw))
+    module.nvmlDeviceGetSupportedMemoryClocks = lambda h: list(device(h).memory_clocks_mhz)
+    module.nvmlDeviceGetSupportedGraphicsClocks = lambda h, mem_mhz: (
+        list(device(h).graphics_clocks_mhz) if mem_mhz in device(h).memory_clocks_mhz else _raise(NVMLError_InvalidArgument()))
+    module.nvmlDeviceSetGpuLockedClocks = lambda h, low, high: setting("locked_clocks", h, (int(low), int(high)))
+    module.nvmlDeviceResetGpuLockedClocks = lambda h: setting("locked_clocks", h, None)
+    module.nvmlDeviceSetApplicationsClocks = lambda h, mem, gr: setting("applications_clocks", h, (int(mem), int(gr)))
+    module.nvmlDeviceResetApplicationsClocks = lambda h: setting("applications_clocks", h, None)
     if clock_events_api:
         module.nvmlDeviceGetCurrentClocksEventReasons = lambda h: device(h).read("clock_events")
     return module
+
+
+def _raise(error: Exception):
+    raise error

@@ -175,7 +175,8 @@ def test_bench_and_monitor_steps_pass_only_when_they_stored_measurements(tmp_pat
 
     samples = pd.DataFrame({"time_s": [0.0, 0.5, 1.0], "power_w": [100.0, 140.0, 120.0]})
     window = {"name": "command", "start_s": 0.0, "end_s": 1.0, "duration_s": 1.0, "energy_j": 120.0, "avg_power_w": 120.0,
-              "peak_power_w": 140.0, "peak_gpu_temp_c": 55.0, "mean_sm_clock_mhz": 1980.0, "throttled": False}
+              "peak_power_w": 140.0, "peak_gpu_temp_c": 55.0, "mean_sm_clock_mhz": 1980.0, "throttled": False,
+              "throttle_reasons": 0}
     assert set(window) == set(WINDOW_COLUMNS)
     run_id = db.start_run(RunKind.MONITOR, "tune", {})
     db.append(SeriesTable.SAMPLES, run_id, samples)

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from triton_workbench.autotune.pipeline import Pipeline, Trial, objective_value, over_limits, relative_error
+from triton_workbench.autotune.objectives import objective_value
+from triton_workbench.autotune.pipeline import Pipeline, Trial, over_limits, relative_error
 from triton_workbench.autotune.timing import measure
 from triton_workbench.kernels import runtime
 from triton_workbench.profiler import EnergyStats

@@ -115,3 +115,19 @@ def test_energy_meter_binds_sampler_and_options(monkeypatch, clock):
     assert kernel.syncs > 0 and sampler.windows()["name"].tolist() == ["conv/idle", "conv"]
     with pytest.raises(TypeError, match="min_window"):
         energy_meter(sampler, min_window=1.0)
+
+
+def test_thermally_throttled_trial_is_flagged_and_remeasured_after_cooling(monkeypatch, clock):
+    start = clock.now
+    hot_until = start + 1.2  # hot and throttled by heat (SW thermal, 0x20) for the first 1.2 s only
+    gpu, sampler = setup(monkeypatch, clock, temp_c=lambda t: 90.0 if t < hot_until else 45.0,
+                         clock_events=lambda t: 0x20 if t < hot_until else 0)  # fmt: skip
+    kernel = Kernel(gpu, clock, busy_w=300.0, seconds_per_call=0.001)
+    plain = energy_meter(sampler, min_window_s=0.5, idle_s=0.0, warmup_s=0.0)("hot", kernel)
+    assert plain.throttled and plain.throttle_reasons == 0x20 and not plain.remeasured
+    assert clock.now < hot_until  # still hot: the next trial starts throttled
+    result = energy_meter(sampler, remeasure_below_c=50, min_window_s=0.5, idle_s=0.0, warmup_s=0.0)("hot", kernel)
+    assert result.remeasured and result.throttle_reasons == 0 and result.throttled is False
+    assert result.start_temp_c == 45.0 and sampler.windows()["name"].tolist()[-1] == "hot (remeasured)"
+    with pytest.raises(ValueError, match="remeasure_below_c"):
+        energy_meter(sampler, remeasure_below_c="hot")

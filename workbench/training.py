@@ -83,7 +83,8 @@ def train(config: TrainConfig) -> TrainResult:
         trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     recorder = TrainRecorder(config, resumed_run_id) if distributed.is_main else None
-    energy = EnergyWindows(config.profile and distributed.is_main, device)
+    energy = EnergyWindows((config.profile or config.power_limit is not None) and distributed.is_main, device,
+                           config.power_limit_eta if distributed.is_main else None)  # fmt: skip
     tracer = StepTracer(Path(config.out_dir) / TRACE_FILE, warmup_steps=1) if config.trace and distributed.is_main else None
     state = _Loop(config, dataset, model, trained, optimizer, scaler, device, distributed, recorder, energy, tracer)
     status = RunStatus.FAILED

@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     parser.add_argument("--trace", action="store_true", help="torch.profiler trace of steps 2-4 (Chrome JSON + op table)")
     parser.add_argument("--profile", action="store_true", help="NVML energy per step and epoch (GPU only)")
+    parser.add_argument("--power-limit", default=None, metavar="auto[:ETA]",
+                        help="choose the GPU's power limit: profile a few steps at each candidate limit, keep the one "
+                             "minimising ETA*energy + (1-ETA)*max_power*time (ETA default 0.5; 1: least energy, 0: "
+                             "least time) for the rest of the run; the limit is restored at the end (needs root)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out, model=args.model, data=args.data, data_dir=args.data_dir, kernels=args.kernels,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, amp=args.amp, seed=args.seed, steps=args.steps, db_path=args.db,
-        resume=args.resume, trace=args.trace, profile=args.profile, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, trace=args.trace, profile=args.profile, power_limit=args.power_limit, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress, eval_images=args.eval_images,
     )
     finished = False

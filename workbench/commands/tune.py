@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pandas as pd
 
-from triton_workbench.autotune.pipeline import objective_value
+from triton_workbench.autotune.objectives import Objective
 from triton_workbench.database import SeriesTable, TrialStatus
 from triton_workbench.kernels.errors import UsageError
 from triton_workbench.kernels.hardware import gpu_by_name, peak_label
+from triton_workbench.profiler.device_settings import POWER_LIMIT, SM_CLOCK
 from triton_workbench.reports.labels import parameters_label
 from triton_workbench.workbench.tables import format_table
 
@@ -34,8 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_strategy_option_argument(parser)
     parser.add_argument("--budget", type=int, default=200, help="configs to try at most (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="strategy seed (default 0)")
-    parser.add_argument("--objective", choices=("time", "energy", "edp"), default="time",
-                        help="what to minimise; energy and edp need --profile (default time)")  # fmt: skip
+    parser.add_argument("--objective", default="time",
+                        help="what to minimise: time, energy, edp, time:power<=WATTS (fastest at most that average "
+                             "power) or energy:time<=PERCENT%% (least energy within that much of the fastest); all "
+                             "but time need --profile (default time)")  # fmt: skip
+    parser.add_argument("--power-limits", type=int, default=0, metavar="N",
+                        help="also tune the GPU's power limit: N limits spread over its range (needs root; restored "
+                             "after the sweep, or at the next start if the process was killed)")
+    parser.add_argument("--sm-clocks", type=int, default=0, metavar="N",
+                        help="also tune the SM clock: unlocked and N supported clocks, locked (else application clocks)")
+    parser.add_argument("--remeasure-below", type=float, default=None, metavar="DEG_C",
+                        help="with --profile: measure a trial that ran throttled by heat again once the GPU is this cool")
     parser.add_argument("--profile", action="store_true", help="measure energy, power, temperature per trial (NVML)")
     parser.add_argument("--db", default=None, help="database file (default: $WORKBENCH_DB or the user cache)")
     parser.add_argument("--workers", type=int, default=None, help="ahead-of-time compile processes (default: CPUs)")
@@ -176,7 +187,7 @@ def static_ceiling(trials: pd.DataFrame) -> pd.Series | None:
                      index=trials.index)
 
 
-def energy_meter_for(profile: bool, objective: str):
+def energy_meter_for(profile: bool, objective: str, remeasure_below_c: float | None = None):
     """(meter, sampler): profiler.measure_energy joined to autotune's EnergyMeter protocol.
 
     (None, None) without --profile, and also where NVML is absent and the objective is time: then
@@ -191,12 +202,29 @@ def energy_meter_for(profile: bool, objective: str):
 
     sampler = NvmlSampler()
     if not sampler.available:
-        if objective != "time":
+        if Objective.parse(objective).needs_energy:
             raise UsageError(f"--objective {objective} needs NVML on a GPU: {sampler.reason}")
         print(f"--profile: no energy measurements ({sampler.reason}); tuning goes on by time")
         return None, None
     synchronize = torch.cuda.synchronize if runtime.timer_name() == "cuda_events" else (lambda: None)
-    return energy_meter(sampler, synchronize=synchronize), sampler
+    return energy_meter(sampler, remeasure_below_c, synchronize=synchronize), sampler
+
+
+@contextmanager
+def device_knobs(power_limits: int, sm_clocks: int, distributed) -> Iterator[Any]:
+    """The GPU's power limit / SM clock as tuned parameters for the block (profiler.device_settings), or None:
+    when neither is asked for, or none can be set here (said once; the sweep goes on without them)."""
+    if not power_limits and not sm_clocks:
+        yield None
+        return
+    if distributed is not None:
+        raise UsageError("--power-limits / --sm-clocks set this process's GPU only: run them without torchrun")
+    from triton_workbench.profiler.device_settings import DeviceKnobs
+
+    with DeviceKnobs(power_limits=power_limits, sm_clocks=sm_clocks) as knobs:
+        if knobs.params:
+            print("device knobs: " + ", ".join(f"{name} {values}" for name, values in knobs.params.items()))
+        yield knobs if knobs.params else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,12 +239,21 @@ def run(args: argparse.Namespace) -> int:
     check_prune_static(args.prune_static, "--prune-static")
     if args.prune_static is not None and args.no_compile_ahead:
         raise UsageError("--prune-static needs the static ceilings of compiling ahead: drop --no-compile-ahead")
-    if args.objective != "time" and not args.profile:
+    try:
+        objective = Objective.parse(args.objective)
+    except ValueError as error:
+        raise UsageError(f"--objective: {error}") from None
+    if objective.needs_energy and not args.profile:
         raise UsageError(f"--objective {args.objective} needs --profile")
+    if args.remeasure_below is not None and not args.profile:
+        raise UsageError("--remeasure-below needs --profile (it re-measures energy trials)")
+    for option, count in (("--power-limits", args.power_limits), ("--sm-clocks", args.sm_clocks)):
+        if count < 0 or count == 1:
+            raise UsageError(f"{option} must be 0 (not tuned) or a number of candidates >= 2, got {count}")
     distributed = Distributed.from_environment()
     lead = distributed is None or distributed.rank == 0
     database = TuningDatabase(args.db)
-    meter, sampler = energy_meter_for(args.profile, args.objective)
+    meter, sampler = energy_meter_for(args.profile, args.objective, args.remeasure_below)
     key = device_key()
     interpreter = key.capability == ""
     if lead:
@@ -226,10 +263,12 @@ def run(args: argparse.Namespace) -> int:
         sampler.start()
     finished = False
     try:
-        trials = tune(spec, problem, strategy=args.strategy, strategy_options=options, budget=args.budget, db=database,
-                      objective=args.objective, seed=args.seed, energy_meter=meter, compile_ahead=False if args.no_compile_ahead else None,
-                      workers=args.workers, timeout_s=args.timeout, progress=lead, distributed=distributed,
-                      prune_static=args.prune_static)  # fmt: skip
+        with device_knobs(args.power_limits, args.sm_clocks, distributed) as knobs:
+            trials = tune(spec, problem, strategy=args.strategy, strategy_options=options, budget=args.budget,
+                          db=database, objective=args.objective, seed=args.seed, energy_meter=meter,
+                          compile_ahead=False if args.no_compile_ahead else None, workers=args.workers,
+                          timeout_s=args.timeout, progress=lead, distributed=distributed,
+                          prune_static=args.prune_static, device_knobs=knobs)  # fmt: skip
         finished = True
     finally:
         if sampler is not None:
@@ -254,16 +293,29 @@ def summary(spec, problem: dict[str, Any], trials: pd.DataFrame, objective: str,
         lines.append("no config produced a correct result; the kernel keeps its default config")
         failures = trials[["config", "status", "reason"]].head(TOP_CONFIGS)
         return "\n".join(lines + [format_table(failures)])
-    ok["objective"] = [objective_value(objective, t, e) for t, e in zip(ok["time_ms"], ok["energy_j_per_call"])]
+    ok["objective"] = Objective.parse(objective).values(ok)
     top = ok.sort_values("objective").head(TOP_CONFIGS)
     table = performance_table(top, problem, baseline_time_ms(spec, problem), device, interpreter)
     if objective != "time":
         table.insert(1, "J/call", top["energy_j_per_call"].map(lambda v: f"{v:.4g}").to_list())
+        table.insert(2, "W", top["avg_power_w"].map(lambda v: f"{v:.4g}").to_list())
+        table.insert(3, "throttled", [_throttle_text(r, m) for r, m in zip(top["throttle_reasons"], top["remeasured"])])
     title = f"top {len(top)} of {len(ok)} correct configs by {objective}"
     if "static ceiling" in table:
         title += "; static ceiling: static estimate, tensor/issue / memory fraction of peak (reference GPU)"
     if interpreter:
         title += " (interpreter timings on CPU: not GPU performance)"
     best = json.loads(top["config"].iloc[0])
+    settings = {name: best.pop(name) for name in (POWER_LIMIT, SM_CLOCK) if name in best}
     lines += [title, format_table(table), f"best: {best} (stored; kernels.tuned.config_for now returns it)"]
+    if settings:
+        lines.append(f"best device settings: {settings} (in its trial; the GPU's own settings are restored)")
     return "\n".join(lines)
+
+
+def _throttle_text(reasons: float, remeasured: float) -> str:
+    """A trial's throttling in words: 'power' (a power cap), 'heat', both, or 'no'; '-' when unknown."""
+    if math.isnan(reasons):
+        return "-"
+    words = [word for word, mask in (("power", 0x4 | 0x80), ("heat", 0x8 | 0x20 | 0x40)) if int(reasons) & mask]
+    return "+".join(words or ["no"]) + (" (remeasured)" if remeasured == 1 else "")
