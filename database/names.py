@@ -60,6 +60,8 @@ class SeriesTable(StrEnum):
     TRAIN_EPOCHS = "train_epochs"
     OP_TIMES = "op_times"  # torch.profiler per-op times of a training run
     STRATEGY_RESULTS = "strategy_results"
+    TRAFFIC = "traffic"  # bench model --traffic: launches and bytes per category, eager against swapped
+    FUSED_CHAINS = "fused_chains"  # what kernels.nn.swap fused, swapped and left in PyTorch, with why
     POWER_LIMIT_PROFILE = "power_limit_profile"  # train --power-limit auto: each limit's profiled steps, the choice
 
 

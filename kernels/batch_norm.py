@@ -198,7 +198,7 @@ def backward_apply_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, dy_ptr, dr_ptr, dwei
                           NEED_DY: tl.constexpr, NEED_DR: tl.constexpr, NEED_PARAMS: tl.constexpr,
                           INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """dy (and d residual) of one tile from the strips' sums, merged in order; the first row block also writes
-    the affine parameters' gradients (the sums themselves)."""
+    the affine parameters' gradients (the sums themselves) of each BN that has them."""
     pid_m = tl.program_id(0)
     offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, pid_m * BLOCK_M, tl.program_id(1),
                                    INT64, BLOCK_M, BLOCK_C)
@@ -227,10 +227,12 @@ def backward_apply_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, dy_ptr, dr_ptr, dwei
         tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
     if NEED_PARAMS:
         if pid_m == 0:
-            tl.store(dweight_ptr + cols, sum_dz_x, mask=c_ok)
-            tl.store(dbias_ptr + cols, sum_dz, mask=c_ok)
-            tl.store(dr_weight_ptr + cols, sum_dz_r, mask=c_ok)
-            tl.store(dr_bias_ptr + cols, sum_dz, mask=c_ok)
+            if AFFINE:
+                tl.store(dweight_ptr + cols, sum_dz_x.to(dweight_ptr.dtype.element_ty), mask=c_ok)
+                tl.store(dbias_ptr + cols, sum_dz.to(dbias_ptr.dtype.element_ty), mask=c_ok)
+            if R_AFFINE:
+                tl.store(dr_weight_ptr + cols, sum_dz_r.to(dr_weight_ptr.dtype.element_ty), mask=c_ok)
+                tl.store(dr_bias_ptr + cols, sum_dz.to(dr_bias_ptr.dtype.element_ty), mask=c_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,17 +337,24 @@ def _flags(norm: Norm, residual: torch.Tensor | None, residual_norm: Norm | None
             "R_AFFINE": residual_norm is not None and residual_norm.weight is not None}
 
 
+def parameter_grad(parameter: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """An empty gradient for an affine parameter: its own dtype, or fp32 [C] where it has none (never read)."""
+    if parameter is not None:
+        return torch.empty_like(parameter)
+    return torch.empty(y.shape[1], device=y.device, dtype=torch.float32)
+
+
 def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual: torch.Tensor | None,
                        residual_norm: Norm | None, activation_code: int, negative_slope: float,
                        need_dy: bool, need_dr: bool, need_params: bool) -> tuple[torch.Tensor | None, ...]:
-    """(dy, d residual, d weight, d bias, d residual weight, d residual bias) of `normalize`; None where not
-    needed. grad must share y's strides."""
+    """(dy, d residual, d weight, d bias, d residual weight, d residual bias) of `normalize`, the parameter
+    gradients in their parameters' dtypes; None where not needed. grad must share y's strides."""
     view = rows_view(y)
     strip, strips = view.strips()
-    fp32 = {"device": y.device, "dtype": torch.float32}
-    part = torch.empty((3, strips, view.channels), **fp32)
+    part = torch.empty((3, strips, view.channels), device=y.device, dtype=torch.float32)
     flags = _flags(norm, residual, residual_norm)
-    pointers = (*norm.pointers(y), *(residual_norm or norm).pointers(y))
+    r_norm = residual_norm or norm
+    pointers = (*norm.pointers(y), *r_norm.pointers(y))
     shape = (view.rows, view.channels, view.hw, *view.strides, float(negative_slope))
     runtime.announce()
     backward_sums_kernel[(strips, view.channel_blocks)](
@@ -353,11 +362,13 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
         INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
     dy = torch.empty_like(y) if need_dy else None
     dr = torch.empty_like(y) if need_dr and residual is not None else None
-    params = torch.empty((4, view.channels), **fp32) if need_params else None
+    params = [parameter_grad(p, y) if need_params else None
+              for p in (norm.weight, norm.bias, r_norm.weight if residual_norm else None,
+                        r_norm.bias if residual_norm else None)]
     backward_apply_kernel[(view.row_blocks, view.channel_blocks)](
-        grad, y, _or(residual, y), part, _or(dy, y), _or(dr, y), *(params if params is not None else (part,) * 4),
+        grad, y, _or(residual, y), part, _or(dy, y), _or(dr, y), *(_or(p, part) for p in params),
         *pointers, *shape, strips, **flags, ACTIVATION=activation_code,
         BATCH_STATS=norm.batch_stats, R_BATCH_STATS=residual_norm is not None and residual_norm.batch_stats,
-        NEED_DY=dy is not None, NEED_DR=dr is not None, NEED_PARAMS=params is not None,
+        NEED_DY=dy is not None, NEED_DR=dr is not None, NEED_PARAMS=need_params,
         INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
-    return dy, dr, *(params if params is not None else (None,) * 4)
+    return dy, dr, *params

@@ -66,26 +66,24 @@ def _normalize_backward_op(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tens
                            r_invstd: Optional[torch.Tensor], r_weight: Optional[torch.Tensor],
                            r_bias: Optional[torch.Tensor], r_batch_stats: bool, activation: Optional[str],
                            negative_slope: float, need_y: bool, need_residual: bool, need_params: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dy, d residual, the affine gradients [4, C] fp32: weight, bias, residual weight, residual bias); empty
-    where not needed."""
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor]:
+    """(dy, d residual, d weight, d bias, d residual weight, d residual bias), each parameter gradient in its
+    parameter's dtype (written so by the kernel); empty where not needed."""
     norm, residual_norm = _norms(mean, invstd, weight, bias, batch_stats, r_mean, r_invstd, r_weight, r_bias,
                                  r_batch_stats)
-    dy, dr, *params = kernels.normalize_backward(grad, y, norm, residual, residual_norm, activation_code(activation),
-                                                 negative_slope, need_y, need_residual, need_params)
-    return (_or_empty(dy, y), _or_empty(dr, y), torch.stack(params) if need_params else y.new_empty(_EMPTY))
-
-
-def _or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor is not None else like.new_empty(_EMPTY)
+    grads = kernels.normalize_backward(grad, y, norm, residual, residual_norm, activation_code(activation),
+                                       negative_slope, need_y, need_residual, need_params)
+    return tuple(g if g is not None else y.new_empty(_EMPTY) for g in grads)
 
 
 @_normalize_backward_op.register_fake
 def _(grad, y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
       activation, negative_slope, need_y, need_residual, need_params):
+    params = [kernels.parameter_grad(p, y) if need_params else y.new_empty(_EMPTY)
+              for p in (weight, bias, r_weight, r_bias)]
     return (torch.empty_like(y) if need_y else y.new_empty(_EMPTY),
-            torch.empty_like(y) if need_residual and residual is not None else y.new_empty(_EMPTY),
-            y.new_empty((4, y.shape[1]), dtype=torch.float32) if need_params else y.new_empty(_EMPTY))
+            torch.empty_like(y) if need_residual and residual is not None else y.new_empty(_EMPTY), *params)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -100,16 +98,16 @@ def _backward(ctx, grad):
     batch_stats, r_batch_stats, activation, negative_slope = ctx.flags
     needs = ctx.needs_input_grad
     need_params = any(needs[index] for index in (3, 4, 9, 10))
-    dy, dr, params = _normalize_backward_op(
+    dy, dr, dweight, dbias, dr_weight, dr_bias = _normalize_backward_op(
         grad.contiguous(memory_format=_format_of(y)), y, mean, invstd, weight, bias, batch_stats, residual, r_mean,
         r_invstd, r_weight, r_bias, r_batch_stats, activation, negative_slope, needs[0], needs[6], need_params)
 
-    def param(index: int, row: int, like: torch.Tensor | None) -> torch.Tensor | None:
-        return params[row].to(like.dtype) if needs[index] and like is not None else None
+    def wanted(index: int, gradient: torch.Tensor, of: torch.Tensor | None) -> torch.Tensor | None:
+        return gradient if needs[index] and of is not None else None
 
-    return (dy if needs[0] else None, None, None, param(3, 0, weight), param(4, 1, bias), None,
-            dr if needs[6] and residual is not None else None, None, None, param(9, 2, r_weight),
-            param(10, 3, r_bias), None, None, None)
+    return (wanted(0, dy, y), None, None, wanted(3, dweight, weight), wanted(4, dbias, bias), None,
+            wanted(6, dr, residual), None, None, wanted(9, dr_weight, r_weight), wanted(10, dr_bias, r_bias),
+            None, None, None)
 
 
 _normalize_op.register_autograd(_backward, setup_context=_setup_context)

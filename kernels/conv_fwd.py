@@ -141,9 +141,10 @@ def _pad_channels(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, 
     """x and weight (channels_last) with zero channels appended up to `stem_channels`: whole 8-byte channel
     runs (the stem's 3 -> 4 in fp16), so that a kernel row's (kw, channel) run loads as vectors."""
     padded = stem_channels(weight.shape[1], x.element_size())
-    pad = (0, 0, 0, 0, 0, padded - weight.shape[1])
-    return (torch.nn.functional.pad(x, pad).contiguous(memory_format=torch.channels_last),
-            torch.nn.functional.pad(weight, pad).contiguous(memory_format=torch.channels_last))
+    if padded > weight.shape[1]:
+        pad = (0, 0, 0, 0, 0, padded - weight.shape[1])
+        x, weight = torch.nn.functional.pad(x, pad), torch.nn.functional.pad(weight, pad)
+    return x.contiguous(memory_format=torch.channels_last), weight.contiguous(memory_format=torch.channels_last)
 
 
 def conv2d_forward(

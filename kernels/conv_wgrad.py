@@ -113,7 +113,8 @@ def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     problem = problem_of(x, weight.shape, geometry, None, bias_grad)
     config = config if config is not None else tuned.config_for(CONV_WGRAD_SPEC, problem)
     grid = _grid(problem, config)
-    dw_partial = torch.zeros((grid[2], c_out, kh, kw, c_in_g), device=x.device, dtype=torch.float32)
+    # every program stores its whole (split, co tile, tap, column tile) block: no element is left unwritten
+    dw_partial = torch.empty((grid[2], c_out, kh, kw, c_in_g), device=x.device, dtype=torch.float32)
     if dz.numel() and dw_partial.numel():
         runtime.announce()
         conv2d_wgrad_kernel[grid](
@@ -126,6 +127,8 @@ def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
             num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
         )
+    else:
+        dw_partial.zero_()  # no position to reduce over (an empty batch): the gradient is zero
     dw = dw_partial.sum(0).to(weight.dtype).permute(0, 3, 1, 2)  # channels_last strides
     if not channels_last(weight):
         dw = dw.contiguous()

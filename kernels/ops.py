@@ -136,7 +136,9 @@ def autocast_inputs(*tensors: object) -> tuple:
     """Floating tensors cast to the autocast dtype when autocast is on for their device, as torch's own
     matmul and conv2d do under `torch.autocast` (so `--amp fp16` runs our GEMM and conv in fp16 too)."""
     first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if first is None or not torch.is_autocast_enabled(first.device.type):
+    if first is None or not torch.amp.is_autocast_available(first.device.type):  # meta: no autocast there
+        return tensors
+    if not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -52,6 +52,11 @@ def jit(fn: Callable | None = None, **options: Any) -> Any:
     return decorate if fn is None else decorate(fn)
 
 
+def is_kernel(value: object) -> bool:
+    """Whether `value` is a function made by `jit` (compiled or interpreted): what a launch hook patches."""
+    return isinstance(value, (JITFunction, _InterpretedKernel))
+
+
 class _InterpretedKernel(InterpretedFunction):
     """Triton's interpreted function, run with `triton.language`'s own `@triton.jit` helpers (`tl.cdiv`,
     `tl.sum`, `tl.swizzle2d`, ...) interpreted too. Triton builds those once, when it is imported, as
@@ -132,7 +137,10 @@ def timer_name() -> str:
 
 
 def check_device(name: str, tensor: torch.Tensor) -> None:
-    """Raise ValueError when `tensor` sits where kernels cannot run it in this process."""
+    """Raise ValueError when `tensor` sits where kernels cannot run it in this process (meta tensors pass: a
+    shapes-only run launches nothing)."""
+    if tensor.device.type == "meta":
+        return
     if INTERPRETER and tensor.device.type != "cpu":
         raise ValueError(f"{name} is on {tensor.device}, but kernels run in Triton's interpreter: use CPU tensors")
     if not INTERPRETER and tensor.device.type != "cuda":

@@ -202,6 +202,29 @@ def training_section(data: ReportData) -> Section | None:
     return section
 
 
+def fusion_section(data: ReportData) -> Section | None:
+    """`bench model --traffic` runs: the chains swap fused (and what it left in PyTorch), and the launches and
+    bytes of a training step against eager PyTorch."""
+    runs = data.runs_of(having=SeriesTable.TRAFFIC)
+    if not runs:
+        return None
+    section = Section("Fusion: what the swapped model runs", "fusion")
+    section.add_text("Launches and bytes are an analytic model of one training step counted on the meta device "
+                     "(shapes only: each kernel reads its inputs and writes its outputs once), not a measurement.",
+                     "note")
+    for run in runs:
+        part = Section(_run_title(run), anchor_for("fusion", run["run_id"]))
+        meta = run["meta"] if isinstance(run["meta"], dict) else {}
+        part.add_text(f"batch {meta.get('batch')}, {meta.get('image_size')}x{meta.get('image_size')}, "
+                      f"{meta.get('dtype')} channels_last.", "note")
+        traffic = data.series(SeriesTable.TRAFFIC, run["run_id"]).drop(columns=["run_id"], errors="ignore")
+        part.add_table(traffic, "Per kind of kernel and in total: eager PyTorch against the swapped model")
+        chains = data.series(SeriesTable.FUSED_CHAINS, run["run_id"]).drop(columns=["run_id"], errors="ignore")
+        part.add_table(chains, "What kernels.nn.swap fused, swapped alone and left in PyTorch, and why")
+        section.add(part)
+    return section
+
+
 def strategies_section(data: ReportData) -> Section | None:
     runs = data.runs_of(having=SeriesTable.STRATEGY_RESULTS)
     if not runs:
@@ -242,7 +265,7 @@ def build_sections(db: TuningDatabase, run_ids: Sequence[int] | None = None) -> 
         for run in tuning_runs:
             tuning.add(tuning_run_section(data, run))
         sections.append(tuning)
-    sections += [baselines_section(data), training_section(data), strategies_section(data)]
+    sections += [baselines_section(data), fusion_section(data), training_section(data), strategies_section(data)]
     shown = {int(run["run_id"]) for run in tuning_runs + data.runs_of(kind=RunKind.TRAIN)}
     sections.append(monitoring_section(data, shown))
     return [section for section in sections if section is not None], interpreter_banner(data.runs)

@@ -415,3 +415,23 @@ def test_every_spec_has_a_tunable_space_and_a_valid_default(layout):
 def _sample_space(spec):
     names = list(spec.params)
     return [dict(zip(names, values)) for values in itertools.islice(itertools.product(*spec.params.values()), 0, None, 7)]
+
+
+@pytest.mark.parametrize("layout, c_in, groups, stride", [("nhwc", 3, 1, 2), ("nhwc", 16, 1, 1), ("nchw", 6, 3, 2)])
+def test_wgrad_writes_every_partial_it_sums(monkeypatch, layout, c_in, groups, stride):
+    """The split-K partial buffer is allocated uninitialised: filled with NaN here, a single element no program
+    wrote would reach the weight gradient."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(2, c_in, 7, 6, generator=generator)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, c_in // groups, 3, 3, generator=generator)
+    geometry = make_geometry((3, 3), stride, 1, 1, groups)
+    dz = torch.randn(2, 6, *geometry.output_hw(7, 6, 3, 3), generator=generator)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).fill_(float("nan")))
+    grad_weight, _ = conv_wgrad.conv2d_weight_grad(dz, x, weight, geometry, bias_grad=False)
+    monkeypatch.undo()
+    expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dz.double(), stride=stride, padding=1,
+                                           groups=groups)
+    _assert_close(grad_weight, expected, FP32_TOLERANCE, "grad_weight")

@@ -82,6 +82,8 @@ def steps(size: DemoSize, out_dir: Path, db: Path, landscapes: Path | None) -> l
                                                             "--out", str(out_dir / "train-triton")]),
         ("Train the ResNet on digits with PyTorch kernels", [*train, "--kernels", "torch",
                                                              "--out", str(out_dir / "train-torch")]),
+        ("Count a ResNet-18 training step's kernel launches and bytes, fused against eager (batch 64, 224x224, "
+         "shapes only)", ["bench", "model", "resnet18", "--traffic", *database]),
     ]  # fmt: skip
     if size.benchmark:
         plan += [("Benchmark the fused GEMM against cuBLAS", ["bench", "gemm", *database]),
@@ -124,6 +126,10 @@ def _headline(db: TuningDatabase, run) -> str:
             return "no epoch finished"
         last = epochs.iloc[-1]
         return f"eval accuracy {last['eval_accuracy']:.3f}, eval loss {last['eval_loss']:.3f}"
+    if run.kind == RunKind.BENCH and run.name.startswith("model:"):
+        total = db.read(SeriesTable.TRAFFIC, run.run_id).set_index("category").loc["total"]
+        return (f"{total['launches_ratio']:.2f}x the launches, {total['bytes_ratio']:.2f}x the bytes of eager "
+                f"(analytic)")
     if run.kind == RunKind.STRATEGIES:
         results = db.read(SeriesTable.STRATEGY_RESULTS, run.run_id)
         mine = results[results["strategy"] == "auto"]

@@ -29,14 +29,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Time KERNEL with its tuned (or default) config and PyTorch's own op for each shape: "
                     "time, TFLOP/s, GB/s, % of peak and speed-up, stored as a 'bench' run.")  # fmt: skip
     parser.add_argument("kernel", help="kernel name in kernels.SPECS (gemm, activation, conv_fwd, ...), or conv: "
-                                       "the conv2d op vs cuDNN, fwd and fwd+bwd, on ResNet-18's convs by default")
+                                       "the conv2d op vs cuDNN, fwd and fwd+bwd, on ResNet-18's convs by default, "
+                                       "or model: a whole model's training step (with MODEL and --traffic)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="bench model only: resnet18, resnet50 (torchvision-style) or demo (the demo's ResNet)")
+    parser.add_argument("--traffic", action="store_true",
+                        help="bench model: kernel launches and bytes of one training step (shapes only, an analytic "
+                             "model, no GPU needed), the swapped model against eager PyTorch")
     parser.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
                         help="comma-separated sizes per problem, e.g. 1024,1024,1024 4096,4096,4096 "
                              "(default: the kernel's example problems)")  # fmt: skip
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                         help="element type (conv: default all three; fp16/bf16 run channels_last, fp32 NCHW)")
     parser.add_argument("--batch", type=int, nargs="+", default=None, metavar="N",
-                        help="conv sweep only: batch sizes (default 64 256)")
+                        help="conv sweep: batch sizes (default 64 256); bench model: the batch (default 64)")
     parser.add_argument("--input-size", type=int, nargs="+", default=None, choices=INPUT_SIZES, metavar="PX",
                         help="conv sweep only: network input resolution, 224 (ImageNet) and/or 32 (CIFAR-style "
                              "stem) (default both)")
@@ -58,6 +64,10 @@ def specs_named(name: str) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernel == "model":
+        return run_model(args)
+    if args.model is not None or args.traffic:
+        raise UsageError("MODEL and --traffic apply to `workbench bench model` only")
     if args.kernel == "conv":
         return run_conv(args)
     if args.batch is not None or args.input_size is not None:
@@ -83,6 +93,40 @@ def conv_cases(args: argparse.Namespace) -> list:
     problems = [build_problem(CONV_FWD_SPEC, shape, dtype, args.activation, args.problem)
                 for dtype in dtypes for shape in args.shapes]
     return conv_bench.explicit_cases(problems, args.tf32)
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """`workbench bench model MODEL --traffic`: launches and bytes of a training step, swapped against eager."""
+    from triton_workbench.database import Database, RunKind, SeriesTable
+    from triton_workbench.kernels.spec import DTYPES
+    from triton_workbench.workbench import traffic
+
+    models = traffic.bench_models()
+    if args.model not in models:
+        raise UsageError(f"bench model needs MODEL, one of {', '.join(models)}; got {args.model!r}")
+    if not args.traffic:
+        raise UsageError("bench model measures --traffic (shapes only); timing a whole step needs a GPU and is "
+                         "not implemented yet")
+    if args.batch is not None and len(args.batch) != 1:
+        raise UsageError(f"--batch takes one batch size for bench model, got {args.batch}")
+    batch = args.batch[0] if args.batch else 64
+    size = (args.input_size or [32 if args.model == "demo" else 224])[0]
+    dtype = args.dtype or "fp16"
+    table, records = traffic.compare(args.model, batch, size, DTYPES[dtype])
+    print(f"{args.model}: one training step (forward + backward), batch {batch}, {size}x{size}, {dtype} "
+          f"channels_last, counted on the meta device: an analytic model of launches and DRAM bytes, not a "
+          f"measurement")
+    print(format_table(table, float_format="{:.3f}"))
+    total = table.set_index("category").loc["total"]
+    print(f"swapped / eager: {total['launches_ratio']:.2f}x the launches, {total['bytes_ratio']:.2f}x the bytes")
+    db = Database(args.db)
+    try:
+        with db.run(RunKind.BENCH, f"model:{args.model}", {"batch": batch, "image_size": size, "dtype": dtype}) as run_id:
+            db.append(SeriesTable.TRAFFIC, run_id, table)
+            db.append(SeriesTable.FUSED_CHAINS, run_id, pd.DataFrame([vars(r) for r in records]))
+    finally:
+        db.close()
+    return 0
 
 
 def run_conv(args: argparse.Namespace) -> int:

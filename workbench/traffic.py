@@ -1,0 +1,205 @@
+"""Kernel launches and bytes of one training step (forward and backward), counted without a GPU.
+
+The step runs on the meta device (shapes only) under a dispatch mode that records every kernel:
+
+- a PyTorch op is one kernel that reads each of its tensor inputs and writes each output once; views,
+  allocations, detach and ops on empty tensors move nothing and launch nothing. Two ops follow PyTorch's own CUDA kernels instead:
+  BatchNorm in training is two kernels each way (statistics, then the elementwise pass:
+  `batch_norm_collect_statistics` / `batch_norm_transform_input`, and their backward pair) reading
+  the input in both, and `convolution_backward` is one kernel per gradient it computes (dgrad reads
+  dy and the weight, wgrad dy and the input, the bias gradient dy);
+- a Triton op (`workbench::*`) runs its real launcher on the meta tensors with every Triton kernel's
+  launch recorded instead of run, together with the PyTorch ops the launcher itself calls: a launch
+  reads each tensor that existed before the op in full, and a tensor the op creates is written once,
+  by the first launch that touches it (a dgrad's stride phases each read all of dz and together
+  write dx once).
+
+So the figures are an analytic model of DRAM traffic (no cache reuse, no partial writes: an upper
+bound for a kernel that reads only part of an input), not a measurement.
+The optimizer step is the same for both models and left out.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+CATEGORIES = {  # substring of the op name -> what it is, in the table
+    "conv2d_backward": "conv backward", "convolution_backward": "conv backward", "conv": "conv forward",
+    "batch_norm": "batch norm", "relu": "activation", "threshold_backward": "activation",
+    "activation": "activation", "add": "add", "gemm": "linear", "mm": "linear",
+}
+_NOTHING_MOVED = ("empty", "detach", "lift_fresh", "promote_types", "as_strided")  # allocations and metadata
+
+
+@dataclass
+class Kernel:
+    op: str  # the op (aten::... or workbench::...) that launched it
+    name: str  # the kernel: the aten op itself, or the Triton kernel's name
+    bytes: int
+
+
+def category(op: str) -> str:
+    return next((label for key, label in CATEGORIES.items() if key in op), "other")
+
+
+def _key(tensor: torch.Tensor) -> tuple:
+    return id(tensor.untyped_storage()), tensor.storage_offset(), tensor.shape
+
+
+def _tensors(*trees: Any) -> list[torch.Tensor]:
+    """The distinct tensors (by storage, offset and shape) among the leaves of `trees`."""
+    seen, tensors = set(), []
+    for leaf in tree_leaves(trees):
+        if isinstance(leaf, torch.Tensor) and leaf.numel():
+            key = _key(leaf)
+            if key not in seen:
+                seen.add(key)
+                tensors.append(leaf)
+    return tensors
+
+
+def _bytes(*trees: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(*trees))
+
+
+def _is_view(func: torch._ops.OpOverload) -> bool:
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+def _pytorch_kernels(name: str, args: tuple, kwargs: dict, out: Any) -> list[Kernel]:
+    """The kernels of one PyTorch op (see the module docstring)."""
+    if name == "aten::native_batch_norm" and args[5]:  # training: statistics pass, then normalise pass
+        return [Kernel(name, "bn statistics", _bytes(args[0])), Kernel(name, "bn transform", _bytes(args, out))]
+    if name == "aten::native_batch_norm_backward" and args[7]:
+        return [Kernel(name, "bn backward reduce", _bytes(args[:2])), Kernel(name, "bn backward elementwise",
+                                                                             _bytes(args[:2], out[0]))]
+    if name == "aten::convolution_backward":
+        grad, x, weight = args[:3]
+        wanted = zip(("dgrad", "wgrad", "bias grad"), args[-1], out, ((grad, weight), (grad, x), (grad,)))
+        return [Kernel(name, kernel, _bytes(inputs, result)) for kernel, needed, result, inputs in wanted if needed]
+    return [Kernel(name, name, _bytes(args, kwargs, out))]
+
+
+class StepRecorder(TorchDispatchMode):
+    """Records the kernels of everything run under it (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: list[Kernel] = []
+        self._inside: str | None = None  # the workbench op whose launcher is running
+        self._created: set[tuple] = set()  # tensors that op has allocated so far ...
+        self._written: set[tuple] = set()  # ... and those of them a Triton launch has written
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if func.namespace == "workbench" and self._inside is None:
+            return self._run_launcher(name, args, kwargs)
+        out = func(*args, **kwargs)
+        if self._inside is not None:
+            self._created.update(_key(t) for t in _tensors(out))
+        moved = _bytes(args, kwargs, out)
+        if moved and not (_is_view(func) or any(word in name for word in _NOTHING_MOVED)):
+            self.kernels += [Kernel(self._inside or k.op, k.name, k.bytes)
+                             for k in _pytorch_kernels(name, args, kwargs, out)]
+        return out
+
+    def _run_launcher(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """The op's real implementation on the meta tensors, its Triton launches recorded instead of run."""
+        implementation = torch._library.custom_ops.OPDEFS[name]._init_fn
+        self._inside, self._created, self._written = name, set(), set()
+        try:
+            with self, _recording_launches(self._launch):
+                return implementation(*args, **kwargs)
+        finally:
+            self._inside = None
+
+    def _launch(self, kernel_name: str, args: tuple) -> None:
+        """A Triton launch reads each tensor that existed before its op in full; a tensor its op created is
+        written once, by the first launch that touches it."""
+        moved = 0
+        for tensor in _tensors(args):
+            key = _key(tensor)
+            if key in self._created and key in self._written:
+                continue
+            self._written.update({key} & self._created)
+            moved += tensor.numel() * tensor.element_size()
+        self.kernels.append(Kernel(self._inside, kernel_name, moved))
+
+
+@contextmanager
+def _recording_launches(record: Callable[[str, tuple], None]) -> Iterator[None]:
+    """Every project Triton kernel's launch passed to `record(kernel name, arguments)` instead of run."""
+    from triton_workbench.kernels import runtime
+
+    found = list({id(value): value for module_name, module in list(sys.modules.items())
+                  if module_name.startswith("triton_workbench.kernels.")
+                  for value in vars(module).values() if runtime.is_kernel(value)}.values())
+    for kernel in found:
+        kernel.run = lambda *args, grid, warmup, _name=kernel.__name__, **kwargs: record(_name, args)
+    try:
+        yield
+    finally:
+        for kernel in found:
+            del kernel.run
+
+
+def step_kernels(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, dtype: torch.dtype) -> list[Kernel]:
+    """The kernels of one training step (forward, cross-entropy, backward) of `model` on the meta device,
+    channels_last in `dtype`. The model is moved to the meta device."""
+    model = model.to(device="meta", dtype=dtype, memory_format=torch.channels_last).train()
+    x = torch.empty(input_shape, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    labels = torch.zeros(input_shape[0], device="meta", dtype=torch.long)
+    with StepRecorder() as recorder:
+        F.cross_entropy(model(x), labels).backward()
+    return recorder.kernels
+
+
+def bench_models() -> dict[str, Callable[[], nn.Module]]:
+    """The models `workbench bench model` knows: torchvision-style ResNet-18/50 (1000 classes) and the demo's
+    ResNet (10 classes; its own input is 32x32)."""
+    from triton_workbench.workbench.models import build_model
+    from triton_workbench.workbench.torchvision_resnet import resnet18, resnet50
+
+    return {"resnet18": resnet18, "resnet50": resnet50, "demo": lambda: build_model("resnet", 3, 10, 32)}
+
+
+def compare(model_name: str, batch: int, image_size: int, dtype: torch.dtype
+            ) -> tuple[pd.DataFrame, list]:
+    """(the traffic table of one training step of `model_name`, eager against swapped, and swap's records)."""
+    from triton_workbench.kernels.nn import swap
+
+    build = bench_models()[model_name]
+    num_classes = 10 if model_name == "demo" else 1000
+    shape = (batch, 3, image_size, image_size)
+    eager = step_kernels(build(), shape, num_classes, dtype)
+    swapped = swap(build())
+    return traffic_table(eager, step_kernels(swapped, shape, num_classes, dtype)), swapped.swap_records
+
+
+def traffic_table(eager: list[Kernel], swapped: list[Kernel]) -> pd.DataFrame:
+    """Launches and GB per category and in total, eager PyTorch against the swapped model, with the ratios."""
+    def totals(kernels: list[Kernel], side: str) -> pd.DataFrame:
+        frame = pd.DataFrame([(category(k.op), k.bytes) for k in kernels], columns=["category", "bytes"])
+        grouped = frame.groupby("category")["bytes"].agg(["count", "sum"])
+        return grouped.rename(columns={"count": f"launches_{side}", "sum": f"gb_{side}"})
+
+    table = totals(eager, "eager").join(totals(swapped, "triton"), how="outer").fillna(0)
+    table.loc["total"] = table.sum()
+    for side in ("eager", "triton"):
+        table[f"launches_{side}"] = table[f"launches_{side}"].astype(int)
+        table[f"gb_{side}"] = table[f"gb_{side}"] / 1e9
+    table["launches_ratio"] = table["launches_triton"] / table["launches_eager"]
+    table["bytes_ratio"] = table["gb_triton"] / table["gb_eager"]
+    return table.reset_index()
