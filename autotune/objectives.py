@@ -73,20 +73,24 @@ class Objective:
     def unit(self) -> str:
         return UNITS[self.base]
 
-    def value(self, time_ms: float, energy_j_per_call: float, avg_power_w: float = math.nan,
+    def value(self, time_ms: float, energy_j_per_call: float, *, avg_power_w: float = math.nan,
               status: str = TrialStatus.OK) -> float:  # fmt: skip
         """One trial's value as a strategy sees it (the time slack is applied over all trials by `values`)."""
         if self.max_power_w is not None and not avg_power_w <= self.max_power_w:  # NaN power: unknown, unusable
             return math.inf
         return objective_value(self.base, time_ms, energy_j_per_call, status)
 
-    def values(self, trials: pd.DataFrame) -> pd.Series:
-        """Every trial's value for choosing the winner (columns status, time_ms, energy_j_per_call, avg_power_w):
-        for energy:time<=X%, trials slower than (1 + X) x the fastest ok time are inf."""
+    def row_values(self, trials: pd.DataFrame) -> pd.Series:
+        """`value` of each trial (columns status, time_ms, energy_j_per_call and, if there, avg_power_w)."""
         power = trials["avg_power_w"] if "avg_power_w" in trials else pd.Series(math.nan, index=trials.index)
-        values = pd.Series([self.value(t, e, p, s) for t, e, p, s in
-                            zip(trials["time_ms"], trials["energy_j_per_call"], power, trials["status"])],
-                           index=trials.index, dtype=float)  # fmt: skip
+        return pd.Series([self.value(t, e, avg_power_w=p, status=s) for t, e, p, s in
+                          zip(trials["time_ms"], trials["energy_j_per_call"], power, trials["status"])],
+                         index=trials.index, dtype=float)  # fmt: skip
+
+    def values(self, trials: pd.DataFrame) -> pd.Series:
+        """Every trial's value for choosing the winner (`row_values`); for energy:time<=X%, trials slower than
+        (1 + X) x the fastest ok time among `trials` are inf."""
+        values = self.row_values(trials)
         if self.time_slack is not None:
             ok = trials.loc[trials["status"] == TrialStatus.OK, "time_ms"].dropna()
             fastest = ok.min() if len(ok) else math.nan

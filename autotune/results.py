@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from triton_workbench.database import TRIAL_STATUSES, Database, Table
@@ -368,26 +369,28 @@ class TuningDatabase(Database):
             (*key.values(), config_id(config), objective, sql_value(value), sql_value(time_ms), run_id, utc_now()),
         )
 
-    def store_best(self, key: TuningKey, objective: str, value_of: Callable[[Any], float],
+    def store_best(self, key: TuningKey, objective: str, values_of: Callable[[pd.DataFrame], pd.Series],
                    config_of: Callable[[Config], Config] = dict) -> Config | None:  # fmt: skip
         """Decide the best config of `key` from every stored trial, whoever measured it, and store it; in one
         transaction, so that two sweeps finishing at once cannot store a winner chosen from fewer trials.
 
-        `value_of(row)` gives a trial row's objective value (inf or NaN: not usable). The lowest wins, the
-        first stored on a tie; returns the winner, or None (nothing stored) when no trial has a finite value.
-        `config_of(winner)` is what is stored as the best config: the kernel's part of a config that also
-        holds device knobs (which the kernels cannot launch with; the winner's trial keeps them).
+        `values_of(trials)` gives the objective values of the stored trials, computed inside the transaction
+        (a value may depend on other trials, e.g. the fastest one): a Series indexed as `trials`' rows; a row
+        left out, inf or NaN is not usable. The lowest wins, the first stored on a tie; returns the winner, or
+        None (nothing stored) when no trial has a finite value. `config_of(winner)` is what is stored as the
+        best config: the kernel's part of a config that also holds device knobs (which the kernels cannot
+        launch with; the winner's trial keeps them).
         """
         with self._write() as connection:
             trials = self.trials(key=key)
-            ranked = [(value, index) for index, value in enumerate(map(value_of, trials.itertuples(index=False)))
-                      if math.isfinite(value)]  # fmt: skip
-            if not ranked:
+            values = values_of(trials).astype(float).sort_index()
+            values = values[np.isfinite(values)]
+            if values.empty:
                 return None
-            value, index = min(ranked)
-            row = trials.iloc[index]
+            index = values.idxmin()
+            row = trials.loc[index]
             winner = config_of(json.loads(row["config"]))
-            self._set_best(connection, key, winner, objective, value, row["time_ms"], int(row["run_id"]))
+            self._set_best(connection, key, winner, objective, values[index], row["time_ms"], int(row["run_id"]))
         return winner
 
     def best_configs(self, kernel: str | None = None) -> pd.DataFrame:

@@ -56,8 +56,9 @@ def tune(spec: KernelSpec, problem: Problem, *, strategy: str = "auto",
          run_id: int | None = None, claims: ClaimTimes | None = None,
          prune_static: float | None = None, device_knobs: DeviceKnobs | None = None,
          timer: Callable[[Callable[[], object]], Timing] | None = None) -> pd.DataFrame:  # fmt: skip
-    """Tune `spec` for `problem`; returns every stored trial of this kernel/problem/device (a DataFrame, one
-    row per run that measured a config, whichever sweep that was).
+    """Tune `spec` for `problem`; returns every stored trial of this kernel/problem/device over the same
+    parameters (a DataFrame, one row per run that measured a config, whichever sweep that was; the trials of a
+    sweep with other device knobs, or none, are neither returned nor reused nor ranked).
 
     `.attrs["run_id"]` of the result is this sweep's run (None if everything was already stored).
 
@@ -165,7 +166,9 @@ class _Sweep:
         self.best_bound: tuple[float, str] | None = None  # the highest bound of a config measured correct, its id
         self.objective, self.claims = objective, claims
         self.needs = ("energy_j_per_call",) if objective.needs_energy else ()  # what a stored ok trial must have
-        self.key = TuningKey.of(spec, problem)
+        self.key = TuningKey.of(spec, problem)  # shared by sweeps with other device knobs: see `_ours`
+        self.names = set(spec.params) | set(self.knob_params)
+        self.compiling: dict[str, Future] = {}  # config_id of a kernel config -> its compile report
         self.values: dict[str, float] = {}  # config_id -> best objective value of its usable stored trials
         self._learn(database.trials(key=self.key))
         self.deferred: list[tuple[Config, Callable[[], dict | None]]] = []  # claimed by live sweeps elsewhere
@@ -206,22 +209,25 @@ class _Sweep:
                 if pool is not None and pool is not borrowed:
                     pool.close()
         self._store_best()
-        trials = self.database.trials(key=self.key)
+        trials = self._ours(self.database.trials(key=self.key))
         trials.attrs["run_id"] = self.run_id  # None when a sweep of its own had nothing left to evaluate
         return trials
 
-    def _usable_value(self, row: Any) -> float:
-        """A stored trial row's objective value; NaN if it cannot serve this objective (timed without energy)."""
-        if row.status == TrialStatus.OK and self.needs and math.isnan(row.energy_j_per_call):
-            return math.nan
-        return self.objective.value(row.time_ms, row.energy_j_per_call, row.avg_power_w, row.status)
+    def _ours(self, trials: pd.DataFrame) -> pd.DataFrame:
+        """The stored trials over exactly this sweep's parameters: a sweep with device knobs and one without
+        (or with others) share a tuning key, and neither may take the other's trials for its own."""
+        return trials[trials["config"].map(lambda config: set(json.loads(config)) == self.names).astype(bool)]
+
+    def _usable(self, trials: pd.DataFrame) -> pd.DataFrame:
+        """`_ours`, less ok trials without the energy this objective needs (timed without a meter)."""
+        ours = self._ours(trials)
+        return ours[(ours["status"] != TrialStatus.OK) | ours["energy_j_per_call"].notna()] if self.needs else ours
 
     def _learn(self, trials: pd.DataFrame) -> None:
         """Take stored trials into `values` (a config measured by several runs keeps its best value)."""
-        for row in trials.itertuples(index=False):
-            value = self._usable_value(row)
-            if not math.isnan(value):
-                self.values[row.config] = min(value, self.values.get(row.config, math.inf))
+        usable = self._usable(trials)
+        for config, value in zip(usable["config"], self.objective.row_values(usable)):
+            self.values[config] = min(value, self.values.get(config, math.inf))
 
     def _next_batch(self) -> list[Config]:
         """Ask the strategy for up to batch_size configs that still need evaluating; stored ones are told back."""
@@ -250,7 +256,12 @@ class _Sweep:
         self._wait_for_others(distributed)
 
     def _compile(self, pool: CompilePool, config: Config) -> Future:
-        return pool.submit(self.spec, self.problem, self.pipeline.kernel_config(config))
+        """The compile report of `config`'s kernel part: submitted once, however many device settings run it."""
+        kernel_config = self.pipeline.kernel_config(config)
+        key = config_id(kernel_config)
+        if key not in self.compiling:
+            self.compiling[key] = pool.submit(self.spec, self.problem, kernel_config)
+        return self.compiling[key]
 
     def _reporter(self, futures: list[Future], index: int) -> Callable[[], dict | None]:
         return lambda: self._report(futures, index)
@@ -358,7 +369,7 @@ class _Sweep:
         """Store a trial this sweep measured (which releases its claim) and tell the strategy."""
         self.database.record_trial(self.run_id, self.key, trial.config, trial.status, trial.reason, **trial.measures())
         power_w = trial.energy.avg_power_w if trial.energy is not None else math.nan
-        value = self.objective.value(trial.time_ms, trial.energy_j_per_call, power_w, trial.status)
+        value = self.objective.value(trial.time_ms, trial.energy_j_per_call, avg_power_w=power_w, status=trial.status)
         self.values[config_id(trial.config)] = value
         bound = self.bounds.get(config_id(trial.config))
         if trial.status == TrialStatus.OK and bound is not None and (self.best_bound is None or bound > self.best_bound[0]):
@@ -375,16 +386,12 @@ class _Sweep:
         self.bar.update(1)
 
     def _store_best(self) -> None:
-        """Store the best trial of every stored for this key, whichever sweep measured it, and make the
+        """Store the best of this sweep's usable stored trials, whichever sweep measured them, and make the
         kernels launch with it: this database becomes their config source (`use_database`). For
-        energy:time<=X% the fastest stored time bounds the candidates (`Objective.values`)."""
-        value_of = self._usable_value
-        if self.objective.time_slack is not None:
-            ok = self.database.trials(key=self.key).query("status == 'ok'")["time_ms"]
-            limit_ms = (1 + self.objective.time_slack) * ok.min() if len(ok) else math.nan
+        energy:time<=X% the fastest of them bounds the candidates (`Objective.values`, inside store_best's
+        transaction)."""
+        def values_of(trials: pd.DataFrame) -> pd.Series:
+            return self.objective.values(self._usable(trials))
 
-            def value_of(row: Any) -> float:
-                return self._usable_value(row) if row.time_ms <= limit_ms else math.inf
-
-        if self.database.store_best(self.key, self.objective.name, value_of, self.pipeline.kernel_config) is not None:
+        if self.database.store_best(self.key, self.objective.name, values_of, self.pipeline.kernel_config) is not None:
             use_database(self.database)

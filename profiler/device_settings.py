@@ -3,38 +3,39 @@
     with DeviceKnobs(device=0, power_limits=4, sm_clocks=3) as knobs:
         knobs.params           # {"power_limit_w": [200, 367, 533, 700], "sm_clock_mhz": [None, 1980, 1305, 855]}
         knobs.apply({"power_limit_w": 367, "sm_clock_mhz": 1305})
-    # the previous power limit is set again and the clocks are reset, also on an exception or Ctrl-C
+    # the power limit and application clocks found are set again, locked clocks are reset
 
 Candidates come from the GPU: power limits spread evenly over nvmlDeviceGetPowerManagementLimitConstraints
-(the limit in force included), SM clocks from nvmlDeviceGetSupportedGraphicsClocks at the highest memory
-clock, None meaning "not locked" (the driver's own boost). Clocks are locked (nvmlDeviceSetGpuLockedClocks)
-where the GPU allows it, else set as application clocks (nvmlDeviceSetApplicationsClocks).
+(whole watts inside them, and the limit in force exactly), SM clocks from nvmlDeviceGetSupportedGraphicsClocks
+at the highest memory clock, None meaning "not locked" (the clocks as found). Clocks are locked
+(nvmlDeviceSetGpuLockedClocks) where the GPU allows it, else set as application clocks.
 
 Setting either knob needs root on most systems. Entering the context probes each knob once; a knob the
 GPU or the user may not change is left out of `params`, with a line in `notes` saying why, and the
 caller goes on without it.
 
-Settings outlive the process that made them. So before anything is changed, a record of what to put
-back is written to `record_dir/<GPU uuid>.json`; it is removed once restored. Restoring happens on leaving
-the context (any exception, KeyboardInterrupt, or SIGTERM/SIGHUP, which are turned into SystemExit while
-the context is open), at interpreter exit, and, for a process killed outright, at the next start:
-entering the context, or `restore_leftover`, finds the record of a dead process and restores from it.
+Settings outlive the process that made them. The context owns the GPU's settings and writes a record of what
+to put back before its first change (`profiler.settings_record`). Putting back happens on leaving the
+context (any exception, KeyboardInterrupt, or SIGTERM/SIGHUP, which are turned into SystemExit while the
+context is open), at interpreter exit if that failed, and, for a process killed outright, at the next start.
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib
-import json
 import logging
+import math
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from triton_workbench.database.store import default_path, process_alive, this_host, utc_now
+from triton_workbench.database.store import this_host, utc_now
 from triton_workbench.profiler.device_index import NvmlDevice, resolve_device
+from triton_workbench.profiler.settings_record import SettingsRecord, default_record_dir, put_back, put_back_clocks
 
 log = logging.getLogger("triton_workbench.profiler")
 
@@ -44,59 +45,26 @@ _REFUSED = ("NVMLError_NoPermission", "NVMLError_NotSupported", "NVMLError_Funct
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-def default_record_dir() -> Path:
-    """Where records of changed settings go: `device_settings/` beside the default database."""
-    return default_path().parent / "device_settings"
-
-
-class DeviceSettingsBusy(RuntimeError):
-    """Another live process holds the settings of this GPU."""
-
-
-def _record_path(record_dir: Path, gpu: NvmlDevice) -> Path:
-    return Path(record_dir) / f"{gpu.uuid}.json"
-
-
-def _restore(nvml: Any, gpu: NvmlDevice, record: Mapping[str, Any]) -> list[str]:
-    """Put back what `record` says (clocks reset, the power limit it holds); returns the failures."""
-    failures = []
-    steps = []
-    if record.get("clock_mode") == "locked":
-        steps.append(("reset locked clocks", lambda: nvml.nvmlDeviceResetGpuLockedClocks(gpu.handle)))
-    if record.get("clock_mode") == "applications":
-        steps.append(("reset application clocks", lambda: nvml.nvmlDeviceResetApplicationsClocks(gpu.handle)))
-    if record.get("power_limit_mw") is not None:
-        limit_mw = int(record["power_limit_mw"])
-        steps.append((f"power limit {limit_mw / 1000:g} W",
-                      lambda: nvml.nvmlDeviceSetPowerManagementLimit(gpu.handle, limit_mw)))  # fmt: skip
-    for what, step in steps:
-        try:
-            step()
-        except nvml.NVMLError as error:
-            failures.append(f"{what}: {error}")
-    return failures
-
-
-def restore_leftover(nvml: Any, gpu: NvmlDevice, record_dir: str | os.PathLike | None = None) -> bool:
-    """Restore the settings a dead process left on `gpu` (its record in `record_dir`); True if it did.
-
-    A record of a live process (another sweep holding this GPU's knobs) raises DeviceSettingsBusy."""
-    path = _record_path(Path(record_dir or default_record_dir()), gpu)
-    if not path.exists():
-        return False
-    record = json.loads(path.read_text())
-    if record.get("host") == this_host() and record.get("pid") != os.getpid() and process_alive(record["pid"]):
-        raise DeviceSettingsBusy(f"process {record['pid']} holds the settings of {gpu.name} ({gpu.uuid}) since "
-                                 f"{record.get('created_at')}; run one knob sweep per GPU at a time")  # fmt: skip
-    failures = _restore(nvml, gpu, record)
-    if failures:
-        log.error("could not restore the settings of %s left by process %s: %s", gpu.uuid, record.get("pid"),
-                  "; ".join(failures))  # fmt: skip
-        return False
-    path.unlink()
-    log.warning("restored the settings of %s that process %s changed and did not put back (%s)", gpu.name,
-                record.get("pid"), path)  # fmt: skip
-    return True
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back while the block runs and deliver the first after it: a second Ctrl-C
+    or kill must not stop putting settings back halfway. Main thread only (where Python handles signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {}
+    for number in (signal.SIGINT, *_SIGNALS):
+        handler = signal.getsignal(number)
+        if handler is not None and handler != signal.SIG_IGN:
+            previous[number] = signal.signal(number, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 class DeviceKnobs:
@@ -104,7 +72,7 @@ class DeviceKnobs:
 
     device: the CUDA ordinal (or a UUID / PCI bus id, as for NvmlSampler). power_limits / sm_clocks: how many
     candidate values of each (0: not a parameter). record_dir: where the record of what to put back goes
-    (default `default_record_dir()`).
+    (default `settings_record.default_record_dir()`).
     """
 
     def __init__(self, device: int | str = 0, *, power_limits: int = 4, sm_clocks: int = 3,
@@ -120,11 +88,12 @@ class DeviceKnobs:
         self.clock_mode: str | None = None  # "locked" or "applications" once probed
         self._nvml: Any = None
         self._gpu: NvmlDevice | None = None
-        self._record: dict[str, Any] | None = None
+        self._owner: SettingsRecord | None = None
+        self._record: dict[str, Any] | None = None  # what to put back; on disk while it names a change
         self._applied: dict[str, Any] = {}
         self._previous_handlers: dict[int, Any] = {}
 
-    # ------------------------------------------------------------------ entering: record, probe, candidates
+    # ------------------------------------------------------------------ entering: own, probe, candidates
     def __enter__(self) -> "DeviceKnobs":
         try:
             self._nvml = importlib.import_module("pynvml")
@@ -134,16 +103,14 @@ class DeviceKnobs:
             self.notes.append(f"device knobs: NVML is not available ({error or type(error).__name__}); "
                               "tuning without them")  # fmt: skip
             return self
-        self._gpu = resolve_device(self._nvml, self.device)
-        restore_leftover(self._nvml, self._gpu, self.record_dir)
-        limit_mw = int(self._nvml.nvmlDeviceGetPowerManagementLimit(self._gpu.handle))
-        self._record = {"uuid": self._gpu.uuid, "pid": os.getpid(), "host": this_host(), "created_at": utc_now(),
-                        "power_limit_mw": limit_mw if self.power_limits else None, "clock_mode": None}  # fmt: skip
-        self._write_record()  # before the first change, the probes included
-        self._hold()
         try:
+            self._gpu = resolve_device(self._nvml, self.device)
+            self._owner = SettingsRecord(self.record_dir, self._nvml, self._gpu).__enter__()
+            self._record = {"uuid": self._gpu.uuid, "pid": os.getpid(), "host": this_host(), "created_at": utc_now(),
+                            "power_limit_mw": None, "clock_mode": None, "applications_clocks": None}  # fmt: skip
+            self._hold()
             if self.power_limits:
-                self._probe_power_limit(limit_mw)
+                self._probe_power_limit()
             if self.sm_clocks:
                 self._probe_clocks()
         except BaseException:
@@ -153,34 +120,52 @@ class DeviceKnobs:
             log.warning("%s", note)
         return self
 
-    def _write_record(self) -> None:
-        self.record_dir.mkdir(parents=True, exist_ok=True)
-        path = _record_path(self.record_dir, self._gpu)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(self._record))
-        partial.replace(path)
+    @property
+    def _pending(self) -> bool:
+        """Whether something was (maybe) changed and not yet put back."""
+        return self._record is not None and (self._record["power_limit_mw"] is not None
+                                             or self._record["clock_mode"] is not None)  # fmt: skip
 
-    def _refused(self, knob: str, error: Exception) -> bool:
-        """Note a knob the GPU or the user may not change (True), or re-raise an unexpected NVML error."""
+    def _note_change(self, **entries: Any) -> None:
+        """Update what to put back; on disk before the change it covers is made, removed when it covers none."""
+        self._record.update(entries)
+        if self._pending:
+            self._owner.write(self._record)
+        else:
+            self._owner.remove()
+
+    def _refused(self, knob: str, error: Exception) -> None:
+        """Note a knob the GPU or the user may not change, or re-raise an unexpected NVML error."""
         if type(error).__name__ not in _REFUSED:
             raise error
         why = "permission refused (setting it needs root)" if "NoPermission" in type(error).__name__ else str(error)
         self.notes.append(f"device knobs: {knob} cannot be set on {self._gpu.name}: {why}; tuning without it")
-        return True
 
-    def _probe_power_limit(self, limit_mw: int) -> None:
+    def _probe_power_limit(self) -> None:
         nvml, handle = self._nvml, self._gpu.handle
         try:
+            limit_mw = int(nvml.nvmlDeviceGetPowerManagementLimit(handle))
             low_mw, high_mw = nvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
             nvml.nvmlDeviceSetPowerManagementLimit(handle, limit_mw)  # no change: does NVML let us?
         except nvml.NVMLError as error:
             self._refused(POWER_LIMIT, error)
-            self._record["power_limit_mw"] = None  # never changed: nothing to put back
-            self._write_record()
             return
-        spread = [round((low_mw + (high_mw - low_mw) * i / (self.power_limits - 1)) / 1000) for i in range(self.power_limits)]
-        self.default[POWER_LIMIT] = round(limit_mw / 1000)
-        self.params[POWER_LIMIT] = sorted({*spread, self.default[POWER_LIMIT]})
+        self._limit_mw = limit_mw
+        low_w, high_w = math.ceil(low_mw / 1000), math.floor(high_mw / 1000)  # whole watts inside the constraints
+        spread = [min(max(round((low_mw + (high_mw - low_mw) * i / (self.power_limits - 1)) / 1000), low_w), high_w)
+                  for i in range(self.power_limits)]  # fmt: skip
+        current = limit_mw // 1000 if limit_mw % 1000 == 0 else limit_mw / 1000  # exact: the GPU as found
+        self.default[POWER_LIMIT] = self._applied[POWER_LIMIT] = current
+        self.params[POWER_LIMIT] = sorted({*spread, current})
+
+    def _applications_clocks(self) -> list[int] | None:
+        """The application clocks in force, [memory, graphics] MHz, to set back; None if NVML will not say."""
+        nvml, handle = self._nvml, self._gpu.handle
+        try:
+            return [int(nvml.nvmlDeviceGetApplicationsClock(handle, nvml.NVML_CLOCK_MEM)),
+                    int(nvml.nvmlDeviceGetApplicationsClock(handle, nvml.NVML_CLOCK_GRAPHICS))]  # fmt: skip
+        except nvml.NVMLError:
+            return None
 
     def _probe_clocks(self) -> None:
         nvml, handle = self._nvml, self._gpu.handle
@@ -190,46 +175,45 @@ class DeviceKnobs:
         except nvml.NVMLError as error:
             self._refused(SM_CLOCK, error)
             return
+        self._record["applications_clocks"] = self._applications_clocks()
         attempts = (("locked", lambda f: nvml.nvmlDeviceSetGpuLockedClocks(handle, f, f)),
                     ("applications", lambda f: nvml.nvmlDeviceSetApplicationsClocks(handle, memory_mhz, f)))  # fmt: skip
         errors = []
         for mode, lock in attempts:
-            self._record["clock_mode"] = mode
-            self._write_record()
+            self._note_change(clock_mode=mode)
             try:
                 lock(clocks[0])
             except nvml.NVMLError as error:
                 errors.append(error)
                 continue
             self.clock_mode, self._memory_mhz = mode, memory_mhz
-            self._applied[SM_CLOCK] = clocks[0]
-            self.apply({SM_CLOCK: None})
+            put_back_clocks(nvml, handle, self._record)
             picks = [clocks[round(i * (len(clocks) - 1) / (self.sm_clocks - 1))] for i in range(self.sm_clocks)]
             self.params[SM_CLOCK] = [None, *dict.fromkeys(picks)]
-            self.default[SM_CLOCK] = None
+            self.default[SM_CLOCK] = self._applied[SM_CLOCK] = None
             return
-        self._record["clock_mode"] = None
-        self._write_record()
+        self._note_change(clock_mode=None)
         self._refused(SM_CLOCK, errors[0])
 
     # ------------------------------------------------------------------ applying
     def apply(self, settings: Mapping[str, Any]) -> None:
-        """Set the knobs named in `settings` (keys of `params`; sm_clock_mhz None = not locked). NVML errors
-        propagate: a setting refused now is a failed trial, not a reason to stop."""
-        unknown = set(settings) - set(self.params) - set(self._applied)
+        """Set the knobs named in `settings` (keys of `params`; sm_clock_mhz None = the clocks as found). NVML
+        errors propagate: a setting refused now is a failed trial, not a reason to stop."""
+        unknown = set(settings) - set(self.params)
         if unknown:
             raise ValueError(f"settings: unknown device knobs {sorted(unknown)}; this GPU's are {sorted(self.params)}")
         if not settings:
             return
         nvml, handle = self._nvml, self._gpu.handle
         for knob, value in settings.items():
-            if knob in self._applied and self._applied[knob] == value:
+            if self._applied.get(knob) == value:
                 continue
             if knob == POWER_LIMIT:
-                nvml.nvmlDeviceSetPowerManagementLimit(handle, int(round(value * 1000)))
+                if self._record["power_limit_mw"] is None:
+                    self._note_change(power_limit_mw=self._limit_mw)
+                nvml.nvmlDeviceSetPowerManagementLimit(handle, round(value * 1000))
             elif value is None:
-                reset = nvml.nvmlDeviceResetGpuLockedClocks if self.clock_mode == "locked" else nvml.nvmlDeviceResetApplicationsClocks
-                reset(handle)
+                put_back_clocks(nvml, handle, self._record)
             elif self.clock_mode == "locked":
                 nvml.nvmlDeviceSetGpuLockedClocks(handle, int(value), int(value))
             else:
@@ -238,39 +222,50 @@ class DeviceKnobs:
 
     # ------------------------------------------------------------------ leaving: put everything back
     def restore(self) -> None:
-        """Put back the settings found on entering and remove the record (idempotent); a failure is logged
-        and the record kept, so the next start tries again."""
-        if self._record is None:
+        """Put back what was changed and remove the record (idempotent); signals wait until it is done. A
+        failure is logged and the record kept: the exit hook tries again, then the next start."""
+        if not self._pending:
             return
-        failures = _restore(self._nvml, self._gpu, self._record)
-        if failures:
-            log.error("could not restore the settings of %s: %s (record kept: %s)", self._gpu.uuid,
-                      "; ".join(failures), _record_path(self.record_dir, self._gpu))  # fmt: skip
-        else:
-            _record_path(self.record_dir, self._gpu).unlink(missing_ok=True)
-        self._record = None
-        self._applied.clear()
+        with _signals_deferred():
+            failures = put_back(self._nvml, self._gpu, self._record)
+            if failures:
+                log.error("could not restore the settings of %s: %s (record kept: %s)", self._gpu.uuid,
+                          "; ".join(failures), self._owner.path)  # fmt: skip
+                return
+            self._note_change(power_limit_mw=None, clock_mode=None)
+            self._applied.clear()
 
     def _hold(self) -> None:
-        """Restore at interpreter exit, and turn SIGTERM/SIGHUP into SystemExit so the context unwinds."""
+        """Restore at interpreter exit, and turn SIGTERM/SIGHUP into SystemExit so the context unwinds. A signal
+        ignored (SIG_IGN) or handled outside Python is left alone; a Python handler runs first (chained)."""
         atexit.register(self.restore)
         if threading.current_thread() is not threading.main_thread():
             return
-
-        def leave(signum, frame):
-            raise SystemExit(128 + signum)
-
         for number in _SIGNALS:
-            self._previous_handlers[number] = signal.signal(number, leave)
+            previous = signal.getsignal(number)
+            if previous is None or previous == signal.SIG_IGN:
+                continue
+
+            def leave(signum, frame, previous=previous):
+                if callable(previous):
+                    previous(signum, frame)
+                raise SystemExit(128 + signum)
+
+            signal.signal(number, leave)
+            self._previous_handlers[number] = previous
 
     def __exit__(self, *exc_info) -> None:
         try:
             self.restore()
         finally:
-            atexit.unregister(self.restore)
             for number, handler in self._previous_handlers.items():
                 signal.signal(number, handler)
             self._previous_handlers.clear()
-            if self._nvml is not None:
-                self._nvml.nvmlShutdown()
-                self._nvml = None
+            if not self._pending:  # put back, or nothing changed: the exit hook, ownership and NVML are done with
+                atexit.unregister(self.restore)
+                if self._owner is not None:
+                    self._owner.__exit__()
+                    self._owner = None
+                if self._nvml is not None:
+                    self._nvml.nvmlShutdown()
+                    self._nvml = None

@@ -144,7 +144,7 @@ def measure_energy(fn: Callable[[], object], sampler: NvmlSampler, name: str, *,
 
 
 def thermally_throttled(stats: EnergyStats) -> bool:
-    """Whether heat (SW or HW thermal slowdown) held the clocks down during the measurement."""
+    """Whether heat (`windows.THERMAL_REASONS_MASK`) held the clocks down during the measurement."""
     return not math.isnan(stats.throttle_reasons) and bool(int(stats.throttle_reasons) & THERMAL_REASONS_MASK)
 
 

@@ -23,8 +23,9 @@ import pandas as pd
 # NVML clock-event reasons that mean the clocks were held down by power or heat (nvml.h ABI):
 # SW power cap 0x4, HW slowdown 0x8, SW thermal 0x20, HW thermal 0x40, HW power brake 0x80.
 # Idle (0x1), application clocks (0x2), sync boost (0x10) and display clocks (0x100) are not throttling.
-THROTTLE_REASONS_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
-THERMAL_REASONS_MASK = 0x20 | 0x40  # SW and HW thermal slowdown: heat, not a power limit someone set
+POWER_REASONS_MASK = 0x4 | 0x80  # a power cap (a limit someone set, or the board's power brake)
+THERMAL_REASONS_MASK = 0x8 | 0x20 | 0x40  # heat: SW/HW thermal slowdown, and HW slowdown (mostly temperature)
+THROTTLE_REASONS_MASK = POWER_REASONS_MASK | THERMAL_REASONS_MASK
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,15 @@ def window_stats(frame: Columns, name: str, start_s: float, end_s: float) -> Win
         throttled=bool(np.any(reasons & THROTTLE_REASONS_MASK)) if len(reasons) else None,
         throttle_reasons=float(np.bitwise_or.reduce(reasons)) if len(reasons) else math.nan,
     )
+
+
+def throttle_words(reasons: float, remeasured: object = False) -> str:
+    """Clock-event reasons (NVML's bitmask, NaN if unknown) in words: 'power', 'heat', 'power+heat' or 'no'
+    ('-' when unknown), with ' (remeasured)' for a trial measured again after cooling down."""
+    if pd.isna(reasons):
+        return "-"
+    words = [word for word, mask in (("power", POWER_REASONS_MASK), ("heat", THERMAL_REASONS_MASK)) if int(reasons) & mask]
+    return "+".join(words or ["no"]) + (" (remeasured)" if not pd.isna(remeasured) and remeasured else "")
 
 
 def value_at(frame: Columns, column: str, time_s: float) -> float:

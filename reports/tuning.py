@@ -17,6 +17,8 @@ from plotly.subplots import make_subplots
 
 from triton_workbench.autotune.objectives import pareto_front
 from triton_workbench.database import TrialStatus
+from triton_workbench.profiler.device_settings import POWER_LIMIT, SM_CLOCK
+from triton_workbench.profiler.windows import throttle_words
 from triton_workbench.reports.html import escape, style_figure
 from triton_workbench.reports.labels import (BYTE_RATE_UNITS, FLOP_RATE_UNITS, parameters_label, parse_json_object, problem_label,
                             rate_unit)
@@ -225,30 +227,30 @@ def best_so_far_figure(frame: pd.DataFrame, metric: Metric) -> go.Figure | None:
     return style_figure(fig, 360)
 
 
-DEVICE_KNOBS = {"power_limit_w": "power limit {} W", "sm_clock_mhz": "SM clock {} MHz"}
+DEVICE_KNOBS = {POWER_LIMIT: ("power limit", "W"), SM_CLOCK: ("SM clock", "MHz")}  # name and unit in words
 
 
 def _device_label(config: dict) -> str:
     """A config's device settings in words ('-' when it has none): 'power limit 300 W, SM clock unlocked'."""
-    parts = [label.format(config[knob]) if config[knob] is not None else label.split(" {}")[0] + " unlocked"
-             for knob, label in DEVICE_KNOBS.items() if knob in config]  # fmt: skip
+    parts = [f"{name} {config[knob]} {unit}" if config[knob] is not None else f"{name} unlocked"
+             for knob, (name, unit) in DEVICE_KNOBS.items() if knob in config]  # fmt: skip
     return ", ".join(parts) or "-"
 
 
 def pareto_table(frame: pd.DataFrame) -> pd.DataFrame:
     """The time/energy Pareto front, fastest first: kernel parameters and device settings apart, with power
-    and throttling (across both kinds of parameter when the sweep tuned device knobs)."""
+    and what held the clocks down (`profiler.windows.throttle_words`: a power cap, heat, or neither)."""
     ok = frame[(frame["status"] == TrialStatus.OK) & frame["energy_j_per_call"].notna() & frame["time_ms"].notna()]
     if ok.empty:
         return pd.DataFrame()
     front = ok.loc[pareto_front(ok["time_ms"], ok["energy_j_per_call"])]
     configs = [json.loads(c) for c in front["config"]]
-    throttled = front["throttled"].map(lambda v: "-" if pd.isna(v) else ("yes" if v else "no"))
     return pd.DataFrame({
         "kernel parameters": [parameters_label({k: v for k, v in c.items() if k not in DEVICE_KNOBS}) for c in configs],
         "device settings": [_device_label(c) for c in configs],
         "time (ms)": front["time_ms"].to_list(), "energy/call (J)": front["energy_j_per_call"].to_list(),
-        "avg power (W)": front["avg_power_w"].to_list(), "throttled": throttled.to_list(),
+        "avg power (W)": front["avg_power_w"].to_list(),
+        "throttled": [throttle_words(r, m) for r, m in zip(front["throttle_reasons"], front["remeasured"])],
     })  # fmt: skip
 
 

@@ -14,7 +14,8 @@ nvmlInit), `clock_events_api=False` (a pynvml without nvmlDeviceGetCurrentClocks
 
 Device settings (the knobs): `FakeGpu.settings` holds the power limit and the locked / application clocks the
 fake was given; setting them enforces NVML's rules (limit within the constraints, clocks from the supported
-lists) and `refuse` (names of SETTINGS that raise NVMLError_NoPermission) stands for "not root". With
+lists) and `refuse` (names of SETTINGS that raise NVMLError_NoPermission) stands for "not root". Application
+clocks equal to `default_applications_clocks_mhz` are the GPU's own (None), as after a reset. With
 `state_path`, the settings live in a JSON file, as a real GPU's outlive the process that set them.
 """
 
@@ -118,6 +119,7 @@ class FakeGpu:
     default_power_limit_w: float = 700.0
     graphics_clocks_mhz: tuple[int, ...] = (1980, 1755, 1530, 1305, 1080, 855)  # NVML lists them highest first
     memory_clocks_mhz: tuple[int, ...] = (2619,)
+    default_applications_clocks_mhz: tuple[int, int] = (2619, 1755)  # (memory, graphics) when not set
     refuse: set[str] = field(default_factory=set)  # of SETTINGS: NVMLError_NoPermission
     state_path: Path | None = None  # settings kept in this JSON file (they outlive a process, like a GPU's)
     settings_log: list[tuple[str, object]] = field(default_factory=list)
@@ -160,7 +162,11 @@ class FakeGpu:
             raise NVMLError_InvalidArgument()
         settings = self.settings
         key = "power_limit_mw" if setting == "power_limit" else setting
-        settings[key] = int(self.default_power_limit_w * 1000) if key == "power_limit_mw" and value is None else value
+        if key == "power_limit_mw" and value is None:
+            value = int(self.default_power_limit_w * 1000)
+        if key == "applications_clocks" and value == self.default_applications_clocks_mhz:
+            value = None  # the defaults are the GPU's own, as after a reset
+        settings[key] = value
         self.settings_log.append((setting, value))
         if self.state_path is not None:
             Path(self.state_path).write_text(json.dumps(settings))
@@ -231,8 +237,8 @@ def make_pynvml(gpus: list[FakeGpu], init_error: int | None = None, clock_events
     for name, value in globals().items():
         if name.startswith(("NVML_", "NVMLError")):
             setattr(module, name, value)
-    vars(module).update(NVML_TEMPERATURE_GPU=0, NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2, NVML_FI_DEV_MEMORY_TEMP=82,
-                        NVML_FI_DEV_POWER_INSTANT=186)  # fmt: skip
+    vars(module).update(NVML_TEMPERATURE_GPU=0, NVML_CLOCK_GRAPHICS=0, NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2,
+                        NVML_FI_DEV_MEMORY_TEMP=82, NVML_FI_DEV_POWER_INSTANT=186)  # fmt: skip
     state = {"initialised": 0, "shutdowns": 0}
     module.state = state
 
@@ -305,6 +311,8 @@ def make_pynvml(gpus: list[FakeGpu], init_error: int | None = None, clock_events
     module.nvmlDeviceResetGpuLockedClocks = lambda h: setting("locked_clocks", h, None)
     module.nvmlDeviceSetApplicationsClocks = lambda h, mem, gr: setting("applications_clocks", h, (int(mem), int(gr)))
     module.nvmlDeviceResetApplicationsClocks = lambda h: setting("applications_clocks", h, None)
+    module.nvmlDeviceGetApplicationsClock = lambda h, kind: (
+        device(h).settings["applications_clocks"] or device(h).default_applications_clocks_mhz)[0 if kind == 2 else 1]
     if clock_events_api:
         module.nvmlDeviceGetCurrentClocksEventReasons = lambda h: device(h).read("clock_events")
     return module

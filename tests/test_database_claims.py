@@ -133,10 +133,10 @@ def test_each_run_keeps_its_trials_and_the_best_comes_from_all_of_them():
     assert trials[["run_id", "config", "time_ms"]].values.tolist() == [
         [first, '{"BLOCK":16}', 2.0], [first, '{"BLOCK":64}', 5.0], [second, '{"BLOCK":16}', 1.5]]
     assert len(db.trials(key=KEY, config=FAST)) == 2
-    assert db.store_best(KEY, "time", lambda row: row.time_ms) == FAST
+    assert db.store_best(KEY, "time", lambda trials: trials["time_ms"]) == FAST
     best = db.best_configs().iloc[0]
     assert best["value"] == 1.5 and best["run_id"] == second
-    assert db.store_best(KEY, "time", lambda row: math.inf) is None  # nothing usable: the stored best stays
+    assert db.store_best(KEY, "time", lambda trials: trials["time_ms"] * math.inf) is None  # nothing usable: the stored best stays
     assert db.best_configs()["value"].tolist() == [1.5]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from concurrent.futures import Future
 
 import pytest
 
@@ -13,6 +14,7 @@ from fake_pynvml import FakeClock, FakeGpu, make_pynvml
 from fake_workload import Workload, best, clock_timer, workload_spec
 from triton_workbench.autotune import tune
 from triton_workbench.autotune.objectives import Objective
+from triton_workbench.autotune.pipeline import CompilePool
 from triton_workbench.autotune.results import TuningDatabase
 from triton_workbench.profiler import NvmlSampler, energy_meter
 from triton_workbench.profiler.device_settings import DeviceKnobs
@@ -38,12 +40,14 @@ def sweep(monkeypatch, tmp_path):
     sampler = NvmlSampler(clock=clock, sleep=clock.sleep)
     meter = energy_meter(sampler, min_window_s=0.05, idle_s=0.0, warmup_s=0.0)
 
-    def run(objective: str):
-        with DeviceKnobs(power_limits=4, sm_clocks=3, record_dir=tmp_path / "records") as knobs:
+    def run(objective: str, with_knobs: bool = True, compile_ahead=False):
+        """(trials, knobs) of a sweep with the device knobs; without them, (trials, None)."""
+        with DeviceKnobs(power_limits=4 if with_knobs else 0, sm_clocks=3 if with_knobs else 0,
+                         record_dir=tmp_path / "records") as knobs:  # fmt: skip
             trials = tune(spec, PROBLEM, strategy="exhaustive", budget=100, db=db, objective=objective,
-                          energy_meter=meter, compile_ahead=False, progress=False, device_knobs=knobs,
-                          timer=clock_timer(clock))  # fmt: skip
-        return trials, knobs
+                          energy_meter=meter, compile_ahead=compile_ahead, progress=False,
+                          device_knobs=knobs if with_knobs else None, timer=clock_timer(clock))  # fmt: skip
+        return trials, knobs if with_knobs else None
 
     return run, model, gpu, db, spec
 
@@ -132,5 +136,50 @@ def test_report_pareto_front_spans_kernel_and_device_parameters(sweep):
     assert front["device settings"].str.contains("power limit .* W, SM clock", regex=True).all()
     assert front["device settings"].nunique() > 1 and front["kernel parameters"].nunique() > 1  # both kinds move
     assert front["time (ms)"].iloc[0] == pytest.approx(trials["time_ms"].min())
+    assert set(front["throttled"]) == {"no", "power"}  # held at a power cap on purpose: said so, not plain "yes"
     sections, _ = build_sections(db)
     assert "The Pareto front, kernel parameters and device settings apart" in str([vars(s) for s in sections])
+
+
+def stored_best(db: TuningDatabase):
+    row = db.best_configs("fake_workload").iloc[0]
+    return json.loads(row["config"]), row["run_id"]
+
+
+def test_a_plain_sweep_after_a_knob_sweep_measures_its_own_configs(sweep):
+    run, model, gpu, db, spec = sweep
+    run("time")
+    plain, _ = run("time", with_knobs=False)
+    assert len(plain) == 3 and plain.attrs["run_id"] is not None  # measured, not taken from the knob trials
+    assert all(set(json.loads(c)) == {"BLOCK"} for c in plain["config"])
+    config, run_id = stored_best(db)
+    assert config == {"BLOCK": 64} and run_id == plain.attrs["run_id"]
+
+
+def test_a_knob_sweep_after_a_plain_sweep_ranks_only_its_own_trials(sweep):
+    run, model, gpu, db, spec = sweep
+    plain, _ = run("time", with_knobs=False)
+    trials, _ = run("time")
+    assert len(trials) == 48 and all("power_limit_w" in json.loads(c) for c in trials["config"])
+    # block 64 at the GPU's own settings ties with the plain sweep's block 64; the winner is a knob trial
+    assert stored_best(db)[1] == trials.attrs["run_id"]
+
+
+def test_each_kernel_config_is_compiled_once_whatever_device_settings_run_it(sweep, monkeypatch):
+    run, model, gpu, db, spec = sweep
+
+    class CountingPool(CompilePool):
+        def __init__(self):
+            self.workers, self.submitted = 4, []
+
+        def submit(self, spec, problem, config):
+            self.submitted.append(config)
+            future = Future()
+            future.set_result({"ok": True})
+            return future
+
+    monkeypatch.setattr(CompilePool, "supports", staticmethod(lambda spec: True))
+    pool = CountingPool()
+    trials, _ = run("time", compile_ahead=pool)
+    assert len(trials) == 48 and (trials["status"] == "ok").all()
+    assert sorted(config["BLOCK"] for config in pool.submitted) == [32, 64, 128]

@@ -4,6 +4,7 @@ once, constrained objectives parsed, the GPU left as it was."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -22,10 +23,13 @@ def gpu(monkeypatch) -> FakeGpu:
 
 
 def test_power_limits_are_tuned_with_the_kernel_and_restored(gpu, capsys):
+    gpu.clock_events = lambda t: 0x4  # held at a power cap throughout
     assert main(["tune", "gemm", "--shape", "8,8,8", "--budget", "2", "--profile", "--power-limits", "2",
                  "--objective", "time:power<=300", "--no-compile-ahead"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "device knobs: power_limit_w [200, 700]" in out and "throttled" in out
+    assert "device knobs: power_limit_w [200, 700]" in out
+    rows = [line for line in out.splitlines() if line.startswith("BLOCK_K=")]
+    assert len(rows) == 2 and all(re.search(r"power_limit_w=\d+ +[\d.]+ +120 +power ", r) for r in rows)
     configs = [json.loads(c) for c in TuningDatabase().trials()["config"]]
     assert len(configs) == 2 and all("power_limit_w" in c for c in configs)
     assert configs[0]["power_limit_w"] == 700  # the default config on the GPU as it was goes first
@@ -43,6 +47,14 @@ def test_refused_permission_is_said_once_and_the_sweep_goes_on_without_knobs(gpu
     assert len(notes) == 2 and all("permission refused" in n for n in notes)
     configs = [json.loads(c) for c in TuningDatabase().trials()["config"]]
     assert configs and all("power_limit_w" not in c and "sm_clock_mhz" not in c for c in configs)
+
+
+def test_a_constraint_no_config_meets_stores_nothing_and_says_so(gpu, capsys):
+    assert main(["tune", "gemm", "--shape", "8,8,8", "--budget", "2", "--profile", "--power-limits", "2",
+                 "--objective", "time:power<=50", "--no-compile-ahead"]) == 0  # the fake draws 120 W
+    out = capsys.readouterr().out
+    assert "no config met the objective time:power<=50: nothing stored" in out and "best:" not in out
+    assert TuningDatabase().best_configs("gemm").empty
 
 
 @pytest.mark.parametrize("arguments, message", [

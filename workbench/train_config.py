@@ -16,6 +16,21 @@ KERNEL_CHOICES = ("triton", "torch")
 AMP_CHOICES = ("off", "fp16", "bf16")
 
 
+def power_limit_eta(power_limit: str | None) -> float | None:
+    """eta of --power-limit auto[:ETA] (0.5 for plain auto); None when the limit is left alone; UsageError else."""
+    if power_limit is None:
+        return None
+    head, _, eta = power_limit.partition(":")
+    try:
+        value = float(eta) if eta else 0.5
+    except ValueError:
+        value = math.nan
+    if head != "auto" or not 0 <= value <= 1:
+        raise UsageError(f"--power-limit must be auto or auto:ETA with 0 <= ETA <= 1 (1: least energy, "
+                         f"0: least time), got {power_limit!r}")  # fmt: skip
+    return value
+
+
 @dataclass
 class TrainConfig:
     """What to train and how; mirrors the `workbench train` options."""
@@ -53,7 +68,7 @@ class TrainConfig:
         for name in ("steps", "eval_images"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.power_limit_eta  # raises on a bad --power-limit
+        power_limit_eta(self.power_limit)  # UsageError on a bad --power-limit
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
         if self.amp == "bf16" and self.kernels == "triton" and runtime.INTERPRETER:
@@ -61,21 +76,6 @@ class TrainConfig:
                 "amp bf16 is not possible with --kernels triton here: Triton's interpreter has no bfloat16 "
                 "(use --amp fp16 or off, or --kernels torch, or a GPU)"
             )
-
-    @property
-    def power_limit_eta(self) -> float | None:
-        """eta of --power-limit auto[:eta] (0.5 for plain auto); None when the limit is left alone."""
-        if self.power_limit is None:
-            return None
-        head, _, eta = self.power_limit.partition(":")
-        try:
-            value = float(eta) if eta else 0.5
-        except ValueError:
-            value = math.nan
-        if head != "auto" or not 0 <= value <= 1:
-            raise UsageError(f"--power-limit must be auto or auto:ETA with 0 <= ETA <= 1 (1: least energy, "
-                             f"0: least time), got {self.power_limit!r}")  # fmt: skip
-        return value
 
     def recorded(self) -> dict[str, Any]:
         """The settings as plain JSON values (run meta, checkpoint)."""

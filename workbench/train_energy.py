@@ -9,7 +9,7 @@ are its profile, and the chosen limit is held until the run ends, when the GPU's
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import ContextManager, Iterator
 
@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from triton_workbench.database import SeriesTable
+from triton_workbench.profiler.device_settings import POWER_LIMIT
 from triton_workbench.workbench.train_recorder import TrainRecorder
 
 POWER_LIMIT_CANDIDATES = 4  # limits spread over the GPU's range, its current one included
@@ -36,6 +37,7 @@ class EnergyWindows:
 
     def __init__(self, enabled: bool, device: torch.device, power_limit_eta: float | None = None) -> None:
         self.sampler = self.knobs = self.optimizer = None
+        self._open = ExitStack()  # the sampler, then the device knobs: closed in reverse
         if not enabled:
             return
         from triton_workbench.profiler import NvmlSampler
@@ -44,21 +46,28 @@ class EnergyWindows:
         if not sampler.available:
             print(f"profile: no power data exists on this machine ({sampler.reason}); training anyway")
             return
-        self.sampler = sampler.start()
-        if power_limit_eta is not None:
-            self._start_optimizer(device.index or 0, power_limit_eta)
+        with ExitStack() as opening:  # a failure to take the knobs stops the sampler again
+            self.sampler = opening.enter_context(sampler)
+            if power_limit_eta is not None:
+                self._start_optimizer(opening, device.index or 0, power_limit_eta)
+            self._open = opening.pop_all()
 
-    def _start_optimizer(self, device: int, eta: float) -> None:
-        from triton_workbench.profiler.device_settings import POWER_LIMIT, DeviceKnobs
+    def _start_optimizer(self, opening: ExitStack, device: int, eta: float) -> None:
+        from triton_workbench.profiler.device_settings import DeviceKnobs
         from triton_workbench.profiler.power_limit_optimizer import PowerLimitOptimizer
 
-        knobs = DeviceKnobs(device, power_limits=POWER_LIMIT_CANDIDATES, sm_clocks=0).__enter__()
-        if POWER_LIMIT not in knobs.params:
-            print(f"--power-limit: {' '.join(knobs.notes)}; training at the current limit")
-            knobs.__exit__(None, None, None)
+        self.knobs = opening.enter_context(DeviceKnobs(device, power_limits=POWER_LIMIT_CANDIDATES, sm_clocks=0))
+        if POWER_LIMIT not in self.knobs.params:
+            self._stop_optimizer(f"{' '.join(self.knobs.notes)}; training at the current limit")
             return
-        self.knobs, self.optimizer = knobs, PowerLimitOptimizer(knobs.params[POWER_LIMIT], eta)
+        self.optimizer = PowerLimitOptimizer(self.knobs.params[POWER_LIMIT], eta)
         print(f"--power-limit auto:{eta:g}: profiling limits {', '.join(f'{w:g} W' for w in self.optimizer.limits_w)}")
+
+    def _stop_optimizer(self, why: str) -> None:
+        """Give the GPU its own limit back now and train on without choosing one (idempotent exit of the knobs)."""
+        self.knobs.__exit__(None, None, None)
+        self.optimizer = None
+        print(f"--power-limit: {why}")
 
     def step(self, step: int) -> ContextManager[MeasuredEnergy]:
         """The window of training step `step` (run at the optimiser's limit while it chooses)."""
@@ -76,13 +85,20 @@ class EnergyWindows:
             return
         choosing = profiled and self.optimizer is not None and self.optimizer.choice is None
         if choosing:
-            self.knobs.apply({"power_limit_w": self.optimizer.limit_for_step()})
+            self.knobs.apply({POWER_LIMIT: self.optimizer.limit_for_step()})
         with self.sampler.window(name) as record:
             yield measured
         stats = self.sampler.window_stats(record)
         measured.energy_j = stats.energy_j
-        if choosing and (choice := self.optimizer.observe(stats.duration_s, stats.energy_j)) is not None:
-            self.knobs.apply({"power_limit_w": choice.power_limit_w})
+        if not choosing:
+            return
+        try:
+            choice = self.optimizer.observe(stats.duration_s, stats.energy_j)
+        except ValueError as error:  # no energy from NVML: nothing to choose by
+            self._stop_optimizer(f"{error}; not choosing a limit, the GPU's own is back and training goes on")
+            return
+        if choice is not None:
+            self.knobs.apply({POWER_LIMIT: choice.power_limit_w})
             print(f"--power-limit: holding {choice.power_limit_w:g} W for the rest of the run (eta {choice.eta:g})")
 
     def profile(self) -> pd.DataFrame:
@@ -96,13 +112,10 @@ class EnergyWindows:
         return frame
 
     def close(self, recorder: TrainRecorder | None) -> None:
-        """Stop sampling, put the power limit back, and store the windows, samples and limit profile with the run."""
-        if self.knobs is not None:
-            self.knobs.__exit__(None, None, None)
-            self.knobs = None
+        """Put the power limit back, stop sampling, and store the windows, samples and limit profile with the run."""
+        self._open.close()
         if self.sampler is None:
             return
-        self.sampler.stop()
         if recorder is not None:
             recorder.append(SeriesTable.WINDOWS, self.sampler.windows())
             recorder.append(SeriesTable.SAMPLES, self.sampler.frame())

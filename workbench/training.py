@@ -28,6 +28,7 @@ from tqdm import tqdm
 from triton_workbench.autotune.distributed import Distributed
 from triton_workbench.database import RunStatus, SeriesTable
 from triton_workbench.kernels import runtime
+from triton_workbench.kernels.errors import UsageError
 from triton_workbench.workbench.checkpoint import (
     CHECKPOINT_NAME,
     Progress,
@@ -40,7 +41,7 @@ from triton_workbench.workbench.evaluation import EVAL_BATCH_SIZE, evaluate
 from triton_workbench.workbench.models import build_model
 from triton_workbench.workbench.stop_request import StopRequest
 from triton_workbench.workbench.tracing import StepTracer, record_trace
-from triton_workbench.workbench.train_config import TrainConfig, TrainResult
+from triton_workbench.workbench.train_config import TrainConfig, TrainResult, power_limit_eta
 from triton_workbench.workbench.train_distributed import (
     check_ranks_agree,
     epoch_batches,
@@ -58,6 +59,9 @@ def train(config: TrainConfig) -> TrainResult:
     """Train as `config` says; returns what happened (rank 0 holds the database rows)."""
     config.validate()
     distributed = init_distributed(config.kernels)
+    if config.power_limit is not None and distributed.enabled:
+        raise UsageError("--power-limit sets this process's GPU only, not every rank's: train without torchrun "
+                         "to choose the power limit")  # fmt: skip
     if not distributed.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 alone logs; the others speak only of trouble
     device = training_device(config.kernels, distributed)
@@ -84,7 +88,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     recorder = TrainRecorder(config, resumed_run_id) if distributed.is_main else None
     energy = EnergyWindows((config.profile or config.power_limit is not None) and distributed.is_main, device,
-                           config.power_limit_eta if distributed.is_main else None)  # fmt: skip
+                           power_limit_eta(config.power_limit))  # fmt: skip
     tracer = StepTracer(Path(config.out_dir) / TRACE_FILE, warmup_steps=1) if config.trace and distributed.is_main else None
     state = _Loop(config, dataset, model, trained, optimizer, scaler, device, distributed, recorder, energy, tracer)
     status = RunStatus.FAILED

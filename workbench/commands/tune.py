@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -19,6 +18,7 @@ from triton_workbench.database import SeriesTable, TrialStatus
 from triton_workbench.kernels.errors import UsageError
 from triton_workbench.kernels.hardware import gpu_by_name, peak_label
 from triton_workbench.profiler.device_settings import POWER_LIMIT, SM_CLOCK
+from triton_workbench.profiler.windows import throttle_words
 from triton_workbench.reports.labels import parameters_label
 from triton_workbench.workbench.tables import format_table
 
@@ -187,51 +187,12 @@ def static_ceiling(trials: pd.DataFrame) -> pd.Series | None:
                      index=trials.index)
 
 
-def energy_meter_for(profile: bool, objective: str, remeasure_below_c: float | None = None):
-    """(meter, sampler): profiler.measure_energy joined to autotune's EnergyMeter protocol.
-
-    (None, None) without --profile, and also where NVML is absent and the objective is time: then
-    the sweep goes on without energy, saying so. An energy objective without NVML is an error.
-    """
-    if not profile:
-        return None, None
-    import torch
-
-    from triton_workbench.kernels import runtime
-    from triton_workbench.profiler import NvmlSampler, energy_meter
-
-    sampler = NvmlSampler()
-    if not sampler.available:
-        if Objective.parse(objective).needs_energy:
-            raise UsageError(f"--objective {objective} needs NVML on a GPU: {sampler.reason}")
-        print(f"--profile: no energy measurements ({sampler.reason}); tuning goes on by time")
-        return None, None
-    synchronize = torch.cuda.synchronize if runtime.timer_name() == "cuda_events" else (lambda: None)
-    return energy_meter(sampler, remeasure_below_c, synchronize=synchronize), sampler
-
-
-@contextmanager
-def device_knobs(power_limits: int, sm_clocks: int, distributed) -> Iterator[Any]:
-    """The GPU's power limit / SM clock as tuned parameters for the block (profiler.device_settings), or None:
-    when neither is asked for, or none can be set here (said once; the sweep goes on without them)."""
-    if not power_limits and not sm_clocks:
-        yield None
-        return
-    if distributed is not None:
-        raise UsageError("--power-limits / --sm-clocks set this process's GPU only: run them without torchrun")
-    from triton_workbench.profiler.device_settings import DeviceKnobs
-
-    with DeviceKnobs(power_limits=power_limits, sm_clocks=sm_clocks) as knobs:
-        if knobs.params:
-            print("device knobs: " + ", ".join(f"{name} {values}" for name, values in knobs.params.items()))
-        yield knobs if knobs.params else None
-
-
 def run(args: argparse.Namespace) -> int:
     from triton_workbench.autotune.distributed import Distributed, leave_process_group
     from triton_workbench.autotune.results import TuningDatabase
     from triton_workbench.autotune.tuner import check_prune_static, tune
     from triton_workbench.database.environment import device_key
+    from triton_workbench.workbench.tune_energy import device_knobs, energy_meter_for
 
     spec = spec_for(args.kernel)
     problem = build_problem(spec, args.shape, args.dtype, args.activation, args.problem)
@@ -299,23 +260,20 @@ def summary(spec, problem: dict[str, Any], trials: pd.DataFrame, objective: str,
     if objective != "time":
         table.insert(1, "J/call", top["energy_j_per_call"].map(lambda v: f"{v:.4g}").to_list())
         table.insert(2, "W", top["avg_power_w"].map(lambda v: f"{v:.4g}").to_list())
-        table.insert(3, "throttled", [_throttle_text(r, m) for r, m in zip(top["throttle_reasons"], top["remeasured"])])
+        table.insert(3, "throttled", [throttle_words(r, m) for r, m in zip(top["throttle_reasons"], top["remeasured"])])
     title = f"top {len(top)} of {len(ok)} correct configs by {objective}"
     if "static ceiling" in table:
         title += "; static ceiling: static estimate, tensor/issue / memory fraction of peak (reference GPU)"
     if interpreter:
         title += " (interpreter timings on CPU: not GPU performance)"
+    lines += [title, format_table(table)]
+    if not math.isfinite(top["objective"].iloc[0]):
+        return "\n".join(lines + [f"no config met the objective {objective}: nothing stored; the kernel keeps the config "
+                                  "it had (its default unless tuned before)"])  # fmt: skip
     best = json.loads(top["config"].iloc[0])
     settings = {name: best.pop(name) for name in (POWER_LIMIT, SM_CLOCK) if name in best}
-    lines += [title, format_table(table), f"best: {best} (stored; kernels.tuned.config_for now returns it)"]
+    lines.append(f"best: {best} (stored; kernels.tuned.config_for now returns it)")
     if settings:
         lines.append(f"best device settings: {settings} (in its trial; the GPU's own settings are restored)")
     return "\n".join(lines)
 
-
-def _throttle_text(reasons: float, remeasured: float) -> str:
-    """A trial's throttling in words: 'power' (a power cap), 'heat', both, or 'no'; '-' when unknown."""
-    if math.isnan(reasons):
-        return "-"
-    words = [word for word, mask in (("power", 0x4 | 0x80), ("heat", 0x8 | 0x20 | 0x40)) if int(reasons) & mask]
-    return "+".join(words or ["no"]) + (" (remeasured)" if remeasured == 1 else "")
