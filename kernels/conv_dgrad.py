@@ -138,7 +138,7 @@ def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, g
         weight = weight.contiguous(memory_format=torch.channels_last)  # input channels contiguous, as dx's
     runtime.announce()
     c_out_g = c_out // geometry.groups
-    for taps_h, taps_w in _phases(problem):
+    for taps_h, taps_w in stride_phases(problem):
         if taps_h.rows * taps_w.rows == 0:
             continue
         grid = (triton.cdiv(n * taps_h.rows * taps_w.rows, config["BLOCK_M"]) * triton.cdiv(c_in_g, config["BLOCK_N"]),
@@ -158,7 +158,7 @@ def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, g
     return dx
 
 
-def _phases(problem: Problem) -> list[tuple[PhaseTaps, PhaseTaps]]:
+def stride_phases(problem: Problem) -> list[tuple[PhaseTaps, PhaseTaps]]:
     """(height taps, width taps) of every stride phase of the problem's input."""
     g = problem_geometry(problem)
     heights = phase_taps(problem["h"], problem["kh"], g.stride_h, g.pad_top, g.dilation_h)
@@ -169,7 +169,7 @@ def _phases(problem: Problem) -> list[tuple[PhaseTaps, PhaseTaps]]:
 def _grid(problem: Problem, config: Config) -> tuple[int, ...]:
     """All phases' programs together (one launch each)."""
     _, cols, _ = gemm_dims_dgrad(problem)
-    rows = [problem["n"] * taps_h.rows * taps_w.rows for taps_h, taps_w in _phases(problem)]
+    rows = [problem["n"] * taps_h.rows * taps_w.rows for taps_h, taps_w in stride_phases(problem)]
     tiles = sum(triton.cdiv(r, config["BLOCK_M"]) for r in rows if r) * triton.cdiv(cols, config["BLOCK_N"])
     return tiles, problem["groups"]
 

@@ -90,10 +90,13 @@ def test_check_compile_command(capsys):
 def _odd_problems():
     """Sizes and layouts that take divisibility and unit strides away: what the example problems do not show."""
     conv = conv_problem(3, 5, 9, 11, 7, 3, 2, make_geometry((3, 2), 2, 1), "fp32", "nchw", "leaky_relu", False)
+    depthwise = conv_problem(3, 5, 9, 11, 10, 3, 2, make_geometry((3, 2), 2, 1, 1, 5), "fp16", "nchw", None, False)
     return {"gemm": [{"M": 100, "N": 30, "K": 7, "dtype": "bf16", "activation": None, "bias": False}],
             "activation": [{"numel": 1001, "dtype": "fp16", "activation": "silu", "backward": True}],
             "conv_fwd": [conv | {"tf32": False}], "conv_dgrad": [conv | {"tf32": True}],
-            "conv_wgrad": [conv | {"tf32": False, "bias": True}]}
+            "conv_wgrad": [conv | {"tf32": False, "bias": True}],
+            "depthwise_fwd": [depthwise | {"activation": "leaky_relu", "bias": True}],
+            "depthwise_dgrad": [depthwise], "depthwise_wgrad": [depthwise | {"bias": True}]}
 
 
 def test_ahead_of_time_specialisation_is_what_the_launch_compiles():
