@@ -17,7 +17,7 @@ not cancel in fp32 as sum-of-squares does -- merged by Chan et al.'s formula.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -58,9 +58,50 @@ def _normalize(v, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, AFFINE
 
 
 @jit
-def partial_moments_kernel(y_ptr, part_ptr, ROWS, C, HW, stride_n, stride_hw, stride_c, STRIP, STRIPS,
+def store_moments(part_ptr, strip, C, cols, c_ok, mean, m2, count):
+    """Row `strip` of the moments table [strips, 2 C + 1]: per-channel mean and M2, then the strip's row count
+    (fp32: exact up to 2**24 rows per strip)."""
+    row = part_ptr + strip * (2 * C + 1)
+    tl.store(row + cols, mean, mask=c_ok)
+    tl.store(row + C + cols, m2, mask=c_ok)
+    tl.store(row + 2 * C, count)
+
+
+@jit
+def tile_moments(v, mask, count):
+    """(mean, M2) per column of the `count` valid rows of an fp32 tile (masked entries ignored)."""
+    mean = tl.sum(tl.where(mask, v, 0.0), 0) / tl.maximum(count, 1.0)
+    deviation = tl.where(mask, v - mean[None, :], 0.0)
+    return mean, tl.sum(deviation * deviation, 0)
+
+
+@jit
+def store_tile_moments(part_ptr, v, first_row, ROWS, C, cols, c_ok, BLOCK_M: tl.constexpr):
+    """A conv epilogue's moments of its fp32 output tile v (BLOCK_M rows from `first_row`, a multiple of 32):
+    one table row per 32 output rows (MOMENT_ROWS), so that the table's shape is the problem's alone, whatever
+    the config (`moments_rows`)."""
+    GROUPS: tl.constexpr = BLOCK_M // 32
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = tl.reshape(rows < ROWS, (GROUPS, 32))
+    mask = row_ok[:, :, None] & c_ok[None, None, :]
+    v3 = tl.reshape(v, (GROUPS, 32, v.shape[1]))
+    count = tl.sum(row_ok.to(tl.float32), 1)
+    mean = tl.sum(tl.where(mask, v3, 0.0), 1) / tl.maximum(count, 1.0)[:, None]
+    deviation = tl.where(mask, v3 - mean[:, None, :], 0.0)
+    group = first_row // 32 + tl.arange(0, GROUPS)
+    group_ok = group * 32 < ROWS
+    row = part_ptr + group.to(tl.int64) * (2 * C + 1)
+    store_ok = group_ok[:, None] & c_ok[None, :]
+    tl.store(row[:, None] + cols[None, :], mean, mask=store_ok)
+    tl.store(row[:, None] + C + cols[None, :], tl.sum(deviation * deviation, 1), mask=store_ok)
+    tl.store(row + 2 * C, count, mask=group_ok)
+
+
+@jit
+def partial_moments_kernel(y_ptr, part_ptr, ROWS, C, HW, stride_n, stride_hw, stride_c, STRIP,
                            INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per channel, the mean and M2 (sum of squared deviations) of rows [strip * STRIP, + STRIP): part[0|1, strip, c]."""
+    """Per channel, the mean and M2 (sum of squared deviations) of rows [strip * STRIP, + STRIP), merged block
+    by block (Chan et al.), stored with `store_moments`."""
     strip = tl.program_id(0)
     pid_c = tl.program_id(1)
     first = strip * STRIP
@@ -69,51 +110,55 @@ def partial_moments_kernel(y_ptr, part_ptr, ROWS, C, HW, stride_n, stride_hw, st
     for start in range(first, first + STRIP, BLOCK_M):
         offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, start, pid_c, INT64, BLOCK_M,
                                        BLOCK_C)
-        v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        seen = (start - first).to(tl.float32)  # rows merged so far: every block before the last is full
-        count = tl.minimum(tl.minimum(BLOCK_M, ROWS - start), first + STRIP - start).to(tl.float32)
-        block_mean = tl.sum(v, 0) / tl.maximum(count, 1.0)
-        deviation = tl.where(mask, v - block_mean[None, :], 0.0)
+        seen = (start - first) * 1.0  # rows merged so far: every block before the last is full
+        count = tl.minimum(tl.minimum(BLOCK_M, ROWS - start), first + STRIP - start) * 1.0
+        block_mean, block_m2 = tile_moments(tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), mask, count)
         total = tl.maximum(seen + count, 1.0)
         delta = block_mean - mean
         mean += delta * (count / total)
-        m2 += tl.sum(deviation * deviation, 0) + delta * delta * (seen * count / total)
-    tl.store(part_ptr + strip * C + cols, mean, mask=c_ok)
-    tl.store(part_ptr + (STRIPS + strip) * C + cols, m2, mask=c_ok)
+        m2 += block_m2 + delta * delta * (seen * count / total)
+    store_moments(part_ptr, strip, C, cols, c_ok, mean, m2, tl.minimum(STRIP, ROWS - first) * 1.0)
 
 
 @jit
 def finalize_kernel(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, batches_ptr,
-                    ROWS, C, STRIP, STRIPS, momentum, eps,
-                    UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge the strips' (mean, M2) in order into mean and 1 / sqrt(var + eps) (biased var, as BN normalises);
-    with UPDATE, running = (1 - f) * running + f * batch with the unbiased var, f = momentum or, CUMULATIVE,
-    1 / num_batches_tracked (already incremented), as torch.nn.BatchNorm2d does."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < C
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for strip in range(0, STRIPS):
-        seen = (strip * STRIP).to(tl.float32)
-        count = tl.minimum(STRIP, ROWS - strip * STRIP).to(tl.float32)
-        total = seen + count
-        delta = _channel(part_ptr + strip * C, cols, c_ok, 0.0) - mean
-        mean += delta * (count / total)
-        m2 += _channel(part_ptr + (STRIPS + strip) * C, cols, c_ok, 0.0) + delta * delta * (seen * count / total)
-    rows = ROWS.to(tl.float32)
-    tl.store(mean_ptr + cols, mean, mask=c_ok)
-    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / rows + eps), mask=c_ok)
-    if UPDATE:
-        if CUMULATIVE:
-            factor = 1.0 / tl.load(batches_ptr).to(tl.float32)
-        else:
-            factor = momentum
-        running_mean = _channel(running_mean_ptr, cols, c_ok, 0.0)
-        running_var = _channel(running_var_ptr, cols, c_ok, 0.0)
-        tl.store(running_mean_ptr + cols, ((1.0 - factor) * running_mean + factor * mean).to(
-            running_mean_ptr.dtype.element_ty), mask=c_ok)
-        tl.store(running_var_ptr + cols, ((1.0 - factor) * running_var + factor * (m2 / (rows - 1.0))).to(
-            running_var_ptr.dtype.element_ty), mask=c_ok)
+                    C, STRIPS, momentum, eps,
+                    UPDATE: tl.constexpr, COUNT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program: merge the strips' moments (`store_moments`) in order into mean and 1 / sqrt(var + eps)
+    (biased var, as BN normalises). With UPDATE, running = (1 - f) * running + f * batch with the unbiased
+    var, where f is momentum or, CUMULATIVE, 1 / num_batches_tracked; COUNT adds this batch to
+    num_batches_tracked (before f, as torch.nn.BatchNorm2d does), so no launch of its own counts it."""
+    if COUNT:
+        batches = tl.load(batches_ptr) + 1
+    for first in range(0, C, BLOCK_C):
+        cols = first + tl.arange(0, BLOCK_C)
+        c_ok = cols < C
+        mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        seen = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for strip in range(0, STRIPS):
+            row = part_ptr + strip * (2 * C + 1)
+            count = tl.load(row + 2 * C)
+            total = seen + count
+            delta = _channel(row, cols, c_ok, 0.0) - mean
+            mean += delta * (count / total)
+            m2 += _channel(row + C, cols, c_ok, 0.0) + delta * delta * (seen * count / total)
+            seen = total
+        tl.store(mean_ptr + cols, mean, mask=c_ok)
+        tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / seen + eps), mask=c_ok)
+        if UPDATE:
+            if CUMULATIVE:
+                factor = 1.0 / batches.to(tl.float32)
+            else:
+                factor = momentum
+            running_mean = _channel(running_mean_ptr, cols, c_ok, 0.0)
+            running_var = _channel(running_var_ptr, cols, c_ok, 0.0)
+            tl.store(running_mean_ptr + cols, ((1.0 - factor) * running_mean + factor * mean).to(
+                running_mean_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(running_var_ptr + cols, ((1.0 - factor) * running_var + factor * (m2 / (seen - 1.0))).to(
+                running_var_ptr.dtype.element_ty), mask=c_ok)
+    if COUNT:
+        tl.store(batches_ptr, batches)
 
 
 @jit
@@ -279,26 +324,57 @@ def _or(tensor: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     return tensor if tensor is not None else fallback  # a pointer the kernel never reads (its flag is off)
 
 
+MOMENT_ROWS = 32  # output rows per moments-table row a conv epilogue writes: the smallest BLOCK_M of the spaces
+
+
+def moments_rows(rows: int) -> int:
+    """Table rows of a conv epilogue's moments of `rows` output rows (one per MOMENT_ROWS)."""
+    return triton.cdiv(rows, MOMENT_ROWS)
+
+
+def moments_table(strips: int, channels: int, device: torch.device) -> torch.Tensor:
+    """An empty moments table: per strip, each channel's mean and M2, then the strip's row count."""
+    return torch.empty((strips, 2 * channels + 1), device=device, dtype=torch.float32)
+
+
+def moments_of(y: torch.Tensor, strip: int | None = None) -> torch.Tensor:
+    """y's moments table: strips of `strip` rows (a multiple of the tile's rows), by default at most
+    MAX_STRIPS strips; `strip=MOMENT_ROWS` gives the shape a conv epilogue's table has."""
+    view = rows_view(y)
+    strip = strip or view.strips()[0]
+    view = replace(view, block_m=min(view.block_m, strip))
+    strips = triton.cdiv(view.rows, strip)
+    part = moments_table(strips, view.channels, y.device)
+    runtime.announce()
+    partial_moments_kernel[(strips, view.channel_blocks)](
+        y, part, view.rows, view.channels, view.hw, *view.strides, strip,
+        INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
+    return part
+
+
 def batch_moments(y: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                   num_batches_tracked: torch.Tensor | None, momentum: float | None, eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, 1 / sqrt(var + eps)) of y's batch per channel, fp32; updates the running stats when given
-    (momentum None: cumulative average over num_batches_tracked, which the caller has incremented)."""
-    view = rows_view(y)
-    strip, strips = view.strips()
-    part = torch.empty((2, strips, view.channels), device=y.device, dtype=torch.float32)
-    mean = torch.empty(view.channels, device=y.device, dtype=torch.float32)
+    """(mean, 1 / sqrt(var + eps)) of y's batch per channel, fp32: the strips' moments, then `finalize`."""
+    return finalize(moments_of(y), running_mean, running_var, num_batches_tracked, momentum, eps)
+
+
+def finalize(part: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+             num_batches_tracked: torch.Tensor | None, momentum: float | None, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / sqrt(var + eps)) per channel from a moments table (`moments_table`, filled by
+    `partial_moments_kernel` or a conv's epilogue); updates the running stats and counts the batch in
+    num_batches_tracked when given (momentum None: their cumulative average), as torch.nn.BatchNorm2d."""
+    channels = (part.shape[1] - 1) // 2
+    mean = torch.empty(channels, device=part.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
-    runtime.announce()
-    partial_moments_kernel[(strips, view.channel_blocks)](
-        y, part, view.rows, view.channels, view.hw, *view.strides, strip, strips,
-        INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
     update = running_mean is not None
-    block_c = min(1024, triton.next_power_of_2(view.channels))
-    finalize_kernel[(triton.cdiv(view.channels, block_c),)](
+    runtime.announce()
+    finalize_kernel[(1,)](
         part, mean, invstd, _or(running_mean, mean), _or(running_var, mean), _or(num_batches_tracked, mean),
-        view.rows, view.channels, strip, strips, float(momentum or 0.0), float(eps),
-        UPDATE=update, CUMULATIVE=update and momentum is None, BLOCK_C=block_c, **runtime.LAUNCH_OPTIONS)
+        channels, part.shape[0], float(momentum or 0.0), float(eps),
+        UPDATE=update, COUNT=num_batches_tracked is not None, CUMULATIVE=update and momentum is None,
+        BLOCK_C=min(1024, triton.next_power_of_2(channels)), **runtime.LAUNCH_OPTIONS)
     return mean, invstd
 
 

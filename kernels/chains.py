@@ -4,8 +4,9 @@ Each takes the model's own modules and reads them at call time -- parameters, ru
 train/eval mode -- so the swapped model keeps the same Parameter and buffer objects and switches
 behaviour with `model.train()` / `model.eval()` exactly as the original.
 
-    conv_bn_act:  act(bn(conv(x)) [+ residual])   batch statistics: the conv kernel, then the statistics and one
-                                                  fused normalise + residual + activation kernel;
+    conv_bn_act:  act(bn(conv(x)) [+ residual])   batch statistics: the conv kernel with BN's moments in its
+                                                  epilogue, a one-program finalize, and one fused normalise +
+                                                  residual + activation kernel;
                                                   running statistics: BN folded into the conv's weight and bias
                                                   (from the current running stats, every call), one conv kernel
                                                   with bias + residual + activation in its epilogue
@@ -71,9 +72,12 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: 
     """act(bn(conv(x)) [+ residual]); with `defer`, conv(x) alone while bn uses batch statistics (the consumer
     normalises it, see the module docstring), else bn(conv(x))."""
     residual, residual_bn = _residual_for(residual, residual_bn)
-    if uses_batch_stats(bn):
-        y = conv_act(x, conv)
-        return y if defer else batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope)
+    if uses_batch_stats(bn) and defer:
+        return conv_act(x, conv)
+    if uses_batch_stats(bn):  # the statistics come from the conv's epilogue
+        y, moments = ops.conv2d_with_moments(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                             conv.groups)
+        return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, moments)
     if residual_bn is not None:  # this BN runs on running stats but the shortcut's on the batch's: apply it first
         residual, residual_bn = batch_norm_act(residual, residual_bn), None
     weight, bias = folded(conv, bn)

@@ -9,7 +9,7 @@ activation; the pre-activation can be kept for the backward (SAVE_PREACT).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -18,23 +18,25 @@ import triton.language as tl
 from triton_workbench.kernels import runtime, tuned
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code, apply
+from triton_workbench.kernels.batch_norm import MOMENT_ROWS, moments_rows, moments_table, store_tile_moments
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, empty_in_layout_of,
                                                     gemm_dims_fwd, needs_int64, problem_of)
 from triton_workbench.kernels.conv_spec import (EXAMPLE_PROBLEMS, PROBLEM_RULES, PROBLEM_SCHEMA, SHAPE_KEYS,
                                                 elements, flops, make_inputs, torch_forward)
 from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, next_block, offsets, position, spatial_offsets,
                                                  tile_constraints, tile_default_config, tile_offsets)
+from triton_workbench.kernels.gemm import tile_coordinates
 from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
 
 @jit
 def conv2d_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, z_ptr,
+    x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, z_ptr, moments_ptr,
     N, H, W, Ho, Wo, C_in_g, C_out_g, negative_slope, GROUP_M,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, MOMENTS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INT64: tl.constexpr, EVEN_K: tl.constexpr, C_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -112,6 +114,10 @@ def conv2d_fwd_kernel(
     if SAVE_PREACT:
         tl.store(z_ptr + y_offsets, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
     tl.store(y_ptr + y_offsets, apply(acc, ACTIVATION, negative_slope).to(y_ptr.dtype.element_ty), mask=out_mask)
+    if MOMENTS:  # BatchNorm's statistics of y as stored (kernels.batch_norm)
+        pid_m, _ = tile_coordinates(M, C_out_g, GROUP_M, BLOCK_M, BLOCK_N)
+        store_tile_moments(moments_ptr, acc.to(y_ptr.dtype.element_ty).to(tl.float32), pid_m * BLOCK_M, M,
+                           C_out_g * tl.num_programs(1), c_out, n_ok, BLOCK_M)
 
 
 def stem_channels(c_in_g: int, itemsize: int) -> int:
@@ -147,17 +153,28 @@ def _pad_channels(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, 
     return x.contiguous(memory_format=torch.channels_last), weight.contiguous(memory_format=torch.channels_last)
 
 
+class ForwardOutputs(NamedTuple):
+    y: torch.Tensor  # act(conv2d(x, weight) + bias + residual)
+    pre: torch.Tensor | None  # the pre-activation, when kept
+    moments: torch.Tensor | None  # y's BatchNorm moments table (kernels.batch_norm), when asked for
+
+
 def conv2d_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry,
     activation_name: str | None = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     keep_pre: bool = False, config: Config | None = None, residual: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(act(conv2d(x, weight) + bias + residual), the pre-activation if keep_pre and there is an activation,
-    else None).
+    moments: bool = False,
+) -> ForwardOutputs:
+    """act(conv2d(x, weight) + bias + residual), the pre-activation if keep_pre and there is an activation,
+    and with `moments` (no activation, no residual) y's per-tile BatchNorm moments from the epilogue.
 
     x is 4-D; the outputs have its memory format, and so must the residual (shaped as the output). Arguments
     are assumed validated (kernels.conv2d does that).
     """
+    if moments and (activation_name is not None or residual is not None):
+        raise ValueError("moments are of the raw conv output: no activation or residual may be fused with them")
+    if moments and config is not None and config["BLOCK_M"] % MOMENT_ROWS:
+        raise ValueError(f"moments need BLOCK_M a multiple of {MOMENT_ROWS}, got {config['BLOCK_M']}")
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = geometry.output_hw(h, w, kh, kw)
@@ -165,8 +182,9 @@ def conv2d_forward(
     config = config if config is not None else tuned.config_for(CONV_FWD_SPEC, problem)
     y = empty_in_layout_of(x, (n, c_out, ho, wo))
     pre = empty_in_layout_of(x, y.shape) if keep_pre and activation_name is not None else None
+    table = empty_moments(x, y) if moments else None
     if y.numel() == 0:
-        return y, pre
+        return ForwardOutputs(y, pre, table)
     runtime.announce()
     c_flat = flat_channels(problem, config["BLOCK_K"])
     if c_flat:
@@ -176,16 +194,23 @@ def conv2d_forward(
     c_in_g = weight.shape[1]
     conv2d_fwd_kernel[_grid(problem, config)](
         x, weight, bias.contiguous() if bias is not None else y, residual if residual is not None else y,
-        y, pre if pre is not None else y,
+        y, pre if pre is not None else y, table if table is not None else y,
         n, h, w, ho, wo, c_in_g, c_out // geometry.groups, float(negative_slope), config["GROUP_M"],
         *x.stride(), *weight.stride(), *y.stride(), *geometry.constexprs(kh, kw),
-        HAS_BIAS=bias is not None, RESIDUAL=residual is not None, ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,
+        HAS_BIAS=bias is not None, RESIDUAL=residual is not None, MOMENTS=moments,
+        ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,
         DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(x, weight, y), EVEN_K=c_in_g % config["BLOCK_K"] == 0,
         C_FLAT=c_flat,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
     )
-    return y, pre
+    return ForwardOutputs(y, pre, table)
+
+
+def empty_moments(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The moments table the epilogue fills for output y (on x's device): its shape is y's alone."""
+    n, c_out, ho, wo = y.shape
+    return moments_table(moments_rows(n * ho * wo), c_out, x.device)
 
 
 def _grid(problem: Problem, config: Config) -> tuple[int, ...]:

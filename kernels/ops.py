@@ -16,8 +16,11 @@ import torch
 
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
 from triton_workbench.kernels.activation import output_like, run as run_activation
+from triton_workbench.kernels.batch_norm import MOMENT_ROWS, moments_of
+from triton_workbench.kernels.conv_depthwise import depthwise_forward, is_depthwise
+from triton_workbench.kernels.conv_depthwise_grad import depthwise_input_grad, depthwise_weight_grad
 from triton_workbench.kernels.conv_dgrad import conv2d_input_grad
-from triton_workbench.kernels.conv_fwd import conv2d_forward
+from triton_workbench.kernels.conv_fwd import conv2d_forward, empty_moments
 from triton_workbench.kernels.conv_geometry import ConvGeometry, channels_last, empty_in_layout_of, make_geometry
 from triton_workbench.kernels.conv_wgrad import conv2d_bias_grad, conv2d_weight_grad
 from triton_workbench.kernels import gemm as gemm_kernels
@@ -249,21 +252,28 @@ def _geometry(stride: list[int], padding: list[int], dilation: list[int], groups
 @torch.library.custom_op("workbench::conv2d", mutates_args=())
 def _conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
                padding: list[int], dilation: list[int], groups: int, activation: Optional[str],
-               negative_slope: float, keep_pre: bool, residual: Optional[torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               negative_slope: float, keep_pre: bool, residual: Optional[torch.Tensor], moments: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(act(conv2d(x, weight) + bias + residual) in x's memory format, pre-activation if keep_pre and an
-    activation, else empty)."""
-    y, pre = conv2d_forward(x, weight, bias, _geometry(stride, padding, dilation, groups), activation,
-                            negative_slope, keep_pre, residual=residual)
-    return y, pre if pre is not None else x.new_empty(_EMPTY)
+    activation, else empty, and with `moments` y's BatchNorm moments table from the epilogue, else empty)."""
+    geometry = _geometry(stride, padding, dilation, groups)
+    if is_depthwise(x.shape[1], weight.shape[0], groups):  # the direct kernel; BN's moments in a pass of their own
+        y, pre = depthwise_forward(x, weight, bias, geometry, activation, negative_slope, keep_pre, residual=residual)
+        table = moments_of(y, MOMENT_ROWS) if moments else None
+    else:
+        y, pre, table = conv2d_forward(x, weight, bias, geometry, activation, negative_slope, keep_pre,
+                                       residual=residual, moments=moments)
+    return y, pre if pre is not None else x.new_empty(_EMPTY), table if table is not None else x.new_empty(_EMPTY)
 
 
 @_conv2d_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual):
+def _(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual, moments):
     ho, wo = _geometry(stride, padding, dilation, groups).output_hw(*x.shape[2:], *weight.shape[2:])
     shape = (x.shape[0], weight.shape[0], ho, wo)
     keeps = keep_pre and activation is not None
-    return empty_in_layout_of(x, shape), (empty_in_layout_of(x, shape) if keeps else x.new_empty(_EMPTY))
+    y = empty_in_layout_of(x, shape)
+    return y, (empty_in_layout_of(x, shape) if keeps else x.new_empty(_EMPTY)), (
+        empty_moments(x, y) if moments else x.new_empty(_EMPTY))
 
 
 @torch.library.custom_op("workbench::conv2d_backward", mutates_args=())
@@ -276,11 +286,14 @@ def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     dz = dy * act'(pre), formed once by the activation kernel for all; empty where not needed."""
     geometry = _geometry(stride, padding, dilation, groups)
     dz = run_activation(pre, activation, negative_slope, grad=grad_out) if activation is not None else grad_out
+    depthwise = is_depthwise(x.shape[1], weight.shape[0], groups)
+    input_grad = depthwise_input_grad if depthwise else conv2d_input_grad
+    weight_grad = depthwise_weight_grad if depthwise else conv2d_weight_grad
     grad_x = grad_weight = grad_bias = None
     if need_x:
-        grad_x = conv2d_input_grad(dz, weight, x, geometry)
+        grad_x = input_grad(dz, weight, x, geometry)
     if need_weight:
-        grad_weight, grad_bias = conv2d_weight_grad(dz, x, weight, geometry, bias_grad=need_bias)
+        grad_weight, grad_bias = weight_grad(dz, x, weight, geometry, bias_grad=need_bias)
     elif need_bias:
         grad_bias = conv2d_bias_grad(dz, weight.dtype)
     return (grad_x if grad_x is not None else x.new_empty(_EMPTY),
@@ -300,18 +313,21 @@ def _(grad_out, x, weight, pre, stride, padding, dilation, groups, activation, n
 
 
 def _conv2d_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual = inputs
+    x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual, _ = inputs
     ctx.geometry_args = (stride, padding, dilation, groups)
     ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.kept_pre = keep_pre and activation is not None
     ctx.save_for_backward(x, weight, bias, output[1], residual)
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for those two: a launch each, for nothing
 
 
-def _conv2d_backward(ctx, grad_y, _grad_pre):
+def _conv2d_backward(ctx, grad_y, _grad_pre, _grad_moments):
+    if grad_y is None:  # only the non-differentiable outputs were used
+        return (None,) * 12
     x, weight, bias, pre, residual = ctx.saved_tensors
     if ctx.activation is not None and not ctx.kept_pre:  # forward ran without keeping z: recompute it
-        pre = _conv2d_op(x, weight, bias, *ctx.geometry_args, None, 0.0, False, residual)[0]
+        pre = _conv2d_op(x, weight, bias, *ctx.geometry_args, None, 0.0, False, residual, False)[0]
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
     need_residual = ctx.needs_input_grad[10] and residual is not None
@@ -319,10 +335,18 @@ def _conv2d_backward(ctx, grad_y, _grad_pre):
         grad_y, x, weight, pre, *ctx.geometry_args, ctx.activation, ctx.negative_slope, need_x, need_weight, need_bias,
         need_residual)
     return (grad_x if need_x else None, grad_weight if need_weight else None, grad_bias if need_bias else None,
-            None, None, None, None, None, None, None, grad_residual if need_residual else None)
+            None, None, None, None, None, None, None, grad_residual if need_residual else None, None)
 
 
 _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
+
+
+def conv2d_with_moments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                        dilation: int | tuple[int, int] = 1, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F.conv2d(x, weight, bias, ...), its BatchNorm moments table): the statistics a following BatchNorm
+    needs, computed in the conv's epilogue instead of a pass over y (`kernels.batch_norm.finalize` reads them)."""
+    return _conv2d(x, weight, bias, stride, padding, dilation, groups, None, None, True, {})
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -337,6 +361,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     'valid'; residual (optional) shaped as the output. `activation` as in `gemm`. Gradients flow to
     x, weight, bias and residual.
     """
+    return _conv2d(x, weight, bias, stride, padding, dilation, groups, activation, residual, False,
+                   activation_kwargs)[0]
+
+
+def _conv2d(x, weight, bias, stride, padding, dilation, groups, activation, residual, moments: bool,
+            activation_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conv2d's result, its moments table or an empty tensor): the checks and the op call both share."""
     x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
     check_tensor("x", x, (3, 4))
     check_tensor("weight", weight, 4, like=x)
@@ -364,10 +395,10 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if residual is not None:
         residual = _residual_like(residual, batched, (batched.shape[0], weight.shape[0], ho, wo))
     g = geometry
-    y = _conv2d_op(batched, weight, bias, [g.stride_h, g.stride_w], [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right],
-                   [g.dilation_h, g.dilation_w], groups, name, slope, _keep_pre(name, x, weight, bias, residual),
-                   residual)[0]
-    return y.squeeze(0) if x.dim() == 3 else y
+    y, _, table = _conv2d_op(batched, weight, bias, [g.stride_h, g.stride_w],
+                             [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right], [g.dilation_h, g.dilation_w], groups,
+                             name, slope, _keep_pre(name, x, weight, bias, residual), residual, moments)
+    return (y.squeeze(0) if x.dim() == 3 else y), table
 
 
 def _residual_like(residual: torch.Tensor, batched: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

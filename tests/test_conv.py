@@ -137,7 +137,7 @@ def test_channels_last_channel_tails_and_one_by_one_strided(block_k):
         x = torch.randn(2, 40, 7, 6, generator=generator).contiguous(memory_format=torch.channels_last)
         weight, bias = torch.randn(w_shape, generator=generator), torch.randn(w_shape[0], generator=generator)
         geometry = make_geometry(w_shape[2:], stride, padding)
-        out, _ = conv_fwd.conv2d_forward(x, weight, bias, geometry, "relu", config=config)
+        out = conv_fwd.conv2d_forward(x, weight, bias, geometry, "relu", config=config).y
         expected = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, padding))
         _assert_close(out, expected, FP32_TOLERANCE, f"{w_shape} stride {stride}")
 
@@ -192,7 +192,7 @@ def test_multiple_tiles_split_k_and_channel_tails(int64, monkeypatch):
     bias = torch.randn(18, generator=generator)
     geometry = make_geometry((3, 2), stride=(2, 1), padding=(1, 1))
     config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 2, "num_stages": 2}
-    y, pre = conv_fwd.conv2d_forward(x, weight, bias, geometry, "gelu", keep_pre=True, config=config)
+    y, pre, _ = conv_fwd.conv2d_forward(x, weight, bias, geometry, "gelu", keep_pre=True, config=config)
     reference = F.conv2d(x.double(), weight.double(), bias.double(), (2, 1), (1, 1))
     _assert_close(pre, reference, FP32_TOLERANCE, "pre-activation")
     _assert_close(y, F.gelu(reference), FP32_TOLERANCE, "output")
@@ -261,7 +261,11 @@ def test_opcheck(activation, keep_pre, channels_last, residual):
     shortcut = torch.randn(1, 4, 2, 5, generator=generator).contiguous(
         memory_format=torch.channels_last).requires_grad_(True) if residual else None
     torch.library.opcheck(torch.ops.workbench.conv2d.default,
-                          (x, weight, bias, [2, 1], [1, 0, 1, 1], [1, 1], 1, activation, 0.01, keep_pre, shortcut))
+                          (x, weight, bias, [2, 1], [1, 0, 1, 1], [1, 1], 1, activation, 0.01, keep_pre, shortcut,
+                           False))
+    if activation is None:  # BatchNorm moments from the epilogue: only of the raw output
+        torch.library.opcheck(torch.ops.workbench.conv2d.default,
+                              (x, weight, bias, [2, 1], [1, 0, 1, 1], [1, 1], 1, None, 0.01, False, None, True))
 
 
 def test_gradient_without_kept_preactivation_recomputes_it():
@@ -269,7 +273,7 @@ def test_gradient_without_kept_preactivation_recomputes_it():
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(1, 2, 4, 4, generator=generator, requires_grad=True)
     weight = torch.randn(3, 2, 3, 3, generator=generator, requires_grad=True)
-    y = torch.ops.workbench.conv2d(x, weight, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "tanh", 0.01, False, None)[0]
+    y = torch.ops.workbench.conv2d(x, weight, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "tanh", 0.01, False, None, False)[0]
     (grad_x,) = torch.autograd.grad(y.sum(), x)
     x64 = x.detach().double().requires_grad_(True)
     (expected,) = torch.autograd.grad(torch.tanh(F.conv2d(x64, weight.double(), padding=1)).sum(), x64)

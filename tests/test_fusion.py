@@ -30,9 +30,10 @@ class _AtenOps(TorchDispatchMode):
 
 
 def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    """Largest error relative to the reference's largest value, floored at 0.01: a gradient that is zero in
-    exact arithmetic (a conv bias before batch-statistics BN) is fp32 rounding noise, not a signal."""
-    return ((ours.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-2)).item()
+    """Largest error relative to the reference's largest value, floored at 0.05: a gradient that is zero in
+    exact arithmetic (a conv bias before batch-statistics BN: a sum of dz that cancels) is fp32 rounding noise
+    of the terms summed, not a signal."""
+    return ((ours.double() - reference).abs().max() / reference.abs().max().clamp_min(5e-2)).item()
 
 
 def _check_against_float64(block: nn.Module, x: torch.Tensor, steps: int, tolerance: float = 2e-4) -> None:
@@ -83,6 +84,27 @@ def test_bottleneck_and_identity_shortcut_match_pytorch():
     block = nn.Sequential(Bottleneck(8, 2), BasicBlock(8, 8))  # identity shortcuts: a plain residual add
     x = torch.randn(3, 8, 5, 6)
     _check_against_float64(block, x, steps=2)
+
+
+def test_inverted_residual_with_a_depthwise_conv_matches_pytorch():
+    """MobileNetV2's block: 1x1 expand, 3x3 depthwise (its own direct kernel), 1x1 project, each with BN."""
+    class InvertedResidual(nn.Module):
+        def __init__(self, channels: int, expand: int):
+            super().__init__()
+            hidden = channels * expand
+            self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+            self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+                                           nn.BatchNorm2d(hidden), nn.ReLU())
+            self.project = nn.Sequential(nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+        def forward(self, x):
+            return x + self.project(self.depthwise(self.expand(x)))
+
+    torch.manual_seed(9)
+    block = InvertedResidual(4, 3)
+    swapped = knn.swap(copy.deepcopy(block))
+    assert _records(swapped)["depthwise.0"] == ("fused", "depthwise.0 -> depthwise.1 -> depthwise.2")
+    _check_against_float64(block, torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last), steps=2)
 
 
 def test_batch_norm_variants_match_pytorch():
@@ -150,7 +172,7 @@ def test_swapped_resnet_forward_runs_no_pytorch_batch_norm_relu_or_add():
     with _AtenOps() as seen:
         model(torch.randn(2, 3, 16, 16))
     assert {name for name, _ in seen.ops if "batch_norm" in name or "relu" in name} <= {
-        "workbench::batch_norm_stats", "workbench::batch_norm_act"}
+        "workbench::batch_norm_stats", "workbench::batch_norm_finalize", "workbench::batch_norm_act"}
     assert not [rank for name, rank in seen.ops if name.startswith("aten::add") and rank == 4]  # only the counters'
 
 
