@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
 from triton_workbench.kernels.activation import output_like, run as run_activation
@@ -423,6 +424,32 @@ def _check_conv_sizes(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Non
     if x.shape[-3] == 0 or c_in_g == 0:
         raise ValueError(f"x has {x.shape[-3]} input channels and weight {tuple(weight.shape)} {c_in_g} per group: "
                          "conv2d needs at least one")
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counts for torch.utils.flop_counter.FlopCounterMode (the matmuls only, as PyTorch counts its own ops)
+
+
+@register_flop_formula(torch.ops.workbench.gemm)
+def _gemm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+@register_flop_formula(torch.ops.workbench.gemm_backward)
+def _gemm_backward_flops(grad_shape, a_shape, b_shape, pre_shape, activation, negative_slope, need_a, need_b,
+                         need_bias, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1] * (int(need_a) + int(need_b))
+
+
+@register_flop_formula(torch.ops.workbench.conv2d)
+def _conv2d_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape[0])
+
+
+@register_flop_formula(torch.ops.workbench.conv2d_backward)
+def _conv2d_backward_flops(grad_shape, x_shape, w_shape, pre_shape, stride, padding, dilation, groups, activation,
+                           negative_slope, need_x, need_weight, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, grad_shape) * (int(need_x) + int(need_weight))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -240,3 +240,20 @@ def test_batch_norm_rejects_a_single_value_per_channel_in_training():
         model(torch.randn(1, 2, 1, 1))
     model.eval()
     assert model(torch.randn(1, 2, 1, 1)).shape == (1, 3, 1, 1)  # running stats: fine
+
+
+def test_swapped_model_runs_under_fake_tensors_and_counts_the_same_flops():
+    """Shapes-only runs (FakeTensorMode, FlopCounterMode), as torch.compile and FLOP counting use them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(10)
+    eager = resnet18(num_classes=10, width=8)
+    counts = []
+    for model in (copy.deepcopy(eager), knn.swap(copy.deepcopy(eager))):
+        with FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter:
+            out = model(torch.randn(2, 3, 32, 32))
+            out.sum().backward()
+        assert out.shape == (2, 10)
+        counts.append(counter.get_total_flops())
+    assert counts[0] > 0 and counts[1] == counts[0]
