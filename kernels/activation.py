@@ -4,7 +4,14 @@ The device functions are shared by every fused epilogue (GEMM, conv) through `ap
 `derivative`, selected by a `tl.constexpr` integer code (`CODES`), so an unused activation costs
 nothing. Derivatives are taken from the *pre-activation* value, which the forward keeps when a
 gradient is needed. Only core `tl.*` math is used (no libdevice), so everything runs in Triton's
-interpreter too: tanh is written through the sigmoid, gelu through `tl.math.erf`.
+interpreter too: tanh is written through the sigmoid, gelu through `tl.math.erf`, expm1 and log1p
+through exp and log with their rounding error corrected.
+
+Every kernel carries one float, the activation's parameter (`negative_slope` in the kernels'
+signatures): leaky_relu's negative_slope, elu's and celu's alpha; the other activations ignore it.
+Semantics are PyTorch's as its scalar CPU and its CUDA kernels agree on them; its vectorised CPU kernels
+(taken on longer tensors) give some gradients at NaN differently (relu6: 0, elu/celu/selu/hardswish: NaN,
+where the others give the gradient passing through).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -23,10 +31,25 @@ from triton_workbench.kernels.spec import (DTYPE_ENTRY, DTYPES, Config, KernelSp
 # constexpr code of each activation; None (identity) is 0 so `if ACTIVATION:` means "has one"
 CODES: dict[str | None, int] = {
     None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "sigmoid": 6, "tanh": 7,
+    "relu6": 8, "hardswish": 9, "hardsigmoid": 10, "mish": 11, "elu": 12, "celu": 13, "selu": 14, "softplus": 15,
 }
 NAMES: tuple[str, ...] = tuple(name for name in CODES if name is not None)
 ACTIVATION_ENTRY = choice(None, *NAMES)  # the "activation" of a problem (kernels write None, never "identity")
 DEFAULT_NEGATIVE_SLOPE = 0.01
+# the activations that take the parameter: PyTorch's keyword for it and its default there
+PARAMETERS: dict[str, tuple[str, float]] = {
+    "leaky_relu": ("negative_slope", DEFAULT_NEGATIVE_SLOPE), "elu": ("alpha", 1.0), "celu": ("alpha", 1.0),
+}
+
+
+def default_parameter(name: str | None) -> float:
+    """The parameter `name` runs with when none is given (PyTorch's default; any value for those that ignore it)."""
+    return PARAMETERS[name][1] if name in PARAMETERS else DEFAULT_NEGATIVE_SLOPE
+
+
+def parameter(name: str | None, value: float | None) -> float:
+    """The parameter a launch of activation `name` passes: `value`, or `default_parameter(name)` when None."""
+    return default_parameter(name) if value is None else float(value)
 
 
 def activation_code(name: str | None) -> int:
@@ -40,7 +63,8 @@ def activation_code(name: str | None) -> int:
 
 # Constants inside the kernels, written out (jit code cannot read plain module globals):
 # 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2*pi), 1.5957691216057308 = 2*sqrt(2/pi),
-# 0.044715 = the cubic coefficient of gelu's tanh approximation.
+# 0.044715 = the cubic coefficient of gelu's tanh approximation, 1.0507009873554805 = selu's scale,
+# 1.7580993408473766 = selu's alpha * scale (PyTorch's constants), 0.16666666666666666 = 1/6.
 
 
 @jit
@@ -71,6 +95,42 @@ def _tanh(x):
 
 
 @jit
+def _expm1(x):
+    # exp(x) - 1 by Kahan's correction (u - 1) * x / log(u): the rounding of u = exp(x) cancels, so results
+    # near 0 keep their relative precision and -0.0 / tiny inputs come back exact, as PyTorch's expm1 does
+    u = tl.exp(x)
+    um1 = u - 1.0
+    y = tl.where(u == 1.0, x, um1 * (x / tl.log(u)))
+    return tl.where(um1 == -1.0, -1.0, tl.where(x > 88.0, u, y))  # u - 1 = u there, and inf past exp's range
+
+
+@jit
+def _log1p(x):
+    # log(1 + x) for x >= 0 by Goldberg's correction log(u) * x / (u - 1): exact where 1 + x rounds to 1
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@jit
+def _clamp(x, low, high):
+    # min(max(x, low), high) that keeps NaN and -0.0 (tl.maximum / tl.minimum drop NaN), as torch.clamp does
+    return tl.where(x < low, low, tl.where(x > high, high, x))
+
+
+@jit
+def _mish_parts(x):
+    # (tanh(softplus(x)), 1 - tanh(softplus(x))^2) with e = exp(-|x|), never overflowing and without cancellation:
+    # tanh(log(1 + E)) = n / (n + 2) with n = E (E + 2), E = exp(x); for x > 0 numerator and denominator are
+    # divided by E^2, and 1 - t^2 = 4 (n + 1) / (n + 2)^2 with n + 1 = (1 + E)^2
+    e = tl.exp(-tl.abs(x))
+    positive = x > 0
+    numerator = tl.where(positive, 1.0 + 2.0 * e, e * (e + 2.0))
+    denominator = tl.where(positive, 1.0 + 2.0 * e + 2.0 * e * e, e * (e + 2.0) + 2.0)
+    slope = 4.0 * (1.0 + e) * (1.0 + e) * tl.where(positive, e * e, 1.0) / (denominator * denominator)
+    return numerator / denominator, slope
+
+
+@jit
 def apply(x, ACTIVATION: tl.constexpr, negative_slope):
     """activation(x) for an fp32 tile `x`; ACTIVATION is a code from `CODES`."""
     if ACTIVATION == 1:
@@ -88,6 +148,23 @@ def apply(x, ACTIVATION: tl.constexpr, negative_slope):
         y = _sigmoid(x)
     elif ACTIVATION == 7:
         y = _tanh(x)
+    elif ACTIVATION == 8:
+        y = _clamp(x, 0.0, 6.0)  # hardtanh(x, 0, 6): relu6(-0.0) = -0.0
+    elif ACTIVATION == 9:
+        y = x * _clamp(x + 3.0, 0.0, 6.0) / 6.0  # as PyTorch writes it: -inf * 0 = NaN, x <= -3 gives -0.0
+    elif ACTIVATION == 10:
+        y = _clamp(x + 3.0, 0.0, 6.0) / 6.0
+    elif ACTIVATION == 11:
+        t, _ = _mish_parts(x)
+        y = x * t  # mish(-inf) = -inf * 0 = NaN, as PyTorch's x * tanh(log1p(exp(x)))
+    elif ACTIVATION == 12:
+        y = tl.where(x > 0, x, _expm1(x) * negative_slope)  # negative_slope carries alpha
+    elif ACTIVATION == 13:
+        y = tl.where(x > 0, x, _expm1(x * (1.0 / negative_slope)) * negative_slope)  # elu with input_scale 1/alpha
+    elif ACTIVATION == 14:
+        y = tl.where(x > 0, x * 1.0507009873554805, _expm1(x) * 1.7580993408473766)
+    elif ACTIVATION == 15:
+        y = tl.where(x > 20.0, x, _log1p(tl.exp(x)))  # beta 1, threshold 20: x itself only strictly above 20
     else:
         y = x
     return y
@@ -113,6 +190,23 @@ def derivative(x, ACTIVATION: tl.constexpr, negative_slope):
         d = _sigmoid_slope(x)
     elif ACTIVATION == 7:
         d = 4.0 * _sigmoid_slope(2.0 * x)  # 1 - tanh(x)^2, without the cancellation near |x| large
+    elif ACTIVATION == 8:
+        d = tl.where((x <= 0) | (x >= 6.0), 0.0, 1.0)  # 0 at both kinks, 1 at NaN (hardtanh_backward)
+    elif ACTIVATION == 9:
+        d = tl.where(x <= -3.0, 0.0, tl.where(x < 3.0, x / 3.0 + 0.5, 1.0))  # 0 at -3, 1 at 3 and at NaN
+    elif ACTIVATION == 10:
+        d = tl.where((x > -3.0) & (x < 3.0), 0.16666666666666666, 0.0)  # 0 at +-3 and at NaN
+    elif ACTIVATION == 11:
+        t, slope = _mish_parts(x)
+        d = t + x * _sigmoid(x) * slope  # NaN at +-inf (inf * 0), as PyTorch's mish_backward
+    elif ACTIVATION == 12:
+        d = tl.where(x <= 0, negative_slope * tl.exp(x), 1.0)  # alpha at 0 (the x <= 0 side), 1 at NaN
+    elif ACTIVATION == 13:
+        d = tl.where(x <= 0, tl.exp(x * (1.0 / negative_slope)), 1.0)
+    elif ACTIVATION == 14:
+        d = tl.where(x <= 0, 1.7580993408473766 * tl.exp(x), 1.0507009873554805)
+    elif ACTIVATION == 15:
+        d = tl.where(x > 20.0, 1.0, _sigmoid(x))  # exp(x) / (exp(x) + 1) up to the threshold
     else:
         d = tl.full(x.shape, 1.0, tl.float32)
     return d
@@ -153,9 +247,10 @@ def output_like(x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tens
                             else torch.contiguous_format)
 
 
-def run(x: torch.Tensor, name: str | None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+def run(x: torch.Tensor, name: str | None, negative_slope: float | None = None,
         grad: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
-    """act(x), or grad * act'(x) when `grad` is given; a new tensor shaped like x.
+    """act(x), or grad * act'(x) when `grad` is given; a new tensor shaped like x. `negative_slope` is the
+    activation's parameter (None: its default, see `default_parameter`).
 
     The kernel walks flat memory: a contiguous or channels_last x with a grad of the same strides is read
     in place and the result keeps that layout (`output_like`); other inputs are made contiguous first.
@@ -171,8 +266,9 @@ def run(x: torch.Tensor, name: str | None, negative_slope: float = DEFAULT_NEGAT
         return out
     problem = _problem(x, name, backward)
     config = config if config is not None else tuned.config_for(ACTIVATION_SPEC, problem)
+    parameter = default_parameter(name) if negative_slope is None else negative_slope
     activation_kernel[_grid(problem, config)](
-        x, grad, out, x.numel(), float(negative_slope),
+        x, grad, out, x.numel(), float(parameter),
         ACTIVATION=code, BACKWARD=backward, BLOCK_SIZE=config["BLOCK_SIZE"], num_warps=config["num_warps"],
         **runtime.LAUNCH_OPTIONS)
     return out
@@ -205,18 +301,27 @@ def _launch(inputs: dict[str, Any], config: Config) -> torch.Tensor:
     return run(inputs["x"], inputs["activation"], grad=inputs.get("grad"), config=config)
 
 
-def torch_activation(x: torch.Tensor, name: str | None,
-                     negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
-    """The same activation computed by PyTorch (the reference and the unfused baseline)."""
+def torch_activation(x: torch.Tensor, name: str | None, negative_slope: float | None = None) -> torch.Tensor:
+    """The same activation computed by PyTorch (the reference and the unfused baseline); `negative_slope` is the
+    activation's parameter (None: its default)."""
+    parameter = default_parameter(name) if negative_slope is None else negative_slope
     functions = {
         None: lambda t: t,
-        "relu": torch.nn.functional.relu,
-        "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, negative_slope),
-        "gelu": torch.nn.functional.gelu,
-        "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-        "silu": torch.nn.functional.silu,
+        "relu": F.relu,
+        "leaky_relu": lambda t: F.leaky_relu(t, parameter),
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "silu": F.silu,
         "sigmoid": torch.sigmoid,
         "tanh": torch.tanh,
+        "relu6": F.relu6,
+        "hardswish": F.hardswish,
+        "hardsigmoid": F.hardsigmoid,
+        "mish": F.mish,
+        "elu": lambda t: F.elu(t, parameter),
+        "celu": lambda t: F.celu(t, parameter),
+        "selu": F.selu,
+        "softplus": F.softplus,
     }
     return functions[None if name == "identity" else name](x)
 
@@ -258,4 +363,5 @@ ACTIVATION_SPEC = KernelSpec(
     problem_schema={"numel": size(), "dtype": DTYPE_ENTRY, "activation": ACTIVATION_ENTRY, "backward": flag()},
 )
 
-__all__ = ["ACTIVATION_SPEC", "CODES", "NAMES", "activation_code", "apply", "derivative", "run", "torch_activation"]
+__all__ = ["ACTIVATION_SPEC", "CODES", "NAMES", "PARAMETERS", "activation_code", "apply", "default_parameter",
+           "derivative", "run", "torch_activation"]

@@ -40,7 +40,8 @@ def _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, first_row, pid_c, INT64: t
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
     row_offsets = offsets(rows // HW, INT64) * stride_n + offsets(rows % HW, INT64) * stride_hw
-    return row_offsets[:, None] + cols[None, :] * stride_c, (rows < ROWS)[:, None] & c_ok[None, :], cols, c_ok
+    return (row_offsets[:, None] + offsets(cols, INT64)[None, :] * stride_c, (rows < ROWS)[:, None] & c_ok[None, :],
+            cols, c_ok)
 
 
 @jit
@@ -65,6 +66,15 @@ def store_moments(part_ptr, strip, C, cols, c_ok, mean, m2, count):
     tl.store(row + cols, mean, mask=c_ok)
     tl.store(row + C + cols, m2, mask=c_ok)
     tl.store(row + 2 * C, count)
+
+
+@jit
+def _merge(seen, mean, m2, count, other_mean, other_m2):
+    """Chan et al.'s merge of two (row count, mean, M2) sets: returns the merged (count, mean, M2)."""
+    total = seen + count
+    weight = count / tl.maximum(total, 1.0)
+    delta = other_mean - mean
+    return total, mean + delta * weight, m2 + other_m2 + delta * delta * seen * weight
 
 
 @jit
@@ -107,27 +117,26 @@ def partial_moments_kernel(y_ptr, part_ptr, ROWS, C, HW, stride_n, stride_hw, st
     first = strip * STRIP
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for start in range(first, first + STRIP, BLOCK_M):
+    last = tl.minimum(first + STRIP, ROWS)
+    for start in range(first, last, BLOCK_M):
         offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, start, pid_c, INT64, BLOCK_M,
                                        BLOCK_C)
         seen = (start - first) * 1.0  # rows merged so far: every block before the last is full
-        count = tl.minimum(tl.minimum(BLOCK_M, ROWS - start), first + STRIP - start) * 1.0
+        count = tl.minimum(BLOCK_M, last - start) * 1.0  # > 0: the loop stops at the strip's last row
         block_mean, block_m2 = tile_moments(tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), mask, count)
-        total = tl.maximum(seen + count, 1.0)
-        delta = block_mean - mean
-        mean += delta * (count / total)
-        m2 += block_m2 + delta * delta * (seen * count / total)
+        _, mean, m2 = _merge(seen, mean, m2, count, block_mean, block_m2)
     store_moments(part_ptr, strip, C, cols, c_ok, mean, m2, tl.minimum(STRIP, ROWS - first) * 1.0)
 
 
 @jit
 def finalize_kernel(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, batches_ptr,
-                    C, STRIPS, momentum, eps,
-                    UPDATE: tl.constexpr, COUNT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: merge the strips' moments (`store_moments`) in order into mean and 1 / sqrt(var + eps)
-    (biased var, as BN normalises). With UPDATE, running = (1 - f) * running + f * batch with the unbiased
-    var, where f is momentum or, CUMULATIVE, 1 / num_batches_tracked; COUNT adds this batch to
-    num_batches_tracked (before f, as torch.nn.BatchNorm2d does), so no launch of its own counts it."""
+                    C, STRIPS, momentum, eps, UPDATE: tl.constexpr, COUNT: tl.constexpr,
+                    CUMULATIVE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program: merge the strips' moments (`store_moments`) into mean and 1 / sqrt(var + eps) (biased
+    var, as BN normalises), BLOCK_R table rows at a time (merged at once, then into the running result, in
+    order). With UPDATE, running = (1 - f) * running + f * batch with the unbiased var, where f is momentum
+    or, CUMULATIVE, 1 / num_batches_tracked; COUNT adds this batch to num_batches_tracked (before f, as
+    torch.nn.BatchNorm2d does), so no launch of its own counts it: one program, so nothing races on it."""
     if COUNT:
         batches = tl.load(batches_ptr) + 1
     for first in range(0, C, BLOCK_C):
@@ -136,14 +145,19 @@ def finalize_kernel(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_va
         mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
         m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         seen = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for strip in range(0, STRIPS):
-            row = part_ptr + strip * (2 * C + 1)
-            count = tl.load(row + 2 * C)
-            total = seen + count
-            delta = _channel(row, cols, c_ok, 0.0) - mean
-            mean += delta * (count / total)
-            m2 += _channel(row + C, cols, c_ok, 0.0) + delta * delta * (seen * count / total)
-            seen = total
+        for first_row in range(0, STRIPS, BLOCK_R):
+            rows = first_row + tl.arange(0, BLOCK_R)
+            r_ok = rows < STRIPS
+            row = part_ptr + rows.to(tl.int64) * (2 * C + 1)
+            mask = r_ok[:, None] & c_ok[None, :]
+            count = tl.load(row + 2 * C, mask=r_ok, other=0.0)
+            means = tl.load(row[:, None] + cols[None, :], mask=mask, other=0.0)
+            m2s = tl.load(row[:, None] + C + cols[None, :], mask=mask, other=0.0)
+            n = tl.sum(count, 0)
+            chunk_mean = tl.sum(count[:, None] * means, 0) / tl.maximum(n, 1.0)
+            deviation = means - chunk_mean[None, :]
+            chunk_m2 = tl.sum(m2s + count[:, None] * deviation * deviation, 0)
+            seen, mean, m2 = _merge(seen, mean, m2, n, chunk_mean, chunk_m2)
         tl.store(mean_ptr + cols, mean, mask=c_ok)
         tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / seen + eps), mask=c_ok)
         if UPDATE:
@@ -369,12 +383,13 @@ def finalize(part: torch.Tensor, running_mean: torch.Tensor | None, running_var:
     mean = torch.empty(channels, device=part.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
     update = running_mean is not None
+    block_c = min(64, triton.next_power_of_2(channels))
     runtime.announce()
     finalize_kernel[(1,)](
         part, mean, invstd, _or(running_mean, mean), _or(running_var, mean), _or(num_batches_tracked, mean),
         channels, part.shape[0], float(momentum or 0.0), float(eps),
         UPDATE=update, COUNT=num_batches_tracked is not None, CUMULATIVE=update and momentum is None,
-        BLOCK_C=min(1024, triton.next_power_of_2(channels)), **runtime.LAUNCH_OPTIONS)
+        BLOCK_R=max(16, 4096 // block_c), BLOCK_C=block_c, **runtime.LAUNCH_OPTIONS)
     return mean, invstd
 
 
@@ -393,10 +408,20 @@ class Norm:
         return self.mean, self.invstd, _or(self.weight, fallback), _or(self.bias, fallback)
 
 
+def _check_layout(y: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """The kernels address every tensor with y's strides: others must be laid out as y (size-1 dims aside)."""
+    for name, other in others.items():
+        if other is not None and (other.shape != y.shape or any(
+                a != b for a, b, size in zip(other.stride(), y.stride(), y.shape) if size > 1)):
+            raise ValueError(f"{name} must have y's shape and strides {tuple(y.stride())}, got shape "
+                             f"{tuple(other.shape)} and strides {tuple(other.stride())}")
+
+
 def normalize(y: torch.Tensor, norm: Norm, residual: torch.Tensor | None, residual_norm: Norm | None,
               activation_code: int, negative_slope: float) -> torch.Tensor:
     """act(norm(y) [+ residual or residual_norm(residual)]): a new tensor laid out as y (and residual, which
     must share y's strides)."""
+    _check_layout(y, residual=residual)
     view = rows_view(y)
     out = torch.empty_like(y)
     runtime.announce()
@@ -425,6 +450,7 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
                        need_dy: bool, need_dr: bool, need_params: bool) -> tuple[torch.Tensor | None, ...]:
     """(dy, d residual, d weight, d bias, d residual weight, d residual bias) of `normalize`, the parameter
     gradients in their parameters' dtypes; None where not needed. grad must share y's strides."""
+    _check_layout(y, grad=grad, residual=residual)
     view = rows_view(y)
     strip, strips = view.strips()
     part = torch.empty((3, strips, view.channels), device=y.device, dtype=torch.float32)

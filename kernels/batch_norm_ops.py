@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from triton_workbench.kernels import batch_norm as kernels
-from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
+from triton_workbench.kernels.activation import activation_code, parameter
 from triton_workbench.kernels.batch_norm import Norm
 
 _EMPTY = (0,)
@@ -156,7 +156,7 @@ def statistics(y: torch.Tensor, bn: nn.BatchNorm2d, moments: torch.Tensor | None
         mean, invstd = bn.running_mean.float(), torch.rsqrt(bn.running_var.float() + bn.eps)
         return Norm(mean, invstd, bn.weight, bn.bias, batch_stats=False)
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
-    if bn.training and y.numel() // y.shape[1] <= 1:
+    if y.shape[0] * y.shape[2] * y.shape[3] == 1:  # F.batch_norm's check whenever batch statistics are used
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
     running = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if update else (None, None, None)
     if moments is not None:
@@ -174,19 +174,20 @@ def _rows_ready(y: torch.Tensor) -> torch.Tensor:
 
 def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
                    residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
-                   negative_slope: float = DEFAULT_NEGATIVE_SLOPE, moments: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+                   negative_slope: float | None = None, moments: torch.Tensor | None = None,
+                   in_place: bool = False) -> torch.Tensor:
     """act(bn(y) [+ residual, or residual_bn(residual)]) in one Triton kernel after the statistics, with
     `torch.nn.BatchNorm2d`'s semantics for each BN (train/eval, running stats, affine, eps, momentum); y's
     batch statistics come from `moments` when its producer computed them (`ops.conv2d_with_moments`).
 
-    The output has y's dtype and memory format; a residual of another dtype is added in the promoted one.
+    The output has y's memory format; a residual of another dtype is added in the promoted one, or, with
+    `in_place` (the model wrote `y += residual`), cast to y's as PyTorch's in-place add does.
     """
     residual_norm = None
     if residual is not None:
         if residual.shape != y.shape:
             raise ValueError(f"residual has shape {tuple(residual.shape)} but the normalised tensor {tuple(y.shape)}")
-        dtype = torch.promote_types(y.dtype, residual.dtype)
+        dtype = y.dtype if in_place else torch.promote_types(y.dtype, residual.dtype)
         y = _rows_ready(y.to(dtype))
         residual = residual.to(dtype).contiguous(memory_format=_format_of(y))
         residual_norm = statistics(residual, residual_bn) if residual_bn is not None else None
@@ -195,4 +196,5 @@ def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor |
     r = residual_norm
     return _normalize_op(y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, residual,
                          r.mean if r else None, r.invstd if r else None, r.weight if r else None,
-                         r.bias if r else None, bool(r and r.batch_stats), activation, float(negative_slope))
+                         r.bias if r else None, bool(r and r.batch_stats), activation,
+                         parameter(activation, negative_slope))

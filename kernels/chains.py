@@ -24,25 +24,21 @@ import torch
 from torch import nn
 
 from triton_workbench.kernels import ops
-from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
 from triton_workbench.kernels.batch_norm_ops import batch_norm_act, uses_batch_stats
-
-
-def _activation_kwargs(activation: str | None, negative_slope: float) -> dict[str, float]:
-    return {"negative_slope": negative_slope} if activation == "leaky_relu" else {}
+from triton_workbench.kernels.conv_geometry import make_geometry
 
 
 def conv_act(x: torch.Tensor, conv: nn.Conv2d, activation: str | None = None,
-             negative_slope: float = DEFAULT_NEGATIVE_SLOPE, residual: torch.Tensor | None = None) -> torch.Tensor:
+             negative_slope: float | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """act(conv(x) [+ residual]) in one conv kernel."""
     return ops.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation,
-                      residual=residual, **_activation_kwargs(activation, negative_slope))
+                      residual=residual, **ops.activation_kwargs(activation, negative_slope))
 
 
 def linear_act(x: torch.Tensor, linear: nn.Linear, activation: str | None = None,
-               negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
+               negative_slope: float | None = None) -> torch.Tensor:
     """act(linear(x)) in one GEMM kernel."""
-    return ops.linear(x, linear.weight, linear.bias, activation, **_activation_kwargs(activation, negative_slope))
+    return ops.linear(x, linear.weight, linear.bias, activation, **ops.activation_kwargs(activation, negative_slope))
 
 
 def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,31 +64,67 @@ def _residual_for(residual: torch.Tensor | None, residual_bn: nn.BatchNorm2d | N
 
 def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
                 residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
-                negative_slope: float = DEFAULT_NEGATIVE_SLOPE, defer: bool = False) -> torch.Tensor:
+                negative_slope: float | None = None, defer: bool = False, in_place: bool = False
+                ) -> torch.Tensor:
     """act(bn(conv(x)) [+ residual]); with `defer`, conv(x) alone while bn uses batch statistics (the consumer
-    normalises it, see the module docstring), else bn(conv(x))."""
+    normalises it, see the module docstring), else bn(conv(x)). `in_place`: the add was `out += residual`,
+    whose result keeps out's dtype."""
     residual, residual_bn = _residual_for(residual, residual_bn)
     if uses_batch_stats(bn) and defer:
         return conv_act(x, conv)
+    if residual is not None and not _fuses(residual, _conv_output_shape(x, conv), _compute_dtype(x), in_place):
+        out = conv_bn_act(x, conv, bn, defer=defer)
+        return _add_in_pytorch(out, residual, residual_bn, activation, negative_slope, in_place)
     if uses_batch_stats(bn):  # the statistics come from the conv's epilogue
         y, moments = ops.conv2d_with_moments(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
                                              conv.groups)
-        return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, moments)
+        return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, moments, in_place)
     if residual_bn is not None:  # this BN runs on running stats but the shortcut's on the batch's: apply it first
         residual, residual_bn = batch_norm_act(residual, residual_bn), None
     weight, bias = folded(conv, bn)
     return ops.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation,
-                      residual=residual, **_activation_kwargs(activation, negative_slope))
+                      residual=residual, **ops.activation_kwargs(activation, negative_slope))
 
 
 def bn_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
            residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
-           negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
+           negative_slope: float | None = None, in_place: bool = False) -> torch.Tensor:
     """act(bn(y) [+ residual]) in one fused kernel after the statistics."""
     residual, residual_bn = _residual_for(residual, residual_bn)
-    return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope)
+    if residual is not None and not _fuses(residual, y.shape, None, in_place):
+        return _add_in_pytorch(bn_act(y, bn), residual, residual_bn, activation, negative_slope, in_place)
+    return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, in_place=in_place)
 
 
-def activation(x: torch.Tensor, name: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
+def _conv_output_shape(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, ...]:
+    kh, kw = conv.weight.shape[2:]
+    geometry = make_geometry((kh, kw), conv.stride, conv.padding, conv.dilation, conv.groups)
+    return (*x.shape[:-3], conv.out_channels, *geometry.output_hw(*x.shape[-2:], kh, kw))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a conv of x computes and returns in: autocast's where it is on, else x's."""
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _fuses(residual: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None, in_place: bool) -> bool:
+    """Whether the fused kernels can add `residual`: the output's shape (no broadcasting), and -- where the
+    kernel's dtype is fixed (`dtype`) -- that dtype, unless the add casts to it anyway (`in_place`)."""
+    return tuple(residual.shape) == tuple(shape) and (dtype is None or in_place or residual.dtype == dtype)
+
+
+def _add_in_pytorch(out: torch.Tensor, residual: torch.Tensor, residual_bn: nn.BatchNorm2d | None,
+                    name: str | None, negative_slope: float, in_place: bool) -> torch.Tensor:
+    """act(out + residual) with PyTorch's add (broadcasting, type promotion; `out +=` keeps out's dtype)."""
+    if residual_bn is not None:
+        residual = batch_norm_act(residual, residual_bn)
+    total = out + residual
+    total = total.to(out.dtype) if in_place else total
+    return activation(total, name, negative_slope) if name is not None else total
+
+
+def activation(x: torch.Tensor, name: str, negative_slope: float | None = None) -> torch.Tensor:
     """The activation alone, in the elementwise kernel."""
-    return ops.activation(x, name, **_activation_kwargs(name, negative_slope))
+    return ops.activation(x, name, **ops.activation_kwargs(name, negative_slope))

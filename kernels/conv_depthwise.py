@@ -24,7 +24,7 @@ import triton.language as tl
 
 from triton_workbench.kernels import runtime, tuned
 from triton_workbench.kernels.runtime import jit
-from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code, apply
+from triton_workbench.kernels.activation import activation_code, apply, parameter
 from triton_workbench.kernels.conv_fwd import CONV_FWD_SPEC
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, conv_problem, empty_in_layout_of, make_geometry,
                                                     needs_int64, output_hw, problem_of)
@@ -175,7 +175,7 @@ def depthwise_fwd_kernel(
 
 def depthwise_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry,
-    activation_name: str | None = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+    activation_name: str | None = None, negative_slope: float | None = None,
     keep_pre: bool = False, config: Config | None = None, residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`conv_fwd.conv2d_forward` for a depthwise conv (`is_depthwise`): (act(conv2d(x, weight) + bias +
@@ -194,7 +194,7 @@ def depthwise_forward(
     depthwise_fwd_kernel[DEPTHWISE_FWD_SPEC.grid(problem, config)](
         x, taps_major(weight), bias.contiguous() if bias is not None else y,
         residual if residual is not None else y, y, pre if pre is not None else y,
-        h, w, ho, wo, c_out, float(negative_slope), *x.stride(), *y.stride(), *geometry.constexprs(kh, kw),
+        h, w, ho, wo, c_out, parameter(activation_name, negative_slope), *x.stride(), *y.stride(), *geometry.constexprs(kh, kw),
         c_out // c_in, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
         ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None, INT64=needs_int64(x, weight, y),
         BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"], BLOCK_C=config["BLOCK_C"],

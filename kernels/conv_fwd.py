@@ -17,7 +17,7 @@ import triton.language as tl
 
 from triton_workbench.kernels import runtime, tuned
 from triton_workbench.kernels.runtime import jit
-from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code, apply
+from triton_workbench.kernels.activation import activation_code, apply, parameter
 from triton_workbench.kernels.batch_norm import MOMENT_ROWS, moments_rows, moments_table, store_tile_moments
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, empty_in_layout_of,
                                                     gemm_dims_fwd, needs_int64, problem_of)
@@ -161,7 +161,7 @@ class ForwardOutputs(NamedTuple):
 
 def conv2d_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry,
-    activation_name: str | None = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+    activation_name: str | None = None, negative_slope: float | None = None,
     keep_pre: bool = False, config: Config | None = None, residual: torch.Tensor | None = None,
     moments: bool = False,
 ) -> ForwardOutputs:
@@ -195,7 +195,7 @@ def conv2d_forward(
     conv2d_fwd_kernel[_grid(problem, config)](
         x, weight, bias.contiguous() if bias is not None else y, residual if residual is not None else y,
         y, pre if pre is not None else y, table if table is not None else y,
-        n, h, w, ho, wo, c_in_g, c_out // geometry.groups, float(negative_slope), config["GROUP_M"],
+        n, h, w, ho, wo, c_in_g, c_out // geometry.groups, parameter(activation_name, negative_slope), config["GROUP_M"],
         *x.stride(), *weight.stride(), *y.stride(), *geometry.constexprs(kh, kw),
         HAS_BIAS=bias is not None, RESIDUAL=residual is not None, MOMENTS=moments,
         ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,

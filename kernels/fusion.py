@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from triton_workbench.kernels import chains
+from triton_workbench.kernels import chains, ops
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
 
 
@@ -40,25 +40,61 @@ class SwapRecord:
     detail: str
 
 
+# activation module type -> its functional form's name; the module attributes that are that form's arguments
+_MODULES: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh", nn.ReLU6: "relu6", nn.Hardtanh: "hardtanh", nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish", nn.ELU: "elu", nn.CELU: "celu", nn.SELU: "selu",
+    nn.Softplus: "softplus",
+}
+_MODULE_ARGUMENTS = {"leaky_relu": ("negative_slope",), "gelu": ("approximate",), "hardtanh": ("min_val", "max_val"),
+                     "elu": ("alpha",), "celu": ("alpha",), "softplus": ("beta", "threshold")}
+
+
+def _resolve(name: str, arguments: dict[str, object]) -> tuple[str | None, float, str | None]:
+    """(kernel name, parameter, None) for activation `name` (a functional form's) called with keyword
+    `arguments` (input and inplace left out), or (None, default, why not) if the kernels do not take them.
+    hardtanh is relu6 at (0, 6) only; elu's scale and input_scale must be 1; the rest `ops.resolve_activation`
+    checks (alpha, negative_slope, approximate, softplus's beta and threshold)."""
+    arguments = dict(arguments)
+    if name == "hardtanh":
+        bounds = arguments.pop("min_val", -1.0), arguments.pop("max_val", 1.0)
+        if bounds != (0, 6):
+            return None, DEFAULT_NEGATIVE_SLOPE, f"hardtanh{bounds}: the kernels have (0, 6) only (relu6)"
+        name = "relu6"
+    if name == "elu" and (arguments.pop("scale", 1) != 1 or arguments.pop("input_scale", 1) != 1):
+        return None, DEFAULT_NEGATIVE_SLOPE, "elu with a scale or input_scale other than 1"
+    try:
+        kernel_name, parameter = ops.resolve_activation(name, **arguments)
+    except (TypeError, ValueError) as error:
+        return None, DEFAULT_NEGATIVE_SLOPE, str(error)
+    return kernel_name, parameter, None
+
+
+def _module_activation(module: nn.Module) -> tuple[str | None, float, str | None]:
+    """`_resolve` for an activation module (exact type); (None, default, None) for any other module."""
+    name = _MODULES.get(type(module))
+    if name is None:
+        return None, DEFAULT_NEGATIVE_SLOPE, None
+    return _resolve(name, {key: getattr(module, key) for key in _MODULE_ARGUMENTS.get(name, ())})
+
+
 def activation_of(module: nn.Module) -> tuple[str, float] | None:
-    """(kernel activation name, negative slope) of a supported activation module, else None."""
-    slope = DEFAULT_NEGATIVE_SLOPE
-    if type(module) is nn.GELU:
-        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), slope
-    if type(module) is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    names = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
-    name = names.get(type(module))
-    return (name, slope) if name is not None else None
+    """(kernel activation name, its parameter) of a supported activation module, else None."""
+    name, parameter, _ = _module_activation(module)
+    return (name, parameter) if name is not None else None
 
 
 _FUNCTIONS: dict[Callable, str] = {
     F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: "relu", F.silu: "silu", F.gelu: "gelu",
     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.leaky_relu: "leaky_relu",
+    F.relu6: "relu6", F.hardtanh: "hardtanh", F.hardtanh_: "hardtanh", F.hardswish: "hardswish",
+    F.hardsigmoid: "hardsigmoid", F.mish: "mish", F.elu: "elu", F.elu_: "elu", F.celu: "celu", torch.celu: "celu",
+    torch.celu_: "celu", F.selu: "selu", torch.selu: "selu", torch.selu_: "selu", F.softplus: "softplus",
 }
 _METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
             "tanh_": "tanh"}
-_IN_PLACE_FUNCTIONS = (F.relu_, torch.relu_, operator.iadd)
+_IN_PLACE_FUNCTIONS = (F.relu_, torch.relu_, F.hardtanh_, F.elu_, torch.celu_, torch.selu_, operator.iadd)
 NO_KERNEL = "no Triton kernel for this module"
 CHAIN_FUNCTIONS = (chains.conv_bn_act, chains.bn_act, chains.conv_act, chains.linear_act, chains.activation)
 
@@ -84,6 +120,7 @@ class Chain:
     residual_bn: fx.Node | None = None  # a deferred residual's BN (its producer leaves it raw)
     activation: Activation | None = None
     defer: bool = False
+    in_place: bool = False  # the add was `main += residual`: its result keeps main's dtype
     nodes: list[fx.Node] = field(default_factory=list)
 
 
@@ -146,15 +183,20 @@ class _Graph:
         if node in self.taken:
             return None
         if node.op == "call_module":
-            found = activation_of(self.module(node))
+            name, slope, unsupported = _module_activation(self.module(node))
             in_place = getattr(self.module(node), "inplace", False)
-            name, slope = found if found else (None, DEFAULT_NEGATIVE_SLOPE)
+            if name is not None and unsupported is None:
+                unsupported = self._supported(self.module(node))  # e.g. forward hooks a kernel would skip
+                name = name if unsupported is None else None
         elif node.op == "call_function" and node.target in _FUNCTIONS:
-            name, slope, in_place = self._function_activation(node)
+            name, slope, in_place, unsupported = self._function_activation(node)
         elif node.op == "call_method" and node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
-            name, slope, in_place = _METHODS[node.target], DEFAULT_NEGATIVE_SLOPE, node.target.endswith("_")
+            name, slope, in_place, unsupported = _METHODS[node.target], DEFAULT_NEGATIVE_SLOPE, \
+                node.target.endswith("_"), None
         else:
             return None
+        if unsupported is not None:
+            self.kept[node] = unsupported
         if name is None or not node.args or not isinstance(node.args[0], fx.Node):
             return None
         source = node.args[0]
@@ -168,24 +210,20 @@ class _Graph:
             return None
         return Activation(node, name, slope, source)
 
-    def _function_activation(self, node: fx.Node) -> tuple[str | None, float, bool]:
-        """(name, negative slope, in place) of an activation function call; name None if its arguments are not
-        ones the kernels take."""
-        name = _FUNCTIONS[node.target]
-        if len(node.args) == 1 and not node.kwargs:
-            return name, DEFAULT_NEGATIVE_SLOPE, node.target in _IN_PLACE_FUNCTIONS
-        try:
-            arguments = dict(node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True).kwargs)
-        except (RuntimeError, AttributeError):  # no unambiguous signature (None has no .kwargs)
-            return None, DEFAULT_NEGATIVE_SLOPE, False
-        arguments.pop("input", None)
-        in_place = bool(arguments.pop("inplace", False)) or node.target in _IN_PLACE_FUNCTIONS
-        slope = arguments.pop("negative_slope", DEFAULT_NEGATIVE_SLOPE) if name == "leaky_relu" else DEFAULT_NEGATIVE_SLOPE
-        if name == "gelu" and arguments.pop("approximate", "none") == "tanh":
-            name = "gelu_tanh"
-        if arguments or not isinstance(slope, (int, float)):
-            return None, DEFAULT_NEGATIVE_SLOPE, in_place
-        return name, float(slope), in_place
+    def _function_activation(self, node: fx.Node) -> tuple[str | None, float, bool, str | None]:
+        """(name, parameter, in place, None) of an activation function call; (None, default, in place, why not)
+        if its arguments are not ones the kernels take."""
+        in_place = node.target in _IN_PLACE_FUNCTIONS
+        arguments: dict[str, object] = {}
+        if len(node.args) > 1 or node.kwargs:
+            try:
+                arguments = dict(node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True).kwargs)
+            except (RuntimeError, AttributeError):  # no unambiguous signature (None has no .kwargs)
+                return None, DEFAULT_NEGATIVE_SLOPE, False, "its arguments could not be matched to a signature"
+            arguments.pop("input", None)
+            in_place = bool(arguments.pop("inplace", False)) or in_place
+        name, parameter, unsupported = _resolve(_FUNCTIONS[node.target], arguments)
+        return name, parameter, in_place, unsupported
 
     def add_operands(self, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         """The two tensors of a plain `a + b` (operator, torch.add, Tensor.add, in place or not), else None."""
@@ -229,9 +267,10 @@ def _match(g: _Graph) -> list[Chain]:
         if operands is None:
             return None
         main, residual = operands if g.bn(operands[0]) and g.only_user(operands[0], add) else operands[::-1]
-        if not (g.bn(main) and g.only_user(main, add)):
-            return None
-        chain.add, chain.residual = add, residual
+        in_place = add.target in (operator.iadd, "add_")
+        if not (g.bn(main) and g.only_user(main, add)) or (in_place and main is not operands[0]):
+            return None  # (`residual += bn(...)` keeps the residual's dtype: left to PyTorch)
+        chain.add, chain.residual, chain.in_place = add, residual, in_place
         chain.nodes.append(add)
         norm_chain(main, chain)
         if g.bn(residual) and g.only_user(residual, add) and g.conv(residual.args[0]) and \
@@ -278,6 +317,8 @@ def _rewrite(g: _Graph, chain: Chain) -> None:
     act = chain.activation
     act_kwargs = {"activation": act.name, "negative_slope": act.negative_slope} if act else {}
     residual = {"residual": g.current(chain.residual)} if chain.residual is not None else {}
+    if chain.in_place:
+        residual["in_place"] = True
     source = g.current(chain.source)
     with g.graph.inserting_before(last):
         if chain.residual_bn is not None:  # the shortcut's chain was rewritten first: its node now stands there

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from triton_workbench.kernels import hardware, runtime, tuned
 from triton_workbench.kernels.runtime import jit
-from triton_workbench.kernels.activation import (ACTIVATION_ENTRY, DEFAULT_NEGATIVE_SLOPE, activation_code, apply,
+from triton_workbench.kernels.activation import (ACTIVATION_ENTRY, activation_code, apply, parameter,
                                                  derivative, torch_activation)
 from triton_workbench.kernels.activation import run as run_activation
 from triton_workbench.kernels.spec import (DTYPE_ENTRY, DTYPES, INT32_MAX, Config, KernelSpec, Problem, choice,
@@ -127,7 +127,7 @@ def max_offset(tensor: torch.Tensor) -> int:
 
 
 def _launch_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, bias: torch.Tensor | None = None,
-                   activation_name: str | None = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+                   activation_name: str | None = None, negative_slope: float | None = None,
                    pre_out: torch.Tensor | None = None, pre_in: torch.Tensor | None = None,
                    rowsum: torch.Tensor | None = None, config: Config | None = None) -> None:
     """Write act(a @ b + bias) into c (all shapes checked by the caller); see gemm_kernel for aux."""
@@ -148,7 +148,7 @@ def _launch_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, bias: t
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         bias_like.stride(0) if bias_like is not None else 0,
         aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
-        float(negative_slope), config["GROUP_M"],
+        parameter(activation_name, negative_slope), config["GROUP_M"],
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         HAS_BIAS=bias is not None, ACTIVATION=activation_code(activation_name),
         STORE_PRE=pre_out is not None, ACT_GRAD_A=pre_in is not None, ROWSUM_A=rowsum is not None,
@@ -174,7 +174,7 @@ def problem_for(a: torch.Tensor, b: torch.Tensor, bias: bool, activation_name: s
 
 
 def forward(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation_name: str | None = None,
-            negative_slope: float = DEFAULT_NEGATIVE_SLOPE, keep_pre: bool = False,
+            negative_slope: float | None = None, keep_pre: bool = False,
             config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(a @ b + bias), the pre-activation if keep_pre and there is an activation, else None)."""
     c = a.new_empty((a.shape[0], b.shape[1]))

@@ -21,22 +21,17 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
 from triton_workbench.kernels import fusion, ops, runtime
 from triton_workbench.kernels.fusion import SwapRecord, activation_of
+from triton_workbench.kernels.ops import activation_kwargs
 
 log = logging.getLogger("triton_workbench.kernels")
-
-
-def activation_kwargs(name: str | None, negative_slope: float) -> dict[str, float]:
-    """The keyword arguments of `kernels.ops` for an activation: negative_slope for leaky_relu only."""
-    return {"negative_slope": negative_slope} if name == "leaky_relu" else {}
 
 
 class TritonActivation(nn.Module):
     """An activation module (no parameters) running the elementwise Triton kernel."""
 
-    def __init__(self, name: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> None:
+    def __init__(self, name: str, negative_slope: float | None = None) -> None:
         super().__init__()
         ops.resolve_activation(name, **activation_kwargs(name, negative_slope))  # fail early on a bad name
         self.name, self.negative_slope = name, negative_slope
@@ -45,21 +40,22 @@ class TritonActivation(nn.Module):
         return ops.activation(x, self.name, **activation_kwargs(self.name, self.negative_slope))
 
     def extra_repr(self) -> str:
-        return self.name + (f", negative_slope={self.negative_slope}" if self.name == "leaky_relu" else "")
+        return self.name + "".join(f", {key}={value}" for key, value in activation_kwargs(self.name,
+                                                                                         self.negative_slope).items())
 
 
 class TritonLinear(nn.Linear):
     """nn.Linear computed by the fused Triton GEMM, with an optional fused activation."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
-                 negative_slope: float = DEFAULT_NEGATIVE_SLOPE, device=None, dtype=None) -> None:
+                 negative_slope: float | None = None, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         ops.resolve_activation(activation, **activation_kwargs(activation, negative_slope))  # fail early
         self.activation, self.negative_slope = activation, negative_slope
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation: str | None = None,
-                    negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> "TritonLinear":
+                    negative_slope: float | None = None) -> "TritonLinear":
         """A TritonLinear sharing `linear`'s Parameter objects (no copy, no new initialisation)."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
@@ -77,12 +73,12 @@ class TritonLinear(nn.Linear):
         return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
 
 
-def _linear_converter(module: nn.Module, activation: str | None, negative_slope: float) -> nn.Module:
+def _linear_converter(module: nn.Module, activation: str | None, negative_slope: float | None) -> nn.Module:
     return TritonLinear.from_linear(module, activation, negative_slope)
 
 
 # module type -> converter(module, activation name or None, negative slope) -> the Triton module
-FUSABLE: dict[type[nn.Module], Callable[[nn.Module, str | None, float], nn.Module]] = {nn.Linear: _linear_converter}
+FUSABLE: dict[type[nn.Module], Callable[[nn.Module, str | None, float | None], nn.Module]] = {nn.Linear: _linear_converter}
 ALREADY_SWAPPED: tuple[type[nn.Module], ...] = (TritonLinear, TritonActivation)  # conv appends its module
 # module type -> check(module) -> why the Triton module cannot stand in for it (None: it can)
 UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {}
@@ -106,11 +102,15 @@ def _activations_reason(container: nn.Module) -> str | None:
 
 
 def _unsupported_reason(module: nn.Module) -> str | None:
-    """Why the kernels cannot run `module`'s parameters (or its settings, see UNSUPPORTED) here, or None if they can."""
+    """Why the kernels cannot run `module` here, or None if they can: its settings (UNSUPPORTED), forward hooks
+    (weight_norm, spectral_norm and pruning recompute the weight in one, which a fused chain would not call),
+    or the dtype or device of its parameters and buffers (a BatchNorm's running stats)."""
     check = UNSUPPORTED.get(type(module))
     if check is not None and (reason := check(module)) is not None:
         return reason
-    return _placement_reason(module.named_parameters(recurse=False))
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "it has forward hooks, which a fused kernel would not run"
+    return _placement_reason([*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)])
 
 
 def _fusable_converter(module: nn.Module) -> Callable[[nn.Module, str | None, float], nn.Module] | None:
@@ -145,7 +145,7 @@ def _swap_children(parent: nn.Module, prefix: str, records: list[SwapRecord]) ->
                                           f"into {path}; now nn.Identity"))
                 index += 1
             else:
-                setattr(parent, name, converter(child, None, DEFAULT_NEGATIVE_SLOPE))
+                setattr(parent, name, converter(child, None, None))
                 records.append(SwapRecord(path, type(child).__name__, "swapped", "no activation to fuse"))
         elif act is not None and kept_layer:
             records.append(SwapRecord(path, type(child).__name__, "kept", f"follows {kept_layer}, left in torch"))
@@ -179,20 +179,42 @@ def use_channels_last(model: nn.Module) -> nn.Module:
 
 
 def _swap_module(module: nn.Module, prefix: str, records: list[SwapRecord]) -> nn.Module:
-    """`module` rewritten by the fusion pass (a GraphModule), or, where torch.fx cannot trace it, `module` with
-    its children swapped by module walk (`_swap_children`, which traces child containers in turn)."""
+    """`module` rewritten by the fusion pass (a GraphModule), or, where one graph cannot stand for it,
+    `module` with its children swapped by module walk (`_swap_children`, which traces child containers)."""
     try:
         traced = fusion.trace(module, ALREADY_SWAPPED)
+        why = _graph_falls_short(module, traced)
     except Exception as error:  # any failure of symbolic tracing in the user's code: fall back, say why
-        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        why = f"torch.fx cannot trace it ({(str(error).strip().splitlines() or [type(error).__name__])[0][:80]})"
+    if why is not None:
         records.append(SwapRecord(prefix.rstrip(".") or "(model)", type(module).__name__, "walked",
-                                  f"torch.fx cannot trace it ({why[:80]}); its children swapped one by one"))
+                                  f"{why}; its children swapped one by one"))
         _swap_children(module, prefix, records)
         return module
     reason = _activations_reason(module)
     found = fusion.fuse(traced, _unsupported_reason, f"the model's {reason}" if reason else None)
     records += [SwapRecord(prefix + r.path, r.module, r.action, r.detail) for r in found]
     return traced
+
+
+def _graph_falls_short(module: nn.Module, traced: nn.Module) -> str | None:
+    """Why `traced` would not do what `module` does, or None: a forward hook on a module the trace runs
+    through (the graph would skip it), or a forward that depends on `self.training` (frozen into the graph
+    at trace time, e.g. F.dropout(x, p, self.training)): traced again in the other mode, the code differs."""
+    for name, inner in module.named_modules():
+        if (not name or len(inner._modules)) and (inner._forward_pre_hooks or inner._forward_hooks):
+            return f"{name or 'it'} has forward hooks, which a traced graph would skip"
+    modes = {inner: inner.training for inner in module.modules()}
+    try:
+        for inner, training in modes.items():
+            inner.training = not training
+        other = fusion.trace(module, ALREADY_SWAPPED)
+    finally:
+        for inner, training in modes.items():
+            inner.training = training
+    if other.code != traced.code:
+        return "its forward depends on self.training, which tracing would freeze"
+    return None
 
 
 def swap(model: nn.Module, verbose: bool = False, channels_last: bool = False) -> nn.Module:
@@ -221,9 +243,9 @@ def swap(model: nn.Module, verbose: bool = False, channels_last: bool = False) -
     convs = any(r.module == "Conv2d" and r.action in ("fused", "swapped") for r in records)
     if channels_last and convs:
         use_channels_last(swapped)
-    counts = {action: sum(r.action == action for r in records) for action in ("fused", "swapped", "kept")}
-    log.info("kernels.nn.swap: %d chains fused, %d modules swapped alone, %d left in PyTorch",
-             counts["fused"], counts["swapped"], counts["kept"])
+    counts = {action: sum(r.action == action for r in records) for action in ("fused", "swapped", "kept", "walked")}
+    log.info("kernels.nn.swap: %d chains fused, %d modules swapped alone, %d left in PyTorch, %d untraceable "
+             "modules walked", counts["fused"], counts["swapped"], counts["kept"], counts["walked"])
     if verbose:
         print(format_table(records))
     swapped.swap_records = records
@@ -250,7 +272,7 @@ class TritonConv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
                  dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
-                 activation: str | None = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+                 activation: str | None = None, negative_slope: float | None = None,
                  device=None, dtype=None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          device=device, dtype=dtype)
@@ -259,7 +281,7 @@ class TritonConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, activation: str | None = None,
-                  negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> "TritonConv2d":
+                  negative_slope: float | None = None) -> "TritonConv2d":
         """A TritonConv2d sharing `conv`'s Parameter objects (no copy, no new initialisation)."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
@@ -281,7 +303,7 @@ class TritonConv2d(nn.Conv2d):
         return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
 
 
-def _conv2d_converter(module: nn.Module, activation: str | None, negative_slope: float) -> nn.Module:
+def _conv2d_converter(module: nn.Module, activation: str | None, negative_slope: float | None) -> nn.Module:
     return TritonConv2d.from_conv(module, activation, negative_slope)
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE, activation_code
+from triton_workbench.kernels.activation import PARAMETERS, activation_code, default_parameter
 from triton_workbench.kernels.activation import output_like, run as run_activation
 from triton_workbench.kernels.batch_norm import MOMENT_ROWS, moments_of
 from triton_workbench.kernels.conv_depthwise import depthwise_forward, is_depthwise
@@ -57,24 +57,46 @@ def check_tensor(name: str, tensor: object, ndim: int | tuple[int, ...] | None =
 
 
 def resolve_activation(activation: str | None, **kwargs: object) -> tuple[str | None, float]:
-    """(kernel activation name, negative slope) from a PyTorch-style name and keyword arguments.
+    """(kernel activation name, the activation's parameter) from a PyTorch-style name and keyword arguments.
 
-    Accepts None/"identity", the names in `kernels.activation.NAMES`, `negative_slope=` for
-    leaky_relu and `approximate="tanh"|"none"` for gelu (PyTorch's spelling).
+    Accepts None/"identity" and the names in `kernels.activation.NAMES` with PyTorch's keywords:
+    `negative_slope=` (leaky_relu) and `alpha=` (elu, celu; celu's not 0) become the kernels' one float
+    parameter, `approximate="tanh"|"none"` selects gelu's form, and softplus takes `beta=` and `threshold=` at
+    PyTorch's defaults (1, 20) only: the kernel has those built in.
     """
     activation_code(activation)  # raises ValueError naming the choices
     name = None if activation == "identity" else activation
-    if "negative_slope" in kwargs and name != "leaky_relu":
-        raise TypeError(f"negative_slope applies to leaky_relu only, not to {name!r}")
-    slope = kwargs.pop("negative_slope", DEFAULT_NEGATIVE_SLOPE)
+    keyword = PARAMETERS[name][0] if name in PARAMETERS else None
+    for given in sorted({other for other, _ in PARAMETERS.values()} & kwargs.keys() - {keyword}):
+        takers = ", ".join(taker for taker, (other, _) in PARAMETERS.items() if other == given)
+        raise TypeError(f"{given} applies to {takers} only, not to {name!r}")
+    parameter = kwargs.pop(keyword, default_parameter(name)) if keyword else default_parameter(name)
     approximate = kwargs.pop("approximate", "none")
     if approximate not in ("none", "tanh") or (approximate == "tanh" and name != "gelu"):
         raise ValueError(f"approximate must be 'none' or 'tanh' (gelu only), got {approximate!r} for {name!r}")
+    for setting, default in (("beta", 1.0), ("threshold", 20.0)):
+        if setting not in kwargs:
+            continue
+        value = kwargs.pop(setting)
+        if name != "softplus":
+            raise TypeError(f"{setting} applies to softplus only, not to {name!r}")
+        if value != default:
+            raise ValueError(f"softplus runs with beta=1 and threshold=20 only (PyTorch's defaults), "
+                             f"got {setting}={value!r}")
     if kwargs:
         raise TypeError(f"unexpected keyword argument(s) for activation {name!r}: {', '.join(kwargs)}")
-    if not isinstance(slope, (int, float)):
-        raise TypeError(f"negative_slope must be a number, got {type(slope).__name__}")
-    return ("gelu_tanh" if approximate == "tanh" else name), float(slope)
+    if isinstance(parameter, bool) or not isinstance(parameter, (int, float)):
+        raise TypeError(f"{keyword} must be a number, got {type(parameter).__name__}")
+    if name == "celu" and parameter == 0:
+        raise ValueError("alpha must not be 0 for celu (it divides by alpha; PyTorch raises too)")
+    return ("gelu_tanh" if approximate == "tanh" else name), float(parameter)
+
+
+def activation_kwargs(name: str | None, parameter: float | None) -> dict[str, float]:
+    """The keyword arguments of `resolve_activation` (and so of every op here) that give activation `name` the
+    kernels' parameter `parameter`: {"negative_slope": p} for leaky_relu, {"alpha": p} for elu and celu, else
+    {} (and {} for None: the activation's default)."""
+    return {PARAMETERS[name][0]: parameter} if name in PARAMETERS and parameter is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +255,8 @@ _activation_op.register_autograd(_activation_backward, setup_context=_activation
 def activation(x: torch.Tensor, name: str | None, **kwargs: object) -> torch.Tensor:
     """The activation `name` applied elementwise (PyTorch semantics; None/"identity" returns x).
 
-    Keyword arguments as in torch.nn.functional: negative_slope (leaky_relu), approximate (gelu).
+    Keyword arguments as in torch.nn.functional (see `resolve_activation`): negative_slope (leaky_relu), alpha
+    (elu, celu), approximate (gelu).
     """
     check_tensor("x", x)
     kernel_name, slope = resolve_activation(name, **kwargs)

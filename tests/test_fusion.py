@@ -257,3 +257,73 @@ def test_swapped_model_runs_under_fake_tensors_and_counts_the_same_flops():
         assert out.shape == (2, 10)
         counts.append(counter.get_total_flops())
     assert counts[0] > 0 and counts[1] == counts[0]
+
+
+def test_code_reading_self_training_or_skipped_hooks_keeps_its_module_whole():
+    """A forward that reads self.training, and forward hooks (weight_norm's among them), would be frozen or
+    skipped by one traced graph: such a module is walked instead, and the model still matches PyTorch."""
+    class DropoutBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return F.dropout(torch.relu(self.bn(self.conv(x))), 0.5, self.training)
+
+    torch.manual_seed(12)
+    model = nn.Sequential(DropoutBlock(), nn.Conv2d(4, 4, 1))
+    swapped = knn.swap(model)
+    assert _records(swapped)["(model)"][0] == "walked" and "self.training" in _records(swapped)["(model)"][1]
+    swapped.eval()
+    x = torch.randn(2, 3, 5, 5)
+    reference = copy.deepcopy(model).eval()
+    torch.testing.assert_close(swapped(x), reference(x), rtol=1e-4, atol=1e-5)  # no dropout in eval
+
+    normed = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 4, 3)), nn.ReLU())
+    swapped = knn.swap(normed)
+    assert _records(swapped)["0"] == ("kept", "it has forward hooks, which a fused kernel would not run")
+    with torch.no_grad():
+        normed[0].weight_v.mul_(2)  # the hook recomputes weight from weight_v at every call
+    conv = normed[0]
+    weight = conv.weight_g * conv.weight_v / conv.weight_v.pow(2).sum((1, 2, 3), keepdim=True).sqrt()
+    torch.testing.assert_close(swapped(x), torch.relu(F.conv2d(x, weight, conv.bias)), rtol=1e-4, atol=1e-5)
+
+
+def test_a_broadcast_add_after_batch_norm_runs_as_pytorch_adds():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.shift = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + self.shift)  # not a residual: it broadcasts
+
+    torch.manual_seed(13)
+    _check_against_float64(Shifted(), torch.randn(2, 3, 5, 5), steps=1)
+
+
+def test_in_place_residual_add_keeps_the_blocks_dtype_under_autocast():
+    """`out.add_(x)` keeps out's dtype (fp16 under autocast, with an fp32 x) where `out + x` promotes (fp32):
+    the fused block returns what eager PyTorch returns, in train and eval. (torch.fx records `out += x` as
+    `out + x`, so a traced graph promotes there, and so does the swapped model.)"""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)).add_(x))
+
+    torch.manual_seed(14)
+    block = Block()
+    swapped = knn.swap(copy.deepcopy(block))
+    assert _records(swapped)["conv"] == ("fused", "conv -> bn -> + residual -> relu")
+    x = torch.randn(2, 4, 5, 5)
+    for mode in ("train", "eval"):
+        getattr(block, mode)(), getattr(swapped, mode)()
+        with torch.autocast("cpu", dtype=torch.float16):
+            expected = block(x)
+            out = swapped(x)
+        assert out.dtype == expected.dtype == torch.float16
+        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

@@ -34,7 +34,7 @@ def _check(M, N, K, activation, with_bias, dtype, device, layout="contiguous", c
     grad_out = torch.randn(M, N, generator=generator).to(device, dtype)
 
     out, pre = forward(a, b, bias, activation, keep_pre=True, config=config)
-    grads = backward(grad_out, a, b, pre, activation, 0.01, (needs[0], needs[1], needs[2] and with_bias))
+    grads = backward(grad_out, a, b, pre, activation, None, (needs[0], needs[1], needs[2] and with_bias))
 
     leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (a, b, bias)]
     expected = torch_gemm({"a": leaves[0], "b": leaves[1], "bias": leaves[2], "activation": activation})

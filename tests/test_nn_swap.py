@@ -123,7 +123,7 @@ def test_triton_linear_is_a_drop_in_linear(device):
     clone = copy.deepcopy(layer)
     assert clone.activation == "sigmoid" and clone.weight is not layer.weight
     with pytest.raises(ValueError, match="activation must be"):
-        knn.TritonActivation("softplus")
+        knn.TritonActivation("swish")
 
 
 def test_modules_reject_an_unknown_activation_when_built():

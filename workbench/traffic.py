@@ -10,9 +10,9 @@ The step runs on the meta device (shapes only) under a dispatch mode that record
   dy and the weight, wgrad dy and the input, the bias gradient dy);
 - a Triton op (`workbench::*`) runs its real launcher on the meta tensors with every Triton kernel's
   launch recorded instead of run, together with the PyTorch ops the launcher itself calls: a launch
-  reads each tensor that existed before the op in full, and a tensor the op creates is written once,
-  by the first launch that touches it (a dgrad's stride phases each read all of dz and together
-  write dx once).
+  reads each tensor that existed before the op in full; a tensor the op creates is written once by
+  the kernel that first touches it (a dgrad's stride phases each read all of dz and together write
+  dx once) and read in full by each other kernel that touches it later.
 
 So the figures are an analytic model of DRAM traffic (no cache reuse, no partial writes: an upper
 bound for a kernel that reads only part of an input), not a measurement.
@@ -33,10 +33,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-CATEGORIES = {  # substring of the op name -> what it is, in the table
+CATEGORIES = {  # substring of the op name -> what it is, in the table; the first match wins (addmm is linear)
     "conv2d_backward": "conv backward", "convolution_backward": "conv backward", "conv": "conv forward",
     "batch_norm": "batch norm", "relu": "activation", "threshold_backward": "activation",
-    "activation": "activation", "add": "add", "gemm": "linear", "mm": "linear",
+    "activation": "activation", "gemm": "linear", "mm": "linear", "add": "add",
 }
 _NOTHING_MOVED = ("empty", "detach", "lift_fresh", "promote_types", "as_strided")  # allocations and metadata
 
@@ -72,6 +72,11 @@ def _bytes(*trees: Any) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(*trees))
 
 
+def _moved(inputs: Any, outputs: Any) -> int:
+    """Bytes a kernel reads and writes: an in-place op's output (its input, aliased) is both."""
+    return _bytes(inputs) + _bytes(outputs)
+
+
 def _is_view(func: torch._ops.OpOverload) -> bool:
     returns = func._schema.returns
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
@@ -80,15 +85,15 @@ def _is_view(func: torch._ops.OpOverload) -> bool:
 def _pytorch_kernels(name: str, args: tuple, kwargs: dict, out: Any) -> list[Kernel]:
     """The kernels of one PyTorch op (see the module docstring)."""
     if name == "aten::native_batch_norm" and args[5]:  # training: statistics pass, then normalise pass
-        return [Kernel(name, "bn statistics", _bytes(args[0])), Kernel(name, "bn transform", _bytes(args, out))]
+        return [Kernel(name, "bn statistics", _bytes(args[0])), Kernel(name, "bn transform", _moved(args, out))]
     if name == "aten::native_batch_norm_backward" and args[7]:
-        return [Kernel(name, "bn backward reduce", _bytes(args[:2])), Kernel(name, "bn backward elementwise",
-                                                                             _bytes(args[:2], out[0]))]
+        return [Kernel(name, "bn backward reduce", _bytes(args[:2])),
+                Kernel(name, "bn backward elementwise", _moved(args[:2], out[0]))]
     if name == "aten::convolution_backward":
         grad, x, weight = args[:3]
         wanted = zip(("dgrad", "wgrad", "bias grad"), args[-1], out, ((grad, weight), (grad, x), (grad,)))
-        return [Kernel(name, kernel, _bytes(inputs, result)) for kernel, needed, result, inputs in wanted if needed]
-    return [Kernel(name, name, _bytes(args, kwargs, out))]
+        return [Kernel(name, kernel, _moved(inputs, result)) for kernel, needed, result, inputs in wanted if needed]
+    return [Kernel(name, name, _moved((args, kwargs), out))]
 
 
 class StepRecorder(TorchDispatchMode):
@@ -99,7 +104,8 @@ class StepRecorder(TorchDispatchMode):
         self.kernels: list[Kernel] = []
         self._inside: str | None = None  # the workbench op whose launcher is running
         self._created: set[tuple] = set()  # tensors that op has allocated so far ...
-        self._written: set[tuple] = set()  # ... and those of them a Triton launch has written
+        self._writer: dict[tuple, str] = {}  # ... and the Triton kernel that wrote each of them first
+        self._launched: set[tuple] = set()  # (created tensor, kernel) pairs already charged their write
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -109,7 +115,7 @@ class StepRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self._inside is not None:
             self._created.update(_key(t) for t in _tensors(out))
-        moved = _bytes(args, kwargs, out)
+        moved = _moved((args, kwargs), out)
         if moved and not (_is_view(func) or any(word in name for word in _NOTHING_MOVED)):
             self.kernels += [Kernel(self._inside or k.op, k.name, k.bytes)
                              for k in _pytorch_kernels(name, args, kwargs, out)]
@@ -118,7 +124,7 @@ class StepRecorder(TorchDispatchMode):
     def _run_launcher(self, name: str, args: tuple, kwargs: dict) -> Any:
         """The op's real implementation on the meta tensors, its Triton launches recorded instead of run."""
         implementation = torch._library.custom_ops.OPDEFS[name]._init_fn
-        self._inside, self._created, self._written = name, set(), set()
+        self._inside, self._created, self._writer, self._launched = name, set(), {}, set()
         try:
             with self, _recording_launches(self._launch):
                 return implementation(*args, **kwargs)
@@ -126,16 +132,22 @@ class StepRecorder(TorchDispatchMode):
             self._inside = None
 
     def _launch(self, kernel_name: str, args: tuple) -> None:
-        """A Triton launch reads each tensor that existed before its op in full; a tensor its op created is
-        written once, by the first launch that touches it."""
+        """A Triton launch reads each tensor that existed before its op in full. A tensor its op created is
+        written by the first kernel that touches it -- further launches of that kernel write other parts
+        of it (a dgrad's stride phases) -- and read in full by any other kernel after that."""
         moved = 0
         for tensor in _tensors(args):
             key = _key(tensor)
-            if key in self._created and key in self._written:
-                continue
-            self._written.update({key} & self._created)
-            moved += tensor.numel() * tensor.element_size()
+            writer = self._writer.setdefault(key, kernel_name) if key in self._created else None
+            if writer is None or writer != kernel_name or self._first_launch_of(key, kernel_name):
+                moved += tensor.numel() * tensor.element_size()
         self.kernels.append(Kernel(self._inside, kernel_name, moved))
+
+    def _first_launch_of(self, key: tuple, kernel_name: str) -> bool:
+        """Whether this is the writer's first launch touching the created tensor `key` (it writes it then)."""
+        first = (key, kernel_name) not in self._launched
+        self._launched.add((key, kernel_name))
+        return first
 
 
 @contextmanager

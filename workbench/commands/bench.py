@@ -107,8 +107,9 @@ def run_model(args: argparse.Namespace) -> int:
     if not args.traffic:
         raise UsageError("bench model measures --traffic (shapes only); timing a whole step needs a GPU and is "
                          "not implemented yet")
-    if args.batch is not None and len(args.batch) != 1:
-        raise UsageError(f"--batch takes one batch size for bench model, got {args.batch}")
+    for option, values in (("--batch", args.batch), ("--input-size", args.input_size)):
+        if values is not None and len(values) != 1:
+            raise UsageError(f"{option} takes one value for bench model, got {values}")
     batch = args.batch[0] if args.batch else 64
     size = (args.input_size or [32 if args.model == "demo" else 224])[0]
     dtype = args.dtype or "fp16"
