@@ -78,7 +78,8 @@ def _linear_converter(module: nn.Module, activation: str | None, negative_slope:
 
 
 # module type -> converter(module, activation name or None, negative slope) -> the Triton module
-FUSABLE: dict[type[nn.Module], Callable[[nn.Module, str | None, float | None], nn.Module]] = {nn.Linear: _linear_converter}
+FUSABLE: dict[type[nn.Module], Callable[[nn.Module, str | None, float | None], nn.Module]] = {
+    nn.Linear: _linear_converter}
 ALREADY_SWAPPED: tuple[type[nn.Module], ...] = (TritonLinear, TritonActivation)  # conv appends its module
 # module type -> check(module) -> why the Triton module cannot stand in for it (None: it can)
 UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {}
