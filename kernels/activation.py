@@ -266,9 +266,9 @@ def run(x: torch.Tensor, name: str | None, negative_slope: float | None = None,
         return out
     problem = _problem(x, name, backward)
     config = config if config is not None else tuned.config_for(ACTIVATION_SPEC, problem)
-    parameter = default_parameter(name) if negative_slope is None else negative_slope
+    value = parameter(name, negative_slope)
     activation_kernel[_grid(problem, config)](
-        x, grad, out, x.numel(), float(parameter),
+        x, grad, out, x.numel(), float(value),
         ACTIVATION=code, BACKWARD=backward, BLOCK_SIZE=config["BLOCK_SIZE"], num_warps=config["num_warps"],
         **runtime.LAUNCH_OPTIONS)
     return out
@@ -304,11 +304,11 @@ def _launch(inputs: dict[str, Any], config: Config) -> torch.Tensor:
 def torch_activation(x: torch.Tensor, name: str | None, negative_slope: float | None = None) -> torch.Tensor:
     """The same activation computed by PyTorch (the reference and the unfused baseline); `negative_slope` is the
     activation's parameter (None: its default)."""
-    parameter = default_parameter(name) if negative_slope is None else negative_slope
+    value = parameter(name, negative_slope)
     functions = {
         None: lambda t: t,
         "relu": F.relu,
-        "leaky_relu": lambda t: F.leaky_relu(t, parameter),
+        "leaky_relu": lambda t: F.leaky_relu(t, value),
         "gelu": F.gelu,
         "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
         "silu": F.silu,
@@ -318,8 +318,8 @@ def torch_activation(x: torch.Tensor, name: str | None, negative_slope: float | 
         "hardswish": F.hardswish,
         "hardsigmoid": F.hardsigmoid,
         "mish": F.mish,
-        "elu": lambda t: F.elu(t, parameter),
-        "celu": lambda t: F.celu(t, parameter),
+        "elu": lambda t: F.elu(t, value),
+        "celu": lambda t: F.celu(t, value),
         "selu": F.selu,
         "softplus": F.softplus,
     }
