@@ -2,7 +2,7 @@
 compiled for sm_90 and sm_80 as the launch specialises it, for three ResNet-18 layers (batch 64, fp16
 channels_last, default configs): registers, spills and the static ceilings. Static estimates from compiled
 code, not speeds. Run with TRITON_INTERPRET=0 (no GPU needed): TRITON_INTERPRET=0 python benchmarks/conv_moments_static.py"""
-import dataclasses, sys
+import dataclasses
 from triton_workbench.kernels import aot, ceilings, tuned
 from triton_workbench.kernels.conv_fwd import CONV_FWD_SPEC, conv2d_forward
 from triton_workbench.kernels.conv_geometry import ConvGeometry, conv_problem

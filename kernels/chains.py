@@ -11,7 +11,8 @@ behaviour with `model.train()` / `model.eval()` exactly as the original.
                                                   (from the current running stats, every call), one conv kernel
                                                   with bias + residual + activation in its epilogue
     bn_act:       act(bn(y) [+ residual])         the statistics and the fused kernel
-    conv_act, linear_act                          one kernel with the activation in its epilogue
+    conv_act, conv1d_act, linear_act              one kernel with the activation in its epilogue (a Conv1d
+                                                  as a 2-D conv of unit height)
 
 A residual that is itself a conv -> BN (a downsample shortcut) comes in raw, with its BN as
 `residual_bn`, when that BN uses batch statistics: its normalisation happens inside the consumer's
@@ -33,6 +34,15 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, activation: str | None = None,
     """act(conv(x) [+ residual]) in one conv kernel."""
     return ops.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation,
                       residual=residual, **ops.activation_kwargs(activation, negative_slope))
+
+
+def conv1d_act(x: torch.Tensor, conv: nn.Conv1d, activation: str | None = None,
+               negative_slope: float | None = None) -> torch.Tensor:
+    """act(conv1d(x)) as the 2-D conv of x with a unit height: [N, C, L] -> [N, C, 1, L], one conv kernel."""
+    padding = conv.padding if isinstance(conv.padding, str) else (0, *conv.padding)
+    y = ops.conv2d(x.unsqueeze(-2), conv.weight.unsqueeze(-2), conv.bias, (1, *conv.stride), padding,
+                   (1, *conv.dilation), conv.groups, activation, **ops.activation_kwargs(activation, negative_slope))
+    return y.squeeze(-2)
 
 
 def linear_act(x: torch.Tensor, linear: nn.Linear, activation: str | None = None,

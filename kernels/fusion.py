@@ -79,6 +79,15 @@ def _module_activation(module: nn.Module) -> tuple[str | None, float, str | None
     return _resolve(name, {key: getattr(module, key) for key in _MODULE_ARGUMENTS.get(name, ())})
 
 
+def behaves_as(module: nn.Module | None, kind: type[nn.Module]) -> bool:
+    """Whether `module` computes what `kind` does: an instance of it whose class overrides neither `forward`
+    nor the `_conv_forward` a conv's forward calls (a subclass that only adds attributes, as PyTorch's
+    NonDynamicallyQuantizableLinear, yes; timm's Conv2dSame, which pads in its own forward, no)."""
+    cls = type(module)
+    return isinstance(module, kind) and all(getattr(cls, name, None) is getattr(kind, name, None)
+                                            for name in ("forward", "_conv_forward"))
+
+
 def activation_of(module: nn.Module) -> tuple[str, float] | None:
     """(kernel activation name, its parameter) of a supported activation module, else None."""
     name, parameter, _ = _module_activation(module)
@@ -96,7 +105,8 @@ _METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "
             "tanh_": "tanh"}
 _IN_PLACE_FUNCTIONS = (F.relu_, torch.relu_, F.hardtanh_, F.elu_, torch.celu_, torch.selu_, operator.iadd)
 NO_KERNEL = "no Triton kernel for this module"
-CHAIN_FUNCTIONS = (chains.conv_bn_act, chains.bn_act, chains.conv_act, chains.linear_act, chains.activation)
+CHAIN_FUNCTIONS = (chains.conv_bn_act, chains.bn_act, chains.conv_act, chains.conv1d_act, chains.linear_act,
+                   chains.activation)
 
 
 @dataclass
@@ -158,7 +168,7 @@ class _Graph:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
 
     def _is(self, node: object, kind: type[nn.Module]) -> bool:
-        if not isinstance(node, fx.Node) or node in self.taken or type(self.module(node)) is not kind:
+        if not isinstance(node, fx.Node) or node in self.taken or not behaves_as(self.module(node), kind):
             return False
         reason = self._supported(self.module(node))
         if reason is not None:
@@ -167,6 +177,9 @@ class _Graph:
 
     def conv(self, node: object) -> bool:
         return self._is(node, nn.Conv2d)
+
+    def conv1d(self, node: object) -> bool:
+        return self._is(node, nn.Conv1d)
 
     def linear(self, node: object) -> bool:
         return self._is(node, nn.Linear)
@@ -289,8 +302,8 @@ def _match(g: _Graph) -> list[Chain]:
             take(fused)
         elif g.bn(act.source):
             take(norm_chain(act.source, chain))
-        elif g.conv(act.source) or g.linear(act.source):
-            kind = "conv" if g.conv(act.source) else "linear"
+        elif g.conv(act.source) or g.conv1d(act.source) or g.linear(act.source):
+            kind = "linear" if g.linear(act.source) else "conv"
             setattr(chain, kind, act.source)
             chain.source = act.source.args[0]
             chain.nodes.append(act.source)
@@ -302,8 +315,8 @@ def _match(g: _Graph) -> list[Chain]:
         if g.bn(node):
             take(norm_chain(node, Chain(source=node)))
     for node in list(g.graph.nodes):
-        for kind in ("conv", "linear"):
-            if getattr(g, kind)(node):
+        for kind, matches in (("conv", g.conv), ("conv", g.conv1d), ("linear", g.linear)):
+            if matches(node):
                 take(Chain(source=node.args[0], nodes=[node], **{kind: node}))
         if (act := g.activation(node)) is not None:
             take(Chain(source=act.source, activation=act, nodes=[node]))
@@ -330,8 +343,10 @@ def _rewrite(g: _Graph, chain: Chain) -> None:
             args, target = (source, module(chain.bn)), chains.bn_act
             act_kwargs |= residual
         elif chain.conv is not None or chain.linear is not None:
-            target = chains.conv_act if chain.conv is not None else chains.linear_act
-            args = (source, module(chain.conv or chain.linear))
+            layer = chain.conv or chain.linear
+            target = {nn.Conv2d: chains.conv_act, nn.Conv1d: chains.conv1d_act, nn.Linear: chains.linear_act}[
+                next(kind for kind in (nn.Conv2d, nn.Conv1d, nn.Linear) if behaves_as(g.module(layer), kind))]
+            args = (source, module(layer))
         else:
             args, target = (source, act.name, act.negative_slope), chains.activation
             act_kwargs = {}

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from triton_workbench.kernels import fusion, ops, runtime
-from triton_workbench.kernels.fusion import SwapRecord, activation_of
+from triton_workbench.kernels.fusion import SwapRecord, activation_of, behaves_as
 from triton_workbench.kernels.ops import activation_kwargs
 
 log = logging.getLogger("triton_workbench.kernels")
@@ -106,7 +106,7 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     """Why the kernels cannot run `module` here, or None if they can: its settings (UNSUPPORTED), forward hooks
     (weight_norm, spectral_norm and pruning recompute the weight in one, which a fused chain would not call),
     or the dtype or device of its parameters and buffers (a BatchNorm's running stats)."""
-    check = UNSUPPORTED.get(type(module))
+    check = next((check for kind, check in UNSUPPORTED.items() if isinstance(module, kind)), None)
     if check is not None and (reason := check(module)) is not None:
         return reason
     if module._forward_pre_hooks or module._forward_hooks:
@@ -117,7 +117,7 @@ def _unsupported_reason(module: nn.Module) -> str | None:
 def _fusable_converter(module: nn.Module) -> Callable[[nn.Module, str | None, float], nn.Module] | None:
     if isinstance(module, ALREADY_SWAPPED):
         return None
-    return next((converter for kind, converter in FUSABLE.items() if type(module) is kind), None)
+    return next((converter for kind, converter in FUSABLE.items() if behaves_as(module, kind)), None)
 
 
 def _swap_children(parent: nn.Module, prefix: str, records: list[SwapRecord]) -> None:
@@ -308,12 +308,12 @@ def _conv2d_converter(module: nn.Module, activation: str | None, negative_slope:
     return TritonConv2d.from_conv(module, activation, negative_slope)
 
 
-def _conv2d_unsupported(module: nn.Module) -> str | None:
+def _conv_unsupported(module: nn.Module) -> str | None:
     if module.padding_mode != "zeros":
         return f"padding_mode {module.padding_mode!r} not supported (only 'zeros')"
     return None
 
 
 FUSABLE[nn.Conv2d] = _conv2d_converter
-UNSUPPORTED[nn.Conv2d] = _conv2d_unsupported
+UNSUPPORTED[nn.Conv2d] = UNSUPPORTED[nn.Conv1d] = _conv_unsupported
 ALREADY_SWAPPED += (TritonConv2d,)

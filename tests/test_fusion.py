@@ -327,3 +327,34 @@ def test_in_place_residual_add_keeps_the_blocks_dtype_under_autocast():
             out = swapped(x)
         assert out.dtype == expected.dtype == torch.float16
         torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_conv1d_and_subclasses_that_keep_their_parents_forward_are_swapped():
+    """A Conv1d runs as a 2-D conv of unit height; a subclass that only adds attributes (PyTorch's own
+    NonDynamicallyQuantizableLinear) is its parent to the kernels; one that overrides forward is not."""
+    class Padded(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1d = nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=1)
+            self.reflect = nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect")
+            self.padded = Padded(1, 2, 2)
+            self.proj = nn.modules.linear.NonDynamicallyQuantizableLinear(8, 5)
+
+        def forward(self, x):
+            y = self.reflect(F.gelu(self.conv1d(x)))  # [N, 4, 4]
+            z = self.padded(y.unsqueeze(1))  # [N, 2, 4, 4]
+            return self.proj(z.flatten(2).mean(1).flatten(1)[:, :8])
+
+    torch.manual_seed(15)
+    net = Net()
+    swapped = knn.swap(copy.deepcopy(net))
+    records = _records(swapped)
+    assert records["conv1d"] == ("fused", "conv1d -> gelu") and records["proj"] == ("swapped", "proj")
+    assert records["reflect"][0] == "kept" and "reflect" in records["reflect"][1]
+    assert "padded" not in records  # traced through: its F.pad and F.conv2d stay PyTorch calls in the graph
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(swapped(x), net(x), rtol=1e-4, atol=1e-5)
