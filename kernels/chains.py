@@ -13,6 +13,7 @@ behaviour with `model.train()` / `model.eval()` exactly as the original.
     bn_act:       act(bn(y) [+ residual])         the statistics and the fused kernel
     conv_act, conv1d_act, linear_act              one kernel with the activation in its epilogue (a Conv1d
                                                   as a 2-D conv of unit height)
+    conv_transpose_act                            the conv's dgrad kernel, then bias and activation
 
 A residual that is itself a conv -> BN (a downsample shortcut) comes in raw, with its BN as
 `residual_bn`, when that BN uses batch statistics: its normalisation happens inside the consumer's
@@ -27,6 +28,7 @@ from torch import nn
 from triton_workbench.kernels import ops
 from triton_workbench.kernels.batch_norm_ops import batch_norm_act, uses_batch_stats
 from triton_workbench.kernels.conv_geometry import make_geometry
+from triton_workbench.kernels.conv_transpose import conv_transpose2d
 
 
 def conv_act(x: torch.Tensor, conv: nn.Conv2d, activation: str | None = None,
@@ -43,6 +45,13 @@ def conv1d_act(x: torch.Tensor, conv: nn.Conv1d, activation: str | None = None,
     y = ops.conv2d(x.unsqueeze(-2), conv.weight.unsqueeze(-2), conv.bias, (1, *conv.stride), padding,
                    (1, *conv.dilation), conv.groups, activation, **ops.activation_kwargs(activation, negative_slope))
     return y.squeeze(-2)
+
+
+def conv_transpose_act(x: torch.Tensor, conv: nn.ConvTranspose2d, activation: str | None = None,
+                       negative_slope: float | None = None) -> torch.Tensor:
+    """act(conv_transpose2d(x)) on the conv kernels (kernels.conv_transpose), the activation in a pass after."""
+    return conv_transpose2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.output_padding, conv.groups,
+                            conv.dilation, activation, **ops.activation_kwargs(activation, negative_slope))
 
 
 def linear_act(x: torch.Tensor, linear: nn.Linear, activation: str | None = None,

@@ -105,8 +105,10 @@ _METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "
             "tanh_": "tanh"}
 _IN_PLACE_FUNCTIONS = (F.relu_, torch.relu_, F.hardtanh_, F.elu_, torch.celu_, torch.selu_, operator.iadd)
 NO_KERNEL = "no Triton kernel for this module"
-CHAIN_FUNCTIONS = (chains.conv_bn_act, chains.bn_act, chains.conv_act, chains.conv1d_act, chains.linear_act,
-                   chains.activation)
+# a layer alone or with its activation -> the function that runs it
+LAYER_FUNCTIONS = {nn.Conv2d: chains.conv_act, nn.Conv1d: chains.conv1d_act,
+                   nn.ConvTranspose2d: chains.conv_transpose_act, nn.Linear: chains.linear_act}
+CHAIN_FUNCTIONS = (chains.conv_bn_act, chains.bn_act, chains.activation, *LAYER_FUNCTIONS.values())
 
 
 @dataclass
@@ -180,6 +182,9 @@ class _Graph:
 
     def conv1d(self, node: object) -> bool:
         return self._is(node, nn.Conv1d)
+
+    def conv_transpose(self, node: object) -> bool:
+        return self._is(node, nn.ConvTranspose2d)
 
     def linear(self, node: object) -> bool:
         return self._is(node, nn.Linear)
@@ -302,7 +307,7 @@ def _match(g: _Graph) -> list[Chain]:
             take(fused)
         elif g.bn(act.source):
             take(norm_chain(act.source, chain))
-        elif g.conv(act.source) or g.conv1d(act.source) or g.linear(act.source):
+        elif g.conv(act.source) or g.conv1d(act.source) or g.conv_transpose(act.source) or g.linear(act.source):
             kind = "linear" if g.linear(act.source) else "conv"
             setattr(chain, kind, act.source)
             chain.source = act.source.args[0]
@@ -315,7 +320,7 @@ def _match(g: _Graph) -> list[Chain]:
         if g.bn(node):
             take(norm_chain(node, Chain(source=node)))
     for node in list(g.graph.nodes):
-        for kind, matches in (("conv", g.conv), ("conv", g.conv1d), ("linear", g.linear)):
+        for kind, matches in (("conv", g.conv), ("conv", g.conv1d), ("conv", g.conv_transpose), ("linear", g.linear)):
             if matches(node):
                 take(Chain(source=node.args[0], nodes=[node], **{kind: node}))
         if (act := g.activation(node)) is not None:
@@ -344,8 +349,7 @@ def _rewrite(g: _Graph, chain: Chain) -> None:
             act_kwargs |= residual
         elif chain.conv is not None or chain.linear is not None:
             layer = chain.conv or chain.linear
-            target = {nn.Conv2d: chains.conv_act, nn.Conv1d: chains.conv1d_act, nn.Linear: chains.linear_act}[
-                next(kind for kind in (nn.Conv2d, nn.Conv1d, nn.Linear) if behaves_as(g.module(layer), kind))]
+            target = next(function for kind, function in LAYER_FUNCTIONS.items() if behaves_as(g.module(layer), kind))
             args = (source, module(layer))
         else:
             args, target = (source, act.name, act.negative_slope), chains.activation

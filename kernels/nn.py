@@ -315,5 +315,5 @@ def _conv_unsupported(module: nn.Module) -> str | None:
 
 
 FUSABLE[nn.Conv2d] = _conv2d_converter
-UNSUPPORTED[nn.Conv2d] = UNSUPPORTED[nn.Conv1d] = _conv_unsupported
+UNSUPPORTED[nn.Conv2d] = UNSUPPORTED[nn.Conv1d] = UNSUPPORTED[nn.ConvTranspose2d] = _conv_unsupported
 ALREADY_SWAPPED += (TritonConv2d,)
