@@ -108,7 +108,10 @@ NO_KERNEL = "no Triton kernel for this module"
 # a layer alone or with its activation -> the function that runs it
 LAYER_FUNCTIONS = {nn.Conv2d: chains.conv_act, nn.Conv1d: chains.conv1d_act,
                    nn.ConvTranspose2d: chains.conv_transpose_act, nn.Linear: chains.linear_act}
-CHAIN_FUNCTIONS = (chains.conv_bn_act, chains.bn_act, chains.activation, *LAYER_FUNCTIONS.values())
+# functional layers -> the op that takes the same arguments (a subclass's own forward, functional code)
+FUNCTIONAL_LAYERS = {F.conv2d: ops.conv2d, torch.conv2d: ops.conv2d, F.linear: ops.linear}
+CHAIN_FUNCTIONS = (chains.conv_bn_act, chains.bn_act, chains.activation, *LAYER_FUNCTIONS.values(),
+                   *set(FUNCTIONAL_LAYERS.values()))
 
 
 @dataclass
@@ -191,6 +194,13 @@ class _Graph:
 
     def bn(self, node: object) -> bool:
         return self._is(node, nn.BatchNorm2d)
+
+    def owner(self, node: object) -> nn.Module | None:
+        """The module owning the parameter a get_attr node reads, else None."""
+        if not isinstance(node, fx.Node) or node.op != "get_attr":
+            return None
+        path = node.target.rpartition(".")[0]
+        return self.gm.get_submodule(path) if path else self.gm
 
     @staticmethod
     def only_user(node: fx.Node, user: fx.Node) -> bool:
@@ -412,10 +422,29 @@ def fuse(gm: fx.GraphModule, supported: Callable[[nn.Module], str | None], activ
     records = [_describe(g, chain) for chain in found]
     for chain in sorted(found, key=lambda c: not c.defer):  # a deferred shortcut before its consumer
         _rewrite(g, chain)
+    records += _functional_layers(g)
     records += _kept(g)
     gm.graph.lint()
     gm.recompile()
     return records
+
+
+def _functional_layers(g: _Graph) -> Iterable[SwapRecord]:
+    """Retarget F.conv2d / torch.conv2d / F.linear calls left in the graph to the kernels' ops (same arguments),
+    where the module owning the weight (if it is a get_attr) is supported, else where the model's parameters
+    are: their dtype is not known from the graph."""
+    for node in list(g.graph.nodes):
+        if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS:
+            continue
+        name = node.target.__name__
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        owner = g.owner(weight)
+        reason = g._activations_reason if owner is None else g._supported(owner)
+        if reason is None and set(node.kwargs) <= {"bias", "stride", "padding", "dilation", "groups"}:
+            node.target = FUNCTIONAL_LAYERS[node.target]
+            yield SwapRecord(node.name, name, "swapped", f"{name} on the Triton kernels")
+        else:
+            yield SwapRecord(node.name, name, "kept", reason or "called with keyword arguments the op names otherwise")
 
 
 def _kept(g: _Graph) -> Iterable[SwapRecord]:

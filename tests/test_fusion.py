@@ -331,7 +331,8 @@ def test_in_place_residual_add_keeps_the_blocks_dtype_under_autocast():
 
 def test_conv1d_and_subclasses_that_keep_their_parents_forward_are_swapped():
     """A Conv1d runs as a 2-D conv of unit height; a subclass that only adds attributes (PyTorch's own
-    NonDynamicallyQuantizableLinear) is its parent to the kernels; one that overrides forward is not."""
+    NonDynamicallyQuantizableLinear) is its parent to the kernels; one that overrides forward (as timm's
+    Conv2dSame pads first) is traced through, and the F.conv2d its forward calls runs on the kernels."""
     class Padded(nn.Conv2d):
         def forward(self, x):
             return super().forward(F.pad(x, (0, 1, 0, 1)))
@@ -355,6 +356,7 @@ def test_conv1d_and_subclasses_that_keep_their_parents_forward_are_swapped():
     records = _records(swapped)
     assert records["conv1d"] == ("fused", "conv1d -> gelu") and records["proj"] == ("swapped", "proj")
     assert records["reflect"][0] == "kept" and "reflect" in records["reflect"][1]
-    assert "padded" not in records  # traced through: its F.pad and F.conv2d stay PyTorch calls in the graph
+    # traced through: its F.pad stays a PyTorch call, its F.conv2d runs on the kernels
+    assert "padded" not in records and records["conv2d"] == ("swapped", "conv2d on the Triton kernels")
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(swapped(x), net(x), rtol=1e-4, atol=1e-5)
