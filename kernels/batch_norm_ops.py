@@ -18,6 +18,7 @@ from torch import nn
 from triton_workbench.kernels import batch_norm as kernels
 from triton_workbench.kernels.activation import activation_code, parameter
 from triton_workbench.kernels.batch_norm import Norm
+from triton_workbench.kernels.ops import refuse_double_backward
 
 _EMPTY = (0,)
 
@@ -129,6 +130,7 @@ def _backward(ctx, grad):
 
 
 _normalize_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_normalize_backward_op)
 
 
 def _format_of(y: torch.Tensor) -> torch.memory_format:

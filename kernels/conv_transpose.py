@@ -92,6 +92,7 @@ def _backward(ctx, grad_y):
 
 
 _conv_transpose_op.register_autograd(_backward, setup_context=_setup_context)
+ops.refuse_double_backward(_conv_transpose_backward_op)
 
 
 def _pair(value: int | tuple[int, int], name: str) -> list[int]:

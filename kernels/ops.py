@@ -479,15 +479,18 @@ def _conv2d_backward_flops(grad_shape, x_shape, w_shape, pre_shape, stride, padd
 # double backward: not implemented, said so plainly instead of a hint to register a formula
 
 
-def _refuse_double_backward(op_name: str):
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"{op_name}: double backward (gradients of gradients, e.g. torch.autograd.grad(..., create_graph=True) "
-            f"for a gradient penalty) is not supported by the Triton kernels; run that model with PyTorch's ops")
+def refuse_double_backward(*backward_ops) -> None:
+    """Register, for each backward op, a backward that raises NotImplementedError naming the op."""
+    for backward_op in backward_ops:
+        name = backward_op._qualname
 
-    return backward
+        def backward(ctx, *grads, name=name):
+            raise NotImplementedError(
+                f"{name}: double backward (gradients of gradients, e.g. torch.autograd.grad(..., "
+                f"create_graph=True) for a gradient penalty) is not supported by the Triton kernels; run that "
+                f"model with PyTorch's ops")
+
+        backward_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
 
 
-for _backward_op in (_gemm_backward_op, _activation_backward_op, _conv2d_backward_op):
-    _backward_op.register_autograd(_refuse_double_backward(_backward_op._qualname),
-                                   setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(_gemm_backward_op, _activation_backward_op, _conv2d_backward_op)

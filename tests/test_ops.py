@@ -185,12 +185,17 @@ def test_autocast_runs_our_kernels_in_the_autocast_dtype(op, device):
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
 
 
-@pytest.mark.parametrize("op", ["linear", "activation", "conv2d"])
+@pytest.mark.parametrize("op", ["linear", "activation", "conv2d", "batch_norm", "conv_transpose2d"])
 def test_double_backward_says_it_is_not_supported(op):
-    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    from triton_workbench.kernels.batch_norm_ops import batch_norm_act
+    from triton_workbench.kernels.conv_transpose import conv_transpose2d
+
+    x = torch.randn(2, 2, 4, 4, requires_grad=True)
     run = {"linear": lambda: kernels.linear(x, torch.randn(3, 4), activation="gelu"),
            "activation": lambda: kernels.activation(x, "gelu"),
-           "conv2d": lambda: kernels.conv2d(x, torch.randn(3, 2, 3, 3), activation="relu")}[op]
+           "conv2d": lambda: kernels.conv2d(x, torch.randn(3, 2, 3, 3), activation="relu"),
+           "batch_norm": lambda: batch_norm_act(x, torch.nn.BatchNorm2d(2), activation="silu"),
+           "conv_transpose2d": lambda: conv_transpose2d(x, torch.randn(2, 3, 3, 3), activation="tanh")}[op]
     (grad,) = torch.autograd.grad(run().square().sum(), x, create_graph=True)
     with pytest.raises(NotImplementedError, match=r"workbench::\w+_backward: double backward .* not supported"):
         grad.sum().backward()
