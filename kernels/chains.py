@@ -14,6 +14,7 @@ behaviour with `model.train()` / `model.eval()` exactly as the original.
     conv_act, conv1d_act, linear_act              one kernel with the activation in its epilogue (a Conv1d
                                                   as a 2-D conv of unit height)
     conv_transpose_act                            the conv's dgrad kernel, then bias and activation
+    prelu                                         a PReLU module's learnable slopes, one kernel
 
 A residual that is itself a conv -> BN (a downsample shortcut) comes in raw, with its BN as
 `residual_bn`, when that BN uses batch statistics: its normalisation happens inside the consumer's
@@ -29,6 +30,7 @@ from triton_workbench.kernels import ops
 from triton_workbench.kernels.batch_norm_ops import batch_norm_act, uses_batch_stats
 from triton_workbench.kernels.conv_geometry import make_geometry
 from triton_workbench.kernels.conv_transpose import conv_transpose2d
+from triton_workbench.kernels.prelu import prelu as prelu_kernel
 
 
 def conv_act(x: torch.Tensor, conv: nn.Conv2d, activation: str | None = None,
@@ -142,6 +144,11 @@ def _add_in_pytorch(out: torch.Tensor, residual: torch.Tensor, residual_bn: nn.B
     total = out + residual
     total = total.to(out.dtype) if in_place else total
     return activation(total, name, negative_slope) if name is not None else total
+
+
+def prelu(x: torch.Tensor, module: nn.PReLU) -> torch.Tensor:
+    """PReLU with the module's learnable slopes, in one kernel."""
+    return prelu_kernel(x, module.weight)
 
 
 def activation(x: torch.Tensor, name: str, negative_slope: float | None = None) -> torch.Tensor:

@@ -110,7 +110,7 @@ LAYER_FUNCTIONS = {nn.Conv2d: chains.conv_act, nn.Conv1d: chains.conv1d_act,
                    nn.ConvTranspose2d: chains.conv_transpose_act, nn.Linear: chains.linear_act}
 # functional layers -> the op that takes the same arguments (a subclass's own forward, functional code)
 FUNCTIONAL_LAYERS = {F.conv2d: ops.conv2d, torch.conv2d: ops.conv2d, F.linear: ops.linear}
-CHAIN_FUNCTIONS = (chains.conv_bn_act, chains.bn_act, chains.activation, *LAYER_FUNCTIONS.values(),
+CHAIN_FUNCTIONS = (chains.conv_bn_act, chains.bn_act, chains.activation, chains.prelu, *LAYER_FUNCTIONS.values(),
                    *set(FUNCTIONAL_LAYERS.values()))
 
 
@@ -136,6 +136,7 @@ class Chain:
     activation: Activation | None = None
     defer: bool = False
     in_place: bool = False  # the add was `main += residual`: its result keeps main's dtype
+    prelu: fx.Node | None = None  # a PReLU module (a learnable activation: alone)
     nodes: list[fx.Node] = field(default_factory=list)
 
 
@@ -188,6 +189,9 @@ class _Graph:
 
     def conv_transpose(self, node: object) -> bool:
         return self._is(node, nn.ConvTranspose2d)
+
+    def prelu(self, node: object) -> bool:
+        return self._is(node, nn.PReLU)
 
     def linear(self, node: object) -> bool:
         return self._is(node, nn.Linear)
@@ -335,6 +339,8 @@ def _match(g: _Graph) -> list[Chain]:
                 take(Chain(source=node.args[0], nodes=[node], **{kind: node}))
         if (act := g.activation(node)) is not None:
             take(Chain(source=act.source, activation=act, nodes=[node]))
+        if g.prelu(node):
+            take(Chain(source=node.args[0], nodes=[node], prelu=node))
     return found
 
 
@@ -357,6 +363,8 @@ def _rewrite(g: _Graph, chain: Chain) -> None:
         elif chain.bn is not None:
             args, target = (source, module(chain.bn)), chains.bn_act
             act_kwargs |= residual
+        elif chain.prelu is not None:
+            args, target = (source, module(chain.prelu)), chains.prelu
         elif chain.conv is not None or chain.linear is not None:
             layer = chain.conv or chain.linear
             target = next(function for kind, function in LAYER_FUNCTIONS.items() if behaves_as(g.module(layer), kind))
