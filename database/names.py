@@ -61,6 +61,7 @@ class SeriesTable(StrEnum):
     OP_TIMES = "op_times"  # torch.profiler per-op times of a training run
     STRATEGY_RESULTS = "strategy_results"
     TRAFFIC = "traffic"  # bench model --traffic: launches and bytes per category, eager against swapped
+    TRAFFIC_BY_BLOCK = "traffic_by_block"  # the same per block (layer1.0, ...)
     FUSED_CHAINS = "fused_chains"  # what kernels.nn.swap fused, swapped and left in PyTorch, with why
     POWER_LIMIT_PROFILE = "power_limit_profile"  # train --power-limit auto: each limit's profiled steps, the choice
 

@@ -2,13 +2,15 @@
 
 import collections
 
+import pytest
+
 import torch
 from torch import nn
 
 from triton_workbench.database import Database, SeriesTable
 from triton_workbench.kernels.nn import swap
 from triton_workbench.workbench.cli import main
-from triton_workbench.workbench.traffic import step_kernels, traffic_table
+from triton_workbench.workbench.traffic import block_table, step_kernels, traffic_table
 from triton_workbench.workbench.torchvision_resnet import BasicBlock
 
 
@@ -42,13 +44,18 @@ def test_the_swapped_block_runs_its_own_launchers_and_moves_fewer_bytes():
     assert table.loc["activation", "launches_triton"] == 0 and table.loc["activation", "launches_eager"] == 6
     assert table.loc["total", "gb_triton"] < table.loc["total", "gb_eager"]
     assert table.loc["total", "launches_eager"] == len(eager) and table.loc["total", "launches_triton"] == len(ours)
+    blocks = block_table(eager, ours).set_index("block")
+    assert {"0", "1", "3"} <= set(blocks.index)  # the stem conv, its BN, the BasicBlock (3.conv1, 3.downsample.0)
+    assert blocks["gb_eager"].sum() == pytest.approx(table.loc["total", "gb_eager"])  # every kernel in one block
+    assert blocks.loc["3", "launches_triton"] > blocks.loc["0", "launches_triton"]
 
 
 def test_bench_model_prints_and_stores_the_table_and_the_fused_chains(tmp_path, capsys):
     db_path = tmp_path / "w.db"
-    assert main(["bench", "model", "demo", "--traffic", "--batch", "8", "--db", str(db_path)]) == 0
+    assert main(["bench", "model", "demo", "--traffic", "--per-block", "--batch", "8", "--db", str(db_path)]) == 0
     out = capsys.readouterr().out
     assert "analytic model" in out and "swapped / eager:" in out and "batch norm" in out
+    assert "blocks.0" in out and "the totals are exact" in out
     db = Database(db_path)
     run_id = int(db.runs()["run_id"].iloc[-1])
     assert set(db.read(SeriesTable.TRAFFIC, run_id)["category"]) >= {"total", "conv forward", "batch norm"}

@@ -46,6 +46,7 @@ class Kernel:
     op: str  # the op (aten::... or workbench::...) that launched it
     name: str  # the kernel: the aten op itself, or the Triton kernel's name
     bytes: int
+    layer: str = ""  # the block it belongs to (see `StepRecorder`)
 
 
 def category(op: str) -> str:
@@ -53,7 +54,7 @@ def category(op: str) -> str:
 
 
 def _key(tensor: torch.Tensor) -> tuple:
-    return id(tensor.untyped_storage()), tensor.storage_offset(), tensor.shape
+    return tensor.untyped_storage()._cdata, tensor.storage_offset(), tensor.shape  # (id() of the wrapper is not stable)
 
 
 def _tensors(*trees: Any) -> list[torch.Tensor]:
@@ -96,12 +97,25 @@ def _pytorch_kernels(name: str, args: tuple, kwargs: dict, out: Any) -> list[Ker
     return [Kernel(name, name, _moved((args, kwargs), out))]
 
 
-class StepRecorder(TorchDispatchMode):
-    """Records the kernels of everything run under it (see the module docstring)."""
+def _block(parameter: str) -> str:
+    """The block a parameter belongs to: its path up to the first index (layer1.0 for layer1.0.conv1.weight
+    and layer1.0.downsample.1.bias), else its module (conv1 for conv1.weight)."""
+    parts = parameter.split(".")[:-1]
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return ".".join(parts[: index + 1] if index is not None else parts) or "(top)"
 
-    def __init__(self) -> None:
+
+class StepRecorder(TorchDispatchMode):
+    """Records the kernels of everything run under it (see the module docstring), each with the block it
+    belongs to: that of the parameter an op reads (`_block`), else that of a tensor it reads which such an op
+    produced (a ReLU's, an add's, a gradient's), else "other" (the batch counters: buffers)."""
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.kernels: list[Kernel] = []
+        self._parameters = {_key(p): _block(name) for name, p in model.named_parameters()}
+        self._produced: dict[tuple, str] = {}  # tensor -> the module of the op that produced it
+        self._layer = "other"  # the module of the op running now
         self._inside: str | None = None  # the workbench op whose launcher is running
         self._created: set[tuple] = set()  # tensors that op has allocated so far ...
         self._writer: dict[tuple, str] = {}  # ... and the Triton kernel that wrote each of them first
@@ -110,15 +124,29 @@ class StepRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
+        if self._inside is None:
+            self._layer = self._layer_of(args, kwargs)
         if func.namespace == "workbench" and self._inside is None:
-            return self._run_launcher(name, args, kwargs)
+            return self._owned(self._run_launcher(name, args, kwargs))
         out = func(*args, **kwargs)
         if self._inside is not None:
             self._created.update(_key(t) for t in _tensors(out))
         moved = _moved((args, kwargs), out)
         if moved and not (_is_view(func) or any(word in name for word in _NOTHING_MOVED)):
-            self.kernels += [Kernel(self._inside or k.op, k.name, k.bytes)
+            self.kernels += [Kernel(self._inside or k.op, k.name, k.bytes, self._layer)
                              for k in _pytorch_kernels(name, args, kwargs, out)]
+        return self._owned(out) if self._inside is None else out
+
+    def _layer_of(self, *trees: Any) -> str:
+        keys = [_key(t) for t in _tensors(*trees)]
+        found = [self._parameters[k] for k in keys if k in self._parameters] or [
+            self._produced[k] for k in keys if k in self._produced]
+        return found[0] if found else "other"
+
+    def _owned(self, out: Any) -> Any:
+        """`out`, its tensors now known as the current op's module's (for the ops that read them later)."""
+        for tensor in _tensors(out):
+            self._produced.setdefault(_key(tensor), self._layer)
         return out
 
     def _run_launcher(self, name: str, args: tuple, kwargs: dict) -> Any:
@@ -141,7 +169,7 @@ class StepRecorder(TorchDispatchMode):
             writer = self._writer.setdefault(key, kernel_name) if key in self._created else None
             if writer is None or writer != kernel_name or self._first_launch_of(key, kernel_name):
                 moved += tensor.numel() * tensor.element_size()
-        self.kernels.append(Kernel(self._inside, kernel_name, moved))
+        self.kernels.append(Kernel(self._inside, kernel_name, moved, self._layer))
 
     def _first_launch_of(self, key: tuple, kernel_name: str) -> bool:
         """Whether this is the writer's first launch touching the created tensor `key` (it writes it then)."""
@@ -173,7 +201,7 @@ def step_kernels(model: nn.Module, input_shape: tuple[int, ...], num_classes: in
     model = model.to(device="meta", dtype=dtype, memory_format=torch.channels_last).train()
     x = torch.empty(input_shape, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
     labels = torch.zeros(input_shape[0], device="meta", dtype=torch.long)
-    with StepRecorder() as recorder:
+    with StepRecorder(model) as recorder:
         F.cross_entropy(model(x), labels).backward()
     return recorder.kernels
 
@@ -188,8 +216,9 @@ def bench_models() -> dict[str, Callable[[], nn.Module]]:
 
 
 def compare(model_name: str, batch: int, image_size: int, dtype: torch.dtype
-            ) -> tuple[pd.DataFrame, list]:
-    """(the traffic table of one training step of `model_name`, eager against swapped, and swap's records)."""
+            ) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """(the traffic tables of one training step of `model_name`, eager against swapped, per category and per
+    block, and swap's records)."""
     from triton_workbench.kernels.nn import swap
 
     build = bench_models()[model_name]
@@ -197,7 +226,25 @@ def compare(model_name: str, batch: int, image_size: int, dtype: torch.dtype
     shape = (batch, 3, image_size, image_size)
     eager = step_kernels(build(), shape, num_classes, dtype)
     swapped = swap(build())
-    return traffic_table(eager, step_kernels(swapped, shape, num_classes, dtype)), swapped.swap_records
+    ours = step_kernels(swapped, shape, num_classes, dtype)
+    return traffic_table(eager, ours), block_table(eager, ours), swapped.swap_records
+
+
+def block_table(eager: list[Kernel], swapped: list[Kernel]) -> pd.DataFrame:
+    """Launches and GB per block (`StepRecorder`), in the order the models first run them."""
+    def totals(kernels: list[Kernel], side: str) -> pd.DataFrame:
+        frame = pd.DataFrame([(k.layer, k.bytes) for k in kernels], columns=["block", "bytes"])
+        grouped = frame.groupby("block", sort=False)["bytes"].agg(["count", "sum"])
+        return grouped.rename(columns={"count": f"launches_{side}", "sum": f"gb_{side}"})
+
+    table = totals(eager, "eager").join(totals(swapped, "triton"), how="outer", sort=False).fillna(0)
+    order = list(dict.fromkeys(k.layer for k in eager + swapped))
+    table = table.loc[order]
+    for side in ("eager", "triton"):
+        table[f"launches_{side}"] = table[f"launches_{side}"].astype(int)
+        table[f"gb_{side}"] = table[f"gb_{side}"] / 1e9
+    table["bytes_ratio"] = table["gb_triton"] / table["gb_eager"]
+    return table.reset_index()
 
 
 def traffic_table(eager: list[Kernel], swapped: list[Kernel]) -> pd.DataFrame:

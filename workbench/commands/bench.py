@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                        "or model: a whole model's training step (with MODEL and --traffic)")
     parser.add_argument("model", nargs="?", default=None,
                         help="bench model only: resnet18, resnet50 (torchvision-style) or demo (the demo's ResNet)")
+    parser.add_argument("--per-block", action="store_true",
+                        help="bench model --traffic: also print the table per block (layer1.0, ...)")
     parser.add_argument("--traffic", action="store_true",
                         help="bench model: kernel launches and bytes of one training step (shapes only, an analytic "
                              "model, no GPU needed), the swapped model against eager PyTorch")
@@ -113,17 +115,22 @@ def run_model(args: argparse.Namespace) -> int:
     batch = args.batch[0] if args.batch else 64
     size = (args.input_size or [32 if args.model == "demo" else 224])[0]
     dtype = args.dtype or "fp16"
-    table, records = traffic.compare(args.model, batch, size, DTYPES[dtype])
+    table, by_block, records = traffic.compare(args.model, batch, size, DTYPES[dtype])
     print(f"{args.model}: one training step (forward + backward), batch {batch}, {size}x{size}, {dtype} "
           f"channels_last, counted on the meta device: an analytic model of launches and DRAM bytes, not a "
           f"measurement")
     print(format_table(table, float_format="{:.3f}"))
     total = table.set_index("category").loc["total"]
     print(f"swapped / eager: {total['launches_ratio']:.2f}x the launches, {total['bytes_ratio']:.2f}x the bytes")
+    if args.per_block:
+        print(format_table(by_block, float_format="{:.3f}"))
+        print("(each kernel counts for the block of the parameter it reads, else of the tensor it reads: an add or "
+              "activation at a block's edge may count for its neighbour; the totals are exact)")
     db = Database(args.db)
     try:
         with db.run(RunKind.BENCH, f"model:{args.model}", {"batch": batch, "image_size": size, "dtype": dtype}) as run_id:
             db.append(SeriesTable.TRAFFIC, run_id, table)
+            db.append(SeriesTable.TRAFFIC_BY_BLOCK, run_id, by_block)
             db.append(SeriesTable.FUSED_CHAINS, run_id, pd.DataFrame([vars(r) for r in records]))
     finally:
         db.close()
