@@ -31,7 +31,7 @@ from triton_workbench.kernels.conv_geometry import (ConvGeometry, conv_problem, 
 from triton_workbench.kernels.conv_tiles import offsets, spatial_offsets
 from triton_workbench.kernels.spec import Config, KernelSpec, Problem
 
-# per dtype: MobileNetV2's first 3x3 depthwise conv at 56x56 (144 channels), batch 32, bias + ReLU, channels_last
+# per dtype: a MobileNetV2 3x3 depthwise conv at 56x56 (144 channels), batch 32, bias + ReLU, channels_last
 EXAMPLE_PROBLEMS = tuple(
     conv_problem(32, 144, 56, 56, 144, 3, 3, make_geometry((3, 3), 1, 1, 1, 144), dtype, "nhwc", "relu", True)
     | ({"tf32": True} if dtype == "fp32" else {})

@@ -33,7 +33,7 @@ from triton_workbench.kernels.conv_tiles import offsets, position, spatial_offse
 from triton_workbench.kernels.conv_wgrad import CONV_WGRAD_SPEC
 from triton_workbench.kernels.spec import Config, Problem
 
-# per dtype: MobileNetV2's first 3x3 depthwise conv (144 channels, 56x56, batch 32), channels_last; wgrad with
+# per dtype: a MobileNetV2 3x3 depthwise conv (144 channels, 56x56, batch 32), channels_last; wgrad with
 # its bias gradient (fused in the kernel)
 BACKWARD_EXAMPLE_PROBLEMS = tuple(
     conv_problem(32, 144, 56, 56, 144, 3, 3, make_geometry((3, 3), 1, 1, 1, 144), dtype, "nhwc", None, False)
@@ -240,7 +240,7 @@ def _wgrad_fits_problem(config: Config, problem: Problem) -> bool:
 
 
 def _wgrad_default_config(problem: Problem) -> Config:
-    """64 positions x up to 64 channels on 4 warps (16 accumulators a thread), shrunk to the problem; the
+    """64 positions x up to 64 channels on 4 warps (32 accumulators a thread), shrunk to the problem; the
     positions split until the grid has 8 programs per SM of an H100 SXM (enough warps in flight to keep a
     memory-bound loop busy), keeping >= 8 position blocks per split."""
     positions, channels = _wgrad_dims(problem)
