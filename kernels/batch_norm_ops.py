@@ -18,6 +18,7 @@ from torch import nn
 from triton_workbench.kernels import batch_norm as kernels
 from triton_workbench.kernels.activation import activation_code, parameter
 from triton_workbench.kernels.batch_norm import Norm
+from triton_workbench.kernels.conv_geometry import memory_format_of
 from triton_workbench.kernels.ops import refuse_double_backward
 
 _EMPTY = (0,)
@@ -118,7 +119,7 @@ def _backward(ctx, grad):
     needs = ctx.needs_input_grad
     need_params = any(needs[index] for index in (3, 4, 9, 10))
     dy, dr, dweight, dbias, dr_weight, dr_bias = _normalize_backward_op(
-        grad.contiguous(memory_format=_format_of(y)), y, mean, invstd, weight, bias, batch_stats, residual, r_mean,
+        grad.contiguous(memory_format=memory_format_of(y)), y, mean, invstd, weight, bias, batch_stats, residual, r_mean,
         r_invstd, r_weight, r_bias, r_batch_stats, activation, negative_slope, needs[0], needs[6], need_params)
 
     def wanted(index: int, gradient: torch.Tensor, of: torch.Tensor | None) -> torch.Tensor | None:
@@ -131,11 +132,6 @@ def _backward(ctx, grad):
 
 _normalize_op.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(_normalize_backward_op)
-
-
-def _format_of(y: torch.Tensor) -> torch.memory_format:
-    channels_last = not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +187,7 @@ def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor |
             raise ValueError(f"residual has shape {tuple(residual.shape)} but the normalised tensor {tuple(y.shape)}")
         dtype = y.dtype if in_place else torch.promote_types(y.dtype, residual.dtype)
         y = _rows_ready(y.to(dtype))
-        residual = residual.to(dtype).contiguous(memory_format=_format_of(y))
+        residual = residual.to(dtype).contiguous(memory_format=memory_format_of(y))
         residual_norm = statistics(residual, residual_bn) if residual_bn is not None else None
     y = _rows_ready(y)
     norm = statistics(y, bn, moments)

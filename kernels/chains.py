@@ -36,7 +36,13 @@ from triton_workbench.kernels.prelu import prelu as prelu_kernel
 def conv_act(x: torch.Tensor, conv: nn.Conv2d, activation: str | None = None,
              negative_slope: float | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """act(conv(x) [+ residual]) in one conv kernel."""
-    return ops.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation,
+    return _conv(x, conv, conv.weight, conv.bias, activation, negative_slope, residual)
+
+
+def _conv(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+          negative_slope: float | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """ops.conv2d with `conv`'s geometry and the given weight and bias (its own, or with a BN folded in)."""
+    return ops.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation,
                       residual=residual, **ops.activation_kwargs(activation, negative_slope))
 
 
@@ -102,9 +108,7 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: 
         return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, moments, in_place)
     if residual_bn is not None:  # this BN runs on running stats but the shortcut's on the batch's: apply it first
         residual, residual_bn = batch_norm_act(residual, residual_bn), None
-    weight, bias = folded(conv, bn)
-    return ops.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, activation,
-                      residual=residual, **ops.activation_kwargs(activation, negative_slope))
+    return _conv(x, conv, *folded(conv, bn), activation, negative_slope, residual)
 
 
 def bn_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,

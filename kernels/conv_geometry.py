@@ -102,10 +102,14 @@ def channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """x's memory format: channels_last where it is that and not also plain contiguous, else contiguous."""
+    return torch.channels_last if channels_last(x) else torch.contiguous_format
+
+
 def empty_in_layout_of(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """An uninitialised 4-D tensor of `shape` and x's dtype in x's memory format (channels_last or contiguous)."""
-    fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
-    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
+    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ import torch
 from triton_workbench.kernels import ops
 from triton_workbench.kernels.conv_dgrad import conv2d_input_grad
 from triton_workbench.kernels.conv_fwd import conv2d_forward
-from triton_workbench.kernels.conv_geometry import ConvGeometry, channels_last, empty_in_layout_of
+from triton_workbench.kernels.conv_geometry import ConvGeometry, empty_in_layout_of, memory_format_of
 from triton_workbench.kernels.conv_wgrad import conv2d_bias_grad, conv2d_weight_grad
 
 _EMPTY = (0,)
@@ -60,7 +60,7 @@ def _conv_transpose_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: t
     """(dL/dx: the conv forward of grad_y, dL/dw: the wgrad with the roles swapped, dL/dbias); empty where not
     needed."""
     geometry = _geometry(stride, padding, dilation, groups)
-    grad_y = grad_y.contiguous(memory_format=torch.channels_last) if channels_last(x) else grad_y.contiguous()
+    grad_y = grad_y.contiguous(memory_format=memory_format_of(x))
     grad_x = conv2d_forward(grad_y, weight, None, geometry).y if need_x else x.new_empty(_EMPTY)
     grad_weight = conv2d_weight_grad(x, grad_y, weight, geometry, bias_grad=False)[0] if need_weight \
         else x.new_empty(_EMPTY)

@@ -22,7 +22,8 @@ from triton_workbench.kernels.conv_depthwise import depthwise_forward, is_depthw
 from triton_workbench.kernels.conv_depthwise_grad import depthwise_input_grad, depthwise_weight_grad
 from triton_workbench.kernels.conv_dgrad import conv2d_input_grad
 from triton_workbench.kernels.conv_fwd import conv2d_forward, empty_moments
-from triton_workbench.kernels.conv_geometry import ConvGeometry, channels_last, empty_in_layout_of, make_geometry
+from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, empty_in_layout_of, make_geometry,
+                                                    memory_format_of)
 from triton_workbench.kernels.conv_wgrad import conv2d_bias_grad, conv2d_weight_grad
 from triton_workbench.kernels import gemm as gemm_kernels
 from triton_workbench.kernels import runtime
@@ -431,8 +432,7 @@ def _residual_like(residual: torch.Tensor, batched: torch.Tensor, shape: tuple[i
     batched_residual = residual.unsqueeze(0) if residual.dim() == 3 else residual
     if tuple(batched_residual.shape) != tuple(shape):
         raise ValueError(f"residual must have the conv's output shape {tuple(shape)}, got {tuple(residual.shape)}")
-    layout = torch.channels_last if channels_last(batched) else torch.contiguous_format
-    return batched_residual.contiguous(memory_format=layout)
+    return batched_residual.contiguous(memory_format=memory_format_of(batched))
 
 
 def _check_conv_sizes(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:

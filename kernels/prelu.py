@@ -15,6 +15,7 @@ import triton.language as tl
 
 from triton_workbench.kernels import ops, runtime
 from triton_workbench.kernels.batch_norm import _channel, _tile, rows_view
+from triton_workbench.kernels.conv_geometry import memory_format_of
 from triton_workbench.kernels.runtime import jit
 
 
@@ -104,8 +105,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     x, slope = ctx.saved_tensors
-    layout = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
-    dx, dslope = _prelu_backward_op(grad.contiguous(memory_format=layout), x, slope)
+    dx, dslope = _prelu_backward_op(grad.contiguous(memory_format=memory_format_of(x)), x, slope)
     return dx, dslope
 
 
