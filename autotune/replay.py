@@ -14,7 +14,7 @@ from triton_workbench.autotune.strategies import make_strategy
 
 def replay(
     path_or_frame: str | Path | pd.DataFrame | Landscape, strategy: str = "auto", budget: int = 100, seed: int = 0,
-    strategy_options: Mapping[str, Any] | None = None,
+    strategy_options: Mapping[str, Any] | None = None, batch: int = 1,
 ) -> pd.DataFrame:
     """The trajectory of `strategy` on a recorded landscape: one row per config visited, in order.
 
@@ -23,20 +23,23 @@ def replay(
     recorded config costs one evaluation, failed ones included; configs absent from the recording are
     invalid (the space's constraint excludes them), so they are never asked and cost nothing.
     The run stops after `budget` evaluations or when every recorded config has been visited.
-    `strategy_options`: the strategy's hyperparameters by name (see `make_strategy`).
+    `strategy_options`: the strategy's hyperparameters by name (see `make_strategy`). `batch`: configs
+    asked before any of them is told, as `tune` asks a batch to compile ahead of its measurement.
     """
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise ValueError(f"budget: expected a positive int, got {budget!r}")
+    for name, count in (("budget", budget), ("batch", batch)):
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"{name}: expected a positive int, got {count!r}")
     landscape = path_or_frame if isinstance(path_or_frame, Landscape) else load_landscape(path_or_frame)
     search = make_strategy(strategy, landscape.space, seed=seed, **(strategy_options or {}))
     rows = []
     while len(rows) < budget:
-        config = search.ask()
-        if config is None:
+        asked = [config for _ in range(min(batch, budget - len(rows))) if (config := search.ask()) is not None]
+        if not asked:
             break
-        value = landscape.value(config)
-        search.tell(config, value)
-        rows.append({**config, "value": value})
+        for config in asked:
+            value = landscape.value(config)
+            search.tell(config, value)
+            rows.append({**config, "value": value})
     trajectory = pd.DataFrame(rows, columns=[*landscape.params, "value"])
     trajectory["best_value"] = np.minimum.accumulate(trajectory["value"].to_numpy(dtype=float))
     return trajectory

@@ -72,6 +72,21 @@ class Space:
     def _row_of(self) -> dict[tuple[int, ...], int]:
         return {tuple(row): i for i, row in enumerate(self.table.tolist())}
 
+    @cached_property
+    def _codes(self) -> np.ndarray:
+        """Each valid config's position in the full product (ascending: `table` is in lexicographic order)."""
+        shape = [len(values) for values in self.params.values()]
+        return np.ravel_multi_index(self.table.T, shape) if self.size else np.zeros(0, dtype=np.int64)
+
+    def rows_of(self, indices: np.ndarray) -> np.ndarray:
+        """Rows of `table` holding the value indices of each row of `indices`; -1 where that config is not valid."""
+        shape = [len(values) for values in self.params.values()]
+        codes = np.ravel_multi_index(np.asarray(indices).T, shape)
+        if not self.size:
+            return np.full(len(codes), -1)
+        rows = np.minimum(np.searchsorted(self._codes, codes), self.size - 1)
+        return np.where(self._codes[rows] == codes, rows, -1)
+
     @property
     def size(self) -> int:
         """Number of valid configs."""

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from triton_workbench.autotune.compare import HOLDOUT
 from triton_workbench.autotune.results import TuningDatabase
 from triton_workbench.database import SERIES_TABLES, RunKind, SeriesTable, Table, TrialStatus
 from triton_workbench.kernels.errors import UsageError
@@ -14,7 +15,7 @@ from triton_workbench.reports.baselines import baseline_figure, speedups
 from triton_workbench.reports.environment import device_label, environment_section, interpreter_banner, is_interpreter
 from triton_workbench.reports.html import Section, anchor_for, render_page
 from triton_workbench.reports.roofline import roofline_figure
-from triton_workbench.reports.strategies import final_budget_table, strategies_figure
+from triton_workbench.reports.strategies import final_budget_table, regret_figure, strategies_figure
 from triton_workbench.reports.timeline import timeline_figure
 from triton_workbench.reports.training import TrainingRun, curves_figure, energy_figure as training_energy_figure
 from triton_workbench.reports.training import op_times_figure, power_limit_table, summary_table
@@ -235,6 +236,16 @@ def strategies_section(data: ReportData) -> Section | None:
         part = Section(_run_title(run), anchor_for(RunKind.STRATEGIES, run["run_id"]))
         part.add_figure(strategies_figure(results), "Workbench strategies solid, Kernel Tuner's dashed; "
                                                     "fraction = best possible / best found (1 is the optimum).")
+        meta = run["meta"] if isinstance(run["meta"], dict) else {}
+        holdout = meta.get("holdout", HOLDOUT)
+        regret = regret_figure(results, holdout)
+        if regret is not None:
+            part.add_figure(regret, "Regret = 1 − fraction of the optimum found = 1 − best possible / best found "
+                                    "(0 at the optimum), averaged over the panel's landscapes; log axes, regret "
+                                    "clipped at 1e-4 so that 0 shows. Error bars: one standard error over seeds, "
+                                    "each seed's mean over the landscapes being one sample. Held out (no design "
+                                    f"choice made on them): {', '.join(holdout) or 'none'}; a strategy is drawn in "
+                                    "a panel only if it has results on every landscape of it.")
         part.add_table(final_budget_table(results), "At the largest budget")
         section.add(part)
     return section

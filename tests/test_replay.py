@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from triton_workbench.autotune.compare import compare, load_kernel_tuner_results, summarise
+from triton_workbench.autotune.compare import compare, load_kernel_tuner_results, summary_with_errors
 from triton_workbench.autotune.replay import replay
 from triton_workbench.workbench.cli import main
 
@@ -55,6 +55,21 @@ def test_budget_and_seed(tmp_path):
         replay(tmp_path / "missing.json", "random", budget=5)
 
 
+def test_batches_ask_several_configs_before_telling_any(tmp_path, monkeypatch):
+    from triton_workbench.autotune.strategies.base import Strategy
+
+    path = write_cache(tmp_path / "toy.json")
+    untold_at_ask = []
+    ask = Strategy.ask
+    monkeypatch.setattr(Strategy, "ask", lambda self: untold_at_ask.append(len(self.pending)) or ask(self))
+    trajectory = replay(path, "auto", budget=11, seed=0, batch=4)
+    assert len(trajectory) == 11 and not trajectory.duplicated(["a", "b"]).any()
+    assert untold_at_ask == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]  # the last batch is cut to the budget
+    pd.testing.assert_frame_equal(replay(path, "random", 11, 3, batch=4), replay(path, "random", 11, 3))
+    with pytest.raises(ValueError, match="batch"):
+        replay(path, "random", budget=5, batch=0)
+
+
 def test_replay_from_a_frame():
     frame = pd.DataFrame({"x": [1, 2, 3, 4], "y": [0, 0, 1, 1], "time": [4.0, 3.0, math.inf, 1.0]})
     trajectory = replay(frame, "exhaustive", budget=10)
@@ -73,8 +88,18 @@ def test_compare_fractions_match_replays(tmp_path):
         assert row.fraction == pytest.approx(1.0 / best)
     for _, runs in results.groupby(["strategy", "seed"]):
         assert runs.sort_values("budget")["fraction"].is_monotonic_increasing
-    table = summarise(results)
-    assert table.loc[("toy", 8), "random"] == pytest.approx(results.query("budget == 8 and strategy == 'random'")["fraction"].mean())
+    table = summary_with_errors(results, holdout=(), per_landscape=True).set_index(["group", "budget", "strategy"])
+    assert table.loc[("toy", 8, "random"), "mean"] == pytest.approx(
+        results.query("budget == 8 and strategy == 'random'")["fraction"].mean())
+
+
+def test_compare_in_worker_processes_gives_the_same_rows(tmp_path):
+    path = write_cache(tmp_path / "toy.json.gz")
+    alone = compare([path], ["random", "auto"], [3, 8], seeds=[0, 5], progress=False)
+    pd.testing.assert_frame_equal(compare([path], ["random", "auto"], [3, 8], seeds=[0, 5], progress=False,
+                                          workers=2), alone)
+    with pytest.raises(ValueError, match="workers"):
+        compare([path], ["random"], [3], seeds=1, workers=0)
 
 
 def test_strategies_command_prints_table_and_stores_rows(tmp_path, capsys):
@@ -92,9 +117,13 @@ def test_strategies_command_prints_table_and_stores_rows(tmp_path, capsys):
                  "--db", str(database)]) == 0
     output = capsys.readouterr().out
     header, rule, *lines = output.splitlines()[:4]
-    assert header.split()[:4] == ["landscape", "budget", "exhaustive", "kt:mls"]
+    assert header.split() == ["landscape", "budget", "random", "exhaustive", "best", "kt", "kt", "strategy",
+                              "random", "−", "best"]
     assert len(header) == len(rule) == len(lines[0])  # aligned
-    assert "0.375" in output  # Kernel Tuner's mean at budget 4
+    assert lines[0].split()[:2] == ["toy", "4"]
+    assert "0.375 ± 0.125  mls" in lines[0]  # Kernel Tuner's mean at budget 4 ± its standard error over 2 seeds
+    assert [line.split()[:3] for line in output.splitlines()[4:6]] == [["mean", "(development)", "4"],
+                                                                       ["mean", "(development)", "16"]]
     stored = Database(database).read("strategy_results")
     assert len(stored) == 2 * 2 * 2 + 2
     assert set(stored["source"]) == {"workbench", "kernel_tuner"}
@@ -115,6 +144,8 @@ def test_strategies_command_rejects_bad_arguments(tmp_path, capsys):
     assert "--budgets" in capsys.readouterr().err
     assert main(["strategies", "--landscapes", str(tmp_path), "--first-seed", "-1"]) == 2
     assert "--first-seed" in capsys.readouterr().err
+    assert main(["strategies", "--landscapes", str(tmp_path), "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
 
 
 def test_kernel_tuner_results_layout(tmp_path):
@@ -123,7 +154,7 @@ def test_kernel_tuner_results_layout(tmp_path):
     frame = load_kernel_tuner_results(path)
     assert frame.iloc[0].to_dict() == {"landscape": "toy", "budget": 4, "strategy": "kt:mls", "seed": 0,
                                        "fraction": 0.5, "source": "kernel_tuner"}
-    assert "kt:mls" in summarise(frame).columns
+    assert summary_with_errors(frame, holdout=()).iloc[0][["strategy", "source"]].tolist() == ["kt:mls", "kernel_tuner"]
 
 
 def test_shipped_kernel_tuner_baseline_is_the_default():

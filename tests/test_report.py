@@ -108,8 +108,8 @@ def populate(db: TuningDatabase) -> dict[str, int]:
 
 def expected_figures() -> int:
     """Figures `populate` should give: heatmap, best-so-far, energy, roofline, timeline (tune);
-    baselines; curves and op times (train, no energy); strategies."""
-    return 5 + 1 + 2 + 1
+    baselines; curves and op times (train, no energy); strategies (per landscape, regret over time)."""
+    return 5 + 1 + 2 + 2
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_sections_only_for_selected_runs(populated, tmp_path):
     db, ids = populated
     sections, banner = build_sections(db, [ids["strategies"]])
     assert [section.title for section in sections] == ["Runs", "Environment", "Search strategies"]
-    assert sum(section.figure_count for section in sections) == 1
+    assert sum(section.figure_count for section in sections) == 2
     assert "interpreter" in banner
     with pytest.raises(ValueError, match="run_ids \\[999\\]"):
         build_sections(db, [999])

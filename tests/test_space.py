@@ -61,6 +61,18 @@ def test_hamming_distances_and_positions():
     assert positions[space.row({"block": 64, "warps": 4, "flag": 0})].tolist() == [2 / 3, 1.0, 0.0]
 
 
+def test_rows_of_value_indices_and_minus_one_for_invalid_configs():
+    space = small_space()
+    every = list(itertools.product(range(4), range(3), range(2)))
+    rows = space.rows_of(every)
+    for indices, row in zip(every, rows):
+        config = {name: space.params[name][i] for name, i in zip(space.names, indices)}
+        assert row == (space.row(config) if space.is_valid(config) else -1)
+    assert sorted(rows[rows >= 0].tolist()) == list(range(space.size))
+    empty = Space({"a": [1, 2]}, [lambda c: False])
+    assert empty.rows_of([[0], [1]]).tolist() == [-1, -1]
+
+
 def test_from_spec_binds_the_problem():
     class Spec:
         params = {"BLOCK": [16, 32, 64], "num_warps": [2, 4]}
