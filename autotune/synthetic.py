@@ -6,8 +6,8 @@ interactions (log-additive, i.e. multiplicative in time: "threads = block_x * bl
 256"), then shaped by one stress:
 
 - many_params:  twelve parameters, most of them weakly relevant, several interactions.
-- needle:       coarse plateaus (time rounded to a few levels) and one narrow combination of five
-                parameter values 30% faster than anything around it.
+- needle:       coarse plateaus (time rounded to a few levels) and one config 30% faster than the best
+                plateau, in a narrow basin: 10% faster one parameter change away, level two away.
 - invalid:      70% of the grid invalid (a resource budget over several parameters, as shared memory
                 or registers limit real kernels) and 10% of the valid configs failing at run time
                 next to that boundary.
@@ -44,7 +44,7 @@ class Stress:
     invalid: float = 0.0  # fraction of the grid removed by a resource budget
     failed: float = 0.0  # fraction of valid configs that fail, nearest the budget's edge
     plateau_levels: int = 0  # round log(time) to this many levels (0: no rounding)
-    needle: bool = False  # one combination of five values 30% faster than its surroundings
+    needle: bool = False  # one config 30% faster than the best plateau, in a narrow basin
     noise: float = 0.0  # sigma of log-normal measurement noise
 
 
@@ -86,11 +86,10 @@ def synthetic_landscape(kind: str, seed: int = 0) -> Landscape:
         low, high = log_time.min(), log_time.max()
         log_time = low + np.round((log_time - low) / (high - low) * stress.plateau_levels) / stress.plateau_levels * (
             high - low)
-    if stress.needle:
-        chosen = rng.choice(dims, size=5, replace=False)
-        at = [rng.integers(stress.values[c]) for c in chosen]
-        hit = np.all(grid[:, chosen] == at, axis=1)
-        log_time[hit] = log_time.min() + math.log(0.7) + 0.02 * rng.standard_normal(hit.sum())
+    if stress.needle:  # 30% faster than the best plateau; one change away 10% faster, two away 15% slower than it
+        needle = [rng.integers(n) for n in stress.values]
+        changes = np.count_nonzero(grid != needle, axis=1)
+        log_time = np.minimum(log_time, log_time.min() + math.log(0.7) + 0.25 * changes)
     valid = np.ones(len(grid), dtype=bool)
     if stress.invalid:  # a weighted resource use over half the parameters must stay under a budget
         users = rng.choice(dims, size=max(2, dims // 2), replace=False)
