@@ -69,7 +69,8 @@ def make_geometry(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
 ) -> ConvGeometry:
-    """Validate F.conv2d-style arguments and resolve 'same'/'valid' padding to explicit sides."""
+    """Validate F.conv2d-style arguments and resolve 'same'/'valid' padding to explicit sides; padding may also
+    be four ints (top, bottom, left, right), which the kernels take as they are."""
     stride_h, stride_w = _pair(stride, "stride")
     dilation_h, dilation_w = _pair(dilation, "dilation")
     if min(stride_h, stride_w) < 1:
@@ -89,6 +90,10 @@ def make_geometry(
             pads = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
         else:
             raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    elif isinstance(padding, (tuple, list)) and len(padding) == 4:  # per side, as TF 'SAME' needs (kernels.adapters)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in padding):
+            raise ValueError(f"padding (top, bottom, left, right) must be non-negative ints, got {padding!r}")
+        pads = tuple(padding)
     else:
         pad_h, pad_w = _pair(padding, "padding")
         if min(pad_h, pad_w) < 0:

@@ -7,7 +7,9 @@ model's modules, parameters and buffers). A module that cannot be traced (data-d
 flow) is swapped by module walk instead: `TritonLinear` / `TritonConv2d` (an nn.Linear / nn.Conv2d
 with the same parameters and state_dict keys, optionally with a fused activation) replace its layers
 in place, a layer absorbing the activation that follows it in an nn.Sequential, and its child
-containers are traced one by one.
+containers are traced one by one. Before either, modules with a forward of their own whose semantics an
+adapter knows (`kernels.adapters`: timm's Conv2dSame, nn.MultiheadAttention) are replaced by their Triton
+modules in place.
 
 Extending the module walk: `FUSABLE[module type] = converter(module, activation_name, negative_slope)
 -> module` adds a layer that can absorb a following activation (conv adds nn.Conv2d).
@@ -21,7 +23,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from triton_workbench.kernels import fusion, ops, runtime
+from triton_workbench.kernels import adapters, fusion, ops, runtime
+from triton_workbench.kernels.attention import TritonMultiheadAttention
 from triton_workbench.kernels.fusion import SwapRecord, activation_of, behaves_as
 from triton_workbench.kernels.ops import activation_kwargs
 
@@ -80,7 +83,8 @@ def _linear_converter(module: nn.Module, activation: str | None, negative_slope:
 # module type -> converter(module, activation name or None, negative slope) -> the Triton module
 FUSABLE: dict[type[nn.Module], Callable[[nn.Module, str | None, float | None], nn.Module]] = {
     nn.Linear: _linear_converter}
-ALREADY_SWAPPED: tuple[type[nn.Module], ...] = (TritonLinear, TritonActivation)  # conv appends its module
+ALREADY_SWAPPED: tuple[type[nn.Module], ...] = (TritonLinear, TritonActivation, adapters.TritonConv2dSame,
+                                                 TritonMultiheadAttention)  # conv appends its module
 # module type -> check(module) -> why the Triton module cannot stand in for it (None: it can)
 UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {}
 
@@ -155,11 +159,19 @@ def _swap_children(parent: nn.Module, prefix: str, records: list[SwapRecord]) ->
         elif act is not None:
             setattr(parent, name, TritonActivation(*act))
             records.append(SwapRecord(path, type(child).__name__, "swapped", act[0]))
+        elif isinstance(child, ALREADY_SWAPPED) or adapters.claimed(child):
+            pass  # on the kernels already, or an adapter's module left in PyTorch (`adapters.adapt` said why)
         elif len(child._modules) > 0:
             setattr(parent, name, _swap_module(child, f"{path}.", records))
-        elif not isinstance(child, ALREADY_SWAPPED + (nn.Identity,)):
+        elif not isinstance(child, nn.Identity) and not _empty_container(child):
             records.append(SwapRecord(path, type(child).__name__, "kept", reason or "no Triton kernel for this module"))
         kept_layer = path if converter is not None and reason is not None else ""
+
+
+def _empty_container(module: nn.Module) -> bool:
+    """An nn.Sequential / ModuleList / ModuleDict with no modules and nothing of its own: nothing to run or keep."""
+    return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and not (
+        module._modules or module._parameters or module._buffers)
 
 
 def _to_channels_last(module: nn.Module, inputs: tuple) -> tuple:
@@ -182,8 +194,11 @@ def use_channels_last(model: nn.Module) -> nn.Module:
 def _swap_module(module: nn.Module, prefix: str, records: list[SwapRecord]) -> nn.Module:
     """`module` rewritten by the fusion pass (a GraphModule), or, where one graph cannot stand for it,
     `module` with its children swapped by module walk (`_swap_children`, which traces child containers)."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # no forward of their own: their children run
+        _swap_children(module, prefix, records)
+        return module
     try:
-        traced = fusion.trace(module, ALREADY_SWAPPED)
+        traced = fusion.trace(module, _leaves(module))
         why = _graph_falls_short(module, traced)
     except Exception as error:  # any failure of symbolic tracing in the user's code: fall back, say why
         why = f"torch.fx cannot trace it ({(str(error).strip().splitlines() or [type(error).__name__])[0][:80]})"
@@ -198,6 +213,12 @@ def _swap_module(module: nn.Module, prefix: str, records: list[SwapRecord]) -> n
     return traced
 
 
+def _leaves(module: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The module types a trace keeps as calls: those on the kernels, and those of modules an adapter claims but
+    left in PyTorch (timm's Conv2dSame pads in Python a trace cannot follow; so does MultiheadAttention)."""
+    return ALREADY_SWAPPED + tuple({type(inner) for inner in module.modules() if adapters.claimed(inner)})
+
+
 def _graph_falls_short(module: nn.Module, traced: nn.Module) -> str | None:
     """Why `traced` would not do what `module` does, or None: a forward hook on a module the trace runs
     through (the graph would skip it), or a forward that depends on `self.training` (frozen into the graph
@@ -209,7 +230,7 @@ def _graph_falls_short(module: nn.Module, traced: nn.Module) -> str | None:
     try:
         for inner, training in modes.items():
             inner.training = not training
-        other = fusion.trace(module, ALREADY_SWAPPED)
+        other = fusion.trace(module, _leaves(module))
     finally:
         for inner, training in modes.items():
             inner.training = training
@@ -228,7 +249,9 @@ def swap(model: nn.Module, verbose: bool = False, channels_last: bool = False) -
     checkpoints load both ways), and `train()` / `eval()` switch BatchNorm between batch and running
     statistics as in PyTorch. Layers whose parameters have a dtype or device the kernels do not take here
     stay in PyTorch, and so do the activations of a model none of whose parameters can run on the kernels:
-    a swap never turns a working model into a failing one. With `channels_last`, a model with a swapped conv
+    a swap never turns a working model into a failing one. Modules with a forward of their own that an adapter
+    knows (`kernels.adapters`: timm's Conv2dSame, nn.MultiheadAttention) are first replaced, in the model's own
+    tree, by Triton modules sharing their parameters. With `channels_last`, a model with a swapped conv
     runs channels_last end to end (`use_channels_last`): the layout the conv kernels read fastest. It is
     opt-in because the model's intermediate tensors then come out channels_last, and code of its own that
     calls `.view` on them (rather than `.reshape`/`flatten`) would fail. Logs a one-line summary; `verbose`
@@ -237,10 +260,12 @@ def swap(model: nn.Module, verbose: bool = False, channels_last: bool = False) -
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if _fusable_converter(model) is not None or activation_of(model) is not None:
+    if _fusable_converter(model) is not None or activation_of(model) is not None or adapters.claimed(model):
         raise ValueError("model must be a container: swap rewrites what the model runs, not a single layer")
-    records: list[SwapRecord] = []
+    adapted = adapters.adapt(model, _unsupported_reason)  # subclasses with their own forward, MultiheadAttention
+    records = list(adapted)
     swapped = _swap_module(model, "", records)
+    records = adapters.tidy(adapted, records[len(adapted):], model, ALREADY_SWAPPED)
     convs = any(r.module == "Conv2d" and r.action in ("fused", "swapped") for r in records)
     if channels_last and convs:
         use_channels_last(swapped)

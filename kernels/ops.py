@@ -367,7 +367,7 @@ _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_conte
 
 
 def conv2d_with_moments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                        stride: int | tuple[int, int] = 1, padding: int | tuple[int, ...] | str = 0,
                         dilation: int | tuple[int, int] = 1, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.conv2d(x, weight, bias, ...), its BatchNorm moments table): the statistics a following BatchNorm
     needs, computed in the conv's epilogue instead of a pass over y (`kernels.batch_norm.finalize` reads them)."""
@@ -375,16 +375,16 @@ def conv2d_with_moments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+           stride: int | tuple[int, int] = 1, padding: int | tuple[int, ...] | str = 0,
            dilation: int | tuple[int, int] = 1, groups: int = 1, activation: str | None = None,
            residual: torch.Tensor | None = None, **activation_kwargs: object) -> torch.Tensor:
     """act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual) in one implicit-GEMM Triton
     kernel.
 
     x is [N, C_in, H, W] or unbatched [C_in, H, W], NCHW or channels_last (the output keeps x's
-    memory format); weight [C_out, C_in / groups, kH, kW]; padding an int, a pair, 'same' or
-    'valid'; residual (optional) shaped as the output. `activation` as in `gemm`. Gradients flow to
-    x, weight, bias and residual.
+    memory format); weight [C_out, C_in / groups, kH, kW]; padding an int, a pair, 'same', 'valid'
+    or four ints (top, bottom, left, right: asymmetric, without a copy of x); residual (optional)
+    shaped as the output. `activation` as in `gemm`. Gradients flow to x, weight, bias and residual.
     """
     return _conv2d(x, weight, bias, stride, padding, dilation, groups, activation, residual, False,
                    activation_kwargs)[0]
