@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from triton_workbench.kernels import chains, ops
+from triton_workbench.kernels import calls, chains, ops
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
 
 
@@ -234,7 +234,7 @@ class _Graph:
         source = node.args[0]
         reason = self._activations_reason
         if source in self.kept:
-            reason = f"follows {source.target}, left in PyTorch"
+            reason = f"follows {source.target if source.op == 'call_module' else source.name}, left in PyTorch"
         elif in_place and not self.only_user(source, node):
             reason = "in place on a tensor something else also reads"
         if reason is not None:
@@ -398,7 +398,7 @@ def _describe(g: _Graph, chain: Chain) -> SwapRecord:
     """The report line of a chain: its first link's path and type, and the whole chain."""
     nodes = sorted(chain.nodes, key=_position(g.graph))
     head = nodes[0]
-    kind = type(g.module(head)).__name__ if head.op == "call_module" else "function"
+    kind = type(g.module(head)).__name__ if head.op == "call_module" else calls.readable(head.op, head.target)
     detail = " -> ".join(_link(g, chain, node) for node in nodes)
     if chain.defer:
         detail += " (normalised inside its consumer's kernel)"
@@ -407,9 +407,14 @@ def _describe(g: _Graph, chain: Chain) -> SwapRecord:
 
 
 def trace(model: nn.Module, leaves: tuple[type[nn.Module], ...]) -> fx.GraphModule:
-    """`model` traced into a GraphModule that shares its whole module tree (see the module docstring)."""
+    """`model` traced into a GraphModule that shares its whole module tree (see the module docstring). The
+    tensors made in forward, which torch.fx stows on `model`, move to the GraphModule (not in its state_dict)."""
+    before = set(vars(model))
     graph = _Tracer(leaves).trace(model)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    for name in {node.target for node in graph.nodes if node.op == "get_attr"} & (set(vars(model)) - before):
+        delattr(model, name)
+        gm._non_persistent_buffers_set.add(name)
     for name, child in model.named_children():
         setattr(gm, name, child)
     for name, parameter in model.named_parameters(recurse=False):
@@ -444,23 +449,25 @@ def _functional_layers(g: _Graph) -> Iterable[SwapRecord]:
     for node in list(g.graph.nodes):
         if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS:
             continue
-        name = node.target.__name__
+        name, kind = node.target.__name__, calls.readable(node.op, node.target)
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         owner = g.owner(weight)
         reason = g._activations_reason if owner is None else g._supported(owner)
         if reason is None and set(node.kwargs) <= {"bias", "stride", "padding", "dilation", "groups"}:
             node.target = FUNCTIONAL_LAYERS[node.target]
-            yield SwapRecord(node.name, name, "swapped", f"{name} on the Triton kernels")
+            yield SwapRecord(node.name, kind, "swapped", f"{name} on the Triton kernels")
         else:
-            yield SwapRecord(node.name, name, "kept", reason or "called with keyword arguments the op names otherwise")
+            yield SwapRecord(node.name, kind, "kept", reason or "called with keyword arguments the op names otherwise")
 
 
 def _kept(g: _Graph) -> Iterable[SwapRecord]:
-    """What stays in PyTorch: unsupported layers (with why) and modules of kinds the kernels do not run."""
+    """What stays in PyTorch: unsupported layers (with why), modules of kinds the kernels do not run, and
+    conv/matmul/normalisation/activation calls the pass does not rewrite (`calls.left_in_pytorch`)."""
     for node in g.graph.nodes:
         if node.op != "call_module":
-            if node in g.kept:
-                yield SwapRecord(node.name, str(node.target).split(".")[-1].strip("<>'"), "kept", g.kept[node])
+            reason = g.kept.get(node) or calls.left_in_pytorch(node.op, node.target)
+            if reason is not None:
+                yield SwapRecord(node.name, calls.readable(node.op, node.target), "kept", reason)
             continue
         module = g.module(node)
         reason = g.kept.get(node) or (NO_KERNEL if not isinstance(module, nn.Identity) else None)

@@ -21,7 +21,7 @@ import logging
 from typing import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from triton_workbench.kernels import adapters, fusion, ops, runtime
 from triton_workbench.kernels.attention import TritonMultiheadAttention
@@ -222,7 +222,8 @@ def _leaves(module: nn.Module) -> tuple[type[nn.Module], ...]:
 def _graph_falls_short(module: nn.Module, traced: nn.Module) -> str | None:
     """Why `traced` would not do what `module` does, or None: a forward hook on a module the trace runs
     through (the graph would skip it), or a forward that depends on `self.training` (frozen into the graph
-    at trace time, e.g. F.dropout(x, p, self.training)): traced again in the other mode, the code differs."""
+    at trace time, e.g. F.dropout(x, p, self.training)): traced again in the other mode, the code or a tensor
+    made in forward differs (one made at random differs too, and is frozen as much)."""
     for name, inner in module.named_modules():
         if (not name or len(inner._modules)) and (inner._forward_pre_hooks or inner._forward_hooks):
             return f"{name or 'it'} has forward hooks, which a traced graph would skip"
@@ -234,9 +235,36 @@ def _graph_falls_short(module: nn.Module, traced: nn.Module) -> str | None:
     finally:
         for inner, training in modes.items():
             inner.training = training
-    if other.code != traced.code:
+    difference = _difference(module, traced, other)
+    if difference == "code":
         return "its forward depends on self.training, which tracing would freeze"
+    if difference == "tensor":
+        return "a tensor its forward makes differs between calls (random, or set by self.training), " \
+               "which tracing would freeze"
     return None
+
+
+def _difference(module: nn.Module, traced: fx.GraphModule, other: fx.GraphModule) -> str | None:
+    """How two traces of `module` differ: "code" (an op, target or argument), "tensor" (a tensor made in forward,
+    which torch.fx stows on the GraphModule under a name of its own: compared by value, whatever its name), or None."""
+    if len(traced.graph.nodes) != len(other.graph.nodes):
+        return "code"
+    pairs = dict(zip(other.graph.nodes, traced.graph.nodes))
+    difference = None
+    for node, twin in pairs.items():
+        if node.op != twin.op or fx.map_arg((node.args, node.kwargs), pairs.get) != (twin.args, twin.kwargs):
+            return "code"
+        made = [getattr(gm, n.target) if n.op == "get_attr" and "." not in n.target and not hasattr(module, n.target)
+                else None for gm, n in ((traced, twin), (other, node))]
+        if not all(isinstance(value, torch.Tensor) for value in made):
+            if node.target != twin.target:
+                return "code"
+            continue
+        try:
+            torch.testing.assert_close(*made, rtol=0, atol=0, equal_nan=True)
+        except AssertionError:
+            difference = "tensor"
+    return difference
 
 
 def swap(model: nn.Module, verbose: bool = False, channels_last: bool = False) -> nn.Module:

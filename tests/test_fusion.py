@@ -360,3 +360,79 @@ def test_conv1d_and_subclasses_that_keep_their_parents_forward_are_swapped():
     assert "padded" not in records and records["conv2d"] == ("swapped", "conv2d on the Triton kernels")
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(swapped(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tensors_made_in_forward_are_traced_and_stay_off_the_model():
+    """torch.fx stows a tensor made in forward on the traced module under a fresh name (`_tensor_constant0`, then
+    `_tensor_constant1` when traced again): the check for self.training compares it by value, not by name, and the
+    GraphModule keeps it (out of its state_dict). One that does depend on self.training is still caught."""
+    class Picked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))[:, torch.tensor([0, 2])] * torch.tensor(0.5)
+
+    class ScaledInTraining(Picked):
+        def forward(self, x):
+            return torch.relu(self.fc(x)) * torch.tensor(0.5 if self.training else 1.0)
+
+    torch.manual_seed(16)
+    model, x = Picked(), torch.randn(3, 4)
+    expected = model(x)
+    swapped = knn.swap(model)
+    assert _records(swapped) == {"fc": ("fused", "fc -> relu")}  # traced, not walked
+    assert isinstance(swapped, torch.fx.GraphModule)
+    assert not [name for name in vars(model) if name.startswith("_tensor_constant")]
+    assert list(swapped.state_dict()) == list(model.state_dict())
+    torch.testing.assert_close(swapped(x), expected, rtol=1e-4, atol=1e-5)
+
+    swapped = knn.swap(ScaledInTraining())
+    assert _records(swapped)["(model)"][0] == "walked" and "self.training" in _records(swapped)["(model)"][1]
+
+
+def test_conv_matmul_norm_and_activation_calls_left_in_pytorch_get_a_row_with_a_readable_name():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.wt = nn.Parameter(torch.randn(4, 4, 1)), nn.Parameter(torch.randn(4, 4, 1, 1))
+            self.bn, self.alpha = nn.BatchNorm1d(4), nn.Parameter(torch.full((1,), 0.2))
+
+        def forward(self, x):  # x: [N, 4, L]
+            y = F.conv1d(x, self.w1)
+            y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, training=False)
+            y = F.prelu(F.layer_norm(y, (y.shape[-1],)), self.alpha)
+            z = F.conv_transpose2d(y.unsqueeze(-1), self.wt).squeeze(-1)
+            z = torch.cat([z, y], 1).permute(0, 2, 1).reshape(x.shape[0], -1, 8) * 2 + 1
+            out = torch.matmul(z, torch.ones(8, 8)).view(x.shape[0], -1)
+            out = out.relu_() + F.hardtanh(out) + out  # kept: in place on `out`, read after; bounds (-1, 1)
+            return out
+
+    torch.manual_seed(17)
+    model, x = Functional().eval(), torch.randn(2, 4, 3)
+    expected = model(x)
+    swapped = knn.swap(model)
+    rows = {r.path: (r.module, r.action, r.detail) for r in swapped.swap_records}
+    assert rows["conv1d"] == ("F.conv1d", "kept", "F.conv1d is not rewritten; nn.Conv1d is")
+    assert rows["conv_transpose2d"] == ("F.conv_transpose2d", "kept",
+                                        "F.conv_transpose2d is not rewritten; nn.ConvTranspose2d is")
+    assert rows["batch_norm"] == ("F.batch_norm", "kept", "F.batch_norm is not rewritten; nn.BatchNorm2d is")
+    assert rows["prelu"] == ("F.prelu", "kept", "F.prelu is not rewritten; nn.PReLU is")
+    assert rows["layer_norm"] == ("F.layer_norm", "kept", "no Triton kernel for F.layer_norm")
+    assert rows["matmul"][:2] == ("torch.matmul", "kept") and "nn.Linear" in rows["matmul"][2]
+    assert rows["relu_"][:2] == ("Tensor.relu_", "kept") and rows["hardtanh"][:2] == ("F.hardtanh", "kept")
+    assert set(rows) == {"conv1d", "conv_transpose2d", "batch_norm", "prelu", "layer_norm", "matmul", "relu_",
+                         "hardtanh"}  # no row for cat, permute, reshape, mul, add, view, unsqueeze, ...
+    torch.testing.assert_close(swapped(x), expected)
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3).double()
+
+        def forward(self, x):
+            return torch.sigmoid(F.hardtanh(self.fc(x), -2.0, 2.0))
+
+    rows = {r.path: (r.module, r.action, r.detail) for r in knn.swap(Gate()).swap_records}
+    assert rows["sigmoid"] == ("torch.sigmoid", "kept", "follows hardtanh, left in PyTorch")
