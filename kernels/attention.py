@@ -57,8 +57,8 @@ class TritonMultiheadAttention(nn.MultiheadAttention):
                           "both instead.", stacklevel=2)  # as PyTorch
         key_padding_mask = _float_mask("key_padding_mask", key_padding_mask, query.dtype)
         if is_causal and attn_mask is None:
-            raise ValueError("attn_mask is required with is_causal=True (a hint that attn_mask is the causal mask), "
-                             "as in nn.MultiheadAttention")
+            raise RuntimeError("attn_mask is required with is_causal=True (a hint that attn_mask is the causal "
+                               "mask), as in nn.MultiheadAttention")
         if is_causal and key_padding_mask is None and not need_weights:
             attn_mask = None  # SDPA applies the causal mask itself
         else:
@@ -169,12 +169,9 @@ def _pad_masks(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | 
     return tuple(F.pad(mask, (0, 1)) if mask is not None else None for mask in (attn_mask, key_padding_mask))
 
 
-def _describe(module: nn.Module, parent: nn.Module) -> str:
+def describe(module: nn.Module, parent: nn.Module) -> str:
+    """The swap table's detail for an adapted MultiheadAttention (registered in `kernels.adapters`)."""
     detail = "projections on the Triton GEMM, attention in PyTorch"
     if isinstance(parent, nn.TransformerEncoderLayer):
         detail += " (the layer's eval fast path, without grad, runs all in PyTorch)"
     return detail
-
-
-adapters.register(adapters.qualified_name(nn.MultiheadAttention), nn.MultiheadAttention, TritonMultiheadAttention,
-                  TritonMultiheadAttention.from_module, _describe)

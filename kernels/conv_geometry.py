@@ -90,7 +90,7 @@ def make_geometry(
             pads = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
         else:
             raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    elif isinstance(padding, (tuple, list)) and len(padding) == 4:  # per side, as TF 'SAME' needs (kernels.adapters)
+    elif isinstance(padding, (tuple, list)) and len(padding) == 4:  # per side, as TF 'SAME' needs (kernels.conv2d_same)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in padding):
             raise ValueError(f"padding (top, bottom, left, right) must be non-negative ints, got {padding!r}")
         pads = tuple(padding)

@@ -25,7 +25,8 @@ from torch import fx, nn
 
 from triton_workbench.kernels import adapters, fusion, ops, runtime
 from triton_workbench.kernels.attention import TritonMultiheadAttention
-from triton_workbench.kernels.fusion import SwapRecord, activation_of, behaves_as
+from triton_workbench.kernels.conv2d_same import TritonConv2dSame
+from triton_workbench.kernels.fusion import NO_KERNEL, SwapRecord, activation_of, behaves_as
 from triton_workbench.kernels.ops import activation_kwargs
 
 log = logging.getLogger("triton_workbench.kernels")
@@ -83,7 +84,7 @@ def _linear_converter(module: nn.Module, activation: str | None, negative_slope:
 # module type -> converter(module, activation name or None, negative slope) -> the Triton module
 FUSABLE: dict[type[nn.Module], Callable[[nn.Module, str | None, float | None], nn.Module]] = {
     nn.Linear: _linear_converter}
-ALREADY_SWAPPED: tuple[type[nn.Module], ...] = (TritonLinear, TritonActivation, adapters.TritonConv2dSame,
+ALREADY_SWAPPED: tuple[type[nn.Module], ...] = (TritonLinear, TritonActivation, TritonConv2dSame,
                                                  TritonMultiheadAttention)  # conv appends its module
 # module type -> check(module) -> why the Triton module cannot stand in for it (None: it can)
 UNSUPPORTED: dict[type[nn.Module], Callable[[nn.Module], str | None]] = {}
@@ -194,8 +195,8 @@ def use_channels_last(model: nn.Module) -> nn.Module:
 def _swap_module(module: nn.Module, prefix: str, records: list[SwapRecord]) -> nn.Module:
     """`module` rewritten by the fusion pass (a GraphModule), or, where one graph cannot stand for it,
     `module` with its children swapped by module walk (`_swap_children`, which traces child containers)."""
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # no forward of their own: their children run
-        _swap_children(module, prefix, records)
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and type(module).forward is nn.Module.forward:
+        _swap_children(module, prefix, records)  # a container without a forward: its children run, not it
         return module
     try:
         traced = fusion.trace(module, _leaves(module))
@@ -293,7 +294,7 @@ def swap(model: nn.Module, verbose: bool = False, channels_last: bool = False) -
     adapted = adapters.adapt(model, _unsupported_reason)  # subclasses with their own forward, MultiheadAttention
     records = list(adapted)
     swapped = _swap_module(model, "", records)
-    records = adapters.tidy(adapted, records[len(adapted):], model, ALREADY_SWAPPED)
+    records = _tidy(adapted, records[len(adapted):], model)
     convs = any(r.module == "Conv2d" and r.action in ("fused", "swapped") for r in records)
     if channels_last and convs:
         use_channels_last(swapped)
@@ -304,6 +305,33 @@ def swap(model: nn.Module, verbose: bool = False, channels_last: bool = False) -
         print(format_table(records))
     swapped.swap_records = records
     return swapped
+
+
+def _tidy(adapted: list[SwapRecord], later: list[SwapRecord], model: nn.Module) -> list[SwapRecord]:
+    """The adapter rows, then the fusion pass's and module walk's rows less those on the adapters' paths and
+    those calling a module already on the kernels (ALREADY_SWAPPED) kept; a conv or linear subclass kept for want
+    of a kernel is said to be one whose forward no adapter knows."""
+    paths = {record.path for record in adapted}
+    rows = list(adapted)
+    for record in later:
+        module = _module_at(model, record.path)
+        kept_for_no_kernel = record.action == "kept" and record.detail == NO_KERNEL and module is not None and \
+            record.module == type(module).__name__
+        if record.path in paths or (kept_for_no_kernel and isinstance(module, ALREADY_SWAPPED)):
+            continue
+        if kept_for_no_kernel and isinstance(module, (nn.Conv2d, nn.Linear)):
+            record = SwapRecord(record.path, record.module, "kept",
+                                f"{adapters.qualified_name(type(module))} has a forward of its own that no adapter "
+                                "knows (kernels.adapters) and no trace could follow")
+        rows.append(record)
+    return rows
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def format_table(records: list[SwapRecord]) -> str:

@@ -1,6 +1,7 @@
 """kernels.adapters: subclasses whose forward is their own, swapped when an adapter knows what they compute (timm's
-Conv2dSame, matched by name: timm is not installed, a stand-in with its module, qualname and forward is), else left in
-PyTorch with the reason; the asymmetric padding the conv op takes for it; empty containers in the table."""
+Conv2dSame, kernels.conv2d_same, matched by name: timm is not installed, a stand-in with its module, qualname and
+forward is), else left in PyTorch with the reason; the registry and `register`; the asymmetric padding the conv op
+takes for it; empty containers in the table."""
 
 import copy
 import math
@@ -13,7 +14,8 @@ from torch import nn
 
 import triton_workbench.kernels.nn as knn
 from triton_workbench.kernels import adapters, ops
-from triton_workbench.kernels.adapters import TritonConv2dSame, same_padding
+from triton_workbench.kernels.attention import TritonMultiheadAttention
+from triton_workbench.kernels.conv2d_same import TritonConv2dSame, same_padding
 
 
 # timm's padding.py and conv2d_same.py (timm 1.0), as they are
@@ -195,6 +197,75 @@ def test_what_no_adapter_knows_stays_in_pytorch_with_the_reason():
     assert records["(model)"][0] == "walked" and records["1"][0] == "swapped"
     assert records["0"][0] == "kept" and "Gated has a forward of its own that no adapter knows" in \
         records["0"][1]
+
+
+def test_find_returns_none_without_an_adapter():
+    class Overrides(Conv2dSame):
+        def forward(self, x):
+            return super().forward(x)
+
+    assert adapters.find(nn.Linear(2, 2)) is None and adapters.find(nn.Sequential()) is None
+    assert adapters.find(Overrides(3, 3, 3)) is None
+    assert adapters.find(TritonConv2dSame.from_conv(Conv2dSame(3, 3, 3))) is None  # an adapter's own module
+    assert adapters.find(Conv2dSame(3, 3, 3)).product is TritonConv2dSame
+
+
+def test_the_registry_is_built_in_one_place_not_by_imports(monkeypatch):
+    """Built on first use from kernels.conv2d_same and kernels.attention, whatever was imported before; `register`
+    adds to it (or replaces a built-in), its arguments checked by name."""
+    monkeypatch.setattr(adapters, "_ADAPTERS", {})  # as in a fresh process; the real one comes back after
+    assert {name: adapter.product for name, adapter in adapters.registry().items()} == {
+        "timm.layers.conv2d_same.Conv2dSame": TritonConv2dSame,
+        "timm.models.layers.conv2d_same.Conv2dSame": TritonConv2dSame,
+        "torch.nn.modules.activation.MultiheadAttention": TritonMultiheadAttention}
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class TritonDoubled(nn.Linear):
+        def forward(self, x):
+            return ops.linear(x, self.weight * 2, self.bias * 2)
+
+    name = adapters.qualified_name(Doubled)
+    adapters.register(name, nn.Linear, TritonDoubled, lambda m: adapters.share(m, TritonDoubled),
+                      lambda module, parent: "doubled")
+    assert len(adapters.registry()) == 4 and adapters.find(Doubled(3, 2)).product is TritonDoubled
+    torch.manual_seed(5)
+    model = nn.Sequential(Doubled(3, 4), nn.ReLU())
+    x = torch.randn(2, 3)
+    expected = model(x)
+    swapped = knn.swap(model)
+    assert _records(swapped)["0"] == ("swapped", "doubled") and isinstance(model[0], TritonDoubled)
+    torch.testing.assert_close(swapped(x), expected, rtol=1e-5, atol=1e-6)
+
+    build, describe = TritonConv2dSame.from_conv, lambda module, parent: ""
+    for arguments, error, words in [
+        ((3, nn.Conv2d, TritonConv2dSame, build, describe), TypeError, "name must be a str"),
+        (("Conv2dSame", nn.Conv2d, TritonConv2dSame, build, describe), ValueError, "name must be a class's fully"),
+        ((name, nn.Conv2d(1, 1, 1), TritonConv2dSame, build, describe), TypeError, "base must be an nn.Module "),
+        ((name, nn.Conv2d, int, build, describe), TypeError, "product must be an nn.Module subclass"),
+        ((name, nn.Conv2d, TritonConv2dSame, None, describe), TypeError, "build must be callable"),
+        ((name, nn.Conv2d, TritonConv2dSame, build, "detail"), TypeError, "describe must be callable"),
+    ]:
+        with pytest.raises(error, match=words):
+            adapters.register(*arguments)
+
+
+def test_a_parametrized_conv2d_same_stays_in_pytorch_and_both_models_still_run():
+    """weight_norm through torch.nn.utils.parametrizations makes the conv's class parametrize's, whose `weight`
+    property an adapter built from it would lose."""
+    torch.manual_seed(6)
+    model = _Stem()
+    torch.nn.utils.parametrizations.weight_norm(model.conv)
+    x = torch.randn(2, 3, 7, 6)
+    expected = model(x)
+    swapped = knn.swap(model)
+    records = _records(swapped)
+    assert records["conv"][0] == "kept" and "parametrize" in records["conv"][1] and "weight" in records["conv"][1]
+    assert records["dw"][0] == "swapped" and isinstance(model.dw, TritonConv2dSame)
+    torch.testing.assert_close(swapped(x), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_table_lists_no_empty_containers(capsys):

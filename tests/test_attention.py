@@ -8,9 +8,10 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import triton_workbench.kernels.nn as knn
-from triton_workbench.kernels import ops
+from triton_workbench.kernels import adapters, ops
 from triton_workbench.kernels.attention import TritonMultiheadAttention
 
 EMBED, HEADS, TARGET, SOURCE, BATCH = 12, 3, 5, 7, 2
@@ -168,7 +169,9 @@ def test_is_causal_hint_as_pytorch_takes_it():
         expected = reference(x, x, x, attn_mask=causal, is_causal=True, need_weights=need_weights)
         got = ours(x, x, x, attn_mask=causal, is_causal=True, need_weights=need_weights)
         torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="attn_mask is required"):
+    with pytest.raises(RuntimeError, match="Need attn_mask"):  # PyTorch's exception type
+        reference(x, x, x, is_causal=True)
+    with pytest.raises(RuntimeError, match="attn_mask is required"):
         ours(x, x, x, is_causal=True)
 
 
@@ -289,6 +292,76 @@ def test_attention_the_kernels_cannot_run_stays_in_pytorch_with_the_reason():
     assert records["wide"][0] == "kept" and "float64 not supported" in records["wide"][1]
     assert type(swapped.hooked) is nn.MultiheadAttention and not any(path.startswith("wide.") for path in records)
     torch.testing.assert_close(swapped(x), expected)
+
+
+class _Scale(nn.Module):
+    """A parametrization: the weight PyTorch computes from the stored one."""
+
+    def forward(self, weight):
+        return weight * 2
+
+
+def test_a_parametrized_attention_stays_in_pytorch_and_both_models_still_run():
+    """torch.nn.utils.parametrize swaps the module's class for one whose property computes in_proj_weight; an adapter
+    built from the module would lose that property (and adapt replaces the module in the user's own tree)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc = nn.MultiheadAttention(EMBED, HEADS), nn.Linear(EMBED, EMBED)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(9)
+    net = Net()
+    parametrize.register_parametrization(net.attn, "in_proj_weight", _Scale())
+    x = torch.randn(TARGET, BATCH, EMBED)
+    expected = net(x)
+    assert adapters.find(net.attn) is None
+    swapped = knn.swap(net)
+    records = _records(swapped)
+    assert records["attn"][0] == "kept" and "parametrize" in records["attn"][1] and \
+        "in_proj_weight" in records["attn"][1], records["attn"]
+    assert records["fc"][0] == "swapped" and parametrize.is_parametrized(net.attn, "in_proj_weight")
+    torch.testing.assert_close(swapped(x), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net(x), expected)
+
+
+def test_hooks_other_than_forward_run_on_the_adapter_and_their_handles_remove_them():
+    """Backward and state-dict hooks registered before the swap: the adapter runs them, and each handle's remove()
+    reaches it (the hook dicts are the module's own, not copies)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(EMBED, HEADS)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    torch.manual_seed(10)
+    model = Net()
+    attention, calls = model.attn, []
+    handles = [
+        attention.register_full_backward_hook(lambda module, grad_in, grad_out: calls.append("backward")),
+        attention.register_full_backward_pre_hook(lambda module, grad_out: calls.append("backward_pre")),
+        attention.register_state_dict_pre_hook(lambda module, prefix, keep_vars: calls.append("state_dict_pre")),
+        attention.register_state_dict_post_hook(lambda module, state, prefix, local: calls.append("state_dict")),
+        attention.register_load_state_dict_pre_hook(lambda module, state, prefix, *args: calls.append("load_pre")),
+        attention.register_load_state_dict_post_hook(lambda module, keys: calls.append("load"))]
+    swapped = knn.swap(model)
+    assert _records(swapped)["attn"][0] == "swapped" and isinstance(model.attn, TritonMultiheadAttention)
+    x = torch.randn(TARGET, BATCH, EMBED, requires_grad=True)
+
+    def run() -> list[str]:
+        calls.clear()
+        swapped(x).sum().backward()
+        swapped.load_state_dict(swapped.state_dict())
+        return sorted(calls)
+
+    assert run() == ["backward", "backward_pre", "load", "load_pre", "state_dict", "state_dict_pre"]
+    for handle in handles:
+        handle.remove()
+    assert run() == []
 
 
 def test_a_subclass_keeping_forward_is_adapted_one_overriding_it_is_not():

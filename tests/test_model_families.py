@@ -1,8 +1,9 @@
 """Issue 13's Done-when, one block per family, written as torchvision / timm write them (small, structurally
 faithful): after `swap`, every conv, linear, BatchNorm and activation of the block runs in Triton, forward and
-backward (no such PyTorch op reaches the dispatcher), depthwise convs run on their direct kernels (forward,
-dgrad and wgrad), and outputs, input gradients, parameter gradients and running stats match the unswapped block
-computed by PyTorch in float64, in train mode and (for the BatchNorm families) in eval mode.
+backward (no such PyTorch op reaches the dispatcher, and the Triton launchers inside the workbench's custom ops
+ran for each: `_record_kernels`), depthwise convs run on their direct kernels (forward, dgrad and wgrad), and
+outputs, input gradients, parameter gradients and running stats match the unswapped block computed by PyTorch in
+float64, in train mode and (for the BatchNorm families) in eval mode.
 
 What may stay in PyTorch is listed in OUT_OF_SCOPE (module types the swap table may mark "kept") and follows from
 `_forbidden` (the aten ops that must not run): LayerNorm, pooling, dropout, cat, pad, permute, mul and add are not
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import triton_workbench.kernels.nn as knn
-from triton_workbench.kernels import ops
+from triton_workbench.kernels import batch_norm, ops
 
 # ---------------------------------------------------------------------------------------------
 # the blocks, as torchvision (torchvision/ops/misc.py, models/*.py) and the U-Net most people copy write them
@@ -456,7 +457,8 @@ def _forbidden(name: str) -> bool:
 
 class _Ops(TorchDispatchMode):
     """The name of every op reaching the dispatcher below autograd (aten ops and the workbench's custom ops; a
-    custom op's own implementation runs with this mode off, so what it calls inside is not listed)."""
+    custom op's own implementation runs with this mode off, so what it calls inside is not listed: the launchers
+    it calls are wrapped instead, `_record_kernels`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -467,23 +469,61 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# the launchers ops.conv2d's custom ops dispatch to (the direct depthwise kernels or the implicit GEMM) -> the
-# position of their weight argument; their geometry is argument 3
-_CONV_FUNCTIONS = {"depthwise_forward": 1, "depthwise_input_grad": 1, "depthwise_weight_grad": 2,
-                   "conv2d_forward": 1, "conv2d_input_grad": 1, "conv2d_weight_grad": 2}
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """One call of a Triton launcher from inside a workbench:: custom op."""
+    launcher: str
+    backward: bool
+    activation: bool  # whether the launch computes an activation (forward) or its derivative (backward)
+    key: object  # conv: (weight shape, groups); GEMM: the linear's weight shape; BN: its BN weights' data pointers
 
 
-def _record_conv_kernels(monkeypatch) -> list[tuple[str, tuple[int, ...], int]]:
-    """Wrap the conv launchers `kernels.ops` calls: each call appends (launcher, weight shape, groups)."""
-    calls: list[tuple[str, tuple[int, ...], int]] = []
-    for name, weight_at in _CONV_FUNCTIONS.items():
-        original = getattr(ops, name)
+def _conv_key(weight_at: int) -> Callable:
+    return lambda args, kwargs: (tuple(args[weight_at].shape), args[3].groups)
 
-        def wrapper(*args, _name=name, _weight_at=weight_at, _original=original, **kwargs):
-            calls.append((_name, tuple(args[_weight_at].shape), args[3].groups))
+
+def _bn_key(norm_at: int) -> Callable:
+    """The data pointers of the BN weights in a launch's Norm (argument norm_at) and residual Norm (2 after it)."""
+    return lambda args, kwargs: frozenset(norm.weight.data_ptr() for norm in (args[norm_at], args[norm_at + 2])
+                                          if norm is not None and norm.weight is not None)
+
+
+# The launchers the workbench:: custom ops call, whose insides a TorchDispatchMode cannot see (a custom op runs
+# its implementation with the mode off): name -> (module, attribute, backward(args, kwargs), activation(args,
+# kwargs), key(args, kwargs)). Conv: the direct depthwise kernels or the implicit GEMM (geometry at argument 3; an
+# activation's derivative is formed by the activation kernel first). GEMM: b is the linear's weight transposed.
+# BatchNorm: the normalise (+ residual + activation) kernel and its backward, on Norms holding the BN's weight.
+# Activation: the elementwise kernel, forward or (with `grad`) backward.
+_LAUNCHERS = {
+    "depthwise_forward": (ops, "depthwise_forward", False, lambda a, k: a[4] is not None, _conv_key(1)),
+    "depthwise_input_grad": (ops, "depthwise_input_grad", True, lambda a, k: False, _conv_key(1)),
+    "depthwise_weight_grad": (ops, "depthwise_weight_grad", True, lambda a, k: False, _conv_key(2)),
+    "conv2d_forward": (ops, "conv2d_forward", False, lambda a, k: a[4] is not None, _conv_key(1)),
+    "conv2d_input_grad": (ops, "conv2d_input_grad", True, lambda a, k: False, _conv_key(1)),
+    "conv2d_weight_grad": (ops, "conv2d_weight_grad", True, lambda a, k: False, _conv_key(2)),
+    "gemm_forward": (ops.gemm_kernels, "forward", False, lambda a, k: a[3] is not None,
+                     lambda a, k: tuple(a[1].shape)[::-1]),
+    "gemm_backward": (ops.gemm_kernels, "backward", True, lambda a, k: a[4] is not None,
+                      lambda a, k: tuple(a[2].shape)[::-1]),
+    "bn_forward": (batch_norm, "normalize", False, lambda a, k: a[4] != 0, _bn_key(1)),
+    "bn_backward": (batch_norm, "normalize_backward", True, lambda a, k: a[5] != 0, _bn_key(2)),
+    "activation": (ops, "run_activation", None, lambda a, k: True, lambda a, k: None),
+}
+
+
+def _record_kernels(monkeypatch) -> list[_Launch]:
+    """Wrap the launchers in _LAUNCHERS: each call appends a _Launch."""
+    calls: list[_Launch] = []
+    for name, (module, attribute, backward, activation, key) in _LAUNCHERS.items():
+        original = getattr(module, attribute)
+
+        def wrapper(*args, _name=name, _original=original, _backward=backward, _activation=activation, _key=key,
+                    **kwargs):
+            direction = _backward if _backward is not None else kwargs.get("grad") is not None
+            calls.append(_Launch(_name, direction, _activation(args, kwargs), _key(args, kwargs)))
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(ops, name, wrapper)
+        monkeypatch.setattr(module, attribute, wrapper)
     return calls
 
 
@@ -529,8 +569,11 @@ def test_every_conv_linear_and_activation_runs_in_triton_with_pytorchs_numerics(
             if r.action in ("kept", "walked") and r.module not in OUT_OF_SCOPE]
     assert not left, f"left in PyTorch by swap: {left}"
 
-    calls = _record_conv_kernels(monkeypatch)
+    calls = _record_kernels(monkeypatch)
     depthwise = {(tuple(conv.weight.shape), conv.groups) for conv in _depthwise_convs(block)}
+    linears = {tuple(m.weight.shape) for m in block.modules() if isinstance(m, nn.Linear)}
+    norms = {m.weight.data_ptr() for m in swapped.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert len(norms) == sum(isinstance(m, nn.BatchNorm2d) for m in block.modules())
     for mode in ("train", "eval") if family.batch_norm else ("train",):
         swapped.train(mode == "train"), reference.train(mode == "train")
         calls.clear()
@@ -547,9 +590,26 @@ def test_every_conv_linear_and_activation_runs_in_triton_with_pytorchs_numerics(
 
         # (b) each depthwise conv ran its direct kernels (forward, dgrad, wgrad), no depthwise conv the implicit GEMM
         for launcher in ("depthwise_forward", "depthwise_input_grad", "depthwise_weight_grad"):
-            assert {(shape, groups) for name, shape, groups in calls if name == launcher} == depthwise, (mode, launcher)
-        gemm_depthwise = [call for call in calls if call[0].startswith("conv2d_") and call[1:] in depthwise]
+            assert {call.key for call in calls if call.launcher == launcher} == depthwise, (mode, launcher)
+        gemm_depthwise = [call for call in calls if call.launcher.startswith("conv2d_") and call.key in depthwise]
         assert not gemm_depthwise, f"{mode}: depthwise convs on the implicit GEMM: {gemm_depthwise}"
+
+        # (b) what the dispatch recorder cannot see, inside the custom ops: every linear ran the Triton GEMM forward
+        # and backward; in train mode every BatchNorm ran the Triton normalise and its backward (in eval one after a
+        # conv is folded into the conv's weights); and each activation op the eager block ran (one aten op forward,
+        # one backward) is one Triton launch computing it, alone or fused into the conv, GEMM or BN kernel before it
+        for launcher in ("gemm_forward", "gemm_backward"):
+            assert {call.key for call in calls if call.launcher == launcher} == linears, (mode, launcher)
+        if mode == "train":
+            for launcher in ("bn_forward", "bn_backward"):
+                assert set().union(*(call.key for call in calls if call.launcher == launcher)) == norms, \
+                    (mode, launcher)
+        activations = [op for op in (name.partition("::")[2] for name in eager.names) if op in _ACTIVATIONS]
+        for backward in (False, True):
+            expected_launches = sum(op.endswith("_backward") == backward for op in activations)
+            launched = [call.launcher for call in calls if call.activation and call.backward == backward]
+            assert len(launched) == expected_launches, (mode, "backward" if backward else "forward", launched,
+                                                        activations)
 
         # (c) PyTorch's numerics: output, input gradients, parameter gradients, running stats
         assert out.shape == expected.shape and _relative_error(out, expected) < 2e-4, mode

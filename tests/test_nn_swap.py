@@ -201,3 +201,56 @@ def test_channels_last_weights_run_the_conv_channels_last_as_pytorch_does():
     out = model(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
+class _DenseBlock(nn.ModuleDict):
+    """As torchvision's densenet._DenseBlock: a ModuleDict with a forward of its own, here one chain
+    conv -> BN -> ReLU across its entries, whose output is concatenated to its input."""
+
+    def __init__(self):
+        super().__init__({"conv": nn.Conv2d(3, 4, 3, padding=1, bias=False), "norm": nn.BatchNorm2d(4),
+                          "relu": nn.ReLU()})
+
+    def forward(self, x):
+        features = x
+        for _, layer in self.items():
+            features = layer(features)
+        return torch.cat([x, features], 1)
+
+
+class _Gated(nn.Module):
+    """Data-dependent control flow: walked, so its children (the _DenseBlock among them) are swapped one by one."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.fc = _DenseBlock(), nn.Linear(7, 2)
+
+    def forward(self, x):
+        x = self.block(x if x.sum() > 0 else -x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("make, prefix", [(_DenseBlock, ""), (_Gated, "block.")])
+def test_a_module_dict_with_a_forward_of_its_own_is_traced_and_fused(make, prefix):
+    torch.manual_seed(6)
+    model = make()
+    reference = copy.deepcopy(model).double()
+    swapped = knn.swap(model)
+    records = {record.path: (record.action, record.detail) for record in swapped.swap_records}
+    assert records[f"{prefix}conv"] == ("fused", "conv -> norm -> relu"), records
+    assert not [path for path, (action, _) in records.items() if action == "kept"], records
+    assert (prefix.rstrip(".") or "(model)") not in records  # the block itself traced, not walked
+    x = torch.randn(2, 3, 5, 5)
+    for mode in ("train", "eval"):
+        swapped.train(mode == "train"), reference.train(mode == "train")
+        outputs = []
+        for net, inputs in ((swapped, x), (reference, x.double())):
+            net.zero_grad()
+            out = net(inputs)
+            out.backward(torch.ones_like(out))
+            outputs.append(out)
+        torch.testing.assert_close(outputs[0], outputs[1].float(), rtol=1e-4, atol=1e-5)
+        for (name, ours), theirs in zip(swapped.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(ours.grad, theirs.grad.float(), rtol=1e-4, atol=1e-4, msg=f"{mode} {name}")
+        for (name, ours), theirs in zip(swapped.named_buffers(), reference.buffers()):
+            torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-4, atol=1e-5, msg=f"{mode} {name}")
