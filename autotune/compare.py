@@ -59,10 +59,12 @@ def compare(
     progress: bool = True,
     strategy_options: Mapping[str, Any] | None = None,
     workers: int = 1,
+    batch: int = 1,
 ) -> pd.DataFrame:
     """One row per (landscape, budget, strategy, seed) with the fraction of the optimum found.
     `strategy_options` go to every strategy (each must take them: see `make_strategy`). `workers` > 1
-    replays in that many processes; the rows are the same, each run being determined by its seed."""
+    replays in that many processes; the rows are the same, each run being determined by its seed.
+    `batch`: configs asked before any is told (see `replay`)."""
     if not budgets or any(not isinstance(b, int) or b < 1 for b in budgets):
         raise UsageError(f"budgets: expected positive ints, got {budgets!r}")
     if not strategies:
@@ -78,7 +80,7 @@ def compare(
     runs = [(index, strategy, seed) for index in range(len(loaded)) for strategy in strategies for seed in seed_list]
     bar = tqdm(total=len(runs), desc="strategies", unit="run", disable=not progress)
     rows = []
-    with _replayer(loaded, max(budgets), strategy_options, workers) as replays:
+    with _replayer(loaded, max(budgets), strategy_options, batch, workers) as replays:
         for (index, strategy, seed), best in zip(runs, replays(runs)):
             landscape = loaded[index]
             for budget in budgets:
@@ -92,10 +94,10 @@ def compare(
 
 def _best_values(state: tuple, run: tuple[int, str, int]) -> np.ndarray:
     """The best value after each evaluation of one (landscape index, strategy, seed) run, given the
-    (landscapes, budget, strategy_options) of a comparison."""
-    landscapes, budget, strategy_options = state
+    (landscapes, budget, strategy_options, batch) of a comparison."""
+    landscapes, budget, strategy_options, batch = state
     index, strategy, seed = run
-    return replay(landscapes[index], strategy, budget, seed, strategy_options)["best_value"].to_numpy()
+    return replay(landscapes[index], strategy, budget, seed, strategy_options, batch)["best_value"].to_numpy()
 
 
 _WORKER_STATE: tuple = ()  # the comparison's state in a worker process, set once by its initializer
@@ -111,10 +113,11 @@ def _worker_best_values(run: tuple[int, str, int]) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _replayer(landscapes: list[Landscape], budget: int, strategy_options: Mapping[str, Any] | None, workers: int):
+def _replayer(landscapes: list[Landscape], budget: int, strategy_options: Mapping[str, Any] | None, batch: int,
+              workers: int):
     """A function mapping runs to their best values, in order: in this process, or in `workers` fresh
     ("spawn") processes that each receive the landscapes once."""
-    state = (landscapes, budget, strategy_options)
+    state = (landscapes, budget, strategy_options, batch)
     if workers == 1:
         yield lambda runs: (_best_values(state, run) for run in runs)
         return
@@ -210,28 +213,22 @@ def against_best_kernel_tuner(
 ) -> pd.DataFrame:
     """group, budget, best_kt, best_kt_mean, best_kt_se, difference, difference_se: per group and budget
     (as in `summary_with_errors`), the Kernel Tuner strategy with the highest mean over the group (one for
-    the group, not one per landscape) and `reference` (a workbench strategy) minus it. The difference's
-    standard error is over the per-seed differences when both ran the same seeds, else sqrt(se1² + se2²).
-    No row where Kernel Tuner has none; NaN differences where `reference` has none."""
+    the group, not one per landscape) and `reference` (a workbench strategy) minus it, with standard error
+    sqrt(se1² + se2²): the two ran independently (seed i of one shares no randomness with seed i of the
+    other), so differences are not paired by seed. No row where Kernel Tuner has none; NaN differences
+    where `reference` has none."""
     per_seed = seed_means(results, landscape_groups(results["landscape"], holdout, per_landscape))
     summary = _with_errors(per_seed)
     kernel_tuner = summary[summary["source"] == "kernel_tuner"]
     best = kernel_tuner.loc[kernel_tuner.groupby(["group", "budget"], sort=False)["mean"].idxmax()]
 
-    def samples(group: str, budget: int, strategy: str) -> pd.Series:
-        rows = per_seed[(per_seed["group"] == group) & (per_seed["budget"] == budget)
-                        & (per_seed["strategy"] == strategy)]
-        return rows.set_index("seed")["fraction"].sort_index()
-
+    ours = summary[summary["strategy"] == reference].set_index(["group", "budget"])
     rows = []
     for row in best.itertuples(index=False):
-        ours, theirs = samples(row.group, row.budget, reference), samples(row.group, row.budget, row.strategy)
-        if ours.empty:
-            difference = error = math.nan
-        elif ours.index.equals(theirs.index):
-            difference, error = _mean_and_error(ours - theirs)
-        else:
-            difference, error = ours.mean() - row.mean, math.hypot(_mean_and_error(ours)[1], row.se)
+        difference = error = math.nan
+        if (row.group, row.budget) in ours.index:
+            mine = ours.loc[(row.group, row.budget)]
+            difference, error = mine["mean"] - row.mean, math.hypot(mine["se"], row.se)
         rows.append((row.group, row.budget, str(row.strategy).removeprefix("kt:"), row.mean, row.se, difference, error))
     columns = ["group", "budget", "best_kt", "best_kt_mean", "best_kt_se", "difference", "difference_se"]
     return pd.DataFrame(rows, columns=columns)

@@ -48,7 +48,7 @@ def strategies_figure(results: pd.DataFrame) -> go.Figure | None:
     rows = math.ceil(len(landscapes) / columns)
     fig = make_subplots(rows=rows, cols=columns, subplot_titles=[escape(name) for name in landscapes],
                         shared_yaxes=True, horizontal_spacing=0.05, vertical_spacing=0.16 if rows > 1 else 0.1)
-    colours = _colours(means)
+    colours = _colours(results)
     shown: set[str] = set()
     for index, landscape in enumerate(landscapes):
         for key, group in means[means["landscape"] == landscape].groupby(means["strategy"] + "|" + means["source"],
@@ -82,7 +82,7 @@ def regret_figure(results: pd.DataFrame, holdout: Sequence[str] = HOLDOUT) -> go
     sizes = {group: len(members) for group, members in landscape_groups(results["landscape"], holdout).items()}
     titles = [f"{group} ({sizes[group]} landscape{'s' * (sizes[group] != 1)})" for group in groups]
     fig = make_subplots(rows=1, cols=len(groups), shared_yaxes=True, horizontal_spacing=0.05, subplot_titles=titles)
-    colours = _colours(summary)
+    colours = _colours(results)
     shown: set[str] = set()
     for column, group in enumerate(groups, 1):
         rows = summary[summary["group"] == group]

@@ -113,7 +113,7 @@ def test_auto_refines_within_two_changes_of_the_best_on_every_other_ask_from_50_
     def bowl(config: dict) -> float:
         return 1.0 + sum((value - 2) ** 2 for value in config.values())
 
-    strategy = make_strategy("auto", space, seed=1)
+    strategy = make_strategy("auto", space, seed=1, stagnation=0)  # the refinement centre stays the best
     best, far_from_best = None, {"refining": 0, "exploring": 0}
     for told in range(90):
         config = strategy.ask()
@@ -123,6 +123,63 @@ def test_auto_refines_within_two_changes_of_the_best_on_every_other_ask_from_50_
         best = min(best or config, config, key=bowl)
     assert far_from_best["refining"] == 0
     assert far_from_best["exploring"] > 0  # the other asks do explore away from the best
+
+
+def told(strategy, values: dict[tuple, float]) -> None:
+    """Ask every config of `values` (enqueued) and tell its value, in the given order."""
+    for key in values:
+        strategy.enqueue(dict(zip(strategy.space.names, key)))
+    for _ in values:
+        config = strategy.ask()
+        strategy.tell(config, values[tuple(config.values())])
+
+
+def six_by_five() -> Space:
+    return Space({name: [0, 1, 2, 3, 4] for name in "abcdef"})
+
+
+def test_offspring_recombine_the_elite_as_a_genetic_algorithm_would():
+    strategy = make_strategy("auto", six_by_five(), seed=0, elite=2, offspring=2000)
+    first, second = (0, 0, 0, 4, 4, 4), (4, 4, 4, 0, 0, 0)
+    told(strategy, {first: 1.0, second: 1.1, (2, 2, 2, 2, 2, 2): 9.0, (1, 3, 1, 3, 1, 3): 8.0})
+    children = strategy.space.table[strategy._offspring_rows()]
+    from_parents = (children == 0) | (children == 4)
+    assert from_parents.mean() > 0.8  # mutation (1 in 6 values) is the only way to other values
+    mixed = [row for row in children if set(row[:3]) == {0} and set(row[3:]) == {0}]
+    assert mixed  # the first half of one parent with the second half of the other
+    assert not any((row == [2, 2, 2, 2, 2, 2]).all() for row in children)  # never bred from outside the elite
+
+
+def test_stagnation_moves_refinement_to_the_next_elite_config():
+    space = six_by_five()
+    options = dict(elite=3, stagnation=4, exploit_after=0, exploit_every=1, local_radius=1, explore_every=0)
+    strategy = make_strategy("auto", space, seed=0, **options)
+    best, second = (0, 0, 0, 0, 0, 0), (4, 4, 4, 4, 4, 4)
+    told(strategy, {best: 1.0, second: 2.0, (2, 2, 2, 2, 2, 2): 3.0})
+    near = lambda centre: {tuple(space.table[row]) for row in strategy._local_candidates()} <= {
+        tuple(space.table[row]) for row in np.flatnonzero(space.hamming_distances(space.row(dict(zip("abcdef", centre)))) <= 1)}
+    assert near(best)  # 2 evaluations since the best: still refining around it
+    told(strategy, {(1, 2, 3, 4, 0, 1): 5.0, (3, 1, 4, 0, 2, 2): 5.0})
+    assert near(second)  # 4 without improvement: the next of the elite
+    told(strategy, {(0, 4, 0, 4, 0, 4): 5.0, (4, 0, 4, 0, 4, 0): 5.0, (1, 1, 1, 3, 3, 3): 5.0, (3, 3, 3, 1, 1, 1): 5.0})
+    assert near((2, 2, 2, 2, 2, 2))  # 8 without improvement: the third
+    told(strategy, {(0, 1, 0, 1, 0, 1): 0.5})
+    assert near((0, 1, 0, 1, 0, 1))  # an improvement: back to the (new) best
+
+
+def test_spreads_one_ask_in_explore_every_while_stagnating_and_never_on_a_refining_one():
+    strategy = make_strategy("auto", six_by_five(), seed=0, stagnation=3, explore_every=4, exploit_after=0)
+    values = {tuple(int(v) for v in row): 1.0 + i for i, row in enumerate(six_by_five().table[::97][:12])}
+    told(strategy, values)  # the first config is the best: 11 evaluations without improvement
+    pattern = []
+    for _ in range(8):
+        pattern.append(strategy._spreading())
+        config = strategy.ask()
+        strategy.tell(config, 100.0)
+    assert pattern == [False, True, False, False, False, True, False, False]  # observed 13, 17: 1 mod 4, odd
+    fresh = make_strategy("auto", six_by_five(), seed=0, stagnation=3, explore_every=4, exploit_after=0)
+    told(fresh, dict(reversed(list(values.items()))))  # improving on every evaluation: no spreading
+    assert not fresh._spreading()
 
 
 def test_bad_arguments():

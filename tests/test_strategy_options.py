@@ -35,7 +35,8 @@ def sequence(asks: int, **options) -> list[dict]:
 def test_defaults_are_the_documented_choices():
     defaults = {name: default for name, default, _ in ForestOptions.documentation()}
     assert defaults == {"initial_samples": 10, "trees": 24, "pool_size": 3000, "neighbourhood_of": 3,
-                        "exploit_after": 50, "exploit_every": 2, "local_radius": 2, "failure_penalty": 0.5}
+                        "exploit_after": 50, "exploit_every": 2, "local_radius": 2, "elite": 8, "offspring": 0,
+                        "stagnation": 0, "explore_every": 4, "split_features": 1.0, "failure_penalty": 0.5}
     assert all(doc for _, _, doc in ForestOptions.documentation())
     assert make_strategy("auto", bowl_space()).options == ForestOptions()
     assert make_strategy("random", bowl_space()).options is None
@@ -67,7 +68,7 @@ def test_command_line_strings_are_read_as_the_options_type():
 
 def test_unknown_options_name_the_valid_ones():
     with pytest.raises(ValueError, match=r"strategy 'auto' has no option 'tree'; its options are initial_samples, "
-                                         r"trees, pool_size,"):
+                                         r"trees, split_features, pool_size,"):
         make_strategy("auto", bowl_space(), tree=8)
     with pytest.raises(ValueError, match="strategy 'random' takes no options, got trees"):
         make_strategy("random", bowl_space(), trees=8)
@@ -79,6 +80,7 @@ def test_unknown_options_name_the_valid_ones():
     ("trees", 0, "an integer >= 1"), ("trees", 2.5, "an integer >= 1"), ("trees", "many", "an integer >= 1"),
     ("trees", True, "an integer >= 1"), ("neighbourhood_of", -1, "an integer >= 0"),
     ("failure_penalty", math.nan, "a number >= 0"), ("failure_penalty", "-1", "a number >= 0"),
+    ("split_features", 1.5, "a number >= 0.01 and <= 1"), ("split_features", 0, "a number >= 0.01 and <= 1"),
 ])
 def test_bad_values_name_the_option_and_what_it_takes(name, value, expected):
     with pytest.raises(ValueError, match=f"strategy option {name}: expected {expected}, got"):

@@ -54,7 +54,7 @@ def test_many_params_has_twelve_parameters_and_interactions_bend_the_optimum():
     for _ in range(3):
         for j, candidates in enumerate(landscape.params.values()):
             config[j] = min(candidates, key=lambda v: landscape.values[tuple(config[:j] + [v] + config[j + 1:])])
-    assert landscape.values[tuple(config)] > landscape.values[best] or tuple(config) == best
+    assert tuple(config) != best and landscape.values[tuple(config)] > 1.1 * landscape.optimum
     assert np.median(times(landscape)) > 5 * landscape.optimum
 
 

@@ -26,6 +26,15 @@ Why this design:
   rather than 1, together raised the 100- and 200-evaluation results on all five landscapes.
 - Asked but untold configs (parallel compile) are fitted at the mean observed value ("constant liar"),
   so a batch of asks spreads out instead of piling onto one spot.
+- Tried for the late phase (100-500 evaluations) and left off by default, because none helped on the
+  development suite (three recorded landscapes and the synthetic suite; benchmarks/strategy_ablation.py,
+  its rows in benchmarks/results/strategy_ablation.csv): offspring of the elite in the scored pool
+  (`offspring`, a genetic algorithm's recombination judged by the model), moving the refinement centre
+  through the elite after `stagnation` evaluations without improvement with one ask in `explore_every`
+  spread out, and splits over a random 30% of the features (`split_features`, 1.8x faster fits). Each
+  ended at or below the defaults at 500 evaluations, which keep improving there: refining around the
+  best on every other ask and expected improvement over a large random pool on the others already
+  keep exploring.
 
 Every number above is an option (`ForestOptions`; `make_strategy("auto", space, trees=48)`, `tune(...,
 strategy_options={...})`, `workbench tune --strategy-option trees=48`); the defaults are the choices
@@ -59,6 +68,9 @@ class ForestOptions(StrategyOptions):
     trees: int = option(
         24, "Trees in the extra-trees ensemble; the spread of their predictions is the uncertainty "
             "that expected improvement weighs.", minimum=1)
+    split_features: float = option(
+        1.0, "Fraction of the features each tree node draws a random split for, keeping the best (extra-trees' "
+             "max_features); lower fits faster.", minimum=0.01, maximum=1)
     pool_size: int = option(
         3000, "Random unasked configs scored per ask once the space is larger than this (also the pool "
               "the spread-out start picks from).", minimum=1)
@@ -72,6 +84,17 @@ class ForestOptions(StrategyOptions):
     local_radius: int = option(
         2, "Parameters a refinement step may change at once (Hamming radius around the best config).",
         minimum=1)
+    elite: int = option(
+        8, "The best observed configs that parent offspring and serve as refinement centres.", minimum=1)
+    offspring: int = option(
+        0, "Offspring of the elite (uniform crossover, then each parameter mutated with probability "
+           "1/parameters) added to the scored pool per ask: recombination, judged by the surrogate.", minimum=0)
+    stagnation: int = option(
+        0, "Evaluations without improvement after which refinement moves to the next elite config's "
+           "neighbourhood (cycling through the elite); 0 refines around the best only.", minimum=0)
+    explore_every: int = option(
+        4, "While stagnating (see `stagnation`), one ask in this many is spread out (farthest from every "
+           "config asked so far) instead of chosen by the model; 0 never.", minimum=0)
     failure_penalty: float = option(
         0.5, "A failed config is modelled this many observed log-ranges above the worst success.", minimum=0)
 
@@ -108,7 +131,8 @@ class ForestSearch(Strategy):
 
     def _next_row(self) -> int | None:
         finite = [v for v in self.observed_values if math.isfinite(v)]
-        if len(finite) < min(self.initial_samples, 2) or len(self.observed_rows) < self.initial_samples:
+        starting = len(finite) < min(self.initial_samples, 2) or len(self.observed_rows) < self.initial_samples
+        if starting or self._spreading():
             return self._spread_row()
         candidates = self._local_candidates() if self._exploiting() else self._candidates()
         features = self._features[candidates]
@@ -147,27 +171,66 @@ class ForestSearch(Strategy):
             targets = np.concatenate([targets, np.full(len(self.pending), targets.mean())])
         features = self._features[rows]
         seeds = self.rng.integers(2**31, size=self.options.trees)
+        import sklearn
         from sklearn.tree import DecisionTreeRegressor
 
-        return [DecisionTreeRegressor(splitter="random", random_state=int(s)).fit(features, targets) for s in seeds]
+        # the features are float32, C-contiguous and finite by construction (`config_features`): skip sklearn's checks
+        with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+            return [DecisionTreeRegressor(splitter="random", max_features=self.options.split_features,
+                                          random_state=int(s)).fit(features, targets, check_input=False)
+                    for s in seeds]
 
     def _exploiting(self) -> bool:
         observed = len(self.observed_rows)
         return observed >= self.options.exploit_after and observed % self.options.exploit_every == 0
 
+    def _spreading(self) -> bool:
+        """Whether this ask explores: stagnating, on one ask in `options.explore_every` (never a refining one)."""
+        every, observed = self.options.explore_every, len(self.observed_rows)
+        stagnating = self.options.stagnation and self._stagnant_for() >= self.options.stagnation
+        return bool(every and stagnating and observed % every == 1 % every and not self._exploiting())
+
+    def _best_rows(self, count: int) -> np.ndarray:
+        """The `count` best observed rows that did not fail, best first."""
+        values = np.asarray(self.observed_values)
+        order = np.argsort(values, kind="stable")[:count]  # ties: the first observed first
+        return np.asarray(self.observed_rows)[order[np.isfinite(values[order])]]
+
+    def _stagnant_for(self) -> int:
+        """Evaluations since the best value so far was first observed."""
+        return len(self.observed_values) - 1 - int(np.argmin(self.observed_values))
+
     def _local_candidates(self) -> np.ndarray:
-        """Unasked configs within `options.local_radius` changes of the best config, or the usual pool if none."""
-        best_row = self.observed_rows[int(np.argmin(self.observed_values))]
-        near = np.flatnonzero((self.space.hamming_distances(best_row) <= self.options.local_radius) & ~self.asked)
+        """Unasked configs within `options.local_radius` changes of the refinement centre (the best config,
+        or after `options.stagnation` evaluations without improvement the next of the elite), or the usual
+        pool if none."""
+        elite = self._best_rows(self.options.elite)
+        turn = self._stagnant_for() // self.options.stagnation if self.options.stagnation else 0
+        centre = elite[turn % len(elite)]
+        near = np.flatnonzero((self.space.hamming_distances(centre) <= self.options.local_radius) & ~self.asked)
         return near if len(near) else self._candidates()
+
+    def _offspring_rows(self) -> np.ndarray:
+        """Valid rows of `options.offspring` children of random pairs of the elite (uniform crossover and
+        mutation, as a genetic algorithm breeds), asked or not."""
+        parents = self.space.table[self._best_rows(self.options.elite)]
+        count, width = self.options.offspring, parents.shape[1]
+        first, second = (parents[self.rng.integers(len(parents), size=count)] for _ in range(2))
+        children = np.where(self.rng.random((count, width)) < 0.5, first, second)
+        sizes = np.array([len(values) for values in self.space.params.values()])
+        mutated = self.rng.random((count, width)) < 1 / width
+        children = np.where(mutated, (self.rng.random((count, width)) * sizes).astype(np.int64), children)
+        rows = self.space.rows_of(children)
+        return rows[rows >= 0]
 
     def _candidates(self) -> np.ndarray:
         unasked = self._unasked_rows()
         if len(unasked) <= self.options.pool_size:
             return unasked
         pool = [self.rng.choice(unasked, size=self.options.pool_size, replace=False)]
-        order = np.argsort(self.observed_values)[: self.options.neighbourhood_of]
-        for index in order:
-            pool.append(self.space.neighbour_rows(self.observed_rows[index], "hamming"))
+        for row in self._best_rows(self.options.neighbourhood_of):
+            pool.append(self.space.neighbour_rows(row, "hamming"))
+        if self.options.offspring:
+            pool.append(self._offspring_rows())
         pool = np.unique(np.concatenate(pool))
         return pool[~self.asked[pool]]

@@ -19,26 +19,27 @@ _KINDS = {bool: "a boolean", int: "an integer", float: "a number"}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def option(default: bool | int | float, doc: str, minimum: float | None = None) -> Any:
+def option(default: bool | int | float, doc: str, minimum: float | None = None, maximum: float | None = None) -> Any:
     """A field of a `StrategyOptions` dataclass: its default (whose type is the option's type), what it
-    does, and the least value it may take."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "minimum": minimum})
+    does, and the least and greatest values it may take."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "minimum": minimum, "maximum": maximum})
 
 
 def expected(field: dataclasses.Field) -> str:
-    """What an option accepts, in words: 'an integer >= 1'."""
-    minimum = field.metadata.get("minimum")
-    return _KINDS[type(field.default)] + ("" if minimum is None else f" >= {minimum:g}")
+    """What an option accepts, in words: 'an integer >= 1', 'a number >= 0.01 and <= 1'."""
+    bounds = [f"{word} {field.metadata.get(key):g}" for key, word in (("minimum", ">="), ("maximum", "<="))
+              if field.metadata.get(key) is not None]
+    return " ".join([_KINDS[type(field.default)], " and ".join(bounds)]).strip()
 
 
 def _accepts(field: dataclasses.Field, value: Any) -> bool:
-    kind, minimum = type(field.default), field.metadata.get("minimum")
+    kind, minimum, maximum = type(field.default), field.metadata.get("minimum"), field.metadata.get("maximum")
     if kind is bool:
         return isinstance(value, (bool, np.bool_))
     numbers = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers):
         return False
-    return math.isfinite(value) and (minimum is None or value >= minimum)
+    return math.isfinite(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
 
 
 @dataclasses.dataclass(frozen=True)
