@@ -12,8 +12,9 @@ evaluation.
 
 Kernel Tuner is not a dependency of the workbench: run this with the interpreter of a separate venv,
     python3 -m venv /tmp/ktvenv && /tmp/ktvenv/bin/pip install kernel_tuner==1.5.0 pandas
-    /tmp/ktvenv/bin/python benchmarks/kernel_tuner_baseline.py --landscapes ../shared/landscapes \
-        --budgets 25,50,100,200 --seeds 20
+    /tmp/ktvenv/bin/python benchmarks/kernel_tuner_baseline.py --landscapes ../shared/landscapes --seeds 20
+    .venv/bin/python benchmarks/write_synthetic_landscapes.py /tmp/synthetic   # the synthetic suite as cache files
+    /tmp/ktvenv/bin/python benchmarks/kernel_tuner_baseline.py --landscapes /tmp/synthetic --seeds 11
 Kernel Tuner's strategies draw from the global `random` and `numpy.random` generators (its `seed`
 argument is not used by them), so each run seeds both. Rows are appended to the CSV as they finish and
 finished (landscape, budget, strategy, seed) rows are skipped on a rerun, so an interrupted run loses
@@ -107,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "landscapes"
     parser.add_argument("--landscapes", type=Path, default=beside_checkout)
-    parser.add_argument("--budgets", default="25,50,100,200")
+    parser.add_argument("--budgets", default="25,50,100,200,500")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     # package data of triton_workbench.autotune (read through importlib.resources by autotune.compare)
