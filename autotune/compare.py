@@ -213,7 +213,8 @@ def against_best_kernel_tuner(
 ) -> pd.DataFrame:
     """group, budget, best_kt, best_kt_mean, best_kt_se, difference, difference_se: per group and budget
     (as in `summary_with_errors`), the Kernel Tuner strategy with the highest mean over the group (one for
-    the group, not one per landscape) and `reference` (a workbench strategy) minus it, with standard error
+    the group, not one per landscape; picked after the fact, so its mean is biased upwards and its standard
+    error does not count the choice) and `reference` (a workbench strategy) minus it, with standard error
     sqrt(se1² + se2²): the two ran independently (seed i of one shares no randomness with seed i of the
     other), so differences are not paired by seed. No row where Kernel Tuner has none; NaN differences
     where `reference` has none."""

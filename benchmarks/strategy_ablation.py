@@ -2,11 +2,12 @@
 development landscapes (the recorded ones not in `compare.HOLDOUT`, and the synthetic suite), never on
 the held-out ones.
 
-    python benchmarks/strategy_ablation.py --variants defaults,offspring --seeds 4 --workers 2
+    python benchmarks/strategy_ablation.py --variants defaults,split-0.3 --seeds 2 --workers 2
 
 Rows (the `compare` layout, the variant in the strategy column) are appended to
 benchmarks/results/strategy_ablation.csv per (variant, seed) as they finish, and finished ones are
-skipped on a rerun, so an interrupted run loses nothing. The table printed at the end is the mean
+skipped on a rerun, so an interrupted run loses nothing (a file written for other landscapes or budgets
+is refused; change a variant's options under a new name). The table printed at the end is the mean
 fraction of the optimum over the landscapes per budget, ± its standard error over seeds
 (`compare.summary_with_errors`: each seed's mean over the landscapes is one sample).
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from triton_workbench.autotune.compare import HOLDOUT, compare, landscape_files, summary_with_errors
+from triton_workbench.autotune.landscape import load_landscape
 from triton_workbench.autotune.synthetic import synthetic_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +38,6 @@ VARIANTS: dict[str, dict[str, object]] = {
     "split-0.3+offspring+stagnation-no-spread": {"split_features": 0.3, "offspring": 400, "stagnation": 40,
                                                  "explore_every": 0},
     "batch-4": {"batch": 4},  # compile-ahead: 4 configs asked before any is told
-    "batch-16": {"batch": 16},
 }
 
 
@@ -52,10 +53,12 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
-    recorded = [path for path in landscape_files(args.landscapes) if path.name.split(".json")[0] not in HOLDOUT]
-    landscapes = [*recorded, *synthetic_suite()]
+    recorded = [load_landscape(path) for path in landscape_files(args.landscapes)]
+    landscapes = [landscape for landscape in recorded if landscape.name not in HOLDOUT] + synthetic_suite()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    done = pd.read_csv(args.out) if args.out.exists() else pd.DataFrame(columns=["strategy", "seed"])
+    done = pd.read_csv(args.out) if args.out.exists() else pd.DataFrame(columns=["landscape", "budget", "strategy", "seed"])
+    if len(done) and (set(done["landscape"]) != {l.name for l in landscapes} or set(done["budget"]) != set(BUDGETS)):
+        parser.error(f"--out: {args.out} holds rows for other landscapes or budgets; give another file")
     finished = set(zip(done["strategy"], done["seed"]))
     for seed in range(args.seeds):  # seeds outermost: a run cut short still compares every variant
         for variant in variants:
