@@ -16,6 +16,7 @@ import triton_workbench.kernels.nn as knn
 from triton_workbench.kernels import adapters, ops
 from triton_workbench.kernels.attention import TritonMultiheadAttention
 from triton_workbench.kernels.conv2d_same import TritonConv2dSame, same_padding
+from numerics import output_after_backward, relative_error
 
 
 # timm's padding.py and conv2d_same.py (timm 1.0), as they are
@@ -60,10 +61,6 @@ def _records(model: nn.Module) -> dict[str, tuple[str, str]]:
     return {record.path: (record.action, record.detail) for record in model.swap_records}
 
 
-def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-2)).item()
-
-
 class _Stem(nn.Module):
     """tf_efficientnet's pattern: a Conv2dSame (stride 2) -> BN -> SiLU, then a depthwise Conv2dSame."""
 
@@ -95,15 +92,10 @@ def test_conv2d_same_is_swapped_and_matches_timm_in_float64(kernel, stride, dila
     x = torch.randn(2, 3, *size)
     for mode in ("train", "eval"):
         getattr(swapped, mode)(), getattr(reference, mode)()
-        outputs = []
-        for net, inputs in ((swapped, x), (reference, x.double())):
-            net.zero_grad()
-            out = net(inputs)
-            out.backward(torch.ones_like(out))
-            outputs.append(out)
-        assert outputs[0].shape == outputs[1].shape and _relative_error(*outputs) < 1e-4
+        outputs = [output_after_backward(net, inputs) for net, inputs in ((swapped, x), (reference, x.double()))]
+        assert outputs[0].shape == outputs[1].shape and relative_error(*outputs) < 1e-4
         for (name, ours), theirs in zip(swapped.named_parameters(), reference.parameters()):
-            assert _relative_error(ours.grad, theirs.grad) < 1e-4, (mode, name)
+            assert relative_error(ours.grad, theirs.grad) < 1e-4, (mode, name)
 
 
 def test_the_adapter_takes_channels_last_unbatched_and_older_timms_name():
@@ -140,10 +132,10 @@ def test_conv2d_takes_four_sided_padding_and_names_a_bad_one():
     out = ops.conv2d(x32, w32, None, 1, (0, 2, 1, 0))
     x.requires_grad_(), weight.requires_grad_()
     expected = F.conv2d(F.pad(x, (1, 0, 0, 2)), weight)
-    assert out.shape == expected.shape and _relative_error(out, expected) < 1e-5
+    assert out.shape == expected.shape and relative_error(out, expected) < 1e-5
     grad = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
     out.backward(grad.float()), expected.backward(grad)
-    assert _relative_error(x32.grad, x.grad) < 1e-5 and _relative_error(w32.grad, weight.grad) < 1e-5
+    assert relative_error(x32.grad, x.grad) < 1e-5 and relative_error(w32.grad, weight.grad) < 1e-5
     for padding in ((0, 1, -1, 0), (0, 1, 1.5, 0)):
         with pytest.raises(ValueError, match=r"padding \(top, bottom, left, right\) must be non-negative ints"):
             ops.conv2d(x32, w32, None, 1, padding)

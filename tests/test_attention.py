@@ -13,16 +13,13 @@ from torch.nn.utils import parametrize
 import triton_workbench.kernels.nn as knn
 from triton_workbench.kernels import adapters, ops
 from triton_workbench.kernels.attention import TritonMultiheadAttention
+from numerics import relative_error
 
 EMBED, HEADS, TARGET, SOURCE, BATCH = 12, 3, 5, 7, 2
 
 
 def _records(model: nn.Module) -> dict[str, tuple[str, str]]:
     return {record.path: (record.action, record.detail) for record in model.swap_records}
-
-
-def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-2)).item()
 
 
 def _masks(generator: torch.Generator, source: int, case: dict) -> dict:
@@ -118,14 +115,14 @@ def test_matches_multihead_attention_in_float64(name):
              else None)
     theirs = _run(reference, tensors, masks, case, torch.float64, grads)
     mine = _run(ours, tensors, masks, case, torch.float32, grads)
-    assert mine[0].shape == theirs[0].shape and _relative_error(mine[0], theirs[0]) < 1e-4
+    assert mine[0].shape == theirs[0].shape and relative_error(mine[0], theirs[0]) < 1e-4
     assert (mine[1] is None) == (theirs[1] is None) == (not case.get("need_weights", True))
     if theirs[1] is not None:
-        assert mine[1].shape == theirs[1].shape and _relative_error(mine[1], theirs[1]) < 1e-4
+        assert mine[1].shape == theirs[1].shape and relative_error(mine[1], theirs[1]) < 1e-4
     for kind in (2, 3):  # inputs, then every parameter
         assert mine[kind].keys() == theirs[kind].keys()
         for key, grad in theirs[kind].items():
-            assert _relative_error(mine[kind][key], grad) < 1e-4, key
+            assert relative_error(mine[kind][key], grad) < 1e-4, key
 
 
 def test_projections_run_on_the_triton_gemm_one_launch_for_a_packed_self_attention(monkeypatch):
@@ -233,9 +230,9 @@ def test_swap_in_a_transformer_block_keeps_parameters_and_matches_pytorch(batch_
         out = net(inputs)
         out.backward(torch.ones_like(out))
         outputs.append(out)
-    assert _relative_error(*outputs) < 1e-4
+    assert relative_error(*outputs) < 1e-4
     for (name, ours), theirs in zip(swapped.named_parameters(), reference.parameters()):
-        assert _relative_error(ours.grad, theirs.grad) < 1e-4, name
+        assert relative_error(ours.grad, theirs.grad) < 1e-4, name
     swapped.load_state_dict(reference.float().state_dict())  # checkpoints load both ways
     reference.load_state_dict(swapped.state_dict())
 
@@ -262,14 +259,14 @@ def test_swap_inside_transformer_encoder_layers_train_and_eval_fast_path():
         out = head(encoder(inputs, src_key_padding_mask=padding))
         out.backward(torch.ones_like(out))
         outputs.append(out)
-    assert _relative_error(*outputs) < 1e-4
+    assert relative_error(*outputs) < 1e-4
     for (name, ours), theirs in zip(swapped.named_parameters(), reference.parameters()):
-        assert _relative_error(ours.grad, theirs.grad) < 1e-4, name
+        assert relative_error(ours.grad, theirs.grad) < 1e-4, name
     swapped.eval(), reference.eval()
     with torch.no_grad():
         got = swapped.get_submodule("1")(swapped.get_submodule("0")(x, src_key_padding_mask=padding))
         expected = reference[1](reference[0](x.double(), src_key_padding_mask=padding))
-    assert _relative_error(got, expected) < 1e-4
+    assert relative_error(got, expected) < 1e-4
 
 
 def test_attention_the_kernels_cannot_run_stays_in_pytorch_with_the_reason():

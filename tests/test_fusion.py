@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import triton_workbench.kernels.nn as knn
 from triton_workbench.workbench.torchvision_resnet import BasicBlock, Bottleneck, resnet18
+from numerics import relative_error
 
 
 def _records(model: nn.Module) -> dict[str, tuple[str, str]]:
@@ -30,10 +31,7 @@ class _AtenOps(TorchDispatchMode):
 
 
 def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    """Largest error relative to the reference's largest value, floored at 0.05: a gradient that is zero in
-    exact arithmetic (a conv bias before batch-statistics BN: a sum of dz that cancels) is fp32 rounding noise
-    of the terms summed, not a signal."""
-    return ((ours.double() - reference).abs().max() / reference.abs().max().clamp_min(5e-2)).item()
+    return relative_error(ours, reference, floor=5e-2)
 
 
 def _check_against_float64(block: nn.Module, x: torch.Tensor, steps: int, tolerance: float = 2e-4) -> None:

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import triton_workbench.kernels.nn as knn
 from triton_workbench.kernels import batch_norm, ops
+from numerics import relative_error
 
 # ---------------------------------------------------------------------------------------------
 # the blocks, as torchvision (torchvision/ops/misc.py, models/*.py) and the U-Net most people copy write them
@@ -528,9 +529,7 @@ def _record_kernels(monkeypatch) -> list[_Launch]:
 
 
 def _relative_error(ours: Tensor, reference: Tensor) -> float:
-    """Largest error relative to the reference's largest value, floored at 0.05 (as tests/test_fusion.py: a
-    gradient that is zero in exact arithmetic, a conv bias before batch-statistics BN, is rounding noise)."""
-    return ((ours.double() - reference).abs().max() / reference.abs().max().clamp_min(5e-2)).item()
+    return relative_error(ours, reference, floor=5e-2)
 
 
 def _step(model: nn.Module, inputs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:

@@ -11,14 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import triton_workbench.kernels.nn as knn
+from numerics import relative_error
 
 
 def _records(model: nn.Module) -> dict[str, tuple[str, str]]:
     return {record.path: (record.action, record.detail) for record in model.swap_records}
-
-
-def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-2)).item()
 
 
 def _check_against_float64(model: nn.Module, swapped: nn.Module, x: torch.Tensor, tolerance: float = 1e-4) -> None:
@@ -33,11 +30,11 @@ def _check_against_float64(model: nn.Module, swapped: nn.Module, x: torch.Tensor
             grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         out.backward(grad.to(out.dtype))
         outputs.append(out)
-    assert _relative_error(*outputs) < tolerance
+    assert relative_error(*outputs) < tolerance
     for (name, ours), theirs in zip(swapped.named_parameters(), reference.parameters()):
-        assert _relative_error(ours.grad, theirs.grad) < tolerance, name
+        assert relative_error(ours.grad, theirs.grad) < tolerance, name
     swapped.eval(), reference.eval()
-    assert _relative_error(swapped(x), reference(x.double())) < tolerance
+    assert relative_error(swapped(x), reference(x.double())) < tolerance
 
 
 class _Block(nn.Module):
