@@ -69,19 +69,17 @@ class Space:
         return np.asarray(rows, dtype=np.int64).reshape(len(rows), len(self.names))
 
     @cached_property
-    def _row_of(self) -> dict[tuple[int, ...], int]:
-        return {tuple(row): i for i, row in enumerate(self.table.tolist())}
-
-    @cached_property
     def _codes(self) -> np.ndarray:
         """Each valid config's position in the full product (ascending: `table` is in lexicographic order)."""
-        shape = [len(values) for values in self.params.values()]
-        return np.ravel_multi_index(self.table.T, shape) if self.size else np.zeros(0, dtype=np.int64)
+        return np.ravel_multi_index(self.table.T, self._shape) if self.size else np.zeros(0, dtype=np.int64)
+
+    @property
+    def _shape(self) -> list[int]:
+        return [len(values) for values in self.params.values()]
 
     def rows_of(self, indices: np.ndarray) -> np.ndarray:
         """Rows of `table` holding the value indices of each row of `indices`; -1 where that config is not valid."""
-        shape = [len(values) for values in self.params.values()]
-        codes = np.ravel_multi_index(np.asarray(indices).T, shape)
+        codes = np.ravel_multi_index(np.asarray(indices).T, self._shape)
         if not self.size:
             return np.full(len(codes), -1)
         rows = np.minimum(np.searchsorted(self._codes, codes), self.size - 1)
@@ -114,7 +112,8 @@ class Space:
     def row(self, config: Mapping[str, Any]) -> int | None:
         """The row of a valid config in `table`, None if it is not a valid config of this space."""
         indices = self._indices(config)
-        return None if indices is None else self._row_of.get(indices)
+        row = -1 if indices is None else int(self.rows_of([indices])[0])
+        return None if row < 0 else row
 
     def _indices(self, config: Mapping[str, Any]) -> tuple[int, ...] | None:
         if not isinstance(config, Mapping) or set(config) != set(self.names):
