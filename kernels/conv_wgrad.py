@@ -4,8 +4,8 @@
 
 Each program owns one tap (kh, kw) of one (co, ci) tile, so its x tile is a row of channels
 (contiguous in channels_last) and its position bounds are one check per row; the (n,oh,ow)
-reduction is split into SPLIT_K fp32 partials until the grid fills the GPU, and the partials are
-summed in a fixed order (deterministic). dz = dy * act'(z) comes in formed (`ops` forms it once for
+reduction is split into SPLIT_K fp32 partials until the grid fills the GPU, and the last split of a
+tile to finish sums them in a fixed order (deterministic) in the same launch (`kernels.arrival`). dz = dy * act'(z) comes in formed (`ops` forms it once for
 dgrad and wgrad); the bias gradient, dz summed over positions, is reduced apart from the GEMM.
 """
 
@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_workbench.kernels import hardware, runtime, tuned
+from triton_workbench.kernels import arrival, hardware, runtime, tuned
+from triton_workbench.kernels.arrival import last_to_arrive
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, gemm_dims_wgrad,
                                                     needs_int64, output_hw, problem_of)
@@ -30,18 +31,20 @@ from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
 @jit
 def conv2d_wgrad_kernel(
-    dz_ptr, x_ptr, dw_ptr,
+    dz_ptr, x_ptr, partial_ptr, dw_ptr, counter_ptr,
     N, H, W, C_in_g, C_out_g, C_out, positions_per_split, GROUP_M,
     sdzn, sdzc, sdzh, sdzw, sxn, sxc, sxh, sxw,
     HO: tl.constexpr, WO: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    C_FLAT: tl.constexpr, DENSE_DZ: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
+    C_FLAT: tl.constexpr, DENSE_DZ: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """fp32 partial dw[split, co, kh, kw, ci] of one split of the (n,oh,ow) reduction for one (co tile,
-    column tile) of one group. A program's columns are the input channels of one tap (kh, kw), or with
-    C_FLAT (dense channels_last x, one group) the (kw, channel) pairs of one kernel row, contiguous there."""
+    """dw[co, kh, kw, ci] of one (co tile, column tile) of one group, from one split of the (n,oh,ow)
+    reduction: with SPLIT, its fp32 partial stored, and the last split to finish (`arrival`) sums all of
+    the tile's partials in split order into dw; else the tile straight into dw. A program's columns are
+    the input channels of one tap (kh, kw), or with C_FLAT (dense channels_last x, one group) the
+    (kw, channel) pairs of one kernel row, contiguous there."""
     if C_FLAT:
         group = 0
         kh = tl.program_id(1)
@@ -89,9 +92,21 @@ def conv2d_wgrad_kernel(
         b = tl.load(x_cols[None, :] + x_rows[:, None], mask=x_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    row = (offsets(split, INT64) * C_out + c_out) * (KH * KW) + kh * KW + kw  # (split, co, kh, kw), then columns
-    dw_offsets = row[:, None] * C_in_g + offs_n[None, :]
-    tl.store(dw_ptr + dw_offsets, acc, mask=m_ok[:, None] & n_ok[None, :])
+    dw_offsets = (c_out * (KH * KW) + kh * KW + kw)[:, None] * C_in_g + offs_n[None, :]  # (co, kh, kw), columns
+    tile_ok = m_ok[:, None] & n_ok[None, :]
+    if not SPLIT:
+        tl.store(dw_ptr + dw_offsets, acc.to(dw_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        splits = tl.num_programs(2)
+        split_size = offsets(C_out, INT64) * (KH * KW) * C_in_g
+        tl.store(partial_ptr + split * split_size + dw_offsets, acc, mask=tile_ok)
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if last_to_arrive(counter_ptr + tile, splits):
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for other in range(0, splits):
+                total += tl.load(partial_ptr + other * split_size + dw_offsets, mask=tile_ok,
+                                 other=0.0, cache_modifier=".cg")
+            tl.store(dw_ptr + dw_offsets, total.to(dw_ptr.dtype.element_ty), mask=tile_ok)
 
 
 def flat_rows(problem: Problem) -> bool:
@@ -106,30 +121,33 @@ def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                        bias_grad: bool = True, config: Config | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad_weight shaped, typed and laid out like weight, grad_bias or None) of conv2d(x, weight) + b for the
-    output gradient dz. The SPLIT_K fp32 partials are summed in split order."""
+    output gradient dz, in one launch: the SPLIT_K fp32 partials are summed in split order by the kernel."""
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = dz.shape[2:]
     problem = problem_of(x, weight.shape, geometry, None, bias_grad)
     config = config if config is not None else tuned.config_for(CONV_WGRAD_SPEC, problem)
     grid = _grid(problem, config)
-    # every program stores its whole (split, co tile, tap, column tile) block: no element is left unwritten
-    dw_partial = torch.empty((grid[2], c_out, kh, kw, c_in_g), device=x.device, dtype=torch.float32)
-    if dz.numel() and dw_partial.numel():
+    # (co, kh, kw, ci): channels_last strides once permuted. Every tile is stored whole: nothing is left unwritten
+    dw = torch.empty((c_out, kh, kw, c_in_g), device=x.device, dtype=weight.dtype)
+    split = grid[2] > 1
+    partial = torch.empty((grid[2], *dw.shape), device=x.device, dtype=torch.float32) if split else dw
+    if dz.numel() and dw.numel():
         runtime.announce()
-        conv2d_wgrad_kernel[grid](
-            dz, x, dw_partial,
-            n, h, w, c_in_g, c_out // geometry.groups, c_out, _positions_per_split(problem, config), config["GROUP_M"],
-            *dz.stride(), *x.stride(), ho, wo, *geometry.constexprs(kh, kw),
-            C_FLAT=c_in_g if flat_rows(problem) else 0,
-            DENSE_DZ=dz.stride()[0] == ho * dz.stride()[2] and dz.stride()[2] == wo * dz.stride()[3],
-            DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(dz, x, dw_partial),
-            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-            num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
-        )
+        with arrival.counters(x.device, grid[0] * grid[1]) as counter:
+            conv2d_wgrad_kernel[grid](
+                dz, x, partial, dw, counter,
+                n, h, w, c_in_g, c_out // geometry.groups, c_out, _positions_per_split(problem, config),
+                config["GROUP_M"], *dz.stride(), *x.stride(), ho, wo, *geometry.constexprs(kh, kw),
+                C_FLAT=c_in_g if flat_rows(problem) else 0, SPLIT=split,
+                DENSE_DZ=dz.stride()[0] == ho * dz.stride()[2] and dz.stride()[2] == wo * dz.stride()[3],
+                DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(dz, x, partial, dw),
+                BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+                num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
+            )
     else:
-        dw_partial.zero_()  # no position to reduce over (an empty batch): the gradient is zero
-    dw = dw_partial.sum(0).to(weight.dtype).permute(0, 3, 1, 2)  # channels_last strides
+        dw.zero_()  # no position to reduce over (an empty batch): the gradient is zero
+    dw = dw.permute(0, 3, 1, 2)
     if not channels_last(weight):
         dw = dw.contiguous()
     return dw, conv2d_bias_grad(dz, weight.dtype) if bias_grad else None

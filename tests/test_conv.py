@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_workbench import kernels
-from triton_workbench.kernels import conv_dgrad, conv_fwd, conv_tiles, conv_wgrad, ops
+from triton_workbench.kernels import arrival, conv_dgrad, conv_fwd, conv_tiles, conv_wgrad, ops
 from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry
 from triton_workbench.kernels.activation import NAMES, torch_activation
 from triton_workbench.kernels.activation import run as activation_run
@@ -439,3 +439,27 @@ def test_wgrad_writes_every_partial_it_sums(monkeypatch, layout, c_in, groups, s
     expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dz.double(), stride=stride, padding=1,
                                            groups=groups)
     _assert_close(grad_weight, expected, FP32_TOLERANCE, "grad_weight")
+
+
+def test_wgrad_split_reduction_is_deterministic_and_leaves_its_counters_zero():
+    """The last split of each tile sums the partials in split order (`kernels.arrival`): the same bits on a
+    second run, and every arrival counter back at zero for the next launch -- also after a launch that failed."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 9, 9, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(8, 16, 3, 3, generator=generator)
+    geometry = make_geometry((3, 3), 1, 1, 1, 1)
+    dz = torch.randn(2, 8, 9, 9, generator=generator)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 1, "num_stages": 1, "SPLIT_K": 5}
+    first, _ = conv_wgrad.conv2d_weight_grad(dz, x, weight, geometry, bias_grad=False, config=config)
+    second, _ = conv_wgrad.conv2d_weight_grad(dz, x, weight, geometry, bias_grad=False, config=config)
+    assert torch.equal(first, second)
+    with arrival.counters(x.device, 1) as counter:
+        assert not counter.any()
+    with pytest.raises(RuntimeError, match="part-way"):
+        with arrival.counters(x.device, 1) as counter:
+            counter[:3] = 2  # programs that arrived before the launch failed
+            raise RuntimeError("failed part-way")
+    with arrival.counters(x.device, 1) as counter:
+        assert not counter.any()
+    expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dz.double(), padding=1)
+    _assert_close(first, expected, FP32_TOLERANCE, "grad_weight")
