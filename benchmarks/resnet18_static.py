@@ -66,7 +66,7 @@ def main() -> None:
     print(format_table(pd.DataFrame(rows)))
     print("\nstatic estimates from the compiled SASS (no GPU): ceiling = tensor-core clocks / max(tensor-core, issue "
           "clocks)\nper iteration of the innermost MMA loop ('-': no MMA loop, e.g. fully unrolled); ctas summed over "
-          "a layer's launches (dgrad: one per stride phase); the worst launch's loop shown")
+          "a layer's launches; the worst launch's loop shown")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(reports, file, indent=1, default=str)

@@ -3,7 +3,7 @@
 What is compiled is what a launch compiles. `launches_of` runs the spec's own launcher on meta tensors
 (the shapes, strides and dtypes of the problem's inputs, no data, 16-byte-aligned addresses like every
 fresh allocation) and captures the arguments it passes to its kernel instead of launching it (an op may
-launch its kernel more than once, e.g. once per stride phase). `specialise` binds them with Triton's
+launch its kernel more than once, e.g. the depthwise dgrad once per stride phase). `specialise` binds them with Triton's
 binder for the target, the steps `JITFunction.run` takes (`create_function_from_signature`, then
 `JITFunction._pack_args`): the signature, the constants (constexprs, and integer arguments equal to 1)
 and the attributes (tt.divisibility 16 of pointers and integers) that `ASTSource` compiles, and the

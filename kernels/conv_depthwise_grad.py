@@ -97,8 +97,6 @@ def depthwise_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor
     runtime.announce()
     weight = taps_major(weight)
     for taps_h, taps_w in stride_phases(problem):
-        if taps_h.rows * taps_w.rows == 0:
-            continue
         grid = (n * triton.cdiv(taps_h.rows, config["BLOCK_H"]) * triton.cdiv(taps_w.rows, config["BLOCK_W"]),
                 triton.cdiv(c_in, config["BLOCK_C"]))
         depthwise_dgrad_kernel[grid](
@@ -121,7 +119,7 @@ def _phase_dims(problem: Problem) -> tuple[int, int, int]:
 def _dgrad_grid(problem: Problem, config: Config) -> tuple[int, ...]:
     """All phases' programs together (one launch each)."""
     per_phase = [spatial_grid(lambda _: (taps_h.rows, taps_w.rows, problem["c_in"]))(problem, config)
-                 for taps_h, taps_w in stride_phases(problem) if taps_h.rows * taps_w.rows]
+                 for taps_h, taps_w in stride_phases(problem)]
     return sum(tiles for tiles, _ in per_phase), triton.cdiv(problem["c_in"], config["BLOCK_C"])
 
 

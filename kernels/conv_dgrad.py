@@ -5,8 +5,9 @@
 
 Only the taps with kh*dil = ih + pad (mod stride) reach an input row, and which those are depends on
 the row's phase ih mod stride alone. So the input is split into its stride x stride phases, and
-each phase is one launch of a stride-1 correlation of dz with that phase's taps: no tensor-core
-work is spent on the zeros a strided forward leaves between outputs, and no tap is tested per row.
+each phase is a stride-1 correlation of dz with that phase's taps: no tensor-core work is spent on
+the zeros a strided forward leaves between outputs, and no tap is tested per row. All phases run
+in one launch, a grid dimension picking the phase, each phase's code specialised to its taps.
 dz = dy * act'(z) comes in formed (`ops` forms it once for dgrad and wgrad).
 """
 
@@ -64,66 +65,98 @@ def phase_taps(size: int, kernel: int, stride: int, pad: int, dilation: int) -> 
 
 
 @jit
-def conv2d_dgrad_kernel(
-    dz_ptr, w_ptr, dx_ptr,
-    N, Hq, Wq, Ho, Wo, C_in_g, C_out_g, GROUP_M,
+def _phase_dgrad(
+    dz_ptr, w_ptr, dx_ptr, N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
     sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
-    PHASE_H: tl.constexpr, PHASE_W: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    FIRST_KH: tl.constexpr, FIRST_KW: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
-    STEP_H: tl.constexpr, STEP_W: tl.constexpr, BASE_H: tl.constexpr, BASE_W: tl.constexpr,
-    OH_STEP: tl.constexpr, OW_STEP: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx of one stride phase for one (input-position tile, input-channel tile, group): a stride-1
-    correlation of dz with the phase's TAPS_H x TAPS_W taps."""
-    group = tl.program_id(1)
+    """dx of the stride phase TAPS_H x TAPS_W (each a `PhaseTaps` as a tuple) for this program's tile, a
+    stride-1 correlation of dz with the phase's taps; programs past the phase's tiles do nothing."""
+    PHASE_H: tl.constexpr = TAPS_H[0]
+    PHASE_W: tl.constexpr = TAPS_W[0]
+    FIRST_KH: tl.constexpr = TAPS_H[1]
+    FIRST_KW: tl.constexpr = TAPS_W[1]
+    COUNT_H: tl.constexpr = TAPS_H[2]
+    COUNT_W: tl.constexpr = TAPS_W[2]
+    STEP_H: tl.constexpr = TAPS_H[3]
+    STEP_W: tl.constexpr = TAPS_W[3]
+    BASE_H: tl.constexpr = TAPS_H[4]
+    BASE_W: tl.constexpr = TAPS_W[4]
+    OH_STEP: tl.constexpr = TAPS_H[5]
+    OW_STEP: tl.constexpr = TAPS_W[5]
+    Hq = (H - PHASE_H + STRIDE_H - 1) // STRIDE_H  # the input rows and columns of this phase
+    Wq = (W - PHASE_W + STRIDE_W - 1) // STRIDE_W
     M = N * Hq * Wq
-    offs_m, offs_n, m_ok, n_ok = tile_offsets(M, C_in_g, GROUP_M, BLOCK_M, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    image, qh, qw = position(offs_m, Hq, Wq, INT64)
-    oh0 = tl.where(m_ok, qh + BASE_H, -1 - OH_STEP * TAPS_H)  # rows past M fail every bounds check
-    ow0 = qw + BASE_W
-    c_out0 = offsets(group * C_out_g, INT64)
-    dz_rows = dz_ptr + image * sdzn + c_out0 * sdzc + offsets(oh0, INT64) * sdzh + offsets(ow0, INT64) * sdzw
-    w_cols = w_ptr + c_out0 * swo + offsets(offs_n, INT64) * swi + (FIRST_KH * swh + FIRST_KW * sww)
+    if tl.program_id(0) < tl.cdiv(M, BLOCK_M) * tl.cdiv(C_in_g, BLOCK_N):
+        group = tl.program_id(1)
+        offs_m, offs_n, m_ok, n_ok = tile_offsets(M, C_in_g, GROUP_M, BLOCK_M, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        image, qh, qw = position(offs_m, Hq, Wq, INT64)
+        oh0 = tl.where(m_ok, qh + BASE_H, -1 - OH_STEP * COUNT_H)  # rows past M fail every bounds check
+        ow0 = qw + BASE_W
+        c_out0 = offsets(group * C_out_g, INT64)
+        dz_rows = dz_ptr + image * sdzn + c_out0 * sdzc + offsets(oh0, INT64) * sdzh + offsets(ow0, INT64) * sdzw
+        w_cols = w_ptr + c_out0 * swo + offsets(offs_n, INT64) * swi + (FIRST_KH * swh + FIRST_KW * sww)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    channel = 0
-    th = 0
-    tw = 0
-    for _ in range(0, TAPS_H * TAPS_W * tl.cdiv(C_out_g, BLOCK_K)):
-        oh = oh0 - th * OH_STEP
-        ow = ow0 - tw * OW_STEP
-        row_ok = (oh.to(tl.uint32, bitcast=True) < Ho) & (ow.to(tl.uint32, bitcast=True) < Wo)
-        channels = channel + offs_k
-        a_mask = row_ok[:, None]
-        b_mask = n_ok[None, :]
-        if not EVEN_K:
-            a_mask = a_mask & (channels < C_out_g)[None, :]
-            b_mask = b_mask & (channels < C_out_g)[:, None]
-        a_ptrs = dz_rows[:, None] + channels[None, :] * sdzc
-        if TAPS_H * TAPS_W > 1:  # (unit tap strides would hide the rows' 16-byte alignment, as in the forward)
-            a_ptrs -= (th * OH_STEP) * sdzh + (tw * OW_STEP) * sdzw
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        b_ptrs = w_cols[None, :] + channels[:, None] * swo
-        if TAPS_H * TAPS_W > 1:
-            b_ptrs += (th * STEP_H) * swh + (tw * STEP_W) * sww
-        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        channel, tw, th = next_block(channel, tw, th, C_out_g, TAPS_W, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        channel = 0
+        th = 0
+        tw = 0
+        for _ in range(0, COUNT_H * COUNT_W * tl.cdiv(C_out_g, BLOCK_K)):
+            oh = oh0 - th * OH_STEP
+            ow = ow0 - tw * OW_STEP
+            row_ok = (oh.to(tl.uint32, bitcast=True) < Ho) & (ow.to(tl.uint32, bitcast=True) < Wo)
+            channels = channel + offs_k
+            a_mask = row_ok[:, None]
+            b_mask = n_ok[None, :]
+            if not EVEN_K:
+                a_mask = a_mask & (channels < C_out_g)[None, :]
+                b_mask = b_mask & (channels < C_out_g)[:, None]
+            a_ptrs = dz_rows[:, None] + channels[None, :] * sdzc
+            if COUNT_H * COUNT_W > 1:  # (unit tap strides would hide the rows' 16-byte alignment, as in the forward)
+                a_ptrs -= (th * OH_STEP) * sdzh + (tw * OW_STEP) * sdzw
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b_ptrs = w_cols[None, :] + channels[:, None] * swo
+            if COUNT_H * COUNT_W > 1:
+                b_ptrs += (th * STEP_H) * swh + (tw * STEP_W) * sww
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            channel, tw, th = next_block(channel, tw, th, C_out_g, COUNT_W, BLOCK_K)
 
-    ih = PHASE_H + STRIDE_H * qh
-    iw = PHASE_W + STRIDE_W * qw
-    dx_offsets = spatial_offsets(image, ih, iw, sdxn, sdxh, sdxw, INT64)[:, None] + \
-        offsets(group * C_in_g + offs_n, INT64)[None, :] * sdxc
-    tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        ih = PHASE_H + STRIDE_H * qh
+        iw = PHASE_W + STRIDE_W * qw
+        dx_offsets = spatial_offsets(image, ih, iw, sdxn, sdxh, sdxw, INT64)[:, None] + \
+            offsets(group * C_in_g + offs_n, INT64)[None, :] * sdxc
+        tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@jit
+def conv2d_dgrad_kernel(
+    dz_ptr, w_ptr, dx_ptr,
+    N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
+    sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx for one (input-position tile, input-channel tile, group, stride phase): program_id(2) picks the
+    phase (PHASES_H x PHASES_W, each phase's `PhaseTaps` as a tuple), whose code is specialised to its
+    taps at compile time, one branch per phase."""
+    for i in tl.static_range(len(PHASES_H)):
+        for j in tl.static_range(len(PHASES_W)):
+            if tl.program_id(2) == i * len(PHASES_W) + j:
+                _phase_dgrad(dz_ptr, w_ptr, dx_ptr, N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
+                             sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
+                             STRIDE_H, STRIDE_W, PHASES_H[i], PHASES_W[j], DOT_PRECISION, INT64, EVEN_K,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometry: ConvGeometry,
                       config: Config | None = None) -> torch.Tensor:
     """grad_input of conv2d(x, weight) for the output gradient dz, shaped, typed and laid out like x (only its
-    metadata is read). One launch per stride phase."""
+    metadata is read). One launch: every stride phase's programs in it."""
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = dz.shape[2:]
@@ -137,41 +170,46 @@ def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, g
     if channels_last(x):
         weight = weight.contiguous(memory_format=torch.channels_last)  # input channels contiguous, as dx's
     runtime.announce()
-    c_out_g = c_out // geometry.groups
-    for taps_h, taps_w in stride_phases(problem):
-        if taps_h.rows * taps_w.rows == 0:
-            continue
-        grid = (triton.cdiv(n * taps_h.rows * taps_w.rows, config["BLOCK_M"]) * triton.cdiv(c_in_g, config["BLOCK_N"]),
-                geometry.groups)
-        conv2d_dgrad_kernel[grid](
-            dz, weight, dx,
-            n, taps_h.rows, taps_w.rows, ho, wo, c_in_g, c_out_g, config["GROUP_M"],
-            *dz.stride(), *weight.stride(), *dx.stride(),
-            taps_h.phase, taps_w.phase, geometry.stride_h, geometry.stride_w, taps_h.first, taps_w.first,
-            taps_h.count, taps_w.count, taps_h.step, taps_w.step, taps_h.base, taps_w.base,
-            taps_h.oh_step, taps_w.oh_step,
-            DOT_PRECISION=dot_precision(weight.dtype), INT64=needs_int64(dz, weight, dx),
-            EVEN_K=c_out_g % config["BLOCK_K"] == 0,
-            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-            num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
-        )
+    phases_h, phases_w = _phases(problem)
+    conv2d_dgrad_kernel[_grid(problem, config)](
+        dz, weight, dx,
+        n, h, w, ho, wo, c_in_g, c_out // geometry.groups, config["GROUP_M"],
+        *dz.stride(), *weight.stride(), *dx.stride(), geometry.stride_h, geometry.stride_w,
+        tuple(_constants(t) for t in phases_h), tuple(_constants(t) for t in phases_w),
+        DOT_PRECISION=dot_precision(weight.dtype), INT64=needs_int64(dz, weight, dx),
+        EVEN_K=(c_out // geometry.groups) % config["BLOCK_K"] == 0,
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
+    )
     return dx
 
 
-def stride_phases(problem: Problem) -> list[tuple[PhaseTaps, PhaseTaps]]:
-    """(height taps, width taps) of every stride phase of the problem's input."""
+def _constants(taps: PhaseTaps) -> tuple[int, ...]:
+    """A phase's taps as the kernel's constexpr tuple (rows aside: the kernel derives them from H, W)."""
+    return taps.phase, taps.first, taps.count, taps.step, taps.base, taps.oh_step
+
+
+def _phases(problem: Problem) -> tuple[list[PhaseTaps], list[PhaseTaps]]:
+    """The height and width phases of the problem's input that have rows (the launch's phases: their product)."""
     g = problem_geometry(problem)
     heights = phase_taps(problem["h"], problem["kh"], g.stride_h, g.pad_top, g.dilation_h)
     widths = phase_taps(problem["w"], problem["kw"], g.stride_w, g.pad_left, g.dilation_w)
+    return [t for t in heights if t.rows], [t for t in widths if t.rows]
+
+
+def stride_phases(problem: Problem) -> list[tuple[PhaseTaps, PhaseTaps]]:
+    """(height taps, width taps) of every stride phase of the problem's input that has rows."""
+    heights, widths = _phases(problem)
     return [(taps_h, taps_w) for taps_h in heights for taps_w in widths]
 
 
 def _grid(problem: Problem, config: Config) -> tuple[int, ...]:
-    """All phases' programs together (one launch each)."""
+    """Programs for the phase with the most rows (the first), per group, per phase: others' extra ones idle."""
     _, cols, _ = gemm_dims_dgrad(problem)
-    rows = [problem["n"] * taps_h.rows * taps_w.rows for taps_h, taps_w in stride_phases(problem)]
-    tiles = sum(triton.cdiv(r, config["BLOCK_M"]) for r in rows if r) * triton.cdiv(cols, config["BLOCK_N"])
-    return tiles, problem["groups"]
+    phases_h, phases_w = _phases(problem)
+    rows = problem["n"] * phases_h[0].rows * phases_w[0].rows if phases_h and phases_w else 0
+    return (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]), problem["groups"],
+            len(phases_h) * len(phases_w))
 
 
 def _bytes(problem: Problem) -> int:

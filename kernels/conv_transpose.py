@@ -4,7 +4,7 @@ it transposes, so its three passes are the conv's three kernels with the roles s
 For a transposed conv of x [N, C_in, H, W] with weight [C_in, C_out / groups, kH, kW] to y [N, C_out, Ho, Wo],
 take the conv from [N, C_out, Ho, Wo] to [N, C_in, H, W] with the same weight and geometry:
 
-    y      = dgrad(dz=x)            (conv_dgrad: one launch per stride phase)
+    y      = dgrad(dz=x)            (conv_dgrad: every stride phase in one launch)
     dL/dx  = conv forward of dL/dy  (conv_fwd)
     dL/dw  = wgrad(dz=x, x=dL/dy)   (conv_wgrad)
 

@@ -38,7 +38,8 @@ def test_the_swapped_block_runs_its_own_launchers_and_moves_fewer_bytes():
     assert names["conv2d_fwd_kernel"] == 4 and names["finalize_kernel"] == 4 and not names["aten::pad"]
     assert names["partial_moments_kernel"] == 1  # the shortcut's BN (the convs' epilogues give the others theirs)
     assert names["normalize_kernel"] == 3  # the downsample's BN is normalised inside the block's last kernel
-    assert names["conv2d_dgrad_kernel"] == 4 + 1 + 4  # a stride-2 conv: one launch per stride phase
+    assert names["conv2d_dgrad_kernel"] == 3  # one launch per conv, a stride-2 one's four phases in it
+    assert names["conv2d_wgrad_kernel"] == 4 and not names["aten::sum"]  # split-K partials summed in the launch
     assert not [k for k in ours if "relu" in k.name or k.name.startswith("bn ") or k.name == "activation_kernel"]
     table = traffic_table(eager, ours).set_index("category")
     assert table.loc["activation", "launches_triton"] == 0 and table.loc["activation", "launches_eager"] == 6

@@ -11,8 +11,8 @@ The step runs on the meta device (shapes only) under a dispatch mode that record
 - a Triton op (`workbench::*`) runs its real launcher on the meta tensors with every Triton kernel's
   launch recorded instead of run, together with the PyTorch ops the launcher itself calls: a launch
   reads each tensor that existed before the op in full; a tensor the op creates is written once by
-  the kernel that first touches it (a dgrad's stride phases each read all of dz and together write
-  dx once) and read in full by each other kernel that touches it later.
+  the kernel that first touches it (a depthwise dgrad's stride phases each read all of dz and together
+  write dx once) and read in full by each other kernel that touches it later.
 
 So the figures are an analytic model of DRAM traffic (no cache reuse, no partial writes: an upper
 bound for a kernel that reads only part of an input), not a measurement.
