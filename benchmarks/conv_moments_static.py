@@ -4,12 +4,13 @@ channels_last, default configs): registers, spills and the static ceilings. Stat
 code, not speeds. Run with TRITON_INTERPRET=0 (no GPU needed): TRITON_INTERPRET=0 python benchmarks/conv_moments_static.py"""
 import dataclasses
 from triton_workbench.kernels import aot, ceilings, tuned
+from triton_workbench.kernels.batch_norm import Running
 from triton_workbench.kernels.conv_fwd import CONV_FWD_SPEC, conv2d_forward
 from triton_workbench.kernels.conv_geometry import ConvGeometry, conv_problem
 
 def launch_moments(inputs, config):
     return conv2d_forward(inputs["x"], inputs["weight"], inputs["bias"], inputs["geometry"], None, config=config,
-                          moments=True).y
+                          statistics=Running(None, None, None, 0.1, 1e-5)).y
 
 layers = {"layer1 3x3 64": (64, 64, 56, 56, 64, 3, 1, 1), "layer3 3x3 256": (64, 256, 14, 14, 256, 3, 1, 1),
           "layer2 3x3/2 128": (64, 64, 56, 56, 128, 3, 2, 1)}

@@ -129,48 +129,58 @@ def partial_moments_kernel(y_ptr, part_ptr, ROWS, C, HW, stride_n, stride_hw, st
 
 
 @jit
+def finalize_channels(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, cols, c_ok, C, STRIPS,
+                      momentum, eps, batches, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Channels `cols` of a moments table (`store_moments`): the strips merged, BLOCK_R table rows at a time
+    (merged at once, then into the running result, in order: deterministic), into mean and
+    1 / sqrt(var + eps) (biased var, as BN normalises). With UPDATE, running = (1 - f) * running + f * batch
+    with the unbiased var, where f is momentum or, CUMULATIVE, 1 / batches (num_batches_tracked, this batch
+    counted), as torch.nn.BatchNorm2d does."""
+    mean = tl.zeros(cols.shape, dtype=tl.float32)
+    m2 = tl.zeros(cols.shape, dtype=tl.float32)
+    seen = tl.zeros(cols.shape, dtype=tl.float32)
+    for first_row in range(0, STRIPS, BLOCK_R):
+        rows = first_row + tl.arange(0, BLOCK_R)
+        r_ok = rows < STRIPS
+        row = part_ptr + rows.to(tl.int64) * (2 * C + 1)
+        mask = r_ok[:, None] & c_ok[None, :]
+        count = tl.load(row + 2 * C, mask=r_ok, other=0.0, cache_modifier=".cg")
+        means = tl.load(row[:, None] + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        m2s = tl.load(row[:, None] + C + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        n = tl.sum(count, 0)
+        chunk_mean = tl.sum(count[:, None] * means, 0) / tl.maximum(n, 1.0)
+        deviation = means - chunk_mean[None, :]
+        chunk_m2 = tl.sum(m2s + count[:, None] * deviation * deviation, 0)
+        seen, mean, m2 = _merge(seen, mean, m2, n, chunk_mean, chunk_m2)
+    tl.store(mean_ptr + cols, mean, mask=c_ok)
+    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / seen + eps), mask=c_ok)
+    if UPDATE:
+        if CUMULATIVE:
+            factor = 1.0 / batches.to(tl.float32)
+        else:
+            factor = momentum
+        running_mean = _channel(running_mean_ptr, cols, c_ok, 0.0)
+        running_var = _channel(running_var_ptr, cols, c_ok, 0.0)
+        tl.store(running_mean_ptr + cols, ((1.0 - factor) * running_mean + factor * mean).to(
+            running_mean_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(running_var_ptr + cols, ((1.0 - factor) * running_var + factor * (m2 / (seen - 1.0))).to(
+            running_var_ptr.dtype.element_ty), mask=c_ok)
+
+
+@jit
 def finalize_kernel(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, batches_ptr,
                     C, STRIPS, momentum, eps, UPDATE: tl.constexpr, COUNT: tl.constexpr,
                     CUMULATIVE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: merge the strips' moments (`store_moments`) into mean and 1 / sqrt(var + eps) (biased
-    var, as BN normalises), BLOCK_R table rows at a time (merged at once, then into the running result, in
-    order). With UPDATE, running = (1 - f) * running + f * batch with the unbiased var, where f is momentum
-    or, CUMULATIVE, 1 / num_batches_tracked; COUNT adds this batch to num_batches_tracked (before f, as
-    torch.nn.BatchNorm2d does), so no launch of its own counts it: one program, so nothing races on it."""
+    """One program: `finalize_channels` of every channel, BLOCK_C at a time; COUNT adds this batch to
+    num_batches_tracked (before the cumulative factor, as torch.nn.BatchNorm2d does), so no launch of its own
+    counts it: one program, so nothing races on it."""
+    batches = 0
     if COUNT:
         batches = tl.load(batches_ptr) + 1
     for first in range(0, C, BLOCK_C):
         cols = first + tl.arange(0, BLOCK_C)
-        c_ok = cols < C
-        mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        seen = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for first_row in range(0, STRIPS, BLOCK_R):
-            rows = first_row + tl.arange(0, BLOCK_R)
-            r_ok = rows < STRIPS
-            row = part_ptr + rows.to(tl.int64) * (2 * C + 1)
-            mask = r_ok[:, None] & c_ok[None, :]
-            count = tl.load(row + 2 * C, mask=r_ok, other=0.0)
-            means = tl.load(row[:, None] + cols[None, :], mask=mask, other=0.0)
-            m2s = tl.load(row[:, None] + C + cols[None, :], mask=mask, other=0.0)
-            n = tl.sum(count, 0)
-            chunk_mean = tl.sum(count[:, None] * means, 0) / tl.maximum(n, 1.0)
-            deviation = means - chunk_mean[None, :]
-            chunk_m2 = tl.sum(m2s + count[:, None] * deviation * deviation, 0)
-            seen, mean, m2 = _merge(seen, mean, m2, n, chunk_mean, chunk_m2)
-        tl.store(mean_ptr + cols, mean, mask=c_ok)
-        tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / seen + eps), mask=c_ok)
-        if UPDATE:
-            if CUMULATIVE:
-                factor = 1.0 / batches.to(tl.float32)
-            else:
-                factor = momentum
-            running_mean = _channel(running_mean_ptr, cols, c_ok, 0.0)
-            running_var = _channel(running_var_ptr, cols, c_ok, 0.0)
-            tl.store(running_mean_ptr + cols, ((1.0 - factor) * running_mean + factor * mean).to(
-                running_mean_ptr.dtype.element_ty), mask=c_ok)
-            tl.store(running_var_ptr + cols, ((1.0 - factor) * running_var + factor * (m2 / (seen - 1.0))).to(
-                running_var_ptr.dtype.element_ty), mask=c_ok)
+        finalize_channels(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, cols, cols < C, C,
+                          STRIPS, momentum, eps, batches, UPDATE, CUMULATIVE, BLOCK_R)
     if COUNT:
         tl.store(batches_ptr, batches)
 
@@ -334,7 +344,7 @@ def rows_view(y: torch.Tensor) -> RowsView:
     return RowsView(n * h * w, c, h * w, (sn, sw, sc), needs_int64(y), block_m, block_c)
 
 
-def _or(tensor: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+def pointer_or(tensor: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     return tensor if tensor is not None else fallback  # a pointer the kernel never reads (its flag is off)
 
 
@@ -366,30 +376,45 @@ def moments_of(y: torch.Tensor, strip: int | None = None) -> torch.Tensor:
     return part
 
 
-def batch_moments(y: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                  num_batches_tracked: torch.Tensor | None, momentum: float | None, eps: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Running:
+    """What a batch's statistics update, as torch.nn.BatchNorm2d: its running mean and var and
+    num_batches_tracked (None where it keeps none, or in eval), momentum (None: the cumulative average), eps."""
+
+    mean: torch.Tensor | None
+    var: torch.Tensor | None
+    batches: torch.Tensor | None
+    momentum: float | None
+    eps: float
+
+    def pointers(self, fallback: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return pointer_or(self.mean, fallback), pointer_or(self.var, fallback), pointer_or(self.batches, fallback)
+
+    def constants(self) -> tuple[float, float]:
+        return float(self.momentum or 0.0), float(self.eps)
+
+    def flags(self) -> dict[str, bool]:
+        update = self.mean is not None
+        return {"UPDATE": update, "COUNT": self.batches is not None, "CUMULATIVE": update and self.momentum is None}
+
+
+def batch_moments(y: torch.Tensor, running: Running) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, 1 / sqrt(var + eps)) of y's batch per channel, fp32: the strips' moments, then `finalize`."""
-    return finalize(moments_of(y), running_mean, running_var, num_batches_tracked, momentum, eps)
+    return finalize(moments_of(y), running)
 
 
-def finalize(part: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-             num_batches_tracked: torch.Tensor | None, momentum: float | None, eps: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def finalize(part: torch.Tensor, running: Running) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, 1 / sqrt(var + eps)) per channel from a moments table (`moments_table`, filled by
-    `partial_moments_kernel` or a conv's epilogue); updates the running stats and counts the batch in
-    num_batches_tracked when given (momentum None: their cumulative average), as torch.nn.BatchNorm2d."""
+    `partial_moments_kernel`); updates the running stats and counts the batch in num_batches_tracked when
+    given (momentum None: their cumulative average), as torch.nn.BatchNorm2d."""
     channels = (part.shape[1] - 1) // 2
     mean = torch.empty(channels, device=part.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
-    update = running_mean is not None
     block_c = min(64, triton.next_power_of_2(channels))
     runtime.announce()
     finalize_kernel[(1,)](
-        part, mean, invstd, _or(running_mean, mean), _or(running_var, mean), _or(num_batches_tracked, mean),
-        channels, part.shape[0], float(momentum or 0.0), float(eps),
-        UPDATE=update, COUNT=num_batches_tracked is not None, CUMULATIVE=update and momentum is None,
-        BLOCK_R=max(16, 4096 // block_c), BLOCK_C=block_c, **runtime.LAUNCH_OPTIONS)
+        part, mean, invstd, *running.pointers(mean), channels, part.shape[0], *running.constants(),
+        **running.flags(), BLOCK_R=max(16, 4096 // block_c), BLOCK_C=block_c, **runtime.LAUNCH_OPTIONS)
     return mean, invstd
 
 
@@ -405,7 +430,7 @@ class Norm:
     batch_stats: bool
 
     def pointers(self, fallback: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.mean, self.invstd, _or(self.weight, fallback), _or(self.bias, fallback)
+        return self.mean, self.invstd, pointer_or(self.weight, fallback), pointer_or(self.bias, fallback)
 
 
 def _check_layout(y: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -426,7 +451,7 @@ def normalize(y: torch.Tensor, norm: Norm, residual: torch.Tensor | None, residu
     out = torch.empty_like(y)
     runtime.announce()
     normalize_kernel[(view.row_blocks, view.channel_blocks)](
-        y, _or(residual, y), out, *norm.pointers(y), *(residual_norm or norm).pointers(y),
+        y, pointer_or(residual, y), out, *norm.pointers(y), *(residual_norm or norm).pointers(y),
         view.rows, view.channels, view.hw, *view.strides, float(negative_slope),
         **_flags(norm, residual, residual_norm), ACTIVATION=activation_code, INT64=view.int64,
         BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
@@ -460,7 +485,7 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
     shape = (view.rows, view.channels, view.hw, *view.strides, float(negative_slope))
     runtime.announce()
     backward_sums_kernel[(strips, view.channel_blocks)](
-        grad, y, _or(residual, y), part, *pointers, *shape, strip, strips, **flags, ACTIVATION=activation_code,
+        grad, y, pointer_or(residual, y), part, *pointers, *shape, strip, strips, **flags, ACTIVATION=activation_code,
         INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
     dy = torch.empty_like(y) if need_dy else None
     dr = torch.empty_like(y) if need_dr and residual is not None else None
@@ -468,7 +493,7 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
               for p in (norm.weight, norm.bias, r_norm.weight if residual_norm else None,
                         r_norm.bias if residual_norm else None)]
     backward_apply_kernel[(view.row_blocks, view.channel_blocks)](
-        grad, y, _or(residual, y), part, _or(dy, y), _or(dr, y), *(_or(p, part) for p in params),
+        grad, y, pointer_or(residual, y), part, pointer_or(dy, y), pointer_or(dr, y), *(pointer_or(p, part) for p in params),
         *pointers, *shape, strips, **flags, ACTIVATION=activation_code,
         BATCH_STATS=norm.batch_stats, R_BATCH_STATS=residual_norm is not None and residual_norm.batch_stats,
         NEED_DY=dy is not None, NEED_DR=dr is not None, NEED_PARAMS=need_params,

@@ -31,28 +31,12 @@ def _stats_op(y: torch.Tensor, running_mean: Optional[torch.Tensor], running_var
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, 1 / sqrt(var + eps)) of y's batch per channel (fp32), updating the running stats and counting the
     batch in num_batches_tracked when given."""
-    return kernels.batch_moments(y, running_mean, running_var, num_batches_tracked, momentum, eps)
+    return kernels.batch_moments(y, kernels.Running(running_mean, running_var, num_batches_tracked, momentum, eps))
 
 
 @_stats_op.register_fake
 def _(y, running_mean, running_var, num_batches_tracked, momentum, eps):
     return y.new_empty(y.shape[1], dtype=torch.float32), y.new_empty(y.shape[1], dtype=torch.float32)
-
-
-@torch.library.custom_op("workbench::batch_norm_finalize",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def _finalize_op(moments: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                 num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float], eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, 1 / sqrt(var + eps)) per channel from a moments table a conv's epilogue filled, updating the
-    running stats and counting the batch in num_batches_tracked when given."""
-    return kernels.finalize(moments, running_mean, running_var, num_batches_tracked, momentum, eps)
-
-
-@_finalize_op.register_fake
-def _(moments, running_mean, running_var, num_batches_tracked, momentum, eps):
-    channels = (moments.shape[1] - 1) // 2
-    return moments.new_empty(channels), moments.new_empty(channels)
 
 
 def _norms(mean, invstd, weight, bias, batch_stats, r_mean, r_invstd, r_weight, r_bias, r_batch_stats
@@ -143,25 +127,35 @@ def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
-def statistics(y: torch.Tensor, bn: nn.BatchNorm2d, moments: torch.Tensor | None = None) -> Norm:
-    """`bn`'s normalisation of y: the batch's statistics (updating the running stats and num_batches_tracked
-    in training, as PyTorch does) -- from y's `moments` table when its producer wrote one -- or the running
-    ones."""
-    if y.dim() != 4 or y.shape[1] != bn.num_features:
+def running_of(bn: nn.BatchNorm2d) -> kernels.Running:
+    """What a batch's statistics update in `bn` now: its running stats and num_batches_tracked in training
+    (when it tracks them), nothing otherwise, as PyTorch decides; with its momentum and eps."""
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if update else (None, None, None)
+    return kernels.Running(*buffers, bn.momentum, bn.eps)
+
+
+def check_input(shape: torch.Size | tuple[int, ...], bn: nn.BatchNorm2d) -> None:
+    """`bn`'s checks of its input's shape, as torch.nn.BatchNorm2d and F.batch_norm make them."""
+    if len(shape) != 4 or shape[1] != bn.num_features:
         raise ValueError(f"BatchNorm2d({bn.num_features}) expects a 4-D input with {bn.num_features} channels, "
-                         f"got shape {tuple(y.shape)}")
+                         f"got shape {tuple(shape)}")
+    if uses_batch_stats(bn) and shape[0] * shape[2] * shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+
+
+def statistics(y: torch.Tensor, bn: nn.BatchNorm2d, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> Norm:
+    """`bn`'s normalisation of y: the batch's statistics (updating the running stats and num_batches_tracked
+    in training, as PyTorch does) -- `stats` (mean, 1 / sqrt(var + eps)) when y's producer computed them
+    (`ops.conv2d_with_statistics`, which made those updates) -- or the running ones."""
+    check_input(y.shape, bn)
     if not uses_batch_stats(bn):
         mean, invstd = bn.running_mean.float(), torch.rsqrt(bn.running_var.float() + bn.eps)
         return Norm(mean, invstd, bn.weight, bn.bias, batch_stats=False)
-    update = bn.training and bn.track_running_stats and bn.running_mean is not None
-    if y.shape[0] * y.shape[2] * y.shape[3] == 1:  # F.batch_norm's check whenever batch statistics are used
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
-    running = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if update else (None, None, None)
-    if moments is not None:
-        mean, invstd = _finalize_op(moments, *running, bn.momentum, bn.eps)
-    else:
-        mean, invstd = _stats_op(y.detach(), *running, bn.momentum, bn.eps)
-    return Norm(mean, invstd, bn.weight, bn.bias, batch_stats=True)
+    if stats is None:
+        running = running_of(bn)
+        stats = _stats_op(y.detach(), running.mean, running.var, running.batches, running.momentum, running.eps)
+    return Norm(*stats, bn.weight, bn.bias, batch_stats=True)
 
 
 def _rows_ready(y: torch.Tensor) -> torch.Tensor:
@@ -172,11 +166,11 @@ def _rows_ready(y: torch.Tensor) -> torch.Tensor:
 
 def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
                    residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
-                   negative_slope: float | None = None, moments: torch.Tensor | None = None,
+                   negative_slope: float | None = None, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
                    in_place: bool = False) -> torch.Tensor:
     """act(bn(y) [+ residual, or residual_bn(residual)]) in one Triton kernel after the statistics, with
     `torch.nn.BatchNorm2d`'s semantics for each BN (train/eval, running stats, affine, eps, momentum); y's
-    batch statistics come from `moments` when its producer computed them (`ops.conv2d_with_moments`).
+    batch statistics are `stats` when its producer computed them (`ops.conv2d_with_statistics`).
 
     The output has y's memory format; a residual of another dtype is added in the promoted one, or, with
     `in_place` (the model wrote `y += residual`), cast to y's as PyTorch's in-place add does.
@@ -190,7 +184,7 @@ def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor |
         residual = residual.to(dtype).contiguous(memory_format=memory_format_of(y))
         residual_norm = statistics(residual, residual_bn) if residual_bn is not None else None
     y = _rows_ready(y)
-    norm = statistics(y, bn, moments)
+    norm = statistics(y, bn, stats)
     r = residual_norm
     return _normalize_op(y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, residual,
                          r.mean if r else None, r.invstd if r else None, r.weight if r else None,

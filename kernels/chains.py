@@ -4,9 +4,9 @@ Each takes the model's own modules and reads them at call time -- parameters, ru
 train/eval mode -- so the swapped model keeps the same Parameter and buffer objects and switches
 behaviour with `model.train()` / `model.eval()` exactly as the original.
 
-    conv_bn_act:  act(bn(conv(x)) [+ residual])   batch statistics: the conv kernel with BN's moments in its
-                                                  epilogue, a one-program finalize, and one fused normalise +
-                                                  residual + activation kernel;
+    conv_bn_act:  act(bn(conv(x)) [+ residual])   batch statistics: the conv kernel with BN's statistics
+                                                  and running-stat update in its launch, then one fused
+                                                  normalise + residual + activation kernel;
                                                   running statistics: BN folded into the conv's weight and bias
                                                   (from the current running stats, every call), one conv kernel
                                                   with bias + residual + activation in its epilogue
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from triton_workbench.kernels import ops
-from triton_workbench.kernels.batch_norm_ops import batch_norm_act, uses_batch_stats
+from triton_workbench.kernels.batch_norm_ops import batch_norm_act, check_input, running_of, uses_batch_stats
 from triton_workbench.kernels.conv_geometry import make_geometry
 from triton_workbench.kernels.conv_transpose import conv_transpose2d
 from triton_workbench.kernels.prelu import prelu as prelu_kernel
@@ -102,10 +102,11 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: 
     if residual is not None and not _fuses(residual, _conv_output_shape(x, conv), _compute_dtype(x), in_place):
         out = conv_bn_act(x, conv, bn, defer=defer)
         return _add_in_pytorch(out, residual, residual_bn, activation, negative_slope, in_place)
-    if uses_batch_stats(bn):  # the statistics come from the conv's epilogue
-        y, moments = ops.conv2d_with_moments(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                             conv.groups)
-        return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, moments, in_place)
+    if uses_batch_stats(bn):  # the statistics come from the conv's launch
+        check_input(_conv_output_shape(x, conv), bn)
+        y, mean, invstd = ops.conv2d_with_statistics(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                                     conv.dilation, conv.groups, running_of(bn))
+        return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, (mean, invstd), in_place)
     if residual_bn is not None:  # this BN runs on running stats but the shortcut's on the batch's: apply it first
         residual, residual_bn = batch_norm_act(residual, residual_bn), None
     return _conv(x, conv, *folded(conv, bn), activation, negative_slope, residual)

@@ -15,10 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_workbench.kernels import runtime, tuned
+from triton_workbench.kernels import arrival, runtime, tuned
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.activation import activation_code, apply, parameter
-from triton_workbench.kernels.batch_norm import MOMENT_ROWS, moments_rows, moments_table, store_tile_moments
+from triton_workbench.kernels.arrival import last_to_arrive
+from triton_workbench.kernels.batch_norm import (MOMENT_ROWS, Running, finalize, finalize_channels, moments_rows,
+                                                 moments_table, pointer_or, store_tile_moments)
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, empty_in_layout_of,
                                                     gemm_dims_fwd, needs_int64, problem_of)
 from triton_workbench.kernels.conv_spec import (EXAMPLE_PROBLEMS, PROBLEM_RULES, PROBLEM_SCHEMA, SHAPE_KEYS,
@@ -31,13 +33,15 @@ from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 
 @jit
 def conv2d_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, z_ptr, moments_ptr,
+    x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, z_ptr,
+    moments_ptr, stats_ptr, running_mean_ptr, running_var_ptr, batches_ptr, counter_ptr, strips, momentum, eps,
     N, H, W, Ho, Wo, C_in_g, C_out_g, negative_slope, GROUP_M,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, MOMENTS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64: tl.constexpr, EVEN_K: tl.constexpr, C_FLAT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr,
+    STATISTICS: tl.constexpr, UPDATE: tl.constexpr, COUNT: tl.constexpr, CUMULATIVE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr, C_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y = act(conv(x, w) + bias) for one (output-position tile, output-channel tile, group).
@@ -45,6 +49,11 @@ def conv2d_fwd_kernel(
     The geometry is constexpr: each row's input position at tap (0, 0) is computed once, and the
     loop over (tap, channel block) advances its counters without division, so an iteration spends
     its integer work on one bounds check per row and the operands' addresses.
+
+    With STATISTICS, a following BatchNorm's batch statistics of y as stored: each program writes its
+    tile's moments, and the last program of each channel block to finish (`arrival`) merges the block's
+    column of the table into mean and 1 / sqrt(var + eps) (stats [2, C]) and updates the running stats
+    (`batch_norm.finalize_channels`); the last of those counts the batch in num_batches_tracked.
     """
     group = tl.program_id(1)
     M = N * Ho * Wo
@@ -114,10 +123,22 @@ def conv2d_fwd_kernel(
     if SAVE_PREACT:
         tl.store(z_ptr + y_offsets, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
     tl.store(y_ptr + y_offsets, apply(acc, ACTIVATION, negative_slope).to(y_ptr.dtype.element_ty), mask=out_mask)
-    if MOMENTS:  # BatchNorm's statistics of y as stored (kernels.batch_norm)
-        pid_m, _ = tile_coordinates(M, C_out_g, GROUP_M, BLOCK_M, BLOCK_N)
-        store_tile_moments(moments_ptr, acc.to(y_ptr.dtype.element_ty).to(tl.float32), pid_m * BLOCK_M, M,
-                           C_out_g * tl.num_programs(1), c_out, n_ok, BLOCK_M)
+    if STATISTICS:
+        C = C_out_g * tl.num_programs(1)
+        pid_m, pid_n = tile_coordinates(M, C_out_g, GROUP_M, BLOCK_M, BLOCK_N)
+        store_tile_moments(moments_ptr, acc.to(y_ptr.dtype.element_ty).to(tl.float32), pid_m * BLOCK_M, M, C,
+                           c_out, n_ok, BLOCK_M)
+        channel_blocks = tl.cdiv(C_out_g, BLOCK_N) * tl.num_programs(1)
+        if last_to_arrive(counter_ptr + group * tl.cdiv(C_out_g, BLOCK_N) + pid_n, tl.cdiv(M, BLOCK_M)):
+            batches = 0
+            if COUNT:
+                batches = tl.load(batches_ptr) + 1  # read by every block before the last one stores it
+            finalize_channels(moments_ptr, stats_ptr, stats_ptr + C, running_mean_ptr, running_var_ptr, c_out, n_ok,
+                              C, strips, momentum, eps, batches, UPDATE, CUMULATIVE,
+                              4096 // BLOCK_N)
+            if COUNT:
+                if last_to_arrive(counter_ptr + channel_blocks, channel_blocks):
+                    tl.store(batches_ptr, batches)
 
 
 def stem_channels(c_in_g: int, itemsize: int) -> int:
@@ -156,25 +177,26 @@ def _pad_channels(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, 
 class ForwardOutputs(NamedTuple):
     y: torch.Tensor  # act(conv2d(x, weight) + bias + residual)
     pre: torch.Tensor | None  # the pre-activation, when kept
-    moments: torch.Tensor | None  # y's BatchNorm moments table (kernels.batch_norm), when asked for
+    stats: torch.Tensor | None  # y's batch mean and 1 / sqrt(var + eps) per channel (fp32 [2, C]), when asked for
 
 
 def conv2d_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry,
     activation_name: str | None = None, negative_slope: float | None = None,
     keep_pre: bool = False, config: Config | None = None, residual: torch.Tensor | None = None,
-    moments: bool = False,
+    statistics: Running | None = None,
 ) -> ForwardOutputs:
     """act(conv2d(x, weight) + bias + residual), the pre-activation if keep_pre and there is an activation,
-    and with `moments` (no activation, no residual) y's per-tile BatchNorm moments from the epilogue.
+    and with `statistics` (no activation, no residual) y's batch statistics for a following BatchNorm,
+    whose running stats they update, all in the one launch (see the kernel).
 
     x is 4-D; the outputs have its memory format, and so must the residual (shaped as the output). Arguments
     are assumed validated (kernels.conv2d does that).
     """
-    if moments and (activation_name is not None or residual is not None):
-        raise ValueError("moments are of the raw conv output: no activation or residual may be fused with them")
-    if moments and config is not None and config["BLOCK_M"] % MOMENT_ROWS:
-        raise ValueError(f"moments need BLOCK_M a multiple of {MOMENT_ROWS}, got {config['BLOCK_M']}")
+    if statistics and (activation_name is not None or residual is not None):
+        raise ValueError("statistics are of the raw conv output: no activation or residual may be fused with them")
+    if statistics and config is not None and config["BLOCK_M"] % MOMENT_ROWS:
+        raise ValueError(f"statistics need BLOCK_M a multiple of {MOMENT_ROWS}, got {config['BLOCK_M']}")
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = geometry.output_hw(h, w, kh, kw)
@@ -182,9 +204,10 @@ def conv2d_forward(
     config = config if config is not None else tuned.config_for(CONV_FWD_SPEC, problem)
     y = empty_in_layout_of(x, (n, c_out, ho, wo))
     pre = empty_in_layout_of(x, y.shape) if keep_pre and activation_name is not None else None
-    table = empty_moments(x, y) if moments else None
+    table = moments_table(moments_rows(n * ho * wo), c_out, x.device) if statistics else None
+    stats = torch.empty((2, c_out), device=x.device, dtype=torch.float32) if statistics else None
     if y.numel() == 0:
-        return ForwardOutputs(y, pre, table)
+        return ForwardOutputs(y, pre, torch.stack(finalize(table, statistics)) if statistics else None)
     runtime.announce()
     c_flat = flat_channels(problem, config["BLOCK_K"])
     if c_flat:
@@ -192,25 +215,25 @@ def conv2d_forward(
     if channels_last(x):
         weight = weight.contiguous(memory_format=torch.channels_last)  # channel runs along K, as x's
     c_in_g = weight.shape[1]
-    conv2d_fwd_kernel[_grid(problem, config)](
-        x, weight, bias.contiguous() if bias is not None else y, residual if residual is not None else y,
-        y, pre if pre is not None else y, table if table is not None else y,
-        n, h, w, ho, wo, c_in_g, c_out // geometry.groups, parameter(activation_name, negative_slope), config["GROUP_M"],
-        *x.stride(), *weight.stride(), *y.stride(), *geometry.constexprs(kh, kw),
-        HAS_BIAS=bias is not None, RESIDUAL=residual is not None, MOMENTS=moments,
-        ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,
-        DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(x, weight, y), EVEN_K=c_in_g % config["BLOCK_K"] == 0,
-        C_FLAT=c_flat,
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
-    )
-    return ForwardOutputs(y, pre, table)
-
-
-def empty_moments(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The moments table the epilogue fills for output y (on x's device): its shape is y's alone."""
-    n, c_out, ho, wo = y.shape
-    return moments_table(moments_rows(n * ho * wo), c_out, x.device)
+    grid = _grid(problem, config)
+    running = statistics or Running(None, None, None, None, 0.0)
+    channel_blocks = triton.cdiv(c_out // geometry.groups, config["BLOCK_N"]) * geometry.groups
+    with arrival.counters(x.device, channel_blocks + 1) as counter:  # one per channel block, one for them all
+        conv2d_fwd_kernel[grid](
+            x, weight, bias.contiguous() if bias is not None else y, residual if residual is not None else y,
+            y, pre if pre is not None else y, pointer_or(table, y), pointer_or(stats, y), *running.pointers(y), counter,
+            table.shape[0] if statistics else 0, *running.constants(),
+            n, h, w, ho, wo, c_in_g, c_out // geometry.groups, parameter(activation_name, negative_slope),
+            config["GROUP_M"], *x.stride(), *weight.stride(), *y.stride(), *geometry.constexprs(kh, kw),
+            HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+            ACTIVATION=activation_code(activation_name), SAVE_PREACT=pre is not None,
+            STATISTICS=statistics is not None, **running.flags(),
+            DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(x, weight, y),
+            EVEN_K=c_in_g % config["BLOCK_K"] == 0, C_FLAT=c_flat,
+            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
+        )
+    return ForwardOutputs(y, pre, stats)
 
 
 def _grid(problem: Problem, config: Config) -> tuple[int, ...]:

@@ -17,11 +17,11 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from triton_workbench.kernels.activation import PARAMETERS, activation_code, default_parameter
 from triton_workbench.kernels.activation import output_like, run as run_activation
-from triton_workbench.kernels.batch_norm import MOMENT_ROWS, moments_of
+from triton_workbench.kernels.batch_norm import Running, batch_moments
 from triton_workbench.kernels.conv_depthwise import depthwise_forward, is_depthwise
 from triton_workbench.kernels.conv_depthwise_grad import depthwise_input_grad, depthwise_weight_grad
 from triton_workbench.kernels.conv_dgrad import conv2d_input_grad
-from triton_workbench.kernels.conv_fwd import conv2d_forward, empty_moments
+from triton_workbench.kernels.conv_fwd import conv2d_forward
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, empty_in_layout_of, make_geometry,
                                                     memory_format_of)
 from triton_workbench.kernels.conv_wgrad import conv2d_bias_grad, conv2d_weight_grad
@@ -277,28 +277,54 @@ def _geometry(stride: list[int], padding: list[int], dilation: list[int], groups
 @torch.library.custom_op("workbench::conv2d", mutates_args=())
 def _conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
                padding: list[int], dilation: list[int], groups: int, activation: Optional[str],
-               negative_slope: float, keep_pre: bool, residual: Optional[torch.Tensor], moments: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               negative_slope: float, keep_pre: bool, residual: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(act(conv2d(x, weight) + bias + residual) in x's memory format, pre-activation if keep_pre and an
-    activation, else empty, and with `moments` y's BatchNorm moments table from the epilogue, else empty)."""
+    activation, else empty)."""
     geometry = _geometry(stride, padding, dilation, groups)
-    if is_depthwise(x.shape[1], weight.shape[0], groups):  # the direct kernel; BN's moments in a pass of their own
+    if is_depthwise(x.shape[1], weight.shape[0], groups):  # the direct kernel
         y, pre = depthwise_forward(x, weight, bias, geometry, activation, negative_slope, keep_pre, residual=residual)
-        table = moments_of(y, MOMENT_ROWS) if moments else None
     else:
-        y, pre, table = conv2d_forward(x, weight, bias, geometry, activation, negative_slope, keep_pre,
-                                       residual=residual, moments=moments)
-    return y, pre if pre is not None else x.new_empty(_EMPTY), table if table is not None else x.new_empty(_EMPTY)
+        y, pre, _ = conv2d_forward(x, weight, bias, geometry, activation, negative_slope, keep_pre, residual=residual)
+    return y, pre if pre is not None else x.new_empty(_EMPTY)
 
 
 @_conv2d_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual, moments):
+def _(x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual):
+    y = _empty_conv_output(x, weight, stride, padding, dilation, groups)
+    return y, torch.empty_like(y) if keep_pre and activation is not None else x.new_empty(_EMPTY)
+
+
+def _empty_conv_output(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
+                       dilation: list[int], groups: int) -> torch.Tensor:
     ho, wo = _geometry(stride, padding, dilation, groups).output_hw(*x.shape[2:], *weight.shape[2:])
-    shape = (x.shape[0], weight.shape[0], ho, wo)
-    keeps = keep_pre and activation is not None
-    y = empty_in_layout_of(x, shape)
-    return y, (empty_in_layout_of(x, shape) if keeps else x.new_empty(_EMPTY)), (
-        empty_moments(x, y) if moments else x.new_empty(_EMPTY))
+    return empty_in_layout_of(x, (x.shape[0], weight.shape[0], ho, wo))
+
+
+@torch.library.custom_op("workbench::conv2d_statistics",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def _conv2d_statistics_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
+                          padding: list[int], dilation: list[int], groups: int,
+                          running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                          num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float], eps: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conv2d(x, weight) + bias, its batch mean and 1 / sqrt(var + eps) per channel as fp32 [2, C]) for a
+    following BatchNorm, whose running stats (those given) they update: one launch of the conv kernel,
+    or for a depthwise conv the direct kernel and a statistics pass."""
+    geometry = _geometry(stride, padding, dilation, groups)
+    running = Running(running_mean, running_var, num_batches_tracked, momentum, eps)
+    if is_depthwise(x.shape[1], weight.shape[0], groups):
+        y, _ = depthwise_forward(x, weight, bias, geometry)
+        return y, torch.stack(batch_moments(y, running))
+    y, _, stats = conv2d_forward(x, weight, bias, geometry, statistics=running)
+    return y, stats
+
+
+@_conv2d_statistics_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, running_mean, running_var, num_batches_tracked, momentum,
+      eps):
+    return (_empty_conv_output(x, weight, stride, padding, dilation, groups),
+            x.new_empty((2, weight.shape[0]), dtype=torch.float32))
 
 
 @torch.library.custom_op("workbench::conv2d_backward", mutates_args=())
@@ -338,40 +364,79 @@ def _(grad_out, x, weight, pre, stride, padding, dilation, groups, activation, n
 
 
 def _conv2d_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual, _ = inputs
+    x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual = inputs
     ctx.geometry_args = (stride, padding, dilation, groups)
     ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.kept_pre = keep_pre and activation is not None
     ctx.save_for_backward(x, weight, bias, output[1], residual)
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for those two: a launch each, for nothing
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for it: a launch, for nothing
 
 
-def _conv2d_backward(ctx, grad_y, _grad_pre, _grad_moments):
-    if grad_y is None:  # only the non-differentiable outputs were used
-        return (None,) * 12
+def _conv2d_backward(ctx, grad_y, _grad_pre):
+    if grad_y is None:  # only the non-differentiable output was used
+        return (None,) * 11
     x, weight, bias, pre, residual = ctx.saved_tensors
     if ctx.activation is not None and not ctx.kept_pre:  # forward ran without keeping z: recompute it
-        pre = _conv2d_op(x, weight, bias, *ctx.geometry_args, None, 0.0, False, residual, False)[0]
+        pre = _conv2d_op(x, weight, bias, *ctx.geometry_args, None, 0.0, False, residual)[0]
+    grad_x, grad_weight, grad_bias, grad_residual = _conv_grads(ctx, grad_y, x, weight, bias, pre,
+                                                                ctx.needs_input_grad[10] and residual is not None)
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, grad_residual
+
+
+def _conv_grads(ctx, grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                pre: torch.Tensor, need_residual: bool) -> tuple[torch.Tensor | None, ...]:
+    """(grad x, grad weight, grad bias, grad residual) of a conv whose ctx holds its geometry and activation,
+    None where not needed (its first three inputs are x, weight, bias)."""
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    need_bias = need_bias and bias is not None
-    need_residual = ctx.needs_input_grad[10] and residual is not None
-    grad_x, grad_weight, grad_bias, grad_residual = _conv2d_backward_op(
-        grad_y, x, weight, pre, *ctx.geometry_args, ctx.activation, ctx.negative_slope, need_x, need_weight, need_bias,
-        need_residual)
-    return (grad_x if need_x else None, grad_weight if need_weight else None, grad_bias if need_bias else None,
-            None, None, None, None, None, None, None, grad_residual if need_residual else None, None)
+    needed = (need_x, need_weight, need_bias and bias is not None, need_residual)
+    grads = _conv2d_backward_op(grad_y, x, weight, pre, *ctx.geometry_args, ctx.activation, ctx.negative_slope,
+                                *needed)
+    return tuple(grad if need else None for grad, need in zip(grads, needed))
 
 
 _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
 
 
-def conv2d_with_moments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        stride: int | tuple[int, int] = 1, padding: int | tuple[int, ...] | str = 0,
-                        dilation: int | tuple[int, int] = 1, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F.conv2d(x, weight, bias, ...), its BatchNorm moments table): the statistics a following BatchNorm
-    needs, computed in the conv's epilogue instead of a pass over y (`kernels.batch_norm.finalize` reads them)."""
-    return _conv2d(x, weight, bias, stride, padding, dilation, groups, None, None, True, {})
+class _ConvStatistics(torch.autograd.Function):
+    """`workbench::conv2d_statistics` with the conv's gradients (an op that updates buffers in place cannot
+    register its autograd formula with torch.library). The statistics carry none: the BatchNorm backward
+    that uses them differentiates through them itself."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, running_mean, running_var,
+                num_batches_tracked, momentum, eps):
+        y, stats = _conv2d_statistics_op(x, weight, bias, stride, padding, dilation, groups, running_mean,
+                                         running_var, num_batches_tracked, momentum, eps)
+        ctx.geometry_args = (stride, padding, dilation, groups)
+        ctx.activation, ctx.negative_slope = None, 0.0
+        ctx.save_for_backward(x, weight, bias)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_stats):
+        if grad_y is None:
+            return (None,) * 12
+        x, weight, bias = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias, _ = _conv_grads(ctx, grad_y, x, weight, bias, x.new_empty(_EMPTY), False)
+        return (grad_x, grad_weight, grad_bias) + (None,) * 9
+
+
+def conv2d_with_statistics(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           stride: int | tuple[int, int], padding: int | tuple[int, ...] | str,
+                           dilation: int | tuple[int, int], groups: int, running: Running
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F.conv2d(x, weight, bias, ...), its batch mean and 1 / sqrt(var + eps) per channel, fp32): what a
+    following BatchNorm needs, computed in the conv's launch instead of passes over y; that BN's `running`
+    stats updated there, as torch.nn.BatchNorm2d does in training. x is 4-D."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W] for batch statistics, got shape {tuple(x.shape)}")
+    x, weight, bias, _, geometry_args = _checked_conv(x, weight, bias, stride, padding, dilation, groups, None)
+    y, stats = _ConvStatistics.apply(x, weight, bias, *geometry_args, running.mean, running.var, running.batches,
+                                     running.momentum, running.eps)
+    return y, stats[0], stats[1]
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -386,13 +451,17 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     or four ints (top, bottom, left, right: asymmetric, without a copy of x); residual (optional)
     shaped as the output. `activation` as in `gemm`. Gradients flow to x, weight, bias and residual.
     """
-    return _conv2d(x, weight, bias, stride, padding, dilation, groups, activation, residual, False,
-                   activation_kwargs)[0]
+    name, slope = resolve_activation(activation, **activation_kwargs)
+    batched, weight, bias, residual, geometry_args = _checked_conv(x, weight, bias, stride, padding, dilation, groups,
+                                                                   residual)
+    y = _conv2d_op(batched, weight, bias, *geometry_args, name, slope, _keep_pre(name, x, weight, bias, residual),
+                   residual)[0]
+    return y.squeeze(0) if x.dim() == 3 else y
 
 
-def _conv2d(x, weight, bias, stride, padding, dilation, groups, activation, residual, moments: bool,
-            activation_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conv2d's result, its moments table or an empty tensor): the checks and the op call both share."""
+def _checked_conv(x, weight, bias, stride, padding, dilation, groups, residual) -> tuple:
+    """(x batched and laid out as the conv runs it, weight, bias and residual as it takes them, the geometry as
+    the ops' (stride, padding, dilation, groups) arguments): the checks and conversions both conv ops share."""
     x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
     check_tensor("x", x, (3, 4))
     check_tensor("weight", weight, 4, like=x)
@@ -411,7 +480,6 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, activation, resi
     if ho < 1 or wo < 1:
         raise ValueError(f"x of spatial size {tuple(x.shape[-2:])} is too small for weight {tuple(weight.shape)} "
                          f"with this padding and dilation: output would be {ho}x{wo}")
-    name, slope = resolve_activation(activation, **activation_kwargs)
     batched = x.unsqueeze(0) if x.dim() == 3 else x
     if channels_last(weight) and not channels_last(batched):
         # as PyTorch's convs: a channels_last weight runs the conv channels_last (one copy where x is not;
@@ -420,10 +488,8 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, activation, resi
     if residual is not None:
         residual = _residual_like(residual, batched, (batched.shape[0], weight.shape[0], ho, wo))
     g = geometry
-    y, _, table = _conv2d_op(batched, weight, bias, [g.stride_h, g.stride_w],
-                             [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right], [g.dilation_h, g.dilation_w], groups,
-                             name, slope, _keep_pre(name, x, weight, bias, residual), residual, moments)
-    return (y.squeeze(0) if x.dim() == 3 else y), table
+    padding = [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right]
+    return batched, weight, bias, residual, ([g.stride_h, g.stride_w], padding, [g.dilation_h, g.dilation_w], groups)
 
 
 def _residual_like(residual: torch.Tensor, batched: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -464,7 +530,7 @@ def _gemm_backward_flops(grad_shape, a_shape, b_shape, pre_shape, activation, ne
     return 2 * a_shape[0] * a_shape[1] * b_shape[1] * (int(need_a) + int(need_b))
 
 
-@register_flop_formula(torch.ops.workbench.conv2d)
+@register_flop_formula([torch.ops.workbench.conv2d, torch.ops.workbench.conv2d_statistics])
 def _conv2d_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return conv_flop_count(x_shape, w_shape, out_shape[0])
 

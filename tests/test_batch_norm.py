@@ -104,7 +104,8 @@ def test_strips_whose_last_rows_run_out_still_give_exact_moments(monkeypatch):
     monkeypatch.setattr(batch_norm, "MAX_STRIPS", 2)
     for shape, strip in (((1, 3, 19, 27), None), ((2, 8, 2, 2), 32), ((3, 5, 7, 1), 32)):
         y = (torch.randn(shape) * 3 + 5).contiguous(memory_format=torch.channels_last)
-        mean, invstd = batch_norm.finalize(batch_norm.moments_of(y, strip), None, None, None, 0.1, 1e-5)
+        mean, invstd = batch_norm.finalize(batch_norm.moments_of(y, strip), batch_norm.Running(None, None, None, 0.1,
+                                                                                               1e-5))
         torch.testing.assert_close(mean.double(), y.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
         variance = y.double().var((0, 2, 3), unbiased=False)
         torch.testing.assert_close(invstd.double(), torch.rsqrt(variance + 1e-5), rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_workbench import kernels
-from triton_workbench.kernels import arrival, conv_dgrad, conv_fwd, conv_tiles, conv_wgrad, ops
+from triton_workbench.kernels import arrival, batch_norm, conv_dgrad, conv_fwd, conv_tiles, conv_wgrad, ops
 from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry
 from triton_workbench.kernels.activation import NAMES, torch_activation
 from triton_workbench.kernels.activation import run as activation_run
@@ -261,11 +261,12 @@ def test_opcheck(activation, keep_pre, channels_last, residual):
     shortcut = torch.randn(1, 4, 2, 5, generator=generator).contiguous(
         memory_format=torch.channels_last).requires_grad_(True) if residual else None
     torch.library.opcheck(torch.ops.workbench.conv2d.default,
-                          (x, weight, bias, [2, 1], [1, 0, 1, 1], [1, 1], 1, activation, 0.01, keep_pre, shortcut,
-                           False))
-    if activation is None:  # BatchNorm moments from the epilogue: only of the raw output
-        torch.library.opcheck(torch.ops.workbench.conv2d.default,
-                              (x, weight, bias, [2, 1], [1, 0, 1, 1], [1, 1], 1, None, 0.01, False, None, True))
+                          (x, weight, bias, [2, 1], [1, 0, 1, 1], [1, 1], 1, activation, 0.01, keep_pre, shortcut))
+    if activation is None:  # BatchNorm statistics from the same launch, updating running stats in place
+        for momentum in (0.1, None):
+            torch.library.opcheck(torch.ops.workbench.conv2d_statistics.default,
+                                  (x.detach(), weight.detach(), bias.detach(), [2, 1], [1, 0, 1, 1], [1, 1], 1,
+                                   torch.zeros(4), torch.ones(4), torch.tensor(0), momentum, 1e-5))
 
 
 def test_gradient_without_kept_preactivation_recomputes_it():
@@ -273,7 +274,7 @@ def test_gradient_without_kept_preactivation_recomputes_it():
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(1, 2, 4, 4, generator=generator, requires_grad=True)
     weight = torch.randn(3, 2, 3, 3, generator=generator, requires_grad=True)
-    y = torch.ops.workbench.conv2d(x, weight, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "tanh", 0.01, False, None, False)[0]
+    y = torch.ops.workbench.conv2d(x, weight, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "tanh", 0.01, False, None)[0]
     (grad_x,) = torch.autograd.grad(y.sum(), x)
     x64 = x.detach().double().requires_grad_(True)
     (expected,) = torch.autograd.grad(torch.tanh(F.conv2d(x64, weight.double(), padding=1)).sum(), x64)
@@ -463,3 +464,30 @@ def test_wgrad_split_reduction_is_deterministic_and_leaves_its_counters_zero():
         assert not counter.any()
     expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dz.double(), padding=1)
     _assert_close(first, expected, FP32_TOLERANCE, "grad_weight")
+
+
+@pytest.mark.parametrize("momentum, groups", [(None, 1), (0.3, 2)])
+def test_statistics_in_the_conv_launch_match_batch_norm_and_count_each_batch_once(momentum, groups):
+    """Several row tiles and channel blocks per group, each block finalised by its last program and the batch
+    counted once by the last of those: mean, 1 / sqrt(var + eps), the running stats (momentum or the cumulative
+    average) and num_batches_tracked over three batches, against F.batch_norm in float64."""
+    generator = torch.Generator().manual_seed(8)
+    weight = torch.randn(38, 6 // groups, 3, 3, generator=generator)
+    geometry = make_geometry((3, 3), 1, 1, 1, groups)
+    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 1, "num_stages": 1}
+    running = batch_norm.Running(torch.zeros(38), torch.ones(38), torch.tensor(0), momentum, 1e-3)
+    expected_mean, expected_var = torch.zeros(38, dtype=torch.float64), torch.ones(38, dtype=torch.float64)
+    for step in range(3):
+        x = (torch.randn(3, 6, 7, 5, generator=generator) * 2 + step).contiguous(memory_format=torch.channels_last)
+        y, _, stats = conv_fwd.conv2d_forward(x, weight, None, geometry, config=config, statistics=running)
+        reference = F.conv2d(x.double(), weight.double(), padding=1, groups=groups)
+        _assert_close(y, reference, FP32_TOLERANCE, "y")
+        factor = 1 / (step + 1) if momentum is None else momentum
+        F.batch_norm(reference, expected_mean, expected_var, training=True, momentum=factor, eps=1e-3)
+        _assert_close(stats[0], reference.mean((0, 2, 3)), FP32_TOLERANCE, "mean")
+        _assert_close(stats[1], torch.rsqrt(reference.var((0, 2, 3), unbiased=False) + 1e-3), FP32_TOLERANCE, "invstd")
+        _assert_close(running.mean, expected_mean, FP32_TOLERANCE, "running_mean")
+        _assert_close(running.var, expected_var, FP32_TOLERANCE, "running_var")
+        assert running.batches.item() == step + 1
+    with arrival.counters(x.device, 1) as counter:
+        assert not counter.any()

@@ -483,6 +483,11 @@ def _conv_key(weight_at: int) -> Callable:
     return lambda args, kwargs: (tuple(args[weight_at].shape), args[3].groups)
 
 
+def _activation_at(args: tuple, index: int) -> bool:
+    """Whether a launcher was given an activation at position `index` (absent: none, as for BN statistics)."""
+    return len(args) > index and args[index] is not None
+
+
 def _bn_key(norm_at: int) -> Callable:
     """The data pointers of the BN weights in a launch's Norm (argument norm_at) and residual Norm (2 after it)."""
     return lambda args, kwargs: frozenset(norm.weight.data_ptr() for norm in (args[norm_at], args[norm_at + 2])
@@ -496,10 +501,10 @@ def _bn_key(norm_at: int) -> Callable:
 # BatchNorm: the normalise (+ residual + activation) kernel and its backward, on Norms holding the BN's weight.
 # Activation: the elementwise kernel, forward or (with `grad`) backward.
 _LAUNCHERS = {
-    "depthwise_forward": (ops, "depthwise_forward", False, lambda a, k: a[4] is not None, _conv_key(1)),
+    "depthwise_forward": (ops, "depthwise_forward", False, lambda a, k: _activation_at(a, 4), _conv_key(1)),
     "depthwise_input_grad": (ops, "depthwise_input_grad", True, lambda a, k: False, _conv_key(1)),
     "depthwise_weight_grad": (ops, "depthwise_weight_grad", True, lambda a, k: False, _conv_key(2)),
-    "conv2d_forward": (ops, "conv2d_forward", False, lambda a, k: a[4] is not None, _conv_key(1)),
+    "conv2d_forward": (ops, "conv2d_forward", False, lambda a, k: _activation_at(a, 4), _conv_key(1)),
     "conv2d_input_grad": (ops, "conv2d_input_grad", True, lambda a, k: False, _conv_key(1)),
     "conv2d_weight_grad": (ops, "conv2d_weight_grad", True, lambda a, k: False, _conv_key(2)),
     "gemm_forward": (ops.gemm_kernels, "forward", False, lambda a, k: a[3] is not None,
