@@ -91,25 +91,35 @@ def _residual_for(residual: torch.Tensor | None, residual_bn: nn.BatchNorm2d | N
 
 def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
                 residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
-                negative_slope: float | None = None, defer: bool = False, in_place: bool = False
-                ) -> torch.Tensor:
+                negative_slope: float | None = None, defer: bool = False, in_place: bool = False,
+                hand_on: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """act(bn(conv(x)) [+ residual]); with `defer`, conv(x) alone while bn uses batch statistics (the consumer
     normalises it, see the module docstring), else bn(conv(x)). `in_place`: the add was `out += residual`,
-    whose result keeps out's dtype."""
+    whose result keeps out's dtype. With `hand_on`, (that, x handed on: `ops.conv2d_with_statistics`) for x's
+    other readers, whose gradient of x the conv's dgrad launch then adds where it can."""
+    out, handed = _conv_bn_act(x, conv, bn, residual, residual_bn, activation, negative_slope, defer, in_place)
+    return (out, handed) if hand_on else out
+
+
+def _conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: torch.Tensor | None,
+                 residual_bn: nn.BatchNorm2d | None, activation: str | None, negative_slope: float | None,
+                 defer: bool, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`conv_bn_act`'s result, x handed on: x itself but where the batch-statistics conv hands it on)."""
     residual, residual_bn = _residual_for(residual, residual_bn)
     if uses_batch_stats(bn) and defer:
-        return conv_act(x, conv)
+        return conv_act(x, conv), x
     if residual is not None and not _fuses(residual, _conv_output_shape(x, conv), _compute_dtype(x), in_place):
-        out = conv_bn_act(x, conv, bn, defer=defer)
-        return _add_in_pytorch(out, residual, residual_bn, activation, negative_slope, in_place)
+        out, handed = _conv_bn_act(x, conv, bn, None, None, None, None, defer, False)
+        return _add_in_pytorch(out, residual, residual_bn, activation, negative_slope, in_place), handed
     if uses_batch_stats(bn):  # the statistics come from the conv's launch
         check_input(_conv_output_shape(x, conv), bn)
-        y, mean, invstd = ops.conv2d_with_statistics(x, conv.weight, conv.bias, conv.stride, conv.padding,
-                                                     conv.dilation, conv.groups, running_of(bn))
-        return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, (mean, invstd), in_place)
+        y, mean, invstd, handed = ops.conv2d_with_statistics(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                                             conv.dilation, conv.groups, running_of(bn))
+        return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, (mean, invstd),
+                              in_place), handed
     if residual_bn is not None:  # this BN runs on running stats but the shortcut's on the batch's: apply it first
         residual, residual_bn = batch_norm_act(residual, residual_bn), None
-    return _conv(x, conv, *folded(conv, bn), activation, negative_slope, residual)
+    return _conv(x, conv, *folded(conv, bn), activation, negative_slope, residual), x
 
 
 def bn_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,

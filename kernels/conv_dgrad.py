@@ -24,7 +24,8 @@ import triton.language as tl
 from triton_workbench.kernels import runtime, tuned
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, empty_in_layout_of,
-                                                    gemm_dims_dgrad, needs_int64, problem_geometry, problem_of)
+                                                    gemm_dims_dgrad, memory_format_of, needs_int64, problem_geometry,
+                                                    problem_of)
 from triton_workbench.kernels.conv_spec import (BACKWARD_EXAMPLE_PROBLEMS, BACKWARD_PROBLEM_RULES, PROBLEM_SCHEMA,
                                                 SHAPE_KEYS,
                                                 elements, flops, make_inputs, torch_backward)
@@ -66,14 +67,15 @@ def phase_taps(size: int, kernel: int, stride: int, pad: int, dilation: int) -> 
 
 @jit
 def _phase_dgrad(
-    dz_ptr, w_ptr, dx_ptr, N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
+    dz_ptr, w_ptr, dx_ptr, add_ptr, N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
     sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr,
+    ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx of the stride phase TAPS_H x TAPS_W (each a `PhaseTaps` as a tuple) for this program's tile, a
-    stride-1 correlation of dz with the phase's taps; programs past the phase's tiles do nothing."""
+    stride-1 correlation of dz with the phase's taps, plus with ADD the tile of `add`; programs past the
+    phase's tiles do nothing."""
     PHASE_H: tl.constexpr = TAPS_H[0]
     PHASE_W: tl.constexpr = TAPS_W[0]
     FIRST_KH: tl.constexpr = TAPS_H[1]
@@ -129,16 +131,19 @@ def _phase_dgrad(
         iw = PHASE_W + STRIDE_W * qw
         dx_offsets = spatial_offsets(image, ih, iw, sdxn, sdxh, sdxw, INT64)[:, None] + \
             offsets(group * C_in_g + offs_n, INT64)[None, :] * sdxc
-        tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        dx_ok = m_ok[:, None] & n_ok[None, :]
+        if ADD:  # another reader's gradient of x, laid out as dx
+            acc += tl.load(add_ptr + dx_offsets, mask=dx_ok, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=dx_ok)
 
 
 @jit
 def conv2d_dgrad_kernel(
-    dz_ptr, w_ptr, dx_ptr,
+    dz_ptr, w_ptr, dx_ptr, add_ptr,
     N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
     sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr,
+    ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx for one (input-position tile, input-channel tile, group, stride phase): program_id(2) picks the
@@ -147,16 +152,17 @@ def conv2d_dgrad_kernel(
     for i in tl.static_range(len(PHASES_H)):
         for j in tl.static_range(len(PHASES_W)):
             if tl.program_id(2) == i * len(PHASES_W) + j:
-                _phase_dgrad(dz_ptr, w_ptr, dx_ptr, N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
+                _phase_dgrad(dz_ptr, w_ptr, dx_ptr, add_ptr, N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
                              sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
-                             STRIDE_H, STRIDE_W, PHASES_H[i], PHASES_W[j], DOT_PRECISION, INT64, EVEN_K,
+                             STRIDE_H, STRIDE_W, PHASES_H[i], PHASES_W[j], ADD, DOT_PRECISION, INT64, EVEN_K,
                              BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometry: ConvGeometry,
-                      config: Config | None = None) -> torch.Tensor:
-    """grad_input of conv2d(x, weight) for the output gradient dz, shaped, typed and laid out like x (only its
-    metadata is read). One launch: every stride phase's programs in it."""
+                      config: Config | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_input of conv2d(x, weight) for the output gradient dz [+ `add`, x's gradient from its other readers,
+    shaped as x], shaped, typed and laid out like x (only its metadata is read). One launch: every stride
+    phase's programs in it."""
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = dz.shape[2:]
@@ -165,17 +171,19 @@ def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, g
     dx = empty_in_layout_of(x, (n, c_in, h, w))
     if dx.numel() == 0:
         return dx
+    if add is not None:
+        add = add.contiguous(memory_format=memory_format_of(dx))
     if dz.numel() == 0:
-        return dx.zero_()
+        return dx.copy_(add) if add is not None else dx.zero_()
     if channels_last(x):
         weight = weight.contiguous(memory_format=torch.channels_last)  # input channels contiguous, as dx's
     runtime.announce()
     phases_h, phases_w = _phases(problem)
     conv2d_dgrad_kernel[_grid(problem, config)](
-        dz, weight, dx,
+        dz, weight, dx, add if add is not None else dx,
         n, h, w, ho, wo, c_in_g, c_out // geometry.groups, config["GROUP_M"],
         *dz.stride(), *weight.stride(), *dx.stride(), geometry.stride_h, geometry.stride_w,
-        tuple(_constants(t) for t in phases_h), tuple(_constants(t) for t in phases_w),
+        tuple(_constants(t) for t in phases_h), tuple(_constants(t) for t in phases_w), ADD=add is not None,
         DOT_PRECISION=dot_precision(weight.dtype), INT64=needs_int64(dz, weight, dx),
         EVEN_K=(c_out // geometry.groups) % config["BLOCK_K"] == 0,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],

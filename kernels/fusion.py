@@ -435,11 +435,33 @@ def fuse(gm: fx.GraphModule, supported: Callable[[nn.Module], str | None], activ
     records = [_describe(g, chain) for chain in found]
     for chain in sorted(found, key=lambda c: not c.defer):  # a deferred shortcut before its consumer
         _rewrite(g, chain)
+    _hand_on_inputs(g)
     records += _functional_layers(g)
     records += _kept(g)
     gm.graph.lint()
     gm.recompile()
     return records
+
+
+def _hand_on_inputs(g: _Graph) -> None:
+    """Where a conv_bn_act call's input is read again after it (a residual block's input: the shortcut, the
+    downsample), the later readers read the input the call hands on (`chains.conv_bn_act(hand_on=True)`), so
+    that their gradient of it is added in the conv's dgrad launch instead of by an add of autograd's."""
+    for node in list(g.graph.nodes):
+        if node.target is not chains.conv_bn_act or node.kwargs.get("defer"):
+            continue
+        source, position = node.args[0], _position(g.graph)
+        later = [user for user in source.users if user is not node and position(user) > position(node)]
+        if not later:
+            continue
+        node.kwargs = {**node.kwargs, "hand_on": True}
+        with g.graph.inserting_after(node):
+            handed = g.graph.call_function(operator.getitem, (node, 1))
+        with g.graph.inserting_after(node):
+            out = g.graph.call_function(operator.getitem, (node, 0))
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in (out, handed))
+        for user in later:
+            user.replace_input_with(source, handed)
 
 
 def _functional_layers(g: _Graph) -> Iterable[SwapRecord]:

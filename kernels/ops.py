@@ -331,18 +331,22 @@ def _(x, weight, bias, stride, padding, dilation, groups, running_mean, running_
 def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor,
                         stride: list[int], padding: list[int], dilation: list[int], groups: int,
                         activation: Optional[str], negative_slope: float, need_x: bool, need_weight: bool,
-                        need_bias: bool, need_residual: bool
+                        need_bias: bool, need_residual: bool, add_to_x: Optional[torch.Tensor]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for x (dgrad kernel), weight and bias (wgrad kernel) and the residual (dz itself) from
-    dz = dy * act'(pre), formed once by the activation kernel for all; empty where not needed."""
+    """Gradients for x (dgrad kernel, plus `add_to_x`: x's gradient from its other readers, added in the same
+    launch), weight and bias (wgrad kernel) and the residual (dz itself) from dz = dy * act'(pre), formed once
+    by the activation kernel for all; empty where not needed."""
     geometry = _geometry(stride, padding, dilation, groups)
     dz = run_activation(pre, activation, negative_slope, grad=grad_out) if activation is not None else grad_out
     depthwise = is_depthwise(x.shape[1], weight.shape[0], groups)
     input_grad = depthwise_input_grad if depthwise else conv2d_input_grad
     weight_grad = depthwise_weight_grad if depthwise else conv2d_weight_grad
     grad_x = grad_weight = grad_bias = None
-    if need_x:
+    if need_x and depthwise:
         grad_x = input_grad(dz, weight, x, geometry)
+        grad_x = grad_x if add_to_x is None else grad_x.add_(add_to_x)
+    elif need_x:
+        grad_x = input_grad(dz, weight, x, geometry, add=add_to_x)
     if need_weight:
         grad_weight, grad_bias = weight_grad(dz, x, weight, geometry, bias_grad=need_bias)
     elif need_bias:
@@ -355,7 +359,7 @@ def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
 
 @_conv2d_backward_op.register_fake
 def _(grad_out, x, weight, pre, stride, padding, dilation, groups, activation, negative_slope, need_x, need_weight,
-      need_bias, need_residual):
+      need_bias, need_residual, add_to_x):
     return (empty_in_layout_of(x, x.shape) if need_x else x.new_empty(_EMPTY),
             empty_in_layout_of(weight, weight.shape) if need_weight else x.new_empty(_EMPTY),
             x.new_empty(weight.shape[0]) if need_bias else x.new_empty(_EMPTY),
@@ -385,13 +389,14 @@ def _conv2d_backward(ctx, grad_y, _grad_pre):
 
 
 def _conv_grads(ctx, grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                pre: torch.Tensor, need_residual: bool) -> tuple[torch.Tensor | None, ...]:
-    """(grad x, grad weight, grad bias, grad residual) of a conv whose ctx holds its geometry and activation,
-    None where not needed (its first three inputs are x, weight, bias)."""
+                pre: torch.Tensor, need_residual: bool, add_to_x: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, ...]:
+    """(grad x [+ add_to_x], grad weight, grad bias, grad residual) of a conv whose ctx holds its geometry and
+    activation, None where not needed (its first three inputs are x, weight, bias)."""
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     needed = (need_x, need_weight, need_bias and bias is not None, need_residual)
     grads = _conv2d_backward_op(grad_y, x, weight, pre, *ctx.geometry_args, ctx.activation, ctx.negative_slope,
-                                *needed)
+                                *needed, add_to_x)
     return tuple(grad if need else None for grad, need in zip(grads, needed))
 
 
@@ -401,11 +406,13 @@ _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_conte
 class _ConvStatistics(torch.autograd.Function):
     """`workbench::conv2d_statistics` with the conv's gradients (an op that updates buffers in place cannot
     register its autograd formula with torch.library). The statistics carry none: the BatchNorm backward
-    that uses them differentiates through them itself."""
+    that uses them differentiates through them itself. With `hand_on`, x is also an output (a view of it):
+    its other readers read that instead, so their gradient of x arrives here and is added in the dgrad launch,
+    not by an add of autograd's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, running_mean, running_var,
-                num_batches_tracked, momentum, eps):
+                num_batches_tracked, momentum, eps, hand_on):
         y, stats = _conv2d_statistics_op(x, weight, bias, stride, padding, dilation, groups, running_mean,
                                          running_var, num_batches_tracked, momentum, eps)
         ctx.geometry_args = (stride, padding, dilation, groups)
@@ -413,30 +420,34 @@ class _ConvStatistics(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
-        return y, stats
+        return (y, stats, x) if hand_on else (y, stats)
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_stats):
-        if grad_y is None:
-            return (None,) * 12
+    def backward(ctx, grad_y, _grad_stats, grad_handed=None):
         x, weight, bias = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias, _ = _conv_grads(ctx, grad_y, x, weight, bias, x.new_empty(_EMPTY), False)
-        return (grad_x, grad_weight, grad_bias) + (None,) * 9
+        if grad_y is None:
+            return (grad_handed,) + (None,) * 12
+        grad_x, grad_weight, grad_bias, _ = _conv_grads(ctx, grad_y, x, weight, bias, x.new_empty(_EMPTY), False,
+                                                        grad_handed)
+        return (grad_x, grad_weight, grad_bias) + (None,) * 10
 
 
 def conv2d_with_statistics(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            stride: int | tuple[int, int], padding: int | tuple[int, ...] | str,
                            dilation: int | tuple[int, int], groups: int, running: Running
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(F.conv2d(x, weight, bias, ...), its batch mean and 1 / sqrt(var + eps) per channel, fp32): what a
-    following BatchNorm needs, computed in the conv's launch instead of passes over y; that BN's `running`
-    stats updated there, as torch.nn.BatchNorm2d does in training. x is 4-D."""
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F.conv2d(x, weight, bias, ...), its batch mean and 1 / sqrt(var + eps) per channel, fp32, and x handed
+    on): what a following BatchNorm needs, computed in the conv's launch instead of passes over y, that BN's
+    `running` stats updated there as torch.nn.BatchNorm2d does in training. x's other readers should read the
+    x handed on: their gradient of x is then added in this conv's dgrad launch (where x needs a gradient and
+    runs as it is given: no dtype or layout conversion). x is 4-D."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, C, H, W] for batch statistics, got shape {tuple(x.shape)}")
-    x, weight, bias, _, geometry_args = _checked_conv(x, weight, bias, stride, padding, dilation, groups, None)
-    y, stats = _ConvStatistics.apply(x, weight, bias, *geometry_args, running.mean, running.var, running.batches,
-                                     running.momentum, running.eps)
-    return y, stats[0], stats[1]
+    batched, weight, bias, _, geometry_args = _checked_conv(x, weight, bias, stride, padding, dilation, groups, None)
+    hand_on = batched is x and x.requires_grad and torch.is_grad_enabled()
+    y, stats, *handed = _ConvStatistics.apply(batched, weight, bias, *geometry_args, running.mean, running.var,
+                                              running.batches, running.momentum, running.eps, hand_on)
+    return y, stats[0], stats[1], handed[0] if handed else x
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

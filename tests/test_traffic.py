@@ -41,6 +41,7 @@ def test_the_swapped_block_runs_its_own_launchers_and_moves_fewer_bytes():
     assert names["normalize_kernel"] == 3  # the downsample's BN is normalised inside the block's last kernel
     assert names["conv2d_dgrad_kernel"] == 3  # one launch per conv, a stride-2 one's four phases in it
     assert names["conv2d_wgrad_kernel"] == 4 and not names["aten::sum"]  # split-K partials summed in the launch
+    assert not names["aten::add"]  # the block input's two gradients (conv1's, the downsample's) summed in a dgrad
     assert not [k for k in ours if "relu" in k.name or k.name.startswith("bn ") or k.name == "activation_kernel"]
     table = traffic_table(eager, ours).set_index("category")
     assert table.loc["activation", "launches_triton"] == 0 and table.loc["activation", "launches_eager"] == 6
