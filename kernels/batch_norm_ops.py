@@ -167,10 +167,12 @@ def _rows_ready(y: torch.Tensor) -> torch.Tensor:
 def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
                    residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
                    negative_slope: float | None = None, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   in_place: bool = False) -> torch.Tensor:
+                   in_place: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """act(bn(y) [+ residual, or residual_bn(residual)]) in one Triton kernel after the statistics, with
     `torch.nn.BatchNorm2d`'s semantics for each BN (train/eval, running stats, affine, eps, momentum); y's
-    batch statistics are `stats` when its producer computed them (`ops.conv2d_with_statistics`).
+    batch statistics are `stats` when its producer computed them (`ops.conv2d_with_statistics`), and the
+    residual's `residual_stats`.
 
     The output has y's memory format; a residual of another dtype is added in the promoted one, or, with
     `in_place` (the model wrote `y += residual`), cast to y's as PyTorch's in-place add does.
@@ -182,7 +184,7 @@ def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor |
         dtype = y.dtype if in_place else torch.promote_types(y.dtype, residual.dtype)
         y = _rows_ready(y.to(dtype))
         residual = residual.to(dtype).contiguous(memory_format=memory_format_of(y))
-        residual_norm = statistics(residual, residual_bn) if residual_bn is not None else None
+        residual_norm = statistics(residual, residual_bn, residual_stats) if residual_bn is not None else None
     y = _rows_ready(y)
     norm = statistics(y, bn, stats)
     r = residual_norm

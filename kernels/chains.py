@@ -17,8 +17,9 @@ behaviour with `model.train()` / `model.eval()` exactly as the original.
     prelu                                         a PReLU module's learnable slopes, one kernel
 
 A residual that is itself a conv -> BN (a downsample shortcut) comes in raw, with its BN as
-`residual_bn`, when that BN uses batch statistics: its normalisation happens inside the consumer's
-fused kernel instead of in a pass of its own (its producer is `conv_bn_act(..., defer=True)`).
+`residual_bn` and that BN's batch statistics from the conv's launch as `residual_stats`, when that BN
+uses batch statistics: its normalisation happens inside the consumer's fused kernel instead of in a
+pass of its own (its producer is `conv_bn_act(..., defer=True)`).
 """
 
 from __future__ import annotations
@@ -92,44 +93,64 @@ def _residual_for(residual: torch.Tensor | None, residual_bn: nn.BatchNorm2d | N
 def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
                 residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
                 negative_slope: float | None = None, defer: bool = False, in_place: bool = False,
-                hand_on: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """act(bn(conv(x)) [+ residual]); with `defer`, conv(x) alone while bn uses batch statistics (the consumer
-    normalises it, see the module docstring), else bn(conv(x)). `in_place`: the add was `out += residual`,
-    whose result keeps out's dtype. With `hand_on`, (that, x handed on: `ops.conv2d_with_statistics`) for x's
-    other readers, whose gradient of x the conv's dgrad launch then adds where it can."""
-    out, handed = _conv_bn_act(x, conv, bn, residual, residual_bn, activation, negative_slope, defer, in_place)
+                hand_on: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor | tuple:
+    """act(bn(conv(x)) [+ residual]); with `defer`, (conv(x), bn's batch statistics of it) while bn uses batch
+    statistics -- the consumer normalises it with them (`residual_stats`, see the module docstring) -- else
+    (bn(conv(x)), None). `in_place`: the add was `out += residual`, whose result keeps out's dtype. With
+    `hand_on`, (the result, x handed on: `ops.conv2d_with_statistics`) for x's other readers, whose gradient
+    of x the conv's dgrad launch then adds where it can."""
+    if defer:
+        return _deferred(x, conv, bn)
+    out, handed = _conv_bn_act(x, conv, bn, residual, residual_bn, activation, negative_slope, in_place,
+                               residual_stats)
     return (out, handed) if hand_on else out
+
+
+def _deferred(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(conv(x), bn's batch statistics of it from the conv's launch) while bn uses batch statistics, its
+    consumer normalising it; else (bn(conv(x)), None)."""
+    if not uses_batch_stats(bn):
+        return _conv_bn_act(x, conv, bn, None, None, None, None, False, None)[0], None
+    check_input(_conv_output_shape(x, conv), bn)
+    y, mean, invstd, _ = ops.conv2d_with_statistics(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                                    conv.dilation, conv.groups, running_of(bn))
+    return y, (mean, invstd)
 
 
 def _conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: torch.Tensor | None,
                  residual_bn: nn.BatchNorm2d | None, activation: str | None, negative_slope: float | None,
-                 defer: bool, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 in_place: bool, residual_stats: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(`conv_bn_act`'s result, x handed on: x itself but where the batch-statistics conv hands it on)."""
     residual, residual_bn = _residual_for(residual, residual_bn)
-    if uses_batch_stats(bn) and defer:
-        return conv_act(x, conv), x
     if residual is not None and not _fuses(residual, _conv_output_shape(x, conv), _compute_dtype(x), in_place):
-        out, handed = _conv_bn_act(x, conv, bn, None, None, None, None, defer, False)
-        return _add_in_pytorch(out, residual, residual_bn, activation, negative_slope, in_place), handed
+        out, handed = _conv_bn_act(x, conv, bn, None, None, None, None, False, None)
+        return _add_in_pytorch(out, residual, residual_bn, residual_stats, activation, negative_slope,
+                               in_place), handed
     if uses_batch_stats(bn):  # the statistics come from the conv's launch
         check_input(_conv_output_shape(x, conv), bn)
         y, mean, invstd, handed = ops.conv2d_with_statistics(x, conv.weight, conv.bias, conv.stride, conv.padding,
                                                              conv.dilation, conv.groups, running_of(bn))
-        return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, (mean, invstd),
-                              in_place), handed
+        return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, (mean, invstd), in_place,
+                              residual_stats), handed
     if residual_bn is not None:  # this BN runs on running stats but the shortcut's on the batch's: apply it first
-        residual, residual_bn = batch_norm_act(residual, residual_bn), None
+        residual, residual_bn = batch_norm_act(residual, residual_bn, stats=residual_stats), None
     return _conv(x, conv, *folded(conv, bn), activation, negative_slope, residual), x
 
 
 def bn_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
            residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
-           negative_slope: float | None = None, in_place: bool = False) -> torch.Tensor:
+           negative_slope: float | None = None, in_place: bool = False,
+           residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """act(bn(y) [+ residual]) in one fused kernel after the statistics."""
     residual, residual_bn = _residual_for(residual, residual_bn)
     if residual is not None and not _fuses(residual, y.shape, None, in_place):
-        return _add_in_pytorch(bn_act(y, bn), residual, residual_bn, activation, negative_slope, in_place)
-    return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, in_place=in_place)
+        return _add_in_pytorch(bn_act(y, bn), residual, residual_bn, residual_stats, activation, negative_slope,
+                               in_place)
+    return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, in_place=in_place,
+                          residual_stats=residual_stats)
 
 
 def _conv_output_shape(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, ...]:
@@ -152,10 +173,11 @@ def _fuses(residual: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | 
 
 
 def _add_in_pytorch(out: torch.Tensor, residual: torch.Tensor, residual_bn: nn.BatchNorm2d | None,
-                    name: str | None, negative_slope: float, in_place: bool) -> torch.Tensor:
+                    residual_stats: tuple[torch.Tensor, torch.Tensor] | None, name: str | None,
+                    negative_slope: float, in_place: bool) -> torch.Tensor:
     """act(out + residual) with PyTorch's add (broadcasting, type promotion; `out +=` keeps out's dtype)."""
     if residual_bn is not None:
-        residual = batch_norm_act(residual, residual_bn)
+        residual = batch_norm_act(residual, residual_bn, stats=residual_stats)
     total = out + residual
     total = total.to(out.dtype) if in_place else total
     return activation(total, name, negative_slope) if name is not None else total

@@ -355,7 +355,10 @@ def _rewrite(g: _Graph, chain: Chain) -> None:
         residual["in_place"] = True
     source = g.current(chain.source)
     with g.graph.inserting_before(last):
-        if chain.residual_bn is not None:  # the shortcut's chain was rewritten first: its node now stands there
+        if chain.residual_bn is not None:  # the shortcut's chain was rewritten first: (raw output, its statistics)
+            shortcut = residual["residual"]
+            residual["residual"] = g.graph.call_function(operator.getitem, (shortcut, 0))
+            residual["residual_stats"] = g.graph.call_function(operator.getitem, (shortcut, 1))
             residual["residual_bn"] = module(chain.residual_bn)
         if chain.bn is not None and chain.conv is not None:
             args, target = (source, module(chain.conv), module(chain.bn)), chains.conv_bn_act
