@@ -1,7 +1,8 @@
-"""The conv forward with and without its BatchNorm-moments epilogue (swap's conv -> BN chains in training),
+"""The conv forward with and without its BatchNorm-statistics epilogue (swap's conv -> BN chains in training:
+the tile moments, then the last program of each channel block merges them and updates the running stats),
 compiled for sm_90 and sm_80 as the launch specialises it, for three ResNet-18 layers (batch 64, fp16
 channels_last, default configs): registers, spills and the static ceilings. Static estimates from compiled
-code, not speeds. Run with TRITON_INTERPRET=0 (no GPU needed): TRITON_INTERPRET=0 python benchmarks/conv_moments_static.py"""
+code, not speeds. No GPU needed: TRITON_INTERPRET=0 python benchmarks/conv_moments_static.py"""
 import dataclasses
 from triton_workbench.kernels import aot, ceilings, tuned
 from triton_workbench.kernels.batch_norm import Running
@@ -18,7 +19,7 @@ for arch in (90, 80):
     for name, (n, c, h, w, co, k, s, p) in layers.items():
         problem = conv_problem(n, c, h, w, co, k, k, ConvGeometry(s, s, p, p, p, p, 1, 1, 1), "fp16", "nhwc", None, False)
         config = tuned.config_for(CONV_FWD_SPEC, problem)
-        for label, spec in (("plain", CONV_FWD_SPEC), ("moments", dataclasses.replace(CONV_FWD_SPEC, launch=launch_moments))):
+        for label, spec in (("plain", CONV_FWD_SPEC), ("stats", dataclasses.replace(CONV_FWD_SPEC, launch=launch_moments))):
             launches = aot.compile_launches(spec, problem, config, arch)
             ceiling = ceilings.static_ceilings(spec, problem, launches, arch)
             c0 = launches[0]

@@ -491,3 +491,7 @@ def test_statistics_in_the_conv_launch_match_batch_norm_and_count_each_batch_onc
         assert running.batches.item() == step + 1
     with arrival.counters(x.device, 1) as counter:
         assert not counter.any()
+    reruns = [conv_fwd.conv2d_forward(x, weight, None, geometry, config=config,
+                                      statistics=batch_norm.Running(None, None, None, 0.1, 1e-3)).stats
+              for _ in range(2)]
+    assert torch.equal(*reruns) and torch.equal(reruns[0], stats)  # merged in a fixed order: the same bits

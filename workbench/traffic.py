@@ -15,7 +15,9 @@ The step runs on the meta device (shapes only) under a dispatch mode that record
   write dx once) and read in full by each other kernel that touches it later.
 
 So the figures are an analytic model of DRAM traffic (no cache reuse, no partial writes: an upper
-bound for a kernel that reads only part of an input), not a measurement.
+bound for a kernel that reads only part of an input), not a measurement. One undercount: a kernel that
+reads back what it wrote in the same launch (the split-K or moments partials its last programs merge,
+`kernels.arrival`) is charged for the write only.
 The optimizer step is the same for both models and left out.
 """
 
