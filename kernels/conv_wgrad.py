@@ -21,7 +21,7 @@ from triton_workbench.kernels import arrival, hardware, runtime, tuned
 from triton_workbench.kernels.arrival import last_to_arrive
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, gemm_dims_wgrad,
-                                                    needs_int64, output_hw, problem_of)
+                                                    needs_int64, output_hw, problem_geometry, problem_of)
 from triton_workbench.kernels.conv_spec import (BACKWARD_EXAMPLE_PROBLEMS, BACKWARD_PROBLEM_RULES, PROBLEM_SCHEMA,
                                                 SHAPE_KEYS,
                                                 elements, flops, make_inputs, torch_backward)
@@ -37,7 +37,7 @@ def conv2d_wgrad_kernel(
     HO: tl.constexpr, WO: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    C_FLAT: tl.constexpr, DENSE_DZ: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
+    C_FLAT: tl.constexpr, DENSE_DZ: tl.constexpr, SPLIT: tl.constexpr, UNMASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dw[co, kh, kw, ci] of one (co tile, column tile) of one group, from one split of the (n,oh,ow)
@@ -78,18 +78,24 @@ def conv2d_wgrad_kernel(
         ih = oh * STRIDE_H - PAD_H + kh * DIL_H
         iw = ow * STRIDE_W - PAD_W + kw * DIL_W
         x_rows = image * sxn + offsets(ih, INT64) * sxh + offsets(iw, INT64) * sxw
-        row_ok = p_ok & (ih.to(tl.uint32, bitcast=True) < H)
         if C_FLAT:
             x_rows = tl.multiple_of(x_rows, C_FLAT)
-            x_ok = row_ok[:, None] & ((iw[:, None] + kw_n[None, :]).to(tl.uint32, bitcast=True) < W) & n_ok[None, :]
-        else:
-            x_ok = (row_ok & (iw.to(tl.uint32, bitcast=True) < W))[:, None] & n_ok[None, :]
         if DENSE_DZ:  # dz rows follow (n, oh, ow) in memory (channels_last): a position's row is p * sdzw
             dz_rows = offsets(p, INT64) * sdzw
         else:
             dz_rows = image * sdzn + offsets(oh, INT64) * sdzh + offsets(ow, INT64) * sdzw
-        a = tl.load(dz_cols[:, None] + dz_rows[None, :], mask=m_ok[:, None] & p_ok[None, :], other=0.0)
-        b = tl.load(x_cols[None, :] + x_rows[:, None], mask=x_ok, other=0.0)
+        if UNMASKED:  # whole tiles, every tap inside x: no bounds to check
+            a = tl.load(dz_cols[:, None] + dz_rows[None, :])
+            b = tl.load(x_cols[None, :] + x_rows[:, None])
+        else:
+            row_ok = p_ok & (ih.to(tl.uint32, bitcast=True) < H)
+            if C_FLAT:
+                x_ok = row_ok[:, None] & ((iw[:, None] + kw_n[None, :]).to(tl.uint32, bitcast=True) < W) & \
+                    n_ok[None, :]
+            else:
+                x_ok = (row_ok & (iw.to(tl.uint32, bitcast=True) < W))[:, None] & n_ok[None, :]
+            a = tl.load(dz_cols[:, None] + dz_rows[None, :], mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+            b = tl.load(x_cols[None, :] + x_rows[:, None], mask=x_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     dw_offsets = (c_out * (KH * KW) + kh * KW + kw)[:, None] * C_in_g + offs_n[None, :]  # (co, kh, kw), columns
@@ -139,7 +145,7 @@ def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                 dz, x, partial, dw, counter,
                 n, h, w, c_in_g, c_out // geometry.groups, c_out, _positions_per_split(problem, config),
                 config["GROUP_M"], *dz.stride(), *x.stride(), ho, wo, *geometry.constexprs(kh, kw),
-                C_FLAT=c_in_g if flat_rows(problem) else 0, SPLIT=split,
+                C_FLAT=c_in_g if flat_rows(problem) else 0, SPLIT=split, UNMASKED=_unmasked(problem, config),
                 DENSE_DZ=dz.stride()[0] == ho * dz.stride()[2] and dz.stride()[2] == wo * dz.stride()[3],
                 DOT_PRECISION=dot_precision(x.dtype), INT64=needs_int64(dz, x, partial, dw),
                 BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
@@ -156,6 +162,19 @@ def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
 def conv2d_bias_grad(dz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The bias gradient: dz summed over (n, oh, ow) in fp32, apart from the weight GEMM."""
     return dz.sum(dim=(0, 2, 3), dtype=torch.float32).to(dtype)
+
+
+def _unmasked(problem: Problem, config: Config) -> bool:
+    """Whether the wgrad loop may load without masks: whole tiles of output channels, columns and positions
+    (the splits' position ranges are whole BLOCK_K blocks), and every tap of every output position inside x
+    (no leading padding, and the last position's last tap inside too)."""
+    rows, cols, positions = _dims(problem)
+    g = problem_geometry(problem)
+    ho, wo = output_hw(problem)
+    inside = (g.pad_top == g.pad_left == 0 and (ho - 1) * g.stride_h + (problem["kh"] - 1) * g.dilation_h < problem["h"]
+              and (wo - 1) * g.stride_w + (problem["kw"] - 1) * g.dilation_w < problem["w"])
+    return (inside and rows % config["BLOCK_M"] == 0 and cols % config["BLOCK_N"] == 0
+            and positions % config["BLOCK_K"] == 0)
 
 
 def _positions_per_split(problem: Problem, config: Config) -> int:

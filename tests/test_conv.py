@@ -495,3 +495,22 @@ def test_statistics_in_the_conv_launch_match_batch_norm_and_count_each_batch_onc
                                       statistics=batch_norm.Running(None, None, None, 0.1, 1e-3)).stats
               for _ in range(2)]
     assert torch.equal(*reruns) and torch.equal(reruns[0], stats)  # merged in a fixed order: the same bits
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_wgrad_without_masks_where_every_tile_is_whole_and_every_tap_inside(layout):
+    """A 1x1 stride-2 downsample with whole tiles takes wgrad's unmasked loads (no padding, so every tap of every
+    output position is inside x); a padded 3x3 does not. Both against float64, split three ways."""
+    generator = torch.Generator().manual_seed(14)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 1, "num_stages": 1, "SPLIT_K": 2}
+    for kernel, padding, unmasked in ((1, 0, True), (3, 1, False)):
+        x = torch.randn(2, 16, 8, 8, generator=generator)
+        x = x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x
+        weight = torch.randn(32, 16, kernel, kernel, generator=generator)
+        geometry = make_geometry((kernel, kernel), 2, padding, 1, 1)
+        problem = conv_problem(2, 16, 8, 8, 32, kernel, kernel, geometry, "fp32", layout, None, False)
+        assert conv_wgrad._unmasked(problem, config) == unmasked
+        dz = torch.randn(2, 32, *geometry.output_hw(8, 8, kernel, kernel), generator=generator)
+        grad_weight, _ = conv_wgrad.conv2d_weight_grad(dz, x, weight, geometry, bias_grad=False, config=config)
+        expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dz.double(), stride=2, padding=padding)
+        _assert_close(grad_weight, expected, FP32_TOLERANCE, f"grad_weight {kernel}x{kernel}")
