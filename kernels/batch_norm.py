@@ -365,6 +365,8 @@ def moments_of(y: torch.Tensor, strip: int | None = None) -> torch.Tensor:
     """y's moments table: strips of `strip` rows (a multiple of the tile's rows), by default at most
     MAX_STRIPS strips; `strip=MOMENT_ROWS` gives the shape a conv epilogue's table has."""
     view = rows_view(y)
+    if view.rows == 0:  # an empty batch: no strips
+        return moments_table(0, view.channels, y.device)
     strip = strip or view.strips()[0]
     view = replace(view, block_m=min(view.block_m, strip))
     strips = triton.cdiv(view.rows, strip)
@@ -406,10 +408,15 @@ def batch_moments(y: torch.Tensor, running: Running) -> tuple[torch.Tensor, torc
 def finalize(part: torch.Tensor, running: Running) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, 1 / sqrt(var + eps)) per channel from a moments table (`moments_table`, filled by
     `partial_moments_kernel`); updates the running stats and counts the batch in num_batches_tracked when
-    given (momentum None: their cumulative average), as torch.nn.BatchNorm2d."""
+    given (momentum None: their cumulative average), as torch.nn.BatchNorm2d (an empty batch is counted,
+    nothing else)."""
     channels = (part.shape[1] - 1) // 2
     mean = torch.empty(channels, device=part.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
+    if part.shape[0] == 0:  # an empty batch: PyTorch counts it and leaves the running stats as they were
+        if running.batches is not None:
+            running.batches.add_(1)
+        return mean.fill_(float("nan")), invstd.fill_(float("nan"))
     block_c = min(64, triton.next_power_of_2(channels))
     runtime.announce()
     finalize_kernel[(1,)](

@@ -9,6 +9,7 @@ activation; the pre-activation can be kept for the backward (SAVE_PREACT).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -218,7 +219,8 @@ def conv2d_forward(
     grid = _grid(problem, config)
     running = statistics or Running(None, None, None, None, 0.0)
     channel_blocks = triton.cdiv(c_out // geometry.groups, config["BLOCK_N"]) * geometry.groups
-    with arrival.counters(x.device, channel_blocks + 1) as counter:  # one per channel block, one for them all
+    # a counter per channel block, one for them all
+    with arrival.counters(x.device, channel_blocks + 1) if statistics else nullcontext(y) as counter:
         conv2d_fwd_kernel[grid](
             x, weight, bias.contiguous() if bias is not None else y, residual if residual is not None else y,
             y, pre if pre is not None else y, pointer_or(table, y), pointer_or(stats, y), *running.pointers(y), counter,

@@ -11,6 +11,7 @@ dgrad and wgrad); the bias gradient, dz summed over positions, is reduced apart 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -140,7 +141,7 @@ def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     partial = torch.empty((grid[2], *dw.shape), device=x.device, dtype=torch.float32) if split else dw
     if dz.numel() and dw.numel():
         runtime.announce()
-        with arrival.counters(x.device, grid[0] * grid[1]) as counter:
+        with arrival.counters(x.device, grid[0] * grid[1]) if split else nullcontext(dw) as counter:
             conv2d_wgrad_kernel[grid](
                 dz, x, partial, dw, counter,
                 n, h, w, c_in_g, c_out // geometry.groups, c_out, _positions_per_split(problem, config),

@@ -1,6 +1,8 @@
 """The BatchNorm kernels and ops against torch.nn.BatchNorm2d computed in float64: odd shapes, both memory
 formats, fp16, NaN and inf, and the custom ops' opcheck."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -109,3 +111,20 @@ def test_strips_whose_last_rows_run_out_still_give_exact_moments(monkeypatch):
         torch.testing.assert_close(mean.double(), y.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
         variance = y.double().var((0, 2, 3), unbiased=False)
         torch.testing.assert_close(invstd.double(), torch.rsqrt(variance + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def test_an_empty_batch_is_counted_and_leaves_the_running_stats_as_pytorch_does():
+    """Batch statistics of no rows, from the statistics pass and from a conv's launch: num_batches_tracked
+    counts the batch, the running stats stay, the output is empty -- as torch.nn.BatchNorm2d."""
+    from triton_workbench.kernels import chains
+
+    for conv in (None, nn.Conv2d(2, 3, 3, padding=1, bias=False)):
+        reference = nn.BatchNorm2d(3, momentum=None)
+        reference.running_mean.fill_(1), reference.running_var.fill_(2)
+        ours = copy.deepcopy(reference)
+        x = torch.randn(0, 3 if conv is None else 2, 4, 4)
+        out = chains.bn_act(x, ours, activation="relu") if conv is None else chains.conv_bn_act(x, conv, ours)
+        expected = reference(x if conv is None else conv(x))
+        assert out.shape == expected.shape
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(ours, name), getattr(reference, name)), name

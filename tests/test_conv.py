@@ -514,3 +514,44 @@ def test_wgrad_without_masks_where_every_tile_is_whole_and_every_tap_inside(layo
         grad_weight, _ = conv_wgrad.conv2d_weight_grad(dz, x, weight, geometry, bias_grad=False, config=config)
         expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dz.double(), stride=2, padding=padding)
         _assert_close(grad_weight, expected, FP32_TOLERANCE, f"grad_weight {kernel}x{kernel}")
+
+
+def test_dgrad_adds_another_readers_gradient_in_its_launch():
+    """`add` (x's gradient from its other readers) summed into dx by the dgrad epilogue: stride-2 phases, add in
+    the other memory format than dx, an empty dz (dx is add), and the depthwise path (added after its kernel)."""
+    generator = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 6, 9, 8, generator=generator).contiguous(memory_format=torch.channels_last)
+    for groups, kernel in ((1, 3), (6, 3)):
+        weight = torch.randn(6, 6 // groups, kernel, kernel, generator=generator)
+        geometry = make_geometry((kernel, kernel), 2, 1, 1, groups)
+        dz = torch.randn(2, 6, *geometry.output_hw(9, 8, kernel, kernel), generator=generator)
+        add = torch.randn(x.shape, generator=generator)  # contiguous, dx channels_last
+        expected = torch.nn.grad.conv2d_input(x.shape, weight.double(), dz.double(), stride=2, padding=1,
+                                              groups=groups) + add.double()
+        grad_x = torch.ops.workbench.conv2d_backward(dz, x, weight, x.new_empty(0), [2, 2], [1, 1, 1, 1], [1, 1],
+                                                     groups, None, 0.0, True, False, False, False, add)[0]
+        _assert_close(grad_x, expected, FP32_TOLERANCE, f"grad_x groups={groups}")
+        assert grad_x.is_contiguous(memory_format=torch.channels_last)
+    empty = conv_dgrad.conv2d_input_grad(dz[:0], weight, x[:0], geometry, add=add[:0])
+    assert empty.shape == x[:0].shape
+    weight = torch.randn(6, 6, 3, 3, generator=generator)
+    geometry = make_geometry((3, 3), 1, 1, 1, 1)
+    no_positions = torch.zeros(2, 6, 9, 8)[:, :, :0]  # dz with no positions: dx is the other readers' gradient
+    assert torch.equal(conv_dgrad.conv2d_input_grad(no_positions, weight, x, geometry, add=add), add)
+
+
+def test_conv_with_statistics_hands_its_input_on_only_as_given_and_needing_a_gradient():
+    """The x handed on is a view carrying the conv's backward only where x needs a gradient under grad mode and
+    runs as given; else x itself (its other readers then get their gradient from autograd's own add)."""
+    generator = torch.Generator().manual_seed(16)
+    weight = torch.randn(4, 3, 3, 3, generator=generator, requires_grad=True)
+    running = batch_norm.Running(None, None, None, 0.1, 1e-5)
+    x = torch.randn(2, 3, 5, 5, generator=generator, requires_grad=True)
+    handed = ops.conv2d_with_statistics(x, weight, None, 1, 1, 1, 1, running)[3]
+    assert handed is not x and handed._base is x and handed.grad_fn is not None
+    with torch.no_grad():
+        assert ops.conv2d_with_statistics(x, weight, None, 1, 1, 1, 1, running)[3] is x
+    detached = x.detach()
+    assert ops.conv2d_with_statistics(detached, weight, None, 1, 1, 1, 1, running)[3] is detached
+    channels_last_weight = weight.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert ops.conv2d_with_statistics(x, channels_last_weight, None, 1, 1, 1, 1, running)[3] is x  # x converted

@@ -35,22 +35,27 @@ def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _check_against_float64(block: nn.Module, x: torch.Tensor, steps: int, tolerance: float = 2e-4) -> None:
-    """Train `steps` SGD steps of the swapped block and of a float64 copy in PyTorch; compare outputs, every
-    gradient, the running stats and num_batches_tracked after each, then eval outputs."""
+    """Train `steps` SGD steps of the swapped block and of a float64 copy in PyTorch; compare outputs, the
+    input's gradient, every parameter's, the running stats and num_batches_tracked after each, then eval
+    outputs. The input needs its gradient, as a block's inside a network does (so a conv hands it on to its
+    other readers, `chains.conv_bn_act(hand_on=True)`)."""
     reference = copy.deepcopy(block).double()
     swapped = knn.swap(block)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (swapped, reference)]
     generator = torch.Generator().manual_seed(3)
     for _ in range(steps):
-        outputs = []
+        outputs, inputs_used = [], []
         for model, optimizer, inputs in ((swapped, optimizers[0], x), (reference, optimizers[1], x.double())):
             optimizer.zero_grad()
+            inputs = inputs.detach().requires_grad_(True)
             out = model(inputs)
             if not outputs:
                 grad = torch.randn(out.shape, generator=generator)
             out.backward(grad.to(out.dtype))
             outputs.append(out)
+            inputs_used.append(inputs)
         assert _relative_error(*outputs) < tolerance
+        assert _relative_error(*(inputs.grad for inputs in inputs_used)) < tolerance, "input gradient"
         for (name, ours), theirs in zip(swapped.named_parameters(), reference.parameters()):
             assert _relative_error(ours.grad, theirs.grad) < tolerance, name
         for (name, ours), theirs in zip(swapped.named_buffers(), reference.buffers()):
@@ -434,3 +439,32 @@ def test_conv_matmul_norm_and_activation_calls_left_in_pytorch_get_a_row_with_a_
 
     rows = {r.path: (r.module, r.action, r.detail) for r in knn.swap(Gate()).swap_records}
     assert rows["sigmoid"] == ("torch.sigmoid", "kept", "follows hardtanh, left in PyTorch")
+
+
+def test_readers_after_a_conv_read_the_input_it_hands_on_and_readers_before_it_keep_theirs():
+    """x read before its conv -> BN -> ReLU chain keeps x; the two readers after it read the x the chain hands
+    on (getitem 1 of its call), so their gradient reaches the conv's dgrad; x's gradient matches float64."""
+    import operator
+    from triton_workbench.kernels import chains
+
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU()
+
+        def forward(self, x):
+            early = x * 2.0
+            y = self.relu(self.bn(self.conv(x)))
+            return y + x + x * 0.5 + early
+
+    torch.manual_seed(17)
+    swapped = knn.swap(Reads())
+    nodes = list(swapped.graph.nodes)
+    chain = next(node for node in nodes if node.target is chains.conv_bn_act)
+    placeholder = next(node for node in nodes if node.op == "placeholder")
+    assert chain.kwargs.get("hand_on") is True
+    handed = next(user for user in chain.users if user.target is operator.getitem and user.args[1] == 1)
+    later = {user for user in handed.users}
+    assert len(later) == 2 and all(nodes.index(user) > nodes.index(chain) for user in later)
+    assert {user for user in placeholder.users} == {chain, next(node for node in nodes if node.name == "mul")}
+    _check_against_float64(Reads(), torch.randn(2, 3, 5, 4), steps=2)

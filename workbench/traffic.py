@@ -17,7 +17,8 @@ The step runs on the meta device (shapes only) under a dispatch mode that record
 So the figures are an analytic model of DRAM traffic (no cache reuse, no partial writes: an upper
 bound for a kernel that reads only part of an input), not a measurement. One undercount: a kernel that
 reads back what it wrote in the same launch (the split-K or moments partials its last programs merge,
-`kernels.arrival`) is charged for the write only.
+`kernels.arrival`) is charged for the write only. One overcount: the first step of a process also
+records the one-time zeroing of the cached arrival counters.
 The optimizer step is the same for both models and left out.
 """
 
@@ -164,7 +165,7 @@ class StepRecorder(TorchDispatchMode):
     def _launch(self, kernel_name: str, args: tuple) -> None:
         """A Triton launch reads each tensor that existed before its op in full. A tensor its op created is
         written by the first kernel that touches it -- further launches of that kernel write other parts
-        of it (a dgrad's stride phases) -- and read in full by any other kernel after that."""
+        of it (a depthwise dgrad's stride phases) -- and read in full by any other kernel after that."""
         moved = 0
         for tensor in _tensors(args):
             key = _key(tensor)
