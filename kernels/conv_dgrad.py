@@ -76,18 +76,8 @@ def _phase_dgrad(
     """dx of the stride phase TAPS_H x TAPS_W (each a `PhaseTaps` as a tuple) for this program's tile, a
     stride-1 correlation of dz with the phase's taps, plus with ADD the tile of `add`; programs past the
     phase's tiles do nothing."""
-    PHASE_H: tl.constexpr = TAPS_H[0]
-    PHASE_W: tl.constexpr = TAPS_W[0]
-    FIRST_KH: tl.constexpr = TAPS_H[1]
-    FIRST_KW: tl.constexpr = TAPS_W[1]
-    COUNT_H: tl.constexpr = TAPS_H[2]
-    COUNT_W: tl.constexpr = TAPS_W[2]
-    STEP_H: tl.constexpr = TAPS_H[3]
-    STEP_W: tl.constexpr = TAPS_W[3]
-    BASE_H: tl.constexpr = TAPS_H[4]
-    BASE_W: tl.constexpr = TAPS_W[4]
-    OH_STEP: tl.constexpr = TAPS_H[5]
-    OW_STEP: tl.constexpr = TAPS_W[5]
+    PHASE_H, FIRST_KH, COUNT_H, STEP_H, BASE_H, OH_STEP = TAPS_H
+    PHASE_W, FIRST_KW, COUNT_W, STEP_W, BASE_W, OW_STEP = TAPS_W
     Hq = (H - PHASE_H + STRIDE_H - 1) // STRIDE_H  # the input rows and columns of this phase
     Wq = (W - PHASE_W + STRIDE_W - 1) // STRIDE_W
     M = N * Hq * Wq
