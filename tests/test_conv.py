@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_workbench import kernels
-from triton_workbench.kernels import arrival, batch_norm, conv_dgrad, conv_fwd, conv_tiles, conv_wgrad, ops
+from triton_workbench.kernels import arrival, batch_norm, conv_dgrad, conv_fwd, conv_wgrad, ops
 from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry
 from triton_workbench.kernels.activation import NAMES, torch_activation
 from triton_workbench.kernels.activation import run as activation_run
