@@ -114,6 +114,8 @@ def partial_moments_kernel(y_ptr, part_ptr, ROWS, C, HW, stride_n, stride_hw, st
     by block (Chan et al.), stored with `store_moments`."""
     strip = tl.program_id(0)
     pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # the loop's tiles have these columns too; stored after it
+    c_ok = cols < C
     first = strip * STRIP
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -224,6 +226,8 @@ def backward_sums_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, mean_ptr, invstd_ptr,
     """Per channel over a strip of rows: sum dz, sum dz * x_hat and (R_NORM) sum dz * r_hat -> part[0|1|2, strip, c]."""
     strip = tl.program_id(0)
     pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # the loop's tiles have these columns too; stored after it
+    c_ok = cols < C
     sum_dz = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dz_x = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dz_r = tl.zeros((BLOCK_C,), dtype=tl.float32)
