@@ -69,15 +69,16 @@ def phase_taps(size: int, kernel: int, stride: int, pad: int, dilation: int) -> 
 def _phase_dgrad(
     dz_ptr, w_ptr, dx_ptr, add_ptr, N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
     sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
-    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
-    ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
+    I: tl.constexpr, J: tl.constexpr, ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx of the stride phase TAPS_H x TAPS_W (each a `PhaseTaps` as a tuple) for this program's tile, a
-    stride-1 correlation of dz with the phase's taps, plus with ADD the tile of `add`; programs past the
-    phase's tiles do nothing."""
-    PHASE_H, FIRST_KH, COUNT_H, STEP_H, BASE_H, OH_STEP = TAPS_H
-    PHASE_W, FIRST_KW, COUNT_W, STEP_W, BASE_W, OW_STEP = TAPS_W
+    """dx of the stride phase PHASES_H[I] x PHASES_W[J] (each a `PhaseTaps` as a tuple) for this program's
+    tile, a stride-1 correlation of dz with the phase's taps, plus with ADD the tile of `add`; programs past
+    the phase's tiles do nothing. (The phase is indexed here rather than passed: Triton 3.6, PyTorch 2.11's,
+    cannot pass a tuple element of a constexpr tuple to a jit function.)"""
+    PHASE_H, FIRST_KH, COUNT_H, STEP_H, BASE_H, OH_STEP = PHASES_H[I]
+    PHASE_W, FIRST_KW, COUNT_W, STEP_W, BASE_W, OW_STEP = PHASES_W[J]
     Hq = (H - PHASE_H + STRIDE_H - 1) // STRIDE_H  # the input rows and columns of this phase
     Wq = (W - PHASE_W + STRIDE_W - 1) // STRIDE_W
     M = N * Hq * Wq
@@ -144,7 +145,7 @@ def conv2d_dgrad_kernel(
             if tl.program_id(2) == i * len(PHASES_W) + j:
                 _phase_dgrad(dz_ptr, w_ptr, dx_ptr, add_ptr, N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
                              sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
-                             STRIDE_H, STRIDE_W, PHASES_H[i], PHASES_W[j], ADD, DOT_PRECISION, INT64, EVEN_K,
+                             STRIDE_H, STRIDE_W, PHASES_H, PHASES_W, i, j, ADD, DOT_PRECISION, INT64, EVEN_K,
                              BLOCK_M, BLOCK_N, BLOCK_K)
 
 
