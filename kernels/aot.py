@@ -151,29 +151,31 @@ def specialise(spec: KernelSpec, problem: Problem, config: Config, arch: int) ->
     """What the launches of `spec` for `problem` with `config` compile for sm_`arch`, one per launch: their
     captured arguments (`launches_of`) bound by Triton's own binder for that target. Needs the kernel as a
     `JITFunction`, i.e. a process with TRITON_INTERPRET=0 (a compile worker) or a GPU."""
+    return [bind(spec.kernel, launch, arch) for launch in launches_of(spec, problem, config)]
+
+
+def bind(kernel: Any, launch: Launch, arch: int) -> Specialisation:
+    """What `launch` of `kernel` compiles for sm_`arch`: the steps `JITFunction.run` takes before it compiles."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    kernel = spec.kernel
     if not isinstance(kernel, JITFunction):
-        raise RuntimeError(f"{spec.name}'s kernel is interpreted in this process: specialise it where "
+        raise RuntimeError(f"{kernel.__name__} is interpreted in this process: specialise it where "
                            "TRITON_INTERPRET=0 (a compile worker, see compile_space)")
     backend = make_backend(GPUTarget("cuda", arch, WARP_SIZE))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    found = []
-    for launch in launches_of(spec, problem, config):
-        kwargs = dict(launch.kwargs)
-        # the options JITFunction.run adds before it binds
-        kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs = dict(launch.kwargs)
+    # the options JITFunction.run adds before it binds
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # Triton >= 3.7 (a GPU machine's may be older)
         kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-        bound, specialization, options = binder(*launch.args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-        grid = tuple(launch.grid(bound) if callable(launch.grid) else launch.grid)
-        found.append(Specialisation(signature, constexprs, attrs, dict(options.__dict__), (*grid, 1, 1)[:3]))
-    return found
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    grid = tuple(launch.grid(bound) if callable(launch.grid) else launch.grid)
+    return Specialisation(signature, constexprs, attrs, dict(options.__dict__), (*grid, 1, 1)[:3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,25 +248,31 @@ def compile_launches(spec: KernelSpec, problem: Problem, config: Config, arch: i
 
     Raises what the compiler raises. Needs a process where kernels are `JITFunction`s (see `specialise`).
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     done: dict[str, Compiled] = {}
     launches = []
     for specialisation in specialise(spec, problem, config, arch):
         if specialisation.key not in done:
-            started = time.perf_counter()
-            compiled = triton.compile(specialisation.source(spec.kernel), target=GPUTarget("cuda", arch, WARP_SIZE),
-                                      options=specialisation.options)
-            cubin = compiled.asm["cubin"]
-            registers, spills = _resource_usage(cubin)
-            done[specialisation.key] = Compiled(specialisation, cubin, int(compiled.metadata.shared), registers,
-                                                spills, time.perf_counter() - started)
+            done[specialisation.key] = compile_specialisation(spec.kernel, specialisation, arch)
         launches.append(replace(done[specialisation.key], specialisation=specialisation))  # its own grid
     return launches
 
 
-def _failure(error: Exception, started: float) -> CompileResult:
+def compile_specialisation(kernel: Any, specialisation: Specialisation, arch: int) -> Compiled:
+    """Compile one specialisation of `kernel` for sm_`arch` with Triton's compiler (which also stores it in
+    Triton's cache, under the key a launch of the same specialisation looks up) and read its resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    started = time.perf_counter()
+    compiled = triton.compile(specialisation.source(kernel), target=GPUTarget("cuda", arch, WARP_SIZE),
+                              options=specialisation.options)
+    cubin = compiled.asm["cubin"]
+    registers, spills = _resource_usage(cubin)
+    return Compiled(specialisation, cubin, int(compiled.metadata.shared), registers, spills,
+                    time.perf_counter() - started)
+
+
+def failure(error: Exception, started: float) -> CompileResult:
     """The error's first and last lines (Triton's CompilationError: where, the source, then what went wrong)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     message = " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
@@ -278,7 +286,7 @@ def _attempt(spec: KernelSpec, problem: Problem, config: Config, arch: int) -> l
     try:
         return compile_launches(spec, problem, config, arch)
     except Exception as error:
-        return _failure(error, started)
+        return failure(error, started)
 
 
 def compile_config(spec: KernelSpec, problem: Problem, config: Config, arch: int) -> CompileResult:

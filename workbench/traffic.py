@@ -36,6 +36,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from triton_workbench.kernels.aot import Launch
+
 CATEGORIES = {  # substring of the op name -> what it is, in the table; the first match wins (addmm is linear)
     "conv2d_backward": "conv backward", "convolution_backward": "conv backward", "conv": "conv forward",
     "batch_norm": "batch norm", "relu": "activation", "threshold_backward": "activation",
@@ -113,9 +115,10 @@ class StepRecorder(TorchDispatchMode):
     belongs to: that of the parameter an op reads (`_block`), else that of a tensor it reads which such an op
     produced (a ReLU's, an add's, a gradient's), else "other" (the batch counters: buffers)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, on_launch: Callable[[Any, Launch], None] | None = None) -> None:
         super().__init__()
         self.kernels: list[Kernel] = []
+        self._on_launch = on_launch  # also told of each Triton launch: the kernel and what it was passed
         self._parameters = {_key(p): _block(name) for name, p in model.named_parameters()}
         self._produced: dict[tuple, str] = {}  # tensor -> the module of the op that produced it
         self._layer = "other"  # the module of the op running now
@@ -162,12 +165,15 @@ class StepRecorder(TorchDispatchMode):
         finally:
             self._inside = None
 
-    def _launch(self, kernel_name: str, args: tuple) -> None:
+    def _launch(self, kernel: Any, launch: Launch) -> None:
         """A Triton launch reads each tensor that existed before its op in full. A tensor its op created is
         written by the first kernel that touches it -- further launches of that kernel write other parts
         of it (a depthwise dgrad's stride phases) -- and read in full by any other kernel after that."""
+        if self._on_launch is not None:
+            self._on_launch(kernel, launch)
+        kernel_name = kernel.__name__
         moved = 0
-        for tensor in _tensors(args):
+        for tensor in _tensors(launch.args):
             key = _key(tensor)
             writer = self._writer.setdefault(key, kernel_name) if key in self._created else None
             if writer is None or writer != kernel_name or self._first_launch_of(key, kernel_name):
@@ -182,15 +188,15 @@ class StepRecorder(TorchDispatchMode):
 
 
 @contextmanager
-def _recording_launches(record: Callable[[str, tuple], None]) -> Iterator[None]:
-    """Every project Triton kernel's launch passed to `record(kernel name, arguments)` instead of run."""
+def _recording_launches(record: Callable[[Any, Launch], None]) -> Iterator[None]:
+    """Every project Triton kernel's launch passed to `record(kernel, Launch)` instead of run."""
     from triton_workbench.kernels import runtime
 
     found = list({id(value): value for module_name, module in list(sys.modules.items())
                   if module_name.startswith("triton_workbench.kernels.")
                   for value in vars(module).values() if runtime.is_kernel(value)}.values())
     for kernel in found:
-        kernel.run = lambda *args, grid, warmup, _name=kernel.__name__, **kwargs: record(_name, args)
+        kernel.run = lambda *args, grid, warmup, _kernel=kernel, **kwargs: record(_kernel, Launch(args, kwargs, grid))
     try:
         yield
     finally:
@@ -198,13 +204,15 @@ def _recording_launches(record: Callable[[str, tuple], None]) -> Iterator[None]:
             del kernel.run
 
 
-def step_kernels(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, dtype: torch.dtype) -> list[Kernel]:
+def step_kernels(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype,
+                 on_launch: Callable[[Any, Launch], None] | None = None) -> list[Kernel]:
     """The kernels of one training step (forward, cross-entropy, backward) of `model` on the meta device,
-    channels_last in `dtype`. The model is moved to the meta device."""
+    channels_last in `dtype`; `on_launch(kernel, Launch)` is also told of each Triton launch. The model is
+    moved to the meta device."""
     model = model.to(device="meta", dtype=dtype, memory_format=torch.channels_last).train()
     x = torch.empty(input_shape, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
     labels = torch.zeros(input_shape[0], device="meta", dtype=torch.long)
-    with StepRecorder(model) as recorder:
+    with StepRecorder(model, on_launch) as recorder:
         F.cross_entropy(model(x), labels).backward()
     return recorder.kernels
 
@@ -218,6 +226,11 @@ def bench_models() -> dict[str, Callable[[], nn.Module]]:
     return {"resnet18": resnet18, "resnet50": resnet50, "demo": lambda: build_model("resnet", 3, 10, 32)}
 
 
+def num_classes(model_name: str) -> int:
+    """The classes a model of `bench_models` is built with."""
+    return 10 if model_name == "demo" else 1000
+
+
 def compare(model_name: str, batch: int, image_size: int, dtype: torch.dtype
             ) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """(the traffic tables of one training step of `model_name`, eager against swapped, per category and per
@@ -225,11 +238,10 @@ def compare(model_name: str, batch: int, image_size: int, dtype: torch.dtype
     from triton_workbench.kernels.nn import swap
 
     build = bench_models()[model_name]
-    num_classes = 10 if model_name == "demo" else 1000
     shape = (batch, 3, image_size, image_size)
-    eager = step_kernels(build(), shape, num_classes, dtype)
-    swapped = swap(build())
-    ours = step_kernels(swapped, shape, num_classes, dtype)
+    eager = step_kernels(build(), shape, dtype)
+    swapped = swap(build().to("meta"))  # meta: the kernels take it on any machine (a GPU machine's take CUDA)
+    ours = step_kernels(swapped, shape, dtype)
     return traffic_table(eager, ours), block_table(eager, ours), swapped.swap_records
 
 

@@ -1,4 +1,8 @@
-"""`workbench check-compile KERNEL`: compile a kernel's default space for GPU targets, no GPU needed."""
+"""`workbench check-compile KERNEL`: compile a kernel's default space for GPU targets, no GPU needed.
+
+`workbench check-compile model MODEL` compiles every Triton launch of the swapped model's training step
+instead (workbench.step_compile): the kernels only a model launches (BatchNorm's, the fused epilogues'
+variants) as that step specialises them."""
 
 from __future__ import annotations
 
@@ -18,9 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "check-compile", help="compile a kernel's whole default space (or a sample) for "
                                           + "/".join(f"sm_{arch}" for arch in COMPILE_TARGETS),
-        description="Compile every valid config of KERNEL for each of its example problems, for each "
-                    "architecture, in parallel; print failures and shared-memory use; exit 1 on any failure.")
-    parser.add_argument("kernel", help="kernel name (see kernels.SPECS)")
+        description="Compile every valid config of KERNEL for each of its example problems, or every launch "
+                    "of MODEL's swapped training step (KERNEL model), for each architecture, in parallel; print "
+                    "failures and resources; exit 1 on any failure.")
+    parser.add_argument("kernel", help="kernel name (see kernels.SPECS), or model (with MODEL)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="check-compile model only: resnet18, resnet50 (torchvision-style), demo, or "
+                             "module:function returning your own nn.Module (3-channel input)")
+    parser.add_argument("--batch", type=int, default=64, help="check-compile model: the batch (default 64)")
+    parser.add_argument("--input-size", type=int, default=None, metavar="PX",
+                        help="check-compile model: the input resolution (default 224, the demo's 32)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
+                        help="check-compile model: the model's dtype, channels_last (default fp16)")
     parser.add_argument("--arch", default=_DEFAULT_ARCHS,
                         help=f"comma-separated compute capabilities (default {_DEFAULT_ARCHS})")
     parser.add_argument("--sample", type=int, default=None, metavar="N",
@@ -44,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from triton_workbench import kernels
     from triton_workbench.kernels.aot import compile_space, default_space
 
+    if args.kernel == "model":
+        return run_model(args)
+    if args.model is not None:
+        raise UsageError("MODEL applies to `workbench check-compile model` only")
     if args.kernel not in kernels.SPECS:
         raise UsageError(f"unknown kernel {args.kernel!r}: expected one of {', '.join(sorted(kernels.SPECS))}")
     if args.sample is not None and args.sample < 1:
@@ -71,5 +88,30 @@ def run(args: argparse.Namespace) -> int:
           f"in {wall_s:.1f} s wall: {len(failures)} failed")
     if len(failures):
         print(format_table(failures[["dtype", "arch", "config", "shared_bytes", "reason"]]))
+        return 1
+    return 0
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """`workbench check-compile model MODEL`: every launch of the swapped model's training step."""
+    from triton_workbench.workbench import step_compile
+
+    if args.model is None:
+        raise UsageError("check-compile model needs MODEL: resnet18, resnet50, demo or module:function")
+    step_compile.build_model(args.model)  # a bad MODEL fails here, in one line, not in a worker
+    if args.batch < 1:
+        raise UsageError(f"--batch must be positive, got {args.batch}")
+    size = args.input_size or (32 if args.model == "demo" else 224)
+    archs = _archs(args.arch)
+    started = time.perf_counter()
+    results = step_compile.compile_step(args.model, args.batch, size, args.dtype, archs, args.workers)
+    wall_s = time.perf_counter() - started
+    print(f"{args.model}'s swapped training step, batch {args.batch}, {size}x{size}, {args.dtype} channels_last:")
+    print(format_table(step_compile.summary(results)))
+    failures = results[~results["ok"]]
+    print(f"\n{len(results)} distinct compilations of {int(results['launches'].sum())} launches for "
+          f"sm_{', sm_'.join(map(str, archs))} in {wall_s:.1f} s wall: {len(failures)} failed")
+    if len(failures):
+        print(format_table(failures[["arch", "kernel", "reason"]]))
         return 1
     return 0
