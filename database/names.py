@@ -60,6 +60,7 @@ class SeriesTable(StrEnum):
     TRAIN_EPOCHS = "train_epochs"
     OP_TIMES = "op_times"  # torch.profiler per-op times of a training run
     STRATEGY_RESULTS = "strategy_results"
+    STEP_TIMES = "step_times"  # bench model: a training step's time and peak memory, eager against swapped
     TRAFFIC = "traffic"  # bench model --traffic: launches and bytes per category, eager against swapped
     TRAFFIC_BY_BLOCK = "traffic_by_block"  # the same per block (layer1.0, ...)
     FUSED_CHAINS = "fused_chains"  # what kernels.nn.swap fused, swapped and left in PyTorch, with why

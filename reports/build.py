@@ -226,6 +226,23 @@ def fusion_section(data: ReportData) -> Section | None:
     return section
 
 
+def step_time_section(data: ReportData) -> Section | None:
+    """`bench model` runs on a GPU: a training step's time and peak memory, eager against the swapped model."""
+    runs = data.runs_of(having=SeriesTable.STEP_TIMES)
+    if not runs:
+        return None
+    section = Section("Training step time: eager against swapped", "step-time")
+    for run in runs:
+        part = Section(_run_title(run), anchor_for("step-time", run["run_id"]))
+        meta = run["meta"] if isinstance(run["meta"], dict) else {}
+        part.add_text(f"batch {meta.get('batch')}, {meta.get('image_size')}x{meta.get('image_size')}, "
+                      f"{meta.get('dtype')} channels_last; forward, cross-entropy and backward on one batch.", "note")
+        times = data.series(SeriesTable.STEP_TIMES, run["run_id"]).drop(columns=["run_id"], errors="ignore")
+        part.add_table(times, "Median step time with 20th/80th percentiles; speedup = eager time / this side's")
+        section.add(part)
+    return section
+
+
 def strategies_section(data: ReportData) -> Section | None:
     runs = data.runs_of(having=SeriesTable.STRATEGY_RESULTS)
     if not runs:
@@ -276,7 +293,8 @@ def build_sections(db: TuningDatabase, run_ids: Sequence[int] | None = None) -> 
         for run in tuning_runs:
             tuning.add(tuning_run_section(data, run))
         sections.append(tuning)
-    sections += [baselines_section(data), fusion_section(data), training_section(data), strategies_section(data)]
+    sections += [baselines_section(data), fusion_section(data), step_time_section(data), training_section(data),
+                 strategies_section(data)]
     shown = {int(run["run_id"]) for run in tuning_runs + data.runs_of(kind=RunKind.TRAIN)}
     sections.append(monitoring_section(data, shown))
     return [section for section in sections if section is not None], interpreter_banner(data.runs)

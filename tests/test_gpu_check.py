@@ -41,7 +41,7 @@ def test_every_step_is_a_workbench_command_or_a_pytest_run_against_the_check_dat
             assert step.argv[:3] == (sys.executable, "-m", "pytest"), step.name
             continue
         parsed = parser.parse_args(workbench_arguments(step.argv))  # argparse exits on a bad step
-        assert str(parsed.db) == str(db), step.name
+        assert parsed.command == "check-compile" or str(parsed.db) == str(db), step.name  # it stores nothing
         commands.append(parsed.command)
         if parsed.command == "monitor":  # the monitored sweep is a workbench command too, on the same database
             monitored = parser.parse_args(workbench_arguments(tuple(parsed.cmd[1:])))
@@ -51,7 +51,9 @@ def test_every_step_is_a_workbench_command_or_a_pytest_run_against_the_check_dat
                                           monitored.activation, monitored.problem)
         if parsed.command == "bench" and parsed.kernel == "gemm":  # it measures the config the sweep stored
             assert parsed.shapes is None and tuned_problem in [dict(p) for p in kernels.SPECS["gemm"].example_problems]
-    assert commands == ["monitor", "bench", "bench", "report"]
+        if parsed.command == "bench" and parsed.kernel == "model":  # timed, so its judge finds the run it stores
+            assert not parsed.traffic and step.subject == f"step:{parsed.model}"
+    assert commands == ["monitor", "check-compile", "bench", "bench", "bench", "report"]
     assert plan[-1].name == "report" and (tmp_path / "report.html").as_posix() in plan[-1].argv
     assert len({step.name for step in plan}) == len(plan)
     # the step limits and the budget keep the whole check under 8 minutes, with room for its own start and summary
@@ -185,3 +187,32 @@ def test_bench_and_monitor_steps_pass_only_when_they_stored_measurements(tmp_pat
     passed, result = judge(monitor, 0, "", db_path)  # power measured, but the monitored sweep stored no trial
     assert not passed and result == ("3 NVML samples, 120 J over 1.0 s, avg 120 W, peak 140 W, peak 55 C; "
                                      "0 trials, none correct")
+
+
+def test_the_model_step_passes_only_when_both_sides_were_timed_with_finite_losses(tmp_path):
+    db_path = tmp_path / "workbench.db"
+    (step,) = [step for step in steps(tmp_path, db_path) if step.name == "bench-model"]
+    db = Database(db_path)
+    with db.run(RunKind.BENCH, step.subject):
+        pass
+    assert judge(step, 0, "", db_path) == (False, "nothing measured")  # e.g. no GPU: it prints so and exits 0
+
+    def timed(swapped_loss: float) -> None:
+        with db.run(RunKind.BENCH, step.subject) as run_id:
+            db.append(SeriesTable.STEP_TIMES, run_id, pd.DataFrame({
+                "side": ["eager", "swapped"], "time_ms": [80.0, 100.0], "speedup": [1.0, 0.8],
+                "first_loss": [6.9, swapped_loss], "first_step_s": [2.0, 61.0]}))
+
+    timed(6.91)
+    assert judge(step, 0, "", db_path) == (True, "eager 80.0 ms, swapped 100.0 ms a step (eager / swapped 0.80x); "
+                                                  "first loss 6.9000 / 6.9100; first step (compiling) 61 s swapped")
+    timed(float("nan"))
+    assert judge(step, 0, "", db_path)[0] is False
+
+
+def test_the_compile_step_passes_only_when_nothing_failed_to_compile(tmp_path):
+    (step,) = [step for step in steps(tmp_path, tmp_path / "workbench.db") if step.name == "compile-model"]
+    closing = "55 distinct compilations of 113 launches for sm_80, sm_90 in 9.1 s wall: {} failed"
+    assert judge(step, 0, "table\n" + closing.format(0), tmp_path) == (True, closing.format(0))
+    assert judge(step, 1, closing.format(2), tmp_path) == (False, f"exit status 1; {closing.format(2)}")
+    assert judge(step, 0, "Traceback ...", tmp_path) == (False, "no compilation summary")

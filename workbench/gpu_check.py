@@ -4,12 +4,16 @@ Steps, each a separate process with its own time limit, run in order against one
 output folder (default runs/gpu-check):
 
 1. the GPU-marked tests (`pytest -m gpu`: bf16/TF32 GEMM, real-NVML energy), the torch.compile one aside;
-2. the torch.compile test (a swapped model under `torch.compile(fullgraph=True)` against eager);
-3. a real-NVML `workbench monitor` of a short tuning sweep (the fused GEMM, 4096^3 fp16, 4 configs);
-4. `workbench bench gemm`: the GEMM's example problems against cuBLAS (TFLOP/s, % of peak, ratio);
+2. a real-NVML `workbench monitor` of a short tuning sweep (the fused GEMM, 4096^3 fp16, 4 configs);
+3. `workbench check-compile model resnet18`: every launch of the swapped ResNet-18's training step compiled
+   with this machine's Triton, in parallel (which fills Triton's cache for the next step);
+4. `workbench bench model resnet18`: a ResNet-18 training step (batch 64, 224x224, fp16), swapped against eager;
 5. `workbench bench conv`: ResNet-18's convs at batch 64, 32x32 input, fp16, against cuDNN;
-6. `workbench report` of all of it.
+6. `workbench bench gemm`: the GEMM's example problems against cuBLAS (TFLOP/s, % of peak, ratio);
+7. the torch.compile test (a swapped model under `torch.compile(fullgraph=True)` against eager);
+8. `workbench report` of all of it.
 
+The order puts first what the budget should not cut: correctness, NVML, then the whole model.
 A step that fails, or runs past its limit, is recorded and the check goes on; a step that exits 0
 without having measured anything (tests skipped, no NVML samples, no benchmark rows) counts as
 failed. The whole check stops starting steps once its time budget is spent (the report keeps its
@@ -21,6 +25,7 @@ without a GPU it says so and runs nothing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -59,7 +64,7 @@ class Step:
     argv: tuple[str, ...]
     timeout_s: float
     judge: str  # how success is told beyond exit status 0: a key of JUDGES
-    subject: str = ""  # what the judge looks for: the bench run's kernel
+    subject: str = ""  # what the judge looks for: the bench run's name (the kernel, or step:MODEL)
 
     def command(self) -> str:
         return shlex.join(self.argv)
@@ -102,15 +107,19 @@ def steps(out_dir: Path, db: Path, tests_dir: Path = TESTS_DIR, python: str = sy
     return [
         Step("gpu-tests", "GPU-marked tests (bf16/TF32 GEMM, real NVML), torch.compile aside",
              (*pytest, "-m", "gpu", "-k", f"not {COMPILE_TEST}", str(tests_dir)), 150, "pytest"),
-        Step("torch-compile", "A swapped model under torch.compile(fullgraph=True) against eager",
-             (*pytest, f"{tests_dir / 'test_ops.py'}::{COMPILE_TEST}"), 150, "pytest"),
         Step("monitor-tune", "Real-NVML monitor of a 4-config GEMM sweep (4096^3 fp16)",
-             workbench_argv(python, "monitor", *database, "--", *tune), 150, "monitor"),
-        Step("bench-gemm", "Fused GEMM against cuBLAS (its example problems, fp32/TF32, fp16, bf16)",
-             workbench_argv(python, "bench", "gemm", *database), 90, "bench", "gemm"),
+             workbench_argv(python, "monitor", *database, "--", *tune), 120, "monitor"),
+        Step("compile-model", "Every launch of the swapped ResNet-18's step compiled (fills Triton's cache)",
+             workbench_argv(python, "check-compile", "model", "resnet18"), 90, "compile"),
+        Step("bench-model", "ResNet-18 training step (batch 64, 224x224, fp16), swapped against eager",
+             workbench_argv(python, "bench", "model", "resnet18", *database), 240, "step", "step:resnet18"),
         Step("bench-conv", "Fused conv2d against cuDNN (ResNet-18 convs, batch 64, 32x32 input, fp16)",
              workbench_argv(python, "bench", "conv", "--batch", "64", "--input-size", "32", "--dtype", "fp16",
                             *database), 180, "bench", "conv2d"),
+        Step("bench-gemm", "Fused GEMM against cuBLAS (its example problems, fp32/TF32, fp16, bf16)",
+             workbench_argv(python, "bench", "gemm", *database), 90, "bench", "gemm"),
+        Step("torch-compile", "A swapped model under torch.compile(fullgraph=True) against eager",
+             (*pytest, f"{tests_dir / 'test_ops.py'}::{COMPILE_TEST}"), 150, "pytest"),
         Step("report", "HTML report of every run",
              workbench_argv(python, "report", "--all", "-o", str(out_dir / "report.html"), *database), 45, "report"),
     ]  # fmt: skip
@@ -294,6 +303,31 @@ def _judge_bench(step: Step, output: str, db: Path) -> tuple[bool, str]:
                   f"(min {ratio.min():.2f}x, max {ratio.max():.2f}x); TFLOP/s and % of peak in its log")
 
 
+def _judge_step(step: Step, output: str, db: Path) -> tuple[bool, str]:
+    """Passed when both sides of the training step were timed and their first losses are finite."""
+    database = Database(db)
+    try:
+        run = _latest_run(database, RunKind.BENCH, step.subject)
+        rows = database.read(SeriesTable.STEP_TIMES, int(run["run_id"])) if run is not None else pd.DataFrame()
+    finally:
+        database.close()
+    if len(rows) != 2:
+        return False, "nothing measured"
+    eager, swapped = (rows[rows["side"] == side].iloc[0] for side in ("eager", "swapped"))
+    finite = bool(pd.Series([eager["first_loss"], swapped["first_loss"]]).map(math.isfinite).all())
+    return finite, (f"eager {eager['time_ms']:.1f} ms, swapped {swapped['time_ms']:.1f} ms a step "
+                    f"(eager / swapped {swapped['speedup']:.2f}x); first loss {eager['first_loss']:.4f} / "
+                    f"{swapped['first_loss']:.4f}; first step (compiling) {swapped['first_step_s']:.0f} s swapped")
+
+
+def _judge_compile(step: Step, output: str, db: Path) -> tuple[bool, str]:
+    """check-compile's closing line; passed when nothing failed to compile."""
+    lines = [line.strip() for line in output.splitlines() if "distinct compilations" in line]
+    if not lines:
+        return False, "no compilation summary"
+    return lines[-1].endswith(": 0 failed"), lines[-1]
+
+
 def _judge_report(step: Step, output: str, db: Path) -> tuple[bool, str]:
     report = Path(step.argv[step.argv.index("-o") + 1])
     if not report.is_file():
@@ -302,7 +336,8 @@ def _judge_report(step: Step, output: str, db: Path) -> tuple[bool, str]:
 
 
 JUDGES: dict[str, Callable[[Step, str, Path], tuple[bool, str]]] = {
-    "pytest": _judge_pytest, "monitor": _judge_monitor, "bench": _judge_bench, "report": _judge_report,
+    "pytest": _judge_pytest, "monitor": _judge_monitor, "bench": _judge_bench, "step": _judge_step,
+    "compile": _judge_compile, "report": _judge_report,
 }
 
 

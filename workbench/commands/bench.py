@@ -7,6 +7,10 @@ so on a machine without a GPU it says so and exits 0. Results go to the database
 (workbench.conv_bench): without --shapes over ResNet-18's convolutions (224 and 32 input, batch 64
 and 256, fp16/bf16 channels_last and fp32), narrowed by --batch, --input-size and --dtype. The
 single conv kernels are benched on their own as conv_fwd, conv_dgrad and conv_wgrad.
+
+`workbench bench model MODEL` times a whole training step of a model, swapped against eager
+(workbench.step_timing), on a GPU; with --traffic it counts the step's launches and bytes instead,
+without one (workbench.traffic).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "time, TFLOP/s, GB/s, % of peak and speed-up, stored as a 'bench' run.")  # fmt: skip
     parser.add_argument("kernel", help="kernel name in kernels.SPECS (gemm, activation, conv_fwd, ...), or conv: "
                                        "the conv2d op vs cuDNN, fwd and fwd+bwd, on ResNet-18's convs by default, "
-                                       "or model: a whole model's training step (with MODEL and --traffic)")
+                                       "or model: a whole model's training step, swapped against eager (timed on a GPU, or --traffic)")
     parser.add_argument("model", nargs="?", default=None,
                         help="bench model only: resnet18, resnet50 (torchvision-style) or demo (the demo's ResNet)")
     parser.add_argument("--per-block", action="store_true",
@@ -98,26 +102,34 @@ def conv_cases(args: argparse.Namespace) -> list:
 
 
 def run_model(args: argparse.Namespace) -> int:
-    """`workbench bench model MODEL --traffic`: launches and bytes of a training step, swapped against eager."""
-    from triton_workbench.database import Database, RunKind, SeriesTable
+    """`workbench bench model MODEL`: a training step's time on a GPU, or with --traffic its launches and bytes
+    (shapes only, any machine); the swapped model against eager in both."""
     from triton_workbench.kernels.spec import DTYPES
     from triton_workbench.workbench import traffic
 
     models = traffic.bench_models()
     if args.model not in models:
         raise UsageError(f"bench model needs MODEL, one of {', '.join(models)}; got {args.model!r}")
-    if not args.traffic:
-        raise UsageError("bench model measures --traffic (shapes only); timing a whole step needs a GPU and is "
-                         "not implemented yet")
     for option, values in (("--batch", args.batch), ("--input-size", args.input_size)):
         if values is not None and len(values) != 1:
             raise UsageError(f"{option} takes one value for bench model, got {values}")
     batch = args.batch[0] if args.batch else 64
     size = (args.input_size or [32 if args.model == "demo" else 224])[0]
     dtype = args.dtype or "fp16"
-    table, by_block, records = traffic.compare(args.model, batch, size, DTYPES[dtype])
-    print(f"{args.model}: one training step (forward + backward), batch {batch}, {size}x{size}, {dtype} "
-          f"channels_last, counted on the meta device: an analytic model of launches and DRAM bytes, not a "
+    setting = {"batch": batch, "image_size": size, "dtype": dtype}
+    described = (f"{args.model}: one training step (forward + backward), batch {batch}, {size}x{size}, {dtype} "
+                 f"channels_last")
+    if args.traffic:
+        return _model_traffic(args, setting, described, DTYPES[dtype])
+    return _model_step_time(args, setting, described, DTYPES[dtype])
+
+
+def _model_traffic(args: argparse.Namespace, setting: dict, described: str, dtype) -> int:
+    from triton_workbench.database import Database, RunKind, SeriesTable
+    from triton_workbench.workbench import traffic
+
+    table, by_block, records = traffic.compare(args.model, setting["batch"], setting["image_size"], dtype)
+    print(f"{described}, counted on the meta device: an analytic model of launches and DRAM bytes, not a "
           f"measurement")
     print(format_table(table, float_format="{:.3f}"))
     total = table.set_index("category").loc["total"]
@@ -128,10 +140,40 @@ def run_model(args: argparse.Namespace) -> int:
               "activation at a block's edge may count for its neighbour; the totals are exact)")
     db = Database(args.db)
     try:
-        with db.run(RunKind.BENCH, f"model:{args.model}", {"batch": batch, "image_size": size, "dtype": dtype}) as run_id:
+        with db.run(RunKind.BENCH, f"model:{args.model}", setting) as run_id:
             db.append(SeriesTable.TRAFFIC, run_id, table)
             db.append(SeriesTable.TRAFFIC_BY_BLOCK, run_id, by_block)
             db.append(SeriesTable.FUSED_CHAINS, run_id, pd.DataFrame([vars(r) for r in records]))
+    finally:
+        db.close()
+    return 0
+
+
+def _model_step_time(args: argparse.Namespace, setting: dict, described: str, dtype) -> int:
+    import torch
+
+    from triton_workbench.database import Database, RunKind, SeriesTable
+    from triton_workbench.kernels import runtime
+    from triton_workbench.workbench import step_timing, traffic
+
+    if args.per_block:
+        raise UsageError("--per-block applies to bench model --traffic")
+    if runtime.timer_name() != "cuda_events":
+        print(f"workbench bench model needs a GPU to time a step: this machine runs Triton kernels in the "
+              f"interpreter, whose timings say nothing about GPU speed. Nothing was measured; "
+              f"`workbench bench model {args.model} --traffic` counts its launches and bytes without one.")
+        return 0
+    table = step_timing.compare(traffic.bench_models()[args.model](), setting["batch"], setting["image_size"],
+                                traffic.num_classes(args.model), dtype)
+    print(f"{described} on {torch.cuda.get_device_name()}, timed with CUDA events (median of the repetitions, "
+          f"after a first step that compiles the kernels)")
+    print(format_table(table, float_format="{:.3f}"))
+    swapped = table.set_index("side").loc["swapped"]
+    print(f"eager time / swapped time: {swapped['speedup']:.2f}x (> 1: the swapped model is faster)")
+    db = Database(args.db)
+    try:
+        with db.run(RunKind.BENCH, f"step:{args.model}", setting) as run_id:
+            db.append(SeriesTable.STEP_TIMES, run_id, table)
     finally:
         db.close()
     return 0
