@@ -201,11 +201,12 @@ def test_the_model_step_passes_only_when_both_sides_were_timed_with_finite_losse
         with db.run(RunKind.BENCH, step.subject) as run_id:
             db.append(SeriesTable.STEP_TIMES, run_id, pd.DataFrame({
                 "side": ["eager", "swapped"], "time_ms": [80.0, 100.0], "speedup": [1.0, 0.8],
-                "first_loss": [6.9, swapped_loss], "first_step_s": [2.0, 61.0]}))
+                "graph_ms": [5.0, 10.0], "first_loss": [6.9, swapped_loss], "first_step_s": [2.0, 61.0]}))
 
     timed(6.91)
     assert judge(step, 0, "", db_path) == (True, "eager 80.0 ms, swapped 100.0 ms a step (eager / swapped 0.80x); "
-                                                  "first loss 6.9000 / 6.9100; first step (compiling) 61 s swapped")
+                                                  "as CUDA graphs 5.0 / 10.0 ms; first loss 6.9000 / 6.9100; "
+                                                  "first step (compiling) 61 s swapped")
     timed(float("nan"))
     assert judge(step, 0, "", db_path)[0] is False
 

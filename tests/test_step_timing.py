@@ -36,6 +36,7 @@ def test_both_sides_start_from_the_same_weights_and_the_swapped_one_runs_the_ker
     assert (table["time_ms"] > 0).all() and (table["first_step_s"] > 0).all()
     assert table["speedup"].iloc[0] == 1.0 and math.isclose(
         table["speedup"].iloc[1], table["time_ms"].iloc[0] / table["time_ms"].iloc[1])
+    assert table["graph_ms"].isna().all() == (device.type != "cuda")  # replayed as CUDA graphs on CUDA only
     eager, swapped = table["first_loss"]
     assert math.isfinite(eager) and swapped == pytest.approx(eager, rel=1e-4)  # fp32: the same weights and batch
 

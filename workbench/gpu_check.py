@@ -316,7 +316,8 @@ def _judge_step(step: Step, output: str, db: Path) -> tuple[bool, str]:
     eager, swapped = (rows[rows["side"] == side].iloc[0] for side in ("eager", "swapped"))
     finite = bool(pd.Series([eager["first_loss"], swapped["first_loss"]]).map(math.isfinite).all())
     return finite, (f"eager {eager['time_ms']:.1f} ms, swapped {swapped['time_ms']:.1f} ms a step "
-                    f"(eager / swapped {swapped['speedup']:.2f}x); first loss {eager['first_loss']:.4f} / "
+                    f"(eager / swapped {swapped['speedup']:.2f}x); as CUDA graphs {eager['graph_ms']:.1f} / "
+                    f"{swapped['graph_ms']:.1f} ms; first loss {eager['first_loss']:.4f} / "
                     f"{swapped['first_loss']:.4f}; first step (compiling) {swapped['first_step_s']:.0f} s swapped")
 
 

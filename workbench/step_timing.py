@@ -7,7 +7,9 @@ fixed batch, gradients set to None first (the optimizer step is the same for bot
 `bench model --traffic`). Each side is timed with the one timing harness (autotune.timing: CUDA events
 and the L2 flushed between calls on a GPU); the first call compiles every kernel the step launches and
 is not timed, but its wall-clock time is reported (first_step_s: mostly Triton's compilation on a fresh
-cache). Also reported: the peak device memory of a step and the loss of the first one, so a swapped
+cache). On CUDA each side is timed twice: launched op by op as a training loop runs it (time_ms: the host's
+work for each launch included, where it is slower than the GPU), and replayed as one CUDA graph (graph_ms:
+the GPU's time alone). Also reported: the peak device memory of a step and the loss of the first one, so a swapped
 model that diverges shows beside its speed.
 """
 
@@ -50,11 +52,32 @@ def _peak_memory_gb(step: Callable[[], torch.Tensor], device: torch.device) -> f
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
+def graph_replay(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None] | None:
+    """The step captured as one CUDA graph, PyTorch's whole-network recipe (warm-up on a side stream, gradients
+    then allocated by the capture), as its replay; None off CUDA. Replaying it runs the step's kernels with no
+    host work between them: its time is the GPU's, whatever each launch costs the host."""
+    if x.device.type != "cuda":
+        return None
+    step = training_step(model, x, labels)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        F.cross_entropy(model(x), labels).backward()
+    return graph.replay
+
+
 def compare(model: nn.Module, batch: int, image_size: int, num_classes: int, dtype: torch.dtype,
             device: torch.device | None = None, warmup_ms: float = 200.0, rep_ms: float = 1000.0,
             interpreter_reps: int = 3, seed: int = 0) -> pd.DataFrame:
     """One row per side (eager, swapped) for a training step of `model` (its initial weights, both sides):
-    time_ms with p20/p80, images_per_s, peak_memory_gb, first_loss, first_step_s and the timer that took them."""
+    time_ms with p20/p80, images_per_s, peak_memory_gb, first_loss, first_step_s, graph_ms (NaN off CUDA), the
+    timer, and speedup / graph_speedup (eager's time / this side's)."""
     from triton_workbench.kernels.nn import swap
 
     device = device or runtime.default_device()
@@ -72,10 +95,15 @@ def compare(model: nn.Module, batch: int, image_size: int, num_classes: int, dty
         first_step_s = time.perf_counter() - started
         with torch.backends.cudnn.flags(enabled=True, benchmark=True):  # eager's convs: cuDNN's fastest
             timing = measure(step, warmup_ms=warmup_ms, rep_ms=rep_ms, interpreter_reps=interpreter_reps)
-        rows.append({"side": side, "time_ms": timing.time_ms, "time_ms_p20": timing.time_ms_p20,
-                     "time_ms_p80": timing.time_ms_p80, "images_per_s": batch / timing.time_ms * 1e3,
-                     "peak_memory_gb": _peak_memory_gb(step, device), "first_loss": first_loss,
-                     "first_step_s": first_step_s, "timer": timing.timer})
+        row = {"side": side, "time_ms": timing.time_ms, "time_ms_p20": timing.time_ms_p20,
+               "time_ms_p80": timing.time_ms_p80, "images_per_s": batch / timing.time_ms * 1e3,
+               "peak_memory_gb": _peak_memory_gb(step, device), "first_loss": first_loss,
+               "first_step_s": first_step_s, "graph_ms": float("nan"), "timer": timing.timer}
+        replay = graph_replay(models[side], x, labels)
+        if replay is not None:
+            row["graph_ms"] = measure(replay, warmup_ms=warmup_ms, rep_ms=rep_ms).time_ms
+        rows.append(row)
     table = pd.DataFrame(rows)
-    table["speedup"] = table["time_ms"].iloc[0] / table["time_ms"]  # eager time / this side's: > 1 is faster
+    for time_column, speedup in (("time_ms", "speedup"), ("graph_ms", "graph_speedup")):
+        table[speedup] = table[time_column].iloc[0] / table[time_column]  # eager's / this side's: > 1 is faster
     return table

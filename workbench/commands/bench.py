@@ -169,7 +169,8 @@ def _model_step_time(args: argparse.Namespace, setting: dict, described: str, dt
           f"after a first step that compiles the kernels)")
     print(format_table(table, float_format="{:.3f}"))
     swapped = table.set_index("side").loc["swapped"]
-    print(f"eager time / swapped time: {swapped['speedup']:.2f}x (> 1: the swapped model is faster)")
+    print(f"eager time / swapped time: {swapped['speedup']:.2f}x launched op by op, {swapped['graph_speedup']:.2f}x "
+          f"replayed as CUDA graphs (graph_ms: the GPU's time without the host's launch work); > 1: swapped faster")
     db = Database(args.db)
     try:
         with db.run(RunKind.BENCH, f"step:{args.model}", setting) as run_id:
