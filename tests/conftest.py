@@ -11,6 +11,14 @@ def device() -> torch.device:
     return runtime.default_device()
 
 
+@pytest.fixture
+def on_kernel_device():
+    """Tensors and modules the test makes without naming a device go where the kernels run: CUDA on a GPU
+    machine, the CPU (interpreter) elsewhere."""
+    with torch.device(runtime.default_device()):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_database(tmp_path, monkeypatch):
     """Every test gets its own workbench database, never the user's, and starts with no config source

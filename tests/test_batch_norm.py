@@ -10,6 +10,8 @@ from torch import nn
 from triton_workbench.kernels import batch_norm_ops
 from triton_workbench.kernels.batch_norm_ops import batch_norm_act
 
+pytestmark = pytest.mark.usefixtures("on_kernel_device")  # CUDA tensors on a GPU machine
+
 
 def _pair(channels: int, **options) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:
     """(the BN our kernels run, the same BN in float64 for PyTorch), random affine parameters."""
