@@ -90,16 +90,16 @@ def store_tile_moments(part_ptr, v, first_row, ROWS, C, cols, c_ok, BLOCK_M: tl.
     """A conv epilogue's moments of its fp32 output tile v (BLOCK_M rows from `first_row`, a multiple of 32):
     one table row per 32 output rows (MOMENT_ROWS), so that the table's shape is the problem's alone, whatever
     the config (`moments_rows`)."""
-    GROUPS: tl.constexpr = BLOCK_M // 32
+    GROUPS: tl.constexpr = BLOCK_M // MOMENT_ROWS
     rows = first_row + tl.arange(0, BLOCK_M)
-    row_ok = tl.reshape(rows < ROWS, (GROUPS, 32))
+    row_ok = tl.reshape(rows < ROWS, (GROUPS, MOMENT_ROWS))
     mask = row_ok[:, :, None] & c_ok[None, None, :]
-    v3 = tl.reshape(v, (GROUPS, 32, v.shape[1]))
+    v3 = tl.reshape(v, (GROUPS, MOMENT_ROWS, v.shape[1]))
     count = tl.sum(row_ok.to(tl.float32), 1)
     mean = tl.sum(tl.where(mask, v3, 0.0), 1) / tl.maximum(count, 1.0)[:, None]
     deviation = tl.where(mask, v3 - mean[:, None, :], 0.0)
-    group = first_row // 32 + tl.arange(0, GROUPS)
-    group_ok = group * 32 < ROWS
+    group = first_row // MOMENT_ROWS + tl.arange(0, GROUPS)
+    group_ok = group * MOMENT_ROWS < ROWS
     row = part_ptr + group.to(tl.int64) * (2 * C + 1)
     store_ok = group_ok[:, None] & c_ok[None, :]
     tl.store(row[:, None] + cols[None, :], mean, mask=store_ok)
@@ -131,20 +131,17 @@ def partial_moments_kernel(y_ptr, part_ptr, ROWS, C, HW, stride_n, stride_hw, st
 
 
 @jit
-def finalize_channels(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, cols, c_ok, C, STRIPS,
-                      momentum, eps, batches, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Channels `cols` of a moments table (`store_moments`): the strips merged, BLOCK_R table rows at a time
-    (merged at once, then into the running result, in order: deterministic), into mean and
-    1 / sqrt(var + eps) (biased var, as BN normalises). With UPDATE, running = (1 - f) * running + f * batch
-    with the unbiased var, where f is momentum or, CUMULATIVE, 1 / batches (num_batches_tracked, this batch
-    counted), as torch.nn.BatchNorm2d does."""
+def merge_moments(part_ptr, first, rows, C, cols, c_ok, BLOCK_R: tl.constexpr):
+    """(rows, mean, M2) of channels `cols` over table rows [first, first + rows) of a moments table
+    (`store_moments`), merged BLOCK_R rows at a time (merged at once, then into the running result, in
+    order: deterministic)."""
     mean = tl.zeros(cols.shape, dtype=tl.float32)
     m2 = tl.zeros(cols.shape, dtype=tl.float32)
     seen = tl.zeros(cols.shape, dtype=tl.float32)
-    for first_row in range(0, STRIPS, BLOCK_R):
-        rows = first_row + tl.arange(0, BLOCK_R)
-        r_ok = rows < STRIPS
-        row = part_ptr + rows.to(tl.int64) * (2 * C + 1)
+    for start in range(first, first + rows, BLOCK_R):
+        table_rows = start + tl.arange(0, BLOCK_R)
+        r_ok = table_rows < first + rows
+        row = part_ptr + table_rows.to(tl.int64) * (2 * C + 1)
         mask = r_ok[:, None] & c_ok[None, :]
         count = tl.load(row + 2 * C, mask=r_ok, other=0.0, cache_modifier=".cg")
         means = tl.load(row[:, None] + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
@@ -154,6 +151,17 @@ def finalize_channels(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_
         deviation = means - chunk_mean[None, :]
         chunk_m2 = tl.sum(m2s + count[:, None] * deviation * deviation, 0)
         seen, mean, m2 = _merge(seen, mean, m2, n, chunk_mean, chunk_m2)
+    return seen, mean, m2
+
+
+@jit
+def finalize_channels(part_ptr, first, rows, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, cols, c_ok, C,
+                      momentum, eps, batches, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Channels `cols` of table rows [first, first + rows) merged (`merge_moments`) into mean and
+    1 / sqrt(var + eps) (biased var, as BN normalises). With UPDATE, running = (1 - f) * running + f * batch
+    with the unbiased var, where f is momentum or, CUMULATIVE, 1 / batches (num_batches_tracked, this batch
+    counted), as torch.nn.BatchNorm2d does."""
+    seen, mean, m2 = merge_moments(part_ptr, first, rows, C, cols, c_ok, BLOCK_R)
     tl.store(mean_ptr + cols, mean, mask=c_ok)
     tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / seen + eps), mask=c_ok)
     if UPDATE:
@@ -181,8 +189,8 @@ def finalize_kernel(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_va
         batches = tl.load(batches_ptr) + 1
     for first in range(0, C, BLOCK_C):
         cols = first + tl.arange(0, BLOCK_C)
-        finalize_channels(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, cols, cols < C, C,
-                          STRIPS, momentum, eps, batches, UPDATE, CUMULATIVE, BLOCK_R)
+        finalize_channels(part_ptr, 0, STRIPS, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, cols,
+                          cols < C, C, momentum, eps, batches, UPDATE, CUMULATIVE, BLOCK_R)
     if COUNT:
         tl.store(batches_ptr, batches)
 
@@ -352,12 +360,19 @@ def pointer_or(tensor: torch.Tensor | None, fallback: torch.Tensor) -> torch.Ten
     return tensor if tensor is not None else fallback  # a pointer the kernel never reads (its flag is off)
 
 
-MOMENT_ROWS = 32  # output rows per moments-table row a conv epilogue writes: the smallest BLOCK_M of the spaces
+# constexpr: the conv epilogue reads them too (host code takes .value)
+MOMENT_ROWS = tl.constexpr(32)  # output rows per moments-table row a conv epilogue writes: the spaces' least BLOCK_M
+MOMENT_GROUP = tl.constexpr(64)  # table rows a conv epilogue merges into one group row first (2048 output rows)
 
 
 def moments_rows(rows: int) -> int:
     """Table rows of a conv epilogue's moments of `rows` output rows (one per MOMENT_ROWS)."""
-    return triton.cdiv(rows, MOMENT_ROWS)
+    return triton.cdiv(rows, MOMENT_ROWS.value)
+
+
+def moment_groups(rows: int) -> int:
+    """Group rows of a conv epilogue's moments of `rows` output rows (one per MOMENT_GROUP table rows)."""
+    return triton.cdiv(moments_rows(rows), MOMENT_GROUP.value)
 
 
 def moments_table(strips: int, channels: int, device: torch.device) -> torch.Tensor:

@@ -466,19 +466,22 @@ def test_wgrad_split_reduction_is_deterministic_and_leaves_its_counters_zero():
     _assert_close(first, expected, FP32_TOLERANCE, "grad_weight")
 
 
-@pytest.mark.parametrize("momentum, groups", [(None, 1), (0.3, 2)])
-def test_statistics_in_the_conv_launch_match_batch_norm_and_count_each_batch_once(momentum, groups):
-    """Several row tiles and channel blocks per group, each block finalised by its last program and the batch
-    counted once by the last of those: mean, 1 / sqrt(var + eps), the running stats (momentum or the cumulative
-    average) and num_batches_tracked over three batches, against F.batch_norm in float64."""
+@pytest.mark.parametrize("momentum, groups, hw, block_m, block_n", [(None, 1, (7, 5), 32, 16),
+                                                                    (0.3, 2, (41, 37), 128, 32)])
+def test_statistics_in_the_conv_launch_match_batch_norm_and_count_each_batch_once(momentum, groups, hw, block_m,
+                                                                                    block_n):
+    """Several row tiles and channel blocks per group, each block's moments merged by the last tile of each
+    moments group (41x37: 4551 rows, 36 tiles in three groups of 16, 16 and 4), those by the last group, and the
+    batch counted once by the last of those: mean, 1 / sqrt(var + eps), the running stats (momentum or the
+    cumulative average) and num_batches_tracked over three batches, against F.batch_norm in float64."""
     generator = torch.Generator().manual_seed(8)
     weight = torch.randn(38, 6 // groups, 3, 3, generator=generator)
     geometry = make_geometry((3, 3), 1, 1, 1, groups)
-    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 1, "num_stages": 1}
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 1, "num_stages": 1}
     running = batch_norm.Running(torch.zeros(38), torch.ones(38), torch.tensor(0), momentum, 1e-3)
     expected_mean, expected_var = torch.zeros(38, dtype=torch.float64), torch.ones(38, dtype=torch.float64)
     for step in range(3):
-        x = (torch.randn(3, 6, 7, 5, generator=generator) * 2 + step).contiguous(memory_format=torch.channels_last)
+        x = (torch.randn(3, 6, *hw, generator=generator) * 2 + step).contiguous(memory_format=torch.channels_last)
         y, _, stats = conv_fwd.conv2d_forward(x, weight, None, geometry, config=config, statistics=running)
         reference = F.conv2d(x.double(), weight.double(), padding=1, groups=groups)
         _assert_close(y, reference, FP32_TOLERANCE, "y")
