@@ -62,7 +62,7 @@ def _normalize(v, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, AFFINE
 def store_moments(part_ptr, strip, C, cols, c_ok, mean, m2, count):
     """Row `strip` of the moments table [strips, 2 C + 1]: per-channel mean and M2, then the strip's row count
     (fp32: exact up to 2**24 rows per strip)."""
-    row = part_ptr + strip * (2 * C + 1)
+    row = part_ptr + strip.to(tl.int64) * (2 * C + 1)
     tl.store(row + cols, mean, mask=c_ok)
     tl.store(row + C + cols, m2, mask=c_ok)
     tl.store(row + 2 * C, count)
@@ -121,8 +121,7 @@ def partial_moments_kernel(y_ptr, part_ptr, ROWS, C, HW, stride_n, stride_hw, st
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     last = tl.minimum(first + STRIP, ROWS)
     for start in range(first, last, BLOCK_M):
-        offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, start, pid_c, INT64, BLOCK_M,
-                                       BLOCK_C)
+        offs, mask, _, _ = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, start, pid_c, INT64, BLOCK_M, BLOCK_C)
         seen = (start - first) * 1.0  # rows merged so far: every block before the last is full
         count = tl.minimum(BLOCK_M, last - start) * 1.0  # > 0: the loop stops at the strip's last row
         block_mean, block_m2 = tile_moments(tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), mask, count)
@@ -132,9 +131,10 @@ def partial_moments_kernel(y_ptr, part_ptr, ROWS, C, HW, stride_n, stride_hw, st
 
 @jit
 def merge_moments(part_ptr, first, rows, C, cols, c_ok, BLOCK_R: tl.constexpr):
-    """(rows, mean, M2) of channels `cols` over table rows [first, first + rows) of a moments table
-    (`store_moments`), merged BLOCK_R rows at a time (merged at once, then into the running result, in
-    order: deterministic)."""
+    """(count, mean, M2) of channels `cols` over table rows [first, first + rows) of a moments table
+    (`store_moments`), each a vector over `cols` (count: the output rows merged, the same in every entry),
+    merged BLOCK_R table rows at a time (merged at once, then into the running result, in order:
+    deterministic)."""
     mean = tl.zeros(cols.shape, dtype=tl.float32)
     m2 = tl.zeros(cols.shape, dtype=tl.float32)
     seen = tl.zeros(cols.shape, dtype=tl.float32)
@@ -240,8 +240,7 @@ def backward_sums_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, mean_ptr, invstd_ptr,
     sum_dz_x = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dz_r = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for start in range(strip * STRIP, strip * STRIP + STRIP, BLOCK_M):
-        offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, start, pid_c, INT64, BLOCK_M,
-                                       BLOCK_C)
+        offs, mask, _, _ = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, start, pid_c, INT64, BLOCK_M, BLOCK_C)
         x_hat, r_hat, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr,
                                             bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
                                             AFFINE, RESIDUAL, R_NORM, R_AFFINE)
@@ -382,7 +381,7 @@ def moments_table(strips: int, channels: int, device: torch.device) -> torch.Ten
 
 def moments_of(y: torch.Tensor, strip: int | None = None) -> torch.Tensor:
     """y's moments table: strips of `strip` rows (a multiple of the tile's rows), by default at most
-    MAX_STRIPS strips; `strip=MOMENT_ROWS` gives the shape a conv epilogue's table has."""
+    MAX_STRIPS strips."""
     view = rows_view(y)
     if view.rows == 0:  # an empty batch: no strips
         return moments_table(0, view.channels, y.device)

@@ -36,7 +36,7 @@ from triton_workbench.kernels.spec import DTYPES, Config, KernelSpec, Problem
 @jit
 def conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, z_ptr,
-    moments_ptr, stats_ptr, running_mean_ptr, running_var_ptr, batches_ptr, counter_ptr, strips, momentum, eps,
+    moments_ptr, stats_ptr, running_mean_ptr, running_var_ptr, batches_ptr, counter_ptr, tile_rows, momentum, eps,
     N, H, W, Ho, Wo, C_in_g, C_out_g, negative_slope, GROUP_M,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
@@ -137,20 +137,23 @@ def conv2d_fwd_kernel(
         # first the last tile of each group of MOMENT_GROUP table rows merges the group's rows into a group row
         # (after the tiles' rows), then the last group merges the group rows: two short merges instead of one
         # program merging every tile's rows
-        TILES: tl.constexpr = MOMENT_GROUP * MOMENT_ROWS // BLOCK_M  # a group's tiles: it holds whole tiles
+        tl.static_assert(MOMENT_GROUP * MOMENT_ROWS % BLOCK_M == 0, "a moments group must hold whole tiles")
+        TILES: tl.constexpr = MOMENT_GROUP * MOMENT_ROWS // BLOCK_M  # a group's tiles
         moment_group = pid_m // TILES
-        groups = tl.cdiv(strips, MOMENT_GROUP)
+        groups = tl.cdiv(tile_rows, MOMENT_GROUP)
         tiles = tl.minimum(TILES, tl.cdiv(M, BLOCK_M) - moment_group * TILES)
         if last_to_arrive(counter_ptr + channel_blocks + 1 + moment_group * channel_blocks + block, tiles):
             first = moment_group * MOMENT_GROUP
-            seen, mean, m2 = merge_moments(moments_ptr, first, tl.minimum(MOMENT_GROUP, strips - first), C, c_out,
-                                           n_ok, 4096 // BLOCK_N)
-            store_moments(moments_ptr, strips + moment_group, C, c_out, n_ok, mean, m2, tl.max(seen, 0))
+            seen, mean, m2 = merge_moments(moments_ptr, first, tl.minimum(MOMENT_GROUP, tile_rows - first), C,
+                                           c_out, n_ok, min(MOMENT_GROUP, 4096 // BLOCK_N))
+            # the group row after the tiles' rows; each channel block writes its row count too (the same value),
+            # since a block's last group reads only what its own block's programs wrote before arriving
+            store_moments(moments_ptr, tile_rows + moment_group, C, c_out, n_ok, mean, m2, tl.max(seen, 0))
             if last_to_arrive(counter_ptr + block, groups):
                 batches = 0
                 if COUNT:
                     batches = tl.load(batches_ptr) + 1  # read by every block before the last one stores it
-                finalize_channels(moments_ptr, strips, groups, stats_ptr, stats_ptr + C, running_mean_ptr,
+                finalize_channels(moments_ptr, tile_rows, groups, stats_ptr, stats_ptr + C, running_mean_ptr,
                                   running_var_ptr, c_out, n_ok, C, momentum, eps, batches, UPDATE, CUMULATIVE,
                                   4096 // BLOCK_N)
                 if COUNT:
@@ -212,8 +215,10 @@ def conv2d_forward(
     """
     if statistics and (activation_name is not None or residual is not None):
         raise ValueError("statistics are of the raw conv output: no activation or residual may be fused with them")
-    if statistics and config is not None and config["BLOCK_M"] % MOMENT_ROWS.value:
-        raise ValueError(f"statistics need BLOCK_M a multiple of {MOMENT_ROWS.value}, got {config['BLOCK_M']}")
+    group_rows = MOMENT_GROUP.value * MOMENT_ROWS.value
+    if statistics and config is not None and (config["BLOCK_M"] % MOMENT_ROWS.value or group_rows % config["BLOCK_M"]):
+        raise ValueError(f"statistics need BLOCK_M a multiple of {MOMENT_ROWS.value} dividing {group_rows}, "
+                         f"got {config['BLOCK_M']}")
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = geometry.output_hw(h, w, kh, kw)
