@@ -189,7 +189,7 @@ def test_bench_and_monitor_steps_pass_only_when_they_stored_measurements(tmp_pat
                                      "0 trials, none correct")
 
 
-def test_the_model_step_passes_only_when_both_sides_were_timed_with_finite_losses(tmp_path):
+def test_the_model_step_passes_only_when_both_sides_were_timed_and_their_losses_agree(tmp_path):
     db_path = tmp_path / "workbench.db"
     (step,) = [step for step in steps(tmp_path, db_path) if step.name == "bench-model"]
     db = Database(db_path)
@@ -208,6 +208,8 @@ def test_the_model_step_passes_only_when_both_sides_were_timed_with_finite_losse
                                                   "as CUDA graphs 5.0 / 10.0 ms; first loss 6.9000 / 6.9100; "
                                                   "first step (compiling) 61 s swapped")
     timed(float("nan"))
+    assert judge(step, 0, "", db_path)[0] is False
+    timed(7.2)  # finite, but not the eager model's numbers
     assert judge(step, 0, "", db_path)[0] is False
 
 

@@ -53,9 +53,11 @@ def test_bench_model_without_traffic_times_nothing_without_a_gpu(tmp_path, capsy
         database.close()
 
 
-def test_per_block_belongs_to_traffic(capsys):
+def test_per_block_belongs_to_traffic_and_the_batch_must_be_positive(capsys):
     assert workbench(["bench", "model", "demo", "--per-block"]) == 2
     assert "--per-block applies to bench model --traffic" in capsys.readouterr().err
+    assert workbench(["bench", "model", "demo", "--batch", "0"]) == 2
+    assert "--batch must be positive, got 0" in capsys.readouterr().err
 
 
 def test_the_report_shows_stored_step_times(tmp_path):

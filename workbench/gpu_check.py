@@ -52,6 +52,7 @@ COMPILE_TEST = "test_model_under_torch_compile_matches_eager"  # in tests/test_o
 BUDGET_S = 450.0  # every step together; the check itself adds a few seconds (imports, summary)
 MIN_STEP_S = 10.0  # a step with less time left than this is not started
 GRACE_S = 15.0  # after Ctrl-C at its time limit, a step gets this long to store what it measured
+STEP_LOSS_TOLERANCE = 1e-2  # relative: the swapped step's first loss against eager's, both fp16
 MONITORED_GEMM = ("4096,4096,4096", "fp16", "gelu")  # shape, dtype, activation: one of the GEMM's example problems
 
 
@@ -304,7 +305,8 @@ def _judge_bench(step: Step, output: str, db: Path) -> tuple[bool, str]:
 
 
 def _judge_step(step: Step, output: str, db: Path) -> tuple[bool, str]:
-    """Passed when both sides of the training step were timed and their first losses are finite."""
+    """Passed when both sides of the training step were timed and their first losses (same weights, same batch)
+    agree to fp16's rounding: a swapped model that computes wrong numbers fast is not a pass."""
     database = Database(db)
     try:
         run = _latest_run(database, RunKind.BENCH, step.subject)
@@ -314,8 +316,9 @@ def _judge_step(step: Step, output: str, db: Path) -> tuple[bool, str]:
     if len(rows) != 2:
         return False, "nothing measured"
     eager, swapped = (rows[rows["side"] == side].iloc[0] for side in ("eager", "swapped"))
-    finite = bool(pd.Series([eager["first_loss"], swapped["first_loss"]]).map(math.isfinite).all())
-    return finite, (f"eager {eager['time_ms']:.1f} ms, swapped {swapped['time_ms']:.1f} ms a step "
+    agree = math.isfinite(eager["first_loss"]) and math.isclose(swapped["first_loss"], eager["first_loss"],
+                                                                 rel_tol=STEP_LOSS_TOLERANCE)
+    return agree, (f"eager {eager['time_ms']:.1f} ms, swapped {swapped['time_ms']:.1f} ms a step "
                     f"(eager / swapped {swapped['speedup']:.2f}x); as CUDA graphs {eager['graph_ms']:.1f} / "
                     f"{swapped['graph_ms']:.1f} ms; first loss {eager['first_loss']:.4f} / "
                     f"{swapped['first_loss']:.4f}; first step (compiling) {swapped['first_step_s']:.0f} s swapped")

@@ -231,6 +231,11 @@ def num_classes(model_name: str) -> int:
     return 10 if model_name == "demo" else 1000
 
 
+def default_image_size(model_name: str) -> int:
+    """The input resolution a model is benched at by default: the demo's 32, ImageNet's 224 for the rest."""
+    return 32 if model_name == "demo" else 224
+
+
 def compare(model_name: str, batch: int, image_size: int, dtype: torch.dtype
             ) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """(the traffic tables of one training step of `model_name`, eager against swapped, per category and per

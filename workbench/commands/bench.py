@@ -114,7 +114,9 @@ def run_model(args: argparse.Namespace) -> int:
         if values is not None and len(values) != 1:
             raise UsageError(f"{option} takes one value for bench model, got {values}")
     batch = args.batch[0] if args.batch else 64
-    size = (args.input_size or [32 if args.model == "demo" else 224])[0]
+    size = args.input_size[0] if args.input_size else traffic.default_image_size(args.model)
+    if batch < 1:
+        raise UsageError(f"--batch must be positive, got {batch}")
     dtype = args.dtype or "fp16"
     setting = {"batch": batch, "image_size": size, "dtype": dtype}
     described = (f"{args.model}: one training step (forward + backward), batch {batch}, {size}x{size}, {dtype} "

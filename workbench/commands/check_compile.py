@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import sys
 import time
 
 from triton_workbench.kernels.errors import UsageError
@@ -29,16 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="check-compile model only: resnet18, resnet50 (torchvision-style), demo, or "
                              "module:function returning your own nn.Module (3-channel input)")
-    parser.add_argument("--batch", type=int, default=64, help="check-compile model: the batch (default 64)")
+    parser.add_argument("--batch", type=int, default=None, help="check-compile model: the batch (default 64)")
     parser.add_argument("--input-size", type=int, default=None, metavar="PX",
                         help="check-compile model: the input resolution (default 224, the demo's 32)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16",
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                         help="check-compile model: the model's dtype, channels_last (default fp16)")
     parser.add_argument("--arch", default=_DEFAULT_ARCHS,
                         help=f"comma-separated compute capabilities (default {_DEFAULT_ARCHS})")
     parser.add_argument("--sample", type=int, default=None, metavar="N",
                         help="compile a seeded sample of N configs per problem instead of the whole space")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sample (default 0)")
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: CPUs)")
     parser.set_defaults(func=run)
 
@@ -59,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.kernel == "model":
         return run_model(args)
-    if args.model is not None:
-        raise UsageError("MODEL applies to `workbench check-compile model` only")
+    given = [option for option, value in (("MODEL", args.model), ("--batch", args.batch),
+                                          ("--input-size", args.input_size), ("--dtype", args.dtype)) if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to `workbench check-compile model` only")
     if args.kernel not in kernels.SPECS:
         raise UsageError(f"unknown kernel {args.kernel!r}: expected one of {', '.join(sorted(kernels.SPECS))}")
     if args.sample is not None and args.sample < 1:
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     for problem in spec.example_problems:
         configs = default_space(spec, problem)
         if args.sample is not None and args.sample < len(configs):
-            configs = random.Random(args.seed).sample(configs, args.sample)
+            configs = random.Random(args.seed or 0).sample(configs, args.sample)
         pairs += [(config, problem) for config in configs]
     started = time.perf_counter()
     results = compile_space(spec, pairs, archs=archs, workers=args.workers)
@@ -94,19 +98,26 @@ def run(args: argparse.Namespace) -> int:
 
 def run_model(args: argparse.Namespace) -> int:
     """`workbench check-compile model MODEL`: every launch of the swapped model's training step."""
-    from triton_workbench.workbench import step_compile
+    from triton_workbench.workbench import step_compile, traffic
 
     if args.model is None:
         raise UsageError("check-compile model needs MODEL: resnet18, resnet50, demo or module:function")
+    if args.sample is not None or args.seed is not None:
+        raise UsageError("--sample and --seed apply to a kernel's space, not to check-compile model")
+    batch = 64 if args.batch is None else args.batch
+    size = traffic.default_image_size(args.model) if args.input_size is None else args.input_size
+    dtype = args.dtype or "fp16"
+    for option, value in (("--batch", batch), ("--input-size", size)):
+        if value < 1:
+            raise UsageError(f"{option} must be positive, got {value}")
+    if os.getcwd() not in sys.path:  # as `python -m` does: the working directory's modules are importable
+        sys.path.insert(0, os.getcwd())
     step_compile.build_model(args.model)  # a bad MODEL fails here, in one line, not in a worker
-    if args.batch < 1:
-        raise UsageError(f"--batch must be positive, got {args.batch}")
-    size = args.input_size or (32 if args.model == "demo" else 224)
     archs = _archs(args.arch)
     started = time.perf_counter()
-    results = step_compile.compile_step(args.model, args.batch, size, args.dtype, archs, args.workers)
+    results = step_compile.compile_step(args.model, batch, size, dtype, archs, args.workers)
     wall_s = time.perf_counter() - started
-    print(f"{args.model}'s swapped training step, batch {args.batch}, {size}x{size}, {args.dtype} channels_last:")
+    print(f"{args.model}'s swapped training step, batch {batch}, {size}x{size}, {dtype} channels_last:")
     print(format_table(step_compile.summary(results)))
     failures = results[~results["ok"]]
     print(f"\n{len(results)} distinct compilations of {int(results['launches'].sum())} launches for "
