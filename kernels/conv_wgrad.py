@@ -118,10 +118,12 @@ def conv2d_wgrad_kernel(
 
 def flat_rows(problem: Problem) -> bool:
     """Whether a program's columns are a kernel row's (kw, channel) pairs: channels_last, one group, unit width
-    dilation, a kernel wider than 1, and channel runs of whole 16-byte vectors."""
+    dilation, a kernel wider than 1, and channel runs of whole 16-byte vectors, or fewer channels than one
+    vector holds (the stem's 3: one program per kernel row instead of per tap, its 21 columns contiguous
+    in x, where per tap 3 of a tile's 16 columns would be channels)."""
     vector = 16 // DTYPES[problem["dtype"]].itemsize
     return (problem["layout"] == "nhwc" and problem["groups"] == 1 and problem["dilation"][1] == 1
-            and problem["kw"] > 1 and problem["c_in"] % vector == 0)
+            and problem["kw"] > 1 and (problem["c_in"] % vector == 0 or problem["c_in"] < vector))
 
 
 def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry,

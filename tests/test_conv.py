@@ -110,7 +110,8 @@ def test_matches_pytorch(case, layout):
 @pytest.mark.parametrize("dtype, c_in", [(torch.float32, 3), (torch.float16, 3), (torch.float16, 2), (torch.float32, 5)])
 def test_stem_k_tiles_cover_whole_kernel_rows(dtype, c_in):
     """Few channels, channels_last: padded to whole 8-byte channel runs, a K tile spans a kernel row's
-    (kw, channel) run (the stem's 7x7x3 path); forward and gradients still match PyTorch."""
+    (kw, channel) run (the stem's 7x7x3 path); wgrad's programs own kernel rows where the channels are fewer
+    than a 16-byte vector holds; forward and gradients still match PyTorch."""
     generator = torch.Generator().manual_seed(c_in)
     x = torch.randn(2, c_in, 11, 10, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(6, c_in, 7, 7, generator=generator).to(dtype)
@@ -124,6 +125,7 @@ def test_stem_k_tiles_cover_whole_kernel_rows(dtype, c_in):
     config = conv_fwd.CONV_FWD_SPEC.default_config(problem)
     assert config["BLOCK_K"] >= 7 * channels == conv_fwd.flat_row(problem)
     assert conv_fwd.flat_channels(problem, config["BLOCK_K"]) == channels
+    assert conv_wgrad.flat_rows(problem) == (c_in < 16 // x.element_size())  # (fp32, 5): per tap
     tolerance = FP32_TOLERANCE if dtype == torch.float32 else FP16_TOLERANCE
     _check_against_torch(x, weight, bias, tolerance, activation="relu", stride=2, padding=3)
 
