@@ -203,6 +203,13 @@ def training_section(data: ReportData) -> Section | None:
     return section
 
 
+def _model_setting(run: pd.Series) -> str:
+    """A `bench model` run's setting, from its meta: batch, image size, dtype."""
+    meta = run["meta"] if isinstance(run["meta"], dict) else {}
+    return (f"batch {meta.get('batch')}, {meta.get('image_size')}x{meta.get('image_size')}, "
+            f"{meta.get('dtype')} channels_last")
+
+
 def fusion_section(data: ReportData) -> Section | None:
     """`bench model --traffic` runs: the chains swap fused (and what it left in PyTorch), and the launches and
     bytes of a training step against eager PyTorch."""
@@ -215,9 +222,7 @@ def fusion_section(data: ReportData) -> Section | None:
                      "note")
     for run in runs:
         part = Section(_run_title(run), anchor_for("fusion", run["run_id"]))
-        meta = run["meta"] if isinstance(run["meta"], dict) else {}
-        part.add_text(f"batch {meta.get('batch')}, {meta.get('image_size')}x{meta.get('image_size')}, "
-                      f"{meta.get('dtype')} channels_last.", "note")
+        part.add_text(f"{_model_setting(run)}.", "note")
         traffic = data.series(SeriesTable.TRAFFIC, run["run_id"]).drop(columns=["run_id"], errors="ignore")
         part.add_table(traffic, "Per kind of kernel and in total: eager PyTorch against the swapped model")
         chains = data.series(SeriesTable.FUSED_CHAINS, run["run_id"]).drop(columns=["run_id"], errors="ignore")
@@ -234,9 +239,7 @@ def step_time_section(data: ReportData) -> Section | None:
     section = Section("Training step time: eager against swapped", "step-time")
     for run in runs:
         part = Section(_run_title(run), anchor_for("step-time", run["run_id"]))
-        meta = run["meta"] if isinstance(run["meta"], dict) else {}
-        part.add_text(f"batch {meta.get('batch')}, {meta.get('image_size')}x{meta.get('image_size')}, "
-                      f"{meta.get('dtype')} channels_last; forward, cross-entropy and backward on one batch.", "note")
+        part.add_text(f"{_model_setting(run)}; forward, cross-entropy and backward on one batch.", "note")
         times = data.series(SeriesTable.STEP_TIMES, run["run_id"]).drop(columns=["run_id"], errors="ignore")
         part.add_table(times, "Median step time with 20th/80th percentiles; speedup = eager time / this side's")
         section.add(part)

@@ -259,6 +259,16 @@ def _latest_run(database: Database, kind: RunKind, name: str | None = None) -> p
     return None if runs.empty else runs.iloc[-1]
 
 
+def _latest_bench_rows(db: Path, name: str, table: SeriesTable) -> pd.DataFrame:
+    """`table`'s rows of the latest bench run called `name` (empty when there is none)."""
+    database = Database(db)
+    try:
+        run = _latest_run(database, RunKind.BENCH, name)
+        return database.read(table, int(run["run_id"])) if run is not None else pd.DataFrame()
+    finally:
+        database.close()
+
+
 def _judge_monitor(step: Step, output: str, db: Path) -> tuple[bool, str]:
     """Passed when the monitor stored NVML samples and the monitored sweep stored correct trials."""
     from triton_workbench.autotune.results import TuningDatabase
@@ -290,12 +300,7 @@ def _judge_monitor(step: Step, output: str, db: Path) -> tuple[bool, str]:
 
 def _judge_bench(step: Step, output: str, db: Path) -> tuple[bool, str]:
     """Passed when the bench run stored rows: how many, and the ratio (PyTorch time / ours; > 1: ours faster)."""
-    database = Database(db)
-    try:
-        run = _latest_run(database, RunKind.BENCH, step.subject)
-        rows = database.read(SeriesTable.BASELINES, int(run["run_id"])) if run is not None else pd.DataFrame()
-    finally:
-        database.close()
+    rows = _latest_bench_rows(db, step.subject, SeriesTable.BASELINES)
     if rows.empty:
         return False, "nothing measured"
     ratio = rows["ratio"].astype(float)
@@ -307,12 +312,7 @@ def _judge_bench(step: Step, output: str, db: Path) -> tuple[bool, str]:
 def _judge_step(step: Step, output: str, db: Path) -> tuple[bool, str]:
     """Passed when both sides of the training step were timed and their first losses (same weights, same batch)
     agree to fp16's rounding: a swapped model that computes wrong numbers fast is not a pass."""
-    database = Database(db)
-    try:
-        run = _latest_run(database, RunKind.BENCH, step.subject)
-        rows = database.read(SeriesTable.STEP_TIMES, int(run["run_id"])) if run is not None else pd.DataFrame()
-    finally:
-        database.close()
+    rows = _latest_bench_rows(db, step.subject, SeriesTable.STEP_TIMES)
     if len(rows) != 2:
         return False, "nothing measured"
     eager, swapped = (rows[rows["side"] == side].iloc[0] for side in ("eager", "swapped"))
