@@ -53,3 +53,13 @@ def test_check_compile_model_arguments_fail_in_one_line_naming_the_argument(argv
     assert workbench(["check-compile", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_check_compile_model_defaults_to_this_machines_gpu_else_every_target(monkeypatch):
+    from triton_workbench.workbench.commands import check_compile
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_compile.model_archs() == "80,90"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert check_compile.model_archs() == "90"

@@ -36,8 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="check-compile model: the input resolution (default 224, the demo's 32)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                         help="check-compile model: the model's dtype, channels_last (default fp16)")
-    parser.add_argument("--arch", default=_DEFAULT_ARCHS,
-                        help=f"comma-separated compute capabilities (default {_DEFAULT_ARCHS})")
+    parser.add_argument("--arch", default=None,
+                        help=f"comma-separated compute capabilities (default {_DEFAULT_ARCHS}; for check-compile "
+                             f"model this machine's GPU where there is one: the cache its first step reads)")
     parser.add_argument("--sample", type=int, default=None, metavar="N",
                         help="compile a seeded sample of N configs per problem instead of the whole space")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sample (default 0)")
@@ -55,6 +56,17 @@ def _archs(text: str) -> tuple[int, ...]:
     return archs
 
 
+def model_archs() -> str:
+    """check-compile model's default --arch: this machine's GPU (the compilations its first step would look up
+    in Triton's cache), else every compile target."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return _DEFAULT_ARCHS
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}{minor}"
+
+
 def run(args: argparse.Namespace) -> int:
     from triton_workbench import kernels
     from triton_workbench.kernels.aot import compile_space, default_space
@@ -69,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown kernel {args.kernel!r}: expected one of {', '.join(sorted(kernels.SPECS))}")
     if args.sample is not None and args.sample < 1:
         raise UsageError(f"--sample must be a positive number of configs, got {args.sample}")
-    spec, archs = kernels.SPECS[args.kernel], _archs(args.arch)
+    spec, archs = kernels.SPECS[args.kernel], _archs(args.arch or _DEFAULT_ARCHS)
     pairs = []
     for problem in spec.example_problems:
         configs = default_space(spec, problem)
@@ -113,7 +125,7 @@ def run_model(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:  # as `python -m` does: the working directory's modules are importable
         sys.path.insert(0, os.getcwd())
     step_compile.build_model(args.model)  # a bad MODEL fails here, in one line, not in a worker
-    archs = _archs(args.arch)
+    archs = _archs(args.arch or model_archs())
     started = time.perf_counter()
     results = step_compile.compile_step(args.model, batch, size, dtype, archs, args.workers)
     wall_s = time.perf_counter() - started
