@@ -502,6 +502,31 @@ def test_statistics_in_the_conv_launch_match_batch_norm_and_count_each_batch_onc
     assert torch.equal(*reruns) and torch.equal(reruns[0], stats)  # merged in a fixed order: the same bits
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a launch's programs run concurrently only on a GPU")
+def test_statistics_merges_racing_on_a_gpu_give_the_reference_and_the_same_bits():
+    """On a GPU a launch's programs run concurrently, so the last-to-arrive merges race for real (the interpreter
+    runs programs one after another): ResNet-18 layer1's shape at batch 8 (25088 rows, 13 moments groups),
+    default config, fp16: the statistics of y as stored against float64, ten reruns bit for bit, counters zero."""
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(8, 64, 56, 56, device=device, generator=generator).half()
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(64, 64, 3, 3, device=device, generator=generator) * 0.05).half()
+    geometry = make_geometry((3, 3), 1, 1, 1, 1)
+    y, _, stats = conv_fwd.conv2d_forward(x, weight, None, geometry,
+                                          statistics=batch_norm.Running(None, None, None, 0.1, 1e-5))
+    reference = y.double()
+    _assert_close(stats[0], reference.mean((0, 2, 3)), FP32_TOLERANCE, "mean")
+    _assert_close(stats[1], torch.rsqrt(reference.var((0, 2, 3), unbiased=False) + 1e-5), FP32_TOLERANCE, "invstd")
+    for _ in range(10):
+        rerun = conv_fwd.conv2d_forward(x, weight, None, geometry,
+                                        statistics=batch_norm.Running(None, None, None, 0.1, 1e-5)).stats
+        assert torch.equal(rerun, stats)
+    with arrival.counters(device, 1) as counter:
+        assert not counter.any()
+
+
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_wgrad_without_masks_where_every_tile_is_whole_and_every_tap_inside(layout):
     """A 1x1 stride-2 downsample with whole tiles takes wgrad's unmasked loads (no padding, so every tap of every

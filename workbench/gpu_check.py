@@ -3,7 +3,7 @@
 Steps, each a separate process with its own time limit, run in order against one database in the
 output folder (default runs/gpu-check):
 
-1. the GPU-marked tests (`pytest -m gpu`: bf16/TF32 GEMM, real-NVML energy), the torch.compile one aside;
+1. the GPU-marked tests (`pytest -m gpu`: bf16/TF32 GEMM, real-NVML energy, racing merges), torch.compile's aside;
 2. a real-NVML `workbench monitor` of a short tuning sweep (the fused GEMM, 4096^3 fp16, 4 configs);
 3. `workbench check-compile model resnet18`: every launch of the swapped ResNet-18's training step compiled
    with this machine's Triton, in parallel (which fills Triton's cache for the next step);
