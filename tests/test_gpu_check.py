@@ -127,7 +127,8 @@ def test_failures_and_a_hang_are_recorded_the_check_goes_on_and_the_last_step_ke
                       "late": "not run", "last": "passed"}  # fmt: skip
     by_name = {o.step: o for o in outcomes}
     assert by_name["fails"].result == "exit status 1; 1 failed, 1 passed in 0.1s"
-    assert by_name["hangs"].result.startswith("stopped at its") and by_name["hangs"].seconds < 15
+    # cut well before its 60 s sleep: by SIGINT, or where that does not end it in time, by SIGKILL after GRACE_S (15 s)
+    assert by_name["hangs"].result.startswith("stopped at its") and by_name["hangs"].seconds < 45
     assert "started" in Path(by_name["hangs"].log).read_text()  # the log keeps what it printed before the limit
     assert by_name["late"].result == "the time budget was spent"
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["01-ok.log", "02-fails.log", "03-skips.log",
