@@ -165,6 +165,7 @@ def _model_step_time(args: argparse.Namespace, setting: dict, described: str, dt
               f"interpreter, whose timings say nothing about GPU speed. Nothing was measured; "
               f"`workbench bench model {args.model} --traffic` counts its launches and bytes without one.")
         return 0
+    torch.manual_seed(0)  # the same initial weights every run, so that first losses compare across runs
     table = step_timing.compare(traffic.bench_models()[args.model](), setting["batch"], setting["image_size"],
                                 traffic.num_classes(args.model), dtype)
     print(f"{described} on {torch.cuda.get_device_name()}, timed with CUDA events (median of the repetitions, "
