@@ -399,6 +399,15 @@ def _registered(spec: KernelSpec) -> None:
         raise ValueError(f"spec {spec.name!r} is not registered in kernels.SPECS: workers could not find it")
 
 
+# pandas named aggregations over compile results (`compile_space`'s columns): failures and the largest resources
+RESOURCE_SUMMARY: dict[str, tuple[str, Any]] = {
+    "failures": ("ok", lambda ok: int((~ok).sum())),
+    "shared_kib_max": ("shared_bytes", lambda b: round(b.max() / 1024, 1)),
+    "registers_max": ("registers", "max"),
+    "spilling": ("spills", lambda s: int((s > 0).sum())),
+}
+
+
 def compile_space(spec: KernelSpec, configs_and_problems: Iterable[tuple[Config, Problem]],
                   archs: Iterable[int] = hardware.COMPILE_TARGETS, workers: int | None = None,
                   progress: bool = True, on_result: Callable[[dict], None] | None = None) -> pd.DataFrame:

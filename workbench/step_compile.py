@@ -118,7 +118,5 @@ def compile_step(model: str, batch: int, image_size: int, dtype: str, archs: Seq
 
 def summary(results: pd.DataFrame) -> pd.DataFrame:
     """Per arch and kernel: launches, distinct compilations, failures, and the largest resources."""
-    return results.groupby(["arch", "kernel"]).agg(
-        launches=("launches", "sum"), compilations=("ok", "size"), failures=("ok", lambda ok: int((~ok).sum())),
-        registers_max=("registers", "max"), spilling=("spills", lambda s: int((s > 0).sum())),
-        shared_kib_max=("shared_bytes", lambda b: round(b.max() / 1024, 1))).reset_index()
+    return results.groupby(["arch", "kernel"]).agg(launches=("launches", "sum"), compilations=("ok", "size"),
+                                                   **aot.RESOURCE_SUMMARY).reset_index()

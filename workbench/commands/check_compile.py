@@ -69,7 +69,7 @@ def model_archs() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from triton_workbench import kernels
-    from triton_workbench.kernels.aot import compile_space, default_space
+    from triton_workbench.kernels.aot import RESOURCE_SUMMARY, compile_space, default_space
 
     if args.kernel == "model":
         return run_model(args)
@@ -94,9 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     results["dtype"] = [json.loads(problem)["dtype"] for problem in results["problem"]]
     summary = results.groupby(["dtype", "arch"]).agg(
-        configs=("ok", "size"), failures=("ok", lambda ok: int((~ok).sum())),
-        shared_kib_max=("shared_bytes", lambda b: round(b.max() / 1024, 1)),
-        registers_max=("registers", "max"), spilling=("spills", lambda s: int((s > 0).sum())),
+        configs=("ok", "size"), **RESOURCE_SUMMARY,
         compile_s_mean=("compile_time_s", lambda t: round(t.mean(), 2))).reset_index()
     print(format_table(summary))
     failures = results[~results["ok"]]
