@@ -226,8 +226,8 @@ def conv2d_forward(
     config = config if config is not None else tuned.config_for(CONV_FWD_SPEC, problem)
     y = empty_in_layout_of(x, (n, c_out, ho, wo))
     pre = empty_in_layout_of(x, y.shape) if keep_pre and activation_name is not None else None
-    rows = moments_rows(n * ho * wo)  # the tiles' table rows, then one per group of them (see the kernel)
-    table = moments_table(rows + moment_groups(n * ho * wo), c_out, x.device) if statistics else None
+    tile_rows, row_groups = moments_rows(n * ho * wo), moment_groups(n * ho * wo)  # the table: tiles' rows, groups'
+    table = moments_table(tile_rows + row_groups, c_out, x.device) if statistics else None
     stats = torch.empty((2, c_out), device=x.device, dtype=torch.float32) if statistics else None
     if y.numel() == 0:
         return ForwardOutputs(y, pre, torch.stack(finalize(table, statistics)) if statistics else None)
@@ -242,12 +242,12 @@ def conv2d_forward(
     running = statistics or Running(None, None, None, None, 0.0)
     channel_blocks = triton.cdiv(c_out // geometry.groups, config["BLOCK_N"]) * geometry.groups
     # a counter per channel block, one for them all, one per channel block and moments group
-    counters = channel_blocks * (1 + moment_groups(n * ho * wo)) + 1
+    counters = channel_blocks * (1 + row_groups) + 1
     with arrival.counters(x.device, counters) if statistics else nullcontext(y) as counter:
         conv2d_fwd_kernel[grid](
             x, weight, bias.contiguous() if bias is not None else y, residual if residual is not None else y,
             y, pre if pre is not None else y, pointer_or(table, y), pointer_or(stats, y), *running.pointers(y), counter,
-            rows, *running.constants(),
+            tile_rows, *running.constants(),
             n, h, w, ho, wo, c_in_g, c_out // geometry.groups, parameter(activation_name, negative_slope),
             config["GROUP_M"], *x.stride(), *weight.stride(), *y.stride(), *geometry.constexprs(kh, kw),
             HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
