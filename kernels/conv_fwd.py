@@ -24,7 +24,8 @@ from triton_workbench.kernels.batch_norm import (MOMENT_GROUP, MOMENT_ROWS, Runn
                                                  merge_moments, moment_groups, moments_rows, moments_table,
                                                  pointer_or, store_moments, store_tile_moments)
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, empty_in_layout_of,
-                                                    gemm_dims_fwd, needs_int64, problem_of)
+                                                    gemm_dims_fwd, needs_int64, pad_channels, problem_of,
+                                                    stem_channels)
 from triton_workbench.kernels.conv_spec import (EXAMPLE_PROBLEMS, PROBLEM_RULES, PROBLEM_SCHEMA, SHAPE_KEYS,
                                                 elements, flops, make_inputs, torch_forward)
 from triton_workbench.kernels.conv_tiles import (TILE_PARAMS, next_block, offsets, position, spatial_offsets,
@@ -161,13 +162,6 @@ def conv2d_fwd_kernel(
                         tl.store(batches_ptr, batches)
 
 
-def stem_channels(c_in_g: int, itemsize: int) -> int:
-    """The channel count the forward computes with for few channels: rounded up to whole 8-byte channel runs
-    (the stem's 3 -> 4 in fp16), so that a kernel row's (kw, channel) run loads as vectors."""
-    unit = max(1, 8 // itemsize)
-    return -(-c_in_g // unit) * unit
-
-
 def flat_row(problem: Problem) -> int:
     """Values in one kernel row's (kw, channel) run when the K tile covers whole kernel rows (channels_last,
     fewer than 16 channels, one group, unit width dilation), else 0: the smallest BLOCK_K the problem runs with."""
@@ -182,16 +176,6 @@ def flat_channels(problem: Problem, block_k: int) -> int:
     whole kernel rows (`flat_row`), else 0."""
     row = flat_row(problem)
     return row // problem["kw"] if row and block_k >= row else 0
-
-
-def _pad_channels(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and weight (channels_last) with zero channels appended up to `stem_channels`: whole 8-byte channel
-    runs (the stem's 3 -> 4 in fp16), so that a kernel row's (kw, channel) run loads as vectors."""
-    padded = stem_channels(weight.shape[1], x.element_size())
-    if padded > weight.shape[1]:
-        pad = (0, 0, 0, 0, 0, padded - weight.shape[1])
-        x, weight = torch.nn.functional.pad(x, pad), torch.nn.functional.pad(weight, pad)
-    return x.contiguous(memory_format=torch.channels_last), weight.contiguous(memory_format=torch.channels_last)
 
 
 class ForwardOutputs(NamedTuple):
@@ -234,7 +218,7 @@ def conv2d_forward(
     runtime.announce()
     c_flat = flat_channels(problem, config["BLOCK_K"])
     if c_flat:
-        x, weight = _pad_channels(x, weight)
+        x, weight = pad_channels(x, c_flat), pad_channels(weight, c_flat)
     if channels_last(x):
         weight = weight.contiguous(memory_format=torch.channels_last)  # channel runs along K, as x's
     c_in_g = weight.shape[1]

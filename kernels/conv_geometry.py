@@ -117,6 +117,20 @@ def empty_in_layout_of(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
 
 
+def stem_channels(c_in_g: int, itemsize: int) -> int:
+    """The channel count the kernels compute with for few channels: rounded up to whole 8-byte channel runs
+    (the stem's 3 -> 4 in fp16), so that a kernel row's (kw, channel) run loads as vectors."""
+    unit = max(1, 8 // itemsize)
+    return -(-c_in_g // unit) * unit
+
+
+def pad_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """t (N, C, H, W) with zero channels appended up to `channels`, channels_last."""
+    if channels > t.shape[1]:
+        t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, channels - t.shape[1]))
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether offsets must be 64-bit: some tensor spans half of 2**31 elements or more (the other half is
     headroom for the out-of-range positions of masked-off lanes). 32-bit offsets save registers."""
@@ -172,9 +186,3 @@ def gemm_dims_fwd(problem: Problem) -> tuple[int, int, int]:
 def gemm_dims_dgrad(problem: Problem) -> tuple[int, int, int]:
     g = problem["groups"]
     return problem["n"] * problem["h"] * problem["w"], problem["c_in"] // g, problem["c_out"] // g
-
-
-def gemm_dims_wgrad(problem: Problem) -> tuple[int, int, int]:
-    ho, wo = output_hw(problem)
-    g = problem["groups"]
-    return problem["c_out"] // g, problem["c_in"] // g * problem["kh"] * problem["kw"], problem["n"] * ho * wo

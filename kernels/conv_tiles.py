@@ -60,7 +60,7 @@ def next_block(channel, column, row, channels, COLUMNS: tl.constexpr, BLOCK_K: t
 def offsets(index, INT64: tl.constexpr):
     """index in the integer type offsets are computed in: int64 when some tensor spans 2**31 elements or more."""
     if INT64:
-        index = index.to(tl.int64)
+        index = tl.cast(index, tl.int64)
     return index
 
 
@@ -76,7 +76,7 @@ def spatial_offsets(image, h, w, stride_n, stride_h, stride_w, INT64: tl.constex
     return image * stride_n + offsets(h, INT64) * stride_h + offsets(w, INT64) * stride_w
 
 
-def _fits_shared_memory(config: Config, problem: Problem) -> bool:
+def tile_fits_shared_memory(config: Config, problem: Problem) -> bool:
     """The GEMM's estimate (pipelined A and B tiles, or the fp32 epilogue tile) fits sm_80 and sm_90."""
     return fits_shared_memory(config, {"dtype": problem["dtype"]})
 
@@ -115,7 +115,7 @@ def tile_constraints(dims: Dims, k_floor: KFloor | None = None) -> tuple:
     def k_tile_fits(config: Config, problem: Problem) -> bool:
         return k_floor is None or config["BLOCK_K"] >= k_floor(problem)
 
-    return (_fits_shared_memory, _accumulator_fits, _gathers_fit, _uses_its_warps, fits_problem, k_tile_fits)
+    return (tile_fits_shared_memory, _accumulator_fits, _gathers_fit, _uses_its_warps, fits_problem, k_tile_fits)
 
 
 def tile_default_config(dims: Dims, k_floor: KFloor | None = None, programs_per_tile: Callable[[Problem], int] | None
@@ -139,7 +139,7 @@ def tile_default_config(dims: Dims, k_floor: KFloor | None = None, programs_per_
         config["num_warps"] = 8 if tile > 64 * 32 * 4 else 4 if tile >= 256 * 4 else 2
         while not _gathers_fit(config, problem) and config["BLOCK_K"] > max(16, floor):
             config["BLOCK_K"] //= 2
-        while not _fits_shared_memory(config, problem) and config["num_stages"] > 2:
+        while not tile_fits_shared_memory(config, problem) and config["num_stages"] > 2:
             config["num_stages"] -= 1
         return finish(problem, config) if finish is not None else config
 

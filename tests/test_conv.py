@@ -13,7 +13,7 @@ from torch import nn
 
 from triton_workbench import kernels
 from triton_workbench.kernels import arrival, batch_norm, conv_dgrad, conv_fwd, conv_wgrad, ops
-from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry
+from triton_workbench.kernels.conv_geometry import conv_problem, make_geometry, pad_channels, stem_channels
 from triton_workbench.kernels.activation import NAMES, torch_activation
 from triton_workbench.kernels.activation import run as activation_run
 from triton_workbench.kernels.nn import TritonConv2d, swap
@@ -117,8 +117,8 @@ def test_stem_k_tiles_cover_whole_kernel_rows(dtype, c_in):
     weight = torch.randn(6, c_in, 7, 7, generator=generator).to(dtype)
     bias = torch.randn(6, generator=generator).to(dtype)
     geometry = make_geometry((7, 7), 2, 3)
-    padded_x, padded_weight = conv_fwd._pad_channels(x, weight)
-    channels = conv_fwd.stem_channels(c_in, x.element_size())
+    channels = stem_channels(c_in, x.element_size())
+    padded_x, padded_weight = pad_channels(x, channels), pad_channels(weight, channels)
     assert padded_x.shape[1] == padded_weight.shape[1] == channels and channels * x.element_size() % 8 == 0
     assert padded_x.is_contiguous(memory_format=torch.channels_last)
     problem = conv_problem(2, c_in, 11, 10, 6, 7, 7, geometry, "fp32" if dtype == torch.float32 else "fp16", "nhwc")
@@ -544,6 +544,46 @@ def test_wgrad_without_masks_where_every_tile_is_whole_and_every_tap_inside(layo
         grad_weight, _ = conv_wgrad.conv2d_weight_grad(dz, x, weight, geometry, bias_grad=False, config=config)
         expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dz.double(), stride=2, padding=padding)
         _assert_close(grad_weight, expected, FP32_TOLERANCE, f"grad_weight {kernel}x{kernel}")
+
+
+def test_wgrad_position_boxes():
+    """wgrad's K steps are boxes of (image, row, column) output positions: the box padding the output least, the
+    widest of those; whole on ResNet-18's sizes (so no position is masked there), partial elsewhere."""
+    assert conv_wgrad.position_box(64, 56, 56, 64) == (1, 8, 8)
+    assert conv_wgrad.position_box(64, 28, 28, 64) == (4, 4, 4)
+    assert conv_wgrad.position_box(64, 7, 7, 64) == (64, 1, 1)
+    assert conv_wgrad.position_box(64, 112, 112, 128) == (1, 8, 16)
+    assert conv_wgrad.position_box(3, 5, 7, 16) == (1, 2, 8)  # 144 slots for 105 positions: the fewest
+    for shape in RESNET18_CONV_SHAPES:
+        problem = resnet18_problem(shape, batch=64) | {"activation": None}
+        config = conv_wgrad.CONV_WGRAD_SPEC.default_config(problem)
+        assert conv_wgrad._whole_boxes(problem, config), shape["name"]
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("block_k", [16, 32])
+def test_wgrad_partial_boxes_and_kernel_wide_columns(layout, block_k):
+    """Odd batch and sizes (position boxes partial in images, rows and columns), stride, padding and height
+    dilation: in channels_last the columns span the whole kernel's (kh, kw, channel) (`flat_rows`, a bounds
+    check per element), in NCHW one tap's channels; split three ways. Against float64."""
+    generator = torch.Generator().manual_seed(block_k)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "GROUP_M": 1, "num_warps": 2, "num_stages": 2,
+              "SPLIT_K": 3}
+    geometry = make_geometry((3, 2), (2, 1), (2, 0), (2, 1), 1)  # no column padding: a box's columns past the
+    for h, w, partial in ((11, 7, (False, block_k == 32, True)), (1, 3, (True, False, True))):  # output read x
+        x = torch.randn(3, 8, h, w, generator=generator)
+        x = x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x
+        weight = torch.randn(20, 8, 3, 2, generator=generator)
+        problem = conv_problem(3, 8, h, w, 20, 3, 2, geometry, "fp32", layout, None, False)
+        ho, wo = geometry.output_hw(h, w, 3, 2)
+        box = conv_wgrad.position_box(3, ho, wo, block_k)
+        assert tuple(size % side != 0 for size, side in zip((3, ho, wo), box)) == partial, box
+        assert conv_wgrad.flat_rows(problem) == (layout == "nhwc")
+        dz = torch.randn(3, 20, ho, wo, generator=generator)
+        grad_weight, _ = conv_wgrad.conv2d_weight_grad(dz, x, weight, geometry, bias_grad=False, config=config)
+        expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dz.double(), stride=(2, 1), padding=(2, 0),
+                                               dilation=(2, 1))
+        _assert_close(grad_weight, expected, FP32_TOLERANCE, f"grad_weight {h}x{w}")
 
 
 def test_dgrad_adds_another_readers_gradient_in_its_launch():
