@@ -14,6 +14,7 @@ from the GEMM.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 from typing import Any
@@ -153,6 +154,7 @@ def _channels(problem: Problem) -> int:
     return stem_channels(c_in_g, DTYPES[problem["dtype"]].itemsize) if flat_rows(problem) else c_in_g
 
 
+@functools.cache
 def position_box(n: int, ho: int, wo: int, block_k: int) -> tuple[int, int, int]:
     """(images, rows, columns) of the box of output positions a K step of `block_k` covers: powers of two,
     the fewest padded positions over the output (n x ho x wo in whole boxes), then the widest, as rows

@@ -527,6 +527,24 @@ def test_statistics_merges_racing_on_a_gpu_give_the_reference_and_the_same_bits(
         assert not counter.any()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ResNet-18's sizes take hours in the interpreter")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
+def test_resnet18_launches_match_float64_on_a_gpu(spec):
+    """Every conv launch of a ResNet-18 training step as `benchmarks/resnet18_static.py` inspects it (batch 64,
+    224x224, fp16 channels_last, default configs) against PyTorch in float64 on the same GPU."""
+    device = torch.device("cuda")
+    for shape in RESNET18_CONV_SHAPES:
+        if spec is conv_dgrad.CONV_DGRAD_SPEC and shape["name"] == "conv1":
+            continue  # the stem's input needs no gradient
+        problem = resnet18_problem(shape, batch=64)
+        if spec is not conv_fwd.CONV_FWD_SPEC:
+            problem = problem | {"activation": None, "bias": spec is conv_wgrad.CONV_WGRAD_SPEC}
+        inputs = spec.make_inputs(problem, device)
+        _assert_close(spec.launch(inputs, spec.default_config(problem)), spec.reference(inputs), FP16_TOLERANCE,
+                      f"{spec.name} {shape['name']}")
+
+
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_wgrad_without_masks_where_every_tile_is_whole_and_every_tap_inside(layout):
     """A 1x1 stride-2 downsample with whole tiles takes wgrad's unmasked loads (no padding, so every tap of every

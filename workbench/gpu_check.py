@@ -3,7 +3,8 @@
 Steps, each a separate process with its own time limit, run in order against one database in the
 output folder (default runs/gpu-check):
 
-1. the GPU-marked tests (`pytest -m gpu`: bf16/TF32 GEMM, real-NVML energy, racing merges), torch.compile's aside;
+1. the GPU-marked tests (`pytest -m gpu`: bf16/TF32 GEMM, real-NVML energy, racing merges, every ResNet-18 conv
+   launch against float64), torch.compile's aside;
 2. a real-NVML `workbench monitor` of a short tuning sweep (the fused GEMM, 4096^3 fp16, 4 configs);
 3. `workbench check-compile model resnet18`: every launch of the swapped ResNet-18's training step compiled
    with this machine's Triton, in parallel (which fills Triton's cache for the next step);
@@ -106,8 +107,8 @@ def steps(out_dir: Path, db: Path, tests_dir: Path = TESTS_DIR, python: str = sy
     tune = workbench_argv(python, "tune", "gemm", "--shape", shape, "--dtype", dtype, "--activation", activation,
                           "--budget", "4", *database)
     return [
-        Step("gpu-tests", "GPU-marked tests (bf16/TF32 GEMM, real NVML), torch.compile aside",
-             (*pytest, "-m", "gpu", "-k", f"not {COMPILE_TEST}", str(tests_dir)), 150, "pytest"),
+        Step("gpu-tests", "GPU-marked tests (bf16/TF32 GEMM, real NVML, ResNet-18's convs), torch.compile aside",
+             (*pytest, "-m", "gpu", "-k", f"not {COMPILE_TEST}", str(tests_dir)), 240, "pytest"),
         Step("monitor-tune", "Real-NVML monitor of a 4-config GEMM sweep (4096^3 fp16)",
              workbench_argv(python, "monitor", *database, "--", *tune), 120, "monitor"),
         Step("compile-model", "Every launch of the swapped ResNet-18's step compiled (fills Triton's cache)",
