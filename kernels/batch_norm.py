@@ -25,8 +25,9 @@ import triton.language as tl
 
 from triton_workbench.kernels import runtime
 from triton_workbench.kernels.activation import apply, derivative
-from triton_workbench.kernels.conv_geometry import needs_int64
+from triton_workbench.kernels.conv_geometry import memory_format_of, needs_int64
 from triton_workbench.kernels.conv_tiles import offsets
+from triton_workbench.kernels.max_pool import MaxPool, pooled_gradient, window_max
 from triton_workbench.kernels.runtime import jit
 
 MAX_STRIPS = 128  # partial results per channel: enough programs to fill a GPU, few enough to merge in one pass
@@ -226,12 +227,67 @@ def normalize_kernel(y_ptr, r_ptr, out_ptr, mean_ptr, invstd_ptr, weight_ptr, bi
 
 
 @jit
+def normalize_max_pool_kernel(y_ptr, out_ptr, tap_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+                              ROWS, C, H, W, PH, PW, sy_n, sy_h, sy_w, sy_c, so_n, so_h, so_w, so_c, negative_slope,
+                              AFFINE: tl.constexpr, ACTIVATION: tl.constexpr,
+                              KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+                              PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+                              INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = max-pool(act(normalise(y))) for a tile of pooled rows (n, ph, pw) and channels, and tap = the window
+    tap each maximum came from (`max_pool`); the pool's input is never stored. Values are compared as stored
+    (rounded to out's dtype), as a pool reading a stored activation compares them."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    image = offsets(rows // (PH * PW), INT64)
+    p_h = rows % (PH * PW) // PW
+    p_w = rows % PW
+    row_ok = rows < ROWS
+    column = offsets(cols, INT64)[None, :]
+    best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
+    tap = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+    for kh in tl.static_range(KH):
+        ih = p_h * STRIDE_H - PAD_H + kh * DIL_H
+        for kw in tl.static_range(KW):
+            iw = p_w * STRIDE_W - PAD_W + kw * DIL_W
+            ok = (row_ok & (ih.to(tl.uint32, bitcast=True) < H) & (iw.to(tl.uint32, bitcast=True) < W))[:, None] \
+                & c_ok[None, :]
+            at = (image * sy_n + offsets(ih, INT64) * sy_h + offsets(iw, INT64) * sy_w)[:, None] + column * sy_c
+            _, pre = _normalize(tl.load(y_ptr + at, mask=ok, other=0.0).to(tl.float32), cols, c_ok,
+                                mean_ptr, invstd_ptr, weight_ptr, bias_ptr, AFFINE)
+            value = apply(pre, ACTIVATION, negative_slope).to(out_ptr.dtype.element_ty).to(tl.float32)
+            best, tap = window_max(best, tap, value, ok, kh * KW + kw)
+    at = (image * so_n + offsets(p_h, INT64) * so_h + offsets(p_w, INT64) * so_w)[:, None] + column * so_c
+    mask = row_ok[:, None] & c_ok[None, :]
+    tl.store(out_ptr + at, best.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(tap_ptr + at, tap.to(tl.int8), mask=mask)
+
+
+@jit
+def _activation_grad(grad_ptr, tap_ptr, offs, mask, rows, cols, HW, W, PH, PW, sp_n, sp_h, sp_w, sp_c,
+                     POOL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr,
+                     STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr,
+                     DIL_W: tl.constexpr, INT64: tl.constexpr):
+    """d loss / d activation output (fp32) of a tile: grad's, or with POOL gathered from the gradient of the max-pool
+    that read the activation (`max_pool.pooled_gradient`)."""
+    if POOL:
+        return pooled_gradient(grad_ptr, tap_ptr, rows, cols, mask, HW, W, PH, PW, sp_n, sp_h, sp_w, sp_c,
+                               KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, INT64)
+    return tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@jit
 def backward_sums_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
                          r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
                          ROWS, C, HW, stride_n, stride_hw, stride_c, negative_slope, STRIP, STRIPS,
+                         tap_ptr, W, PH, PW, sp_n, sp_h, sp_w, sp_c,
                          AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
-                         ACTIVATION: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per channel over a strip of rows: sum dz, sum dz * x_hat and (R_NORM) sum dz * r_hat -> part[0|1|2, strip, c]."""
+                         ACTIVATION: tl.constexpr, POOL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                         STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+                         DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+                         INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel over a strip of rows: sum dz, sum dz * x_hat and (R_NORM) sum dz * r_hat -> part[0|1|2, strip, c].
+    With POOL, grad is the gradient of the max-pool that followed the activation (`_activation_grad`)."""
     strip = tl.program_id(0)
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # the loop's tiles have these columns too; stored after it
@@ -244,8 +300,10 @@ def backward_sums_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, mean_ptr, invstd_ptr,
         x_hat, r_hat, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr,
                                             bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
                                             AFFINE, RESIDUAL, R_NORM, R_AFFINE)
-        dz = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * derivative(pre, ACTIVATION, negative_slope)
-        dz = tl.where(mask, dz, 0.0)
+        grad = _activation_grad(grad_ptr, tap_ptr, offs, mask, start + tl.arange(0, BLOCK_M), cols, HW, W, PH, PW,
+                                sp_n, sp_h, sp_w, sp_c, POOL, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+                                INT64)
+        dz = tl.where(mask, grad * derivative(pre, ACTIVATION, negative_slope), 0.0)
         sum_dz += tl.sum(dz, 0)
         sum_dz_x += tl.sum(dz * x_hat, 0)
         if R_NORM:
@@ -273,8 +331,12 @@ def backward_apply_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, dy_ptr, dr_ptr, dwei
                           dr_weight_ptr, dr_bias_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
                           r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
                           ROWS, C, HW, stride_n, stride_hw, stride_c, negative_slope, STRIPS,
+                          tap_ptr, W, PH, PW, sp_n, sp_h, sp_w, sp_c,
                           AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
-                          ACTIVATION: tl.constexpr, BATCH_STATS: tl.constexpr, R_BATCH_STATS: tl.constexpr,
+                          ACTIVATION: tl.constexpr, POOL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                          STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+                          DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+                          BATCH_STATS: tl.constexpr, R_BATCH_STATS: tl.constexpr,
                           NEED_DY: tl.constexpr, NEED_DR: tl.constexpr, NEED_PARAMS: tl.constexpr,
                           INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """dy (and d residual) of one tile from the strips' sums, merged in order; the first row block also writes
@@ -293,7 +355,10 @@ def backward_apply_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, dy_ptr, dr_ptr, dwei
     x_hat, r_hat, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr,
                                         bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
                                         AFFINE, RESIDUAL, R_NORM, R_AFFINE)
-    dz = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * derivative(pre, ACTIVATION, negative_slope)
+    grad = _activation_grad(grad_ptr, tap_ptr, offs, mask, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), cols, HW, W, PH,
+                            PW, sp_n, sp_h, sp_w, sp_c, POOL, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+                            INT64)
+    dz = grad * derivative(pre, ACTIVATION, negative_slope)
     rows = ROWS.to(tl.float32)
     if NEED_DY:
         dy = _input_grad(dz, x_hat, sum_dz, sum_dz_x, rows, cols, c_ok, invstd_ptr, weight_ptr, AFFINE, BATCH_STATS)
@@ -483,6 +548,43 @@ def normalize(y: torch.Tensor, norm: Norm, residual: torch.Tensor | None, residu
     return out
 
 
+def normalize_max_pool(y: torch.Tensor, norm: Norm, activation_code: int, negative_slope: float, pool: MaxPool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool(act(norm(y))), the window tap of each maximum, int8): one launch, laid out as y; the activation
+    itself is never stored (`normalize_backward` with `pool` gathers its gradient from the pooled one)."""
+    out = torch.empty(pool.output_shape(y.shape), device=y.device, dtype=y.dtype,
+                      memory_format=memory_format_of(y))
+    taps = torch.empty_like(out, dtype=torch.int8)
+    if out.numel() == 0:
+        return out, taps
+    view = _pooled_tiles(rows_view(out))
+    runtime.announce()
+    normalize_max_pool_kernel[(view.row_blocks, view.channel_blocks)](
+        y, out, taps, *norm.pointers(y), view.rows, view.channels, *y.shape[2:], *out.shape[2:],
+        *_nhwc_strides(y), *_nhwc_strides(out), float(negative_slope), AFFINE=norm.weight is not None,
+        ACTIVATION=activation_code, **_window_constexprs(pool), INT64=needs_int64(y, out), BLOCK_M=view.block_m,
+        BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
+    return out, taps
+
+
+def _pooled_tiles(view: RowsView) -> RowsView:
+    """A quarter of the usual tile for the kernels that walk a pool's windows (taps unrolled, one load or gather
+    each): at 4096 elements they take 255 registers and spill on sm_80 and sm_90 (`workbench check-compile`)."""
+    return replace(view, block_m=max(16, view.block_m // 4))
+
+
+def _nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """t's (image, row, column, channel) strides."""
+    sn, sc, sh, sw = t.stride()
+    return sn, sh, sw, sc
+
+
+def _window_constexprs(pool: MaxPool | None) -> dict[str, int]:
+    """The pool's window as the kernels' constexprs (unit values without a pool)."""
+    names = ("KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W")
+    return dict(zip(names, pool.constexprs() if pool else (1,) * 8))
+
+
 def _flags(norm: Norm, residual: torch.Tensor | None, residual_norm: Norm | None) -> dict[str, bool]:
     return {"AFFINE": norm.weight is not None, "RESIDUAL": residual is not None, "R_NORM": residual_norm is not None,
             "R_AFFINE": residual_norm is not None and residual_norm.weight is not None}
@@ -497,11 +599,18 @@ def parameter_grad(parameter: torch.Tensor | None, y: torch.Tensor) -> torch.Ten
 
 def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual: torch.Tensor | None,
                        residual_norm: Norm | None, activation_code: int, negative_slope: float,
-                       need_dy: bool, need_dr: bool, need_params: bool) -> tuple[torch.Tensor | None, ...]:
+                       need_dy: bool, need_dr: bool, need_params: bool,
+                       pool: tuple[MaxPool, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, ...]:
     """(dy, d residual, d weight, d bias, d residual weight, d residual bias) of `normalize`, the parameter
-    gradients in their parameters' dtypes; None where not needed. grad must share y's strides."""
-    _check_layout(y, grad=grad, residual=residual)
-    view = rows_view(y)
+    gradients in their parameters' dtypes; None where not needed. grad must share y's strides; with `pool`
+    (the window and the taps of `normalize_max_pool`), grad is the pooled output's, with the taps' strides."""
+    _check_layout(y, residual=residual, **({} if pool else {"grad": grad}))
+    if pool:
+        _check_layout(pool[1], grad=grad)
+    taps = pool[1] if pool else y
+    pooled = (taps, y.shape[3], *taps.shape[2:], *_nhwc_strides(taps))
+    pool_constexprs = {"POOL": pool is not None, **_window_constexprs(pool[0] if pool else None)}
+    view = _pooled_tiles(rows_view(y)) if pool else rows_view(y)
     strip, strips = view.strips()
     part = torch.empty((3, strips, view.channels), device=y.device, dtype=torch.float32)
     flags = _flags(norm, residual, residual_norm)
@@ -510,8 +619,9 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
     shape = (view.rows, view.channels, view.hw, *view.strides, float(negative_slope))
     runtime.announce()
     backward_sums_kernel[(strips, view.channel_blocks)](
-        grad, y, pointer_or(residual, y), part, *pointers, *shape, strip, strips, **flags, ACTIVATION=activation_code,
-        INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
+        grad, y, pointer_or(residual, y), part, *pointers, *shape, strip, strips, *pooled, **flags,
+        ACTIVATION=activation_code, **pool_constexprs, INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c,
+        **runtime.LAUNCH_OPTIONS)
     dy = torch.empty_like(y) if need_dy else None
     dr = torch.empty_like(y) if need_dr and residual is not None else None
     params = [parameter_grad(p, y) if need_params else None
@@ -519,7 +629,7 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
                         r_norm.bias if residual_norm else None)]
     backward_apply_kernel[(view.row_blocks, view.channel_blocks)](
         grad, y, pointer_or(residual, y), part, pointer_or(dy, y), pointer_or(dr, y), *(pointer_or(p, part) for p in params),
-        *pointers, *shape, strips, **flags, ACTIVATION=activation_code,
+        *pointers, *shape, strips, *pooled, **flags, ACTIVATION=activation_code, **pool_constexprs,
         BATCH_STATS=norm.batch_stats, R_BATCH_STATS=residual_norm is not None and residual_norm.batch_stats,
         NEED_DY=dy is not None, NEED_DR=dr is not None, NEED_PARAMS=need_params,
         INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)

@@ -19,6 +19,7 @@ from triton_workbench.kernels import batch_norm as kernels
 from triton_workbench.kernels.activation import activation_code, parameter
 from triton_workbench.kernels.batch_norm import Norm
 from triton_workbench.kernels.conv_geometry import memory_format_of
+from triton_workbench.kernels.max_pool import MaxPool
 from triton_workbench.kernels.ops import refuse_double_backward
 
 _EMPTY = (0,)
@@ -63,27 +64,46 @@ def _(y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_
     return torch.empty_like(y)
 
 
+@torch.library.custom_op("workbench::batch_norm_act_max_pool", mutates_args=())
+def _normalize_max_pool_op(y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], batch_stats: bool, activation: Optional[str],
+                           negative_slope: float, pool: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max-pool(act((y - mean) * invstd * weight + bias)), the window tap of each maximum): `pool` is a
+    `MaxPool`'s arguments."""
+    return kernels.normalize_max_pool(y, Norm(mean, invstd, weight, bias, batch_stats), activation_code(activation),
+                                      negative_slope, MaxPool.of(pool))
+
+
+@_normalize_max_pool_op.register_fake
+def _(y, mean, invstd, weight, bias, batch_stats, activation, negative_slope, pool):
+    out = y.new_empty(MaxPool.of(pool).output_shape(y.shape)).contiguous(memory_format=memory_format_of(y))
+    return out, torch.empty_like(out, dtype=torch.int8)
+
+
 @torch.library.custom_op("workbench::batch_norm_act_backward", mutates_args=())
 def _normalize_backward_op(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], batch_stats: bool,
                            residual: Optional[torch.Tensor], r_mean: Optional[torch.Tensor],
                            r_invstd: Optional[torch.Tensor], r_weight: Optional[torch.Tensor],
                            r_bias: Optional[torch.Tensor], r_batch_stats: bool, activation: Optional[str],
-                           negative_slope: float, need_y: bool, need_residual: bool, need_params: bool
+                           negative_slope: float, need_y: bool, need_residual: bool, need_params: bool,
+                           taps: Optional[torch.Tensor] = None, pool: Optional[list[int]] = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor]:
     """(dy, d residual, d weight, d bias, d residual weight, d residual bias), each parameter gradient in its
-    parameter's dtype (written so by the kernel); empty where not needed."""
+    parameter's dtype (written so by the kernel); empty where not needed. With `pool` and `taps`, grad is that of
+    `_normalize_max_pool_op`'s output."""
     norm, residual_norm = _norms(mean, invstd, weight, bias, batch_stats, r_mean, r_invstd, r_weight, r_bias,
                                  r_batch_stats)
     grads = kernels.normalize_backward(grad, y, norm, residual, residual_norm, activation_code(activation),
-                                       negative_slope, need_y, need_residual, need_params)
+                                       negative_slope, need_y, need_residual, need_params,
+                                       (MaxPool.of(pool), taps) if pool is not None else None)
     return tuple(g if g is not None else y.new_empty(_EMPTY) for g in grads)
 
 
 @_normalize_backward_op.register_fake
 def _(grad, y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
-      activation, negative_slope, need_y, need_residual, need_params):
+      activation, negative_slope, need_y, need_residual, need_params, taps=None, pool=None):
     params = [kernels.parameter_grad(p, y) if need_params else y.new_empty(_EMPTY)
               for p in (weight, bias, r_weight, r_bias)]
     return (torch.empty_like(y) if need_y else y.new_empty(_EMPTY),
@@ -116,6 +136,28 @@ def _backward(ctx, grad):
 
 _normalize_op.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(_normalize_backward_op)
+
+
+def _setup_max_pool_context(ctx, inputs, output) -> None:
+    y, mean, invstd, weight, bias, batch_stats, activation, negative_slope, pool = inputs
+    ctx.flags = (batch_stats, activation, negative_slope, pool)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # the taps' gradient: None, not a tensor of zeros
+    ctx.save_for_backward(y, mean, invstd, weight, bias, output[1])
+
+
+def _max_pool_backward(ctx, grad, _):
+    y, mean, invstd, weight, bias, taps = ctx.saved_tensors
+    batch_stats, activation, negative_slope, pool = ctx.flags
+    needs = ctx.needs_input_grad
+    dy, _, dweight, dbias, _, _ = _normalize_backward_op(
+        grad.contiguous(memory_format=memory_format_of(taps)), y, mean, invstd, weight, bias, batch_stats, None, None,
+        None, None, None, False, activation, negative_slope, needs[0], False, needs[3] or needs[4], taps, pool)
+    return (dy if needs[0] else None, None, None, dweight if needs[3] and weight is not None else None,
+            dbias if needs[4] and bias is not None else None, None, None, None, None)
+
+
+_normalize_max_pool_op.register_autograd(_max_pool_backward, setup_context=_setup_max_pool_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,12 +209,12 @@ def _rows_ready(y: torch.Tensor) -> torch.Tensor:
 def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
                    residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
                    negative_slope: float | None = None, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   in_place: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> torch.Tensor:
+                   in_place: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   pool: MaxPool | None = None) -> torch.Tensor:
     """act(bn(y) [+ residual, or residual_bn(residual)]) in one Triton kernel after the statistics, with
     `torch.nn.BatchNorm2d`'s semantics for each BN (train/eval, running stats, affine, eps, momentum); y's
     batch statistics are `stats` when its producer computed them (`ops.conv2d_with_statistics`), and the
-    residual's `residual_stats`.
+    residual's `residual_stats`. With `pool` (no residual), max-pool(act(bn(y))) in that kernel.
 
     The output has y's memory format; a residual of another dtype is added in the promoted one, or, with
     `in_place` (the model wrote `y += residual`), cast to y's as PyTorch's in-place add does.
@@ -187,6 +229,11 @@ def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor |
         residual_norm = statistics(residual, residual_bn, residual_stats) if residual_bn is not None else None
     y = _rows_ready(y)
     norm = statistics(y, bn, stats)
+    if pool is not None:
+        if residual is not None:
+            raise ValueError("a max-pool after the activation is fused without a residual only")
+        return _normalize_max_pool_op(y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, activation,
+                                      parameter(activation, negative_slope), pool.arguments())[0]
     r = residual_norm
     return _normalize_op(y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, residual,
                          r.mean if r else None, r.invstd if r else None, r.weight if r else None,

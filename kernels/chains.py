@@ -11,6 +11,9 @@ behaviour with `model.train()` / `model.eval()` exactly as the original.
                                                   (from the current running stats, every call), one conv kernel
                                                   with bias + residual + activation in its epilogue
     bn_act:       act(bn(y) [+ residual])         the statistics and the fused kernel
+    ... -> max-pool (either, no residual)         batch statistics: the pool in the fused kernel, which
+                                                  stores only the pooled values (and each one's window tap);
+                                                  running statistics with a conv: PyTorch's pool after it
     conv_act, conv1d_act, linear_act              one kernel with the activation in its epilogue (a Conv1d
                                                   as a 2-D conv of unit height)
     conv_transpose_act                            the conv's dgrad kernel, then bias and activation
@@ -31,6 +34,7 @@ from triton_workbench.kernels import ops
 from triton_workbench.kernels.batch_norm_ops import batch_norm_act, check_input, running_of, uses_batch_stats
 from triton_workbench.kernels.conv_geometry import make_geometry
 from triton_workbench.kernels.conv_transpose import conv_transpose2d
+from triton_workbench.kernels.max_pool import MaxPool
 from triton_workbench.kernels.prelu import prelu as prelu_kernel
 
 
@@ -93,17 +97,18 @@ def _residual_for(residual: torch.Tensor | None, residual_bn: nn.BatchNorm2d | N
 def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
                 residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
                 negative_slope: float | None = None, defer: bool = False, in_place: bool = False,
-                hand_on: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> torch.Tensor | tuple:
-    """act(bn(conv(x)) [+ residual]); with `defer`, (conv(x), bn's batch statistics of it) while bn uses batch
-    statistics -- the consumer normalises it with them (`residual_stats`, see the module docstring) -- else
-    (bn(conv(x)), None). `in_place`: the add was `out += residual`, whose result keeps out's dtype. With
-    `hand_on`, (the result, x handed on: `ops.conv2d_with_statistics`) for x's other readers, whose gradient
-    of x the conv's dgrad launch then adds where it can."""
+                hand_on: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                pool: nn.MaxPool2d | None = None) -> torch.Tensor | tuple:
+    """act(bn(conv(x)) [+ residual]), then `pool` (a max-pool, no residual) in the same kernel; with `defer`,
+    (conv(x), bn's batch statistics of it) while bn uses batch statistics -- the consumer normalises it with
+    them (`residual_stats`, see the module docstring) -- else (bn(conv(x)), None). `in_place`: the add was
+    `out += residual`, whose result keeps out's dtype. With `hand_on`, (the result, x handed on:
+    `ops.conv2d_with_statistics`) for x's other readers, whose gradient of x the conv's dgrad launch then adds
+    where it can."""
     if defer:
         return _deferred(x, conv, bn)
     out, handed = _conv_bn_act(x, conv, bn, residual, residual_bn, activation, negative_slope, in_place,
-                               residual_stats)
+                               residual_stats, pool)
     return (out, handed) if hand_on else out
 
 
@@ -121,8 +126,8 @@ def _deferred(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d
 
 def _conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: torch.Tensor | None,
                  residual_bn: nn.BatchNorm2d | None, activation: str | None, negative_slope: float | None,
-                 in_place: bool, residual_stats: tuple[torch.Tensor, torch.Tensor] | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 in_place: bool, residual_stats: tuple[torch.Tensor, torch.Tensor] | None,
+                 pool: nn.MaxPool2d | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(`conv_bn_act`'s result, x handed on: x itself but where the batch-statistics conv hands it on)."""
     residual, residual_bn = _residual_for(residual, residual_bn)
     if residual is not None and not _fuses(residual, _conv_output_shape(x, conv), _compute_dtype(x), in_place):
@@ -134,23 +139,29 @@ def _conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual:
         y, mean, invstd, handed = ops.conv2d_with_statistics(x, conv.weight, conv.bias, conv.stride, conv.padding,
                                                              conv.dilation, conv.groups, running_of(bn))
         return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, (mean, invstd), in_place,
-                              residual_stats), handed
+                              residual_stats, _window(pool)), handed
     if residual_bn is not None:  # this BN runs on running stats but the shortcut's on the batch's: apply it first
         residual, residual_bn = batch_norm_act(residual, residual_bn, stats=residual_stats), None
-    return _conv(x, conv, *folded(conv, bn), activation, negative_slope, residual), x
+    out = _conv(x, conv, *folded(conv, bn), activation, negative_slope, residual)
+    return (pool(out) if pool is not None else out), x  # folded: the conv's epilogue ends the chain, PyTorch pools
 
 
 def bn_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
            residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
            negative_slope: float | None = None, in_place: bool = False,
-           residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """act(bn(y) [+ residual]) in one fused kernel after the statistics."""
+           residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+           pool: nn.MaxPool2d | None = None) -> torch.Tensor:
+    """act(bn(y) [+ residual]), then `pool` (a max-pool, no residual), in one fused kernel after the statistics."""
     residual, residual_bn = _residual_for(residual, residual_bn)
     if residual is not None and not _fuses(residual, y.shape, None, in_place):
         return _add_in_pytorch(bn_act(y, bn), residual, residual_bn, residual_stats, activation, negative_slope,
                                in_place)
     return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, in_place=in_place,
-                          residual_stats=residual_stats)
+                          residual_stats=residual_stats, pool=_window(pool))
+
+
+def _window(pool: nn.MaxPool2d | None) -> MaxPool | None:
+    return MaxPool.of_module(pool) if pool is not None else None
 
 
 def _conv_output_shape(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, ...]:

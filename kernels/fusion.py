@@ -5,6 +5,7 @@ activation module used at several places, functional calls, in-place variants):
 
     conv -> BN [-> + residual] [-> activation]      -> chains.conv_bn_act
     BN [-> + residual] [-> activation]              -> chains.bn_act
+    either, activation-ended without a residual, -> MaxPool2d (ResNet's stem): the same, pooled
     conv -> activation, linear -> activation        -> chains.conv_act, chains.linear_act
     conv, linear, activation alone                  -> the same, without the rest
 
@@ -28,6 +29,7 @@ from torch import fx, nn
 
 from triton_workbench.kernels import calls, chains, ops
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
+from triton_workbench.kernels.max_pool import MaxPool
 
 
 @dataclass
@@ -137,6 +139,7 @@ class Chain:
     defer: bool = False
     in_place: bool = False  # the add was `main += residual`: its result keeps main's dtype
     prelu: fx.Node | None = None  # a PReLU module (a learnable activation: alone)
+    pool: fx.Node | None = None  # a MaxPool2d module reading the activation
     nodes: list[fx.Node] = field(default_factory=list)
 
 
@@ -198,6 +201,18 @@ class _Graph:
 
     def bn(self, node: object) -> bool:
         return self._is(node, nn.BatchNorm2d)
+
+    def max_pool(self, node: object) -> bool:
+        """A MaxPool2d module the BN kernels can end a chain with: floor mode, no indices returned, a window
+        PyTorch accepts (else PyTorch's own error at the pool)."""
+        if not isinstance(node, fx.Node) or node in self.taken or not behaves_as(self.module(node), nn.MaxPool2d):
+            return False
+        pool = self.module(node)
+        try:
+            MaxPool.of_module(pool)
+        except ValueError:
+            return False
+        return not pool.ceil_mode and not pool.return_indices and len(node.args) == 1 and not node.kwargs
 
     def owner(self, node: object) -> nn.Module | None:
         """The module owning the parameter a get_attr node reads, else None."""
@@ -320,6 +335,9 @@ def _match(g: _Graph) -> list[Chain]:
         if (fused := residual_chain(act.source, chain)) is not None:
             take(fused)
         elif g.bn(act.source):
+            if len(node.users) == 1 and g.max_pool(pool := next(iter(node.users))):
+                chain.pool = pool
+                chain.nodes.append(pool)
             take(norm_chain(act.source, chain))
         elif g.conv(act.source) or g.conv1d(act.source) or g.conv_transpose(act.source) or g.linear(act.source):
             kind = "linear" if g.linear(act.source) else "conv"
@@ -355,6 +373,8 @@ def _rewrite(g: _Graph, chain: Chain) -> None:
         residual["in_place"] = True
     source = g.current(chain.source)
     with g.graph.inserting_before(last):
+        if chain.pool is not None:
+            act_kwargs["pool"] = module(chain.pool)
         if chain.residual_bn is not None:  # the shortcut's chain was rewritten first: (raw output, its statistics)
             shortcut = residual["residual"]
             residual["residual"] = g.graph.call_function(operator.getitem, (shortcut, 0))

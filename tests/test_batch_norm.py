@@ -130,3 +130,68 @@ def test_an_empty_batch_is_counted_and_leaves_the_running_stats_as_pytorch_does(
         assert out.shape == expected.shape
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             assert torch.equal(getattr(ours, name), getattr(reference, name)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# BN -> activation -> max-pool in one kernel each way (ResNet's stem)
+
+POOLS = [((3, 3), (2, 2), (1, 1), (1, 1)),  # ResNet's stem
+         ((2, 3), (1, 2), (1, 0), (1, 1)), ((3, 2), (2, 1), (1, 1), (2, 1))]
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=["stem", "rect", "dilated"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_act_max_pool_matches_pytorch(pool, layout, training):
+    """pool(act(bn(y))) and every gradient against PyTorch in float64; y takes few distinct values, so windows
+    hold tied maxima and the gradient must reach the first of them, as in PyTorch; running stats updated."""
+    torch.manual_seed(len(pool[0]) + training)
+    ours, reference = _pair(5, momentum=0.2)
+    ours.train(training), reference.train(training)
+    y = torch.randint(-3, 4, (3, 5, 11, 9)).float().contiguous(memory_format=layout).requires_grad_()
+    y64 = y.detach().double().requires_grad_()
+    window = batch_norm_ops.MaxPool(*pool)
+    out = batch_norm_act(y, ours, activation="leaky_relu", negative_slope=0.1, pool=window)
+    expected = torch.nn.functional.max_pool2d(torch.nn.functional.leaky_relu(reference(y64), 0.1), *pool)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=layout)
+    grad = torch.randn(expected.shape)
+    out.backward(grad)
+    expected.backward(grad.double())
+    for ours_grad, wanted in ((y.grad, y64.grad), (ours.weight.grad, reference.weight.grad),
+                              (ours.bias.grad, reference.bias.grad)):
+        torch.testing.assert_close(ours_grad.double(), wanted, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean.double(), reference.running_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_bn_act_max_pool_nan_wins_its_windows_and_takes_their_gradient():
+    """Running statistics keep a NaN in its place: every window holding it pools to NaN, and the gradient of
+    those windows goes to it (PyTorch's rule: a NaN beats any number; fp16 output)."""
+    ours, reference = _pair(2)
+    ours.eval(), reference.eval()
+    y = torch.randn(1, 2, 6, 6)
+    y[0, 1, 2, 3] = float("nan")
+    y = y.half().requires_grad_()
+    y64 = y.detach().double().requires_grad_()
+    out = batch_norm_act(y, ours, activation="relu", pool=batch_norm_ops.MaxPool(*POOLS[0]))
+    expected = torch.nn.functional.max_pool2d(torch.relu(reference(y64)), *POOLS[0])
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().sum() == 2  # its two windows
+    torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=2e-3, equal_nan=True)
+    grad = torch.randn(expected.shape)
+    out.backward(grad.half())
+    expected.backward(grad.double())
+    assert torch.equal(y.grad.isnan(), y64.grad.isnan())
+    torch.testing.assert_close(y.grad.double(), y64.grad, rtol=2e-3, atol=2e-3, equal_nan=True)
+
+
+def test_max_pool_op_passes_opcheck_and_bad_pools_are_refused():
+    torch.manual_seed(4)
+    y = torch.randn(2, 3, 7, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight, bias = torch.rand(3, requires_grad=True) + 0.5, torch.randn(3, requires_grad=True)
+    mean, invstd = batch_norm_ops._stats_op(y.detach(), None, None, None, 0.1, 1e-5)
+    torch.library.opcheck(batch_norm_ops._normalize_max_pool_op,
+                          (y, mean, invstd, weight, bias, True, "relu", 0.01, batch_norm_ops.MaxPool(*POOLS[0]).arguments()))
+    with pytest.raises(ValueError, match="padding"):
+        batch_norm_ops.MaxPool((3, 3), (2, 2), (2, 2), (1, 1))
+    with pytest.raises(ValueError, match="residual"):
+        batch_norm_act(y, nn.BatchNorm2d(3), y, activation="relu", pool=batch_norm_ops.MaxPool(*POOLS[0]))

@@ -82,6 +82,38 @@ def test_basic_block_with_downsample_fuses_everything_and_matches_pytorch(channe
     _check_against_float64(block, x, steps=2)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stem_conv_bn_relu_max_pool_fuses_and_matches_pytorch(channels_last):
+    """ResNet's stem (7x7 stride-2 conv -> BN -> ReLU -> 3x3 stride-2 max-pool) on odd sizes: the pool in the BN
+    kernel in training (the conv folded with BN and PyTorch's pool in eval); outputs, gradients, running stats."""
+    torch.manual_seed(7)
+    stem = nn.Sequential(nn.Conv2d(3, 5, 7, 2, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(3, 2, 1))
+    x = torch.randn(3, 3, 19, 17)
+    if channels_last:
+        stem, x = stem.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    assert _records(knn.swap(copy.deepcopy(stem))) == {"0": ("fused", "0 -> 1 -> 2 -> 3")}
+    _check_against_float64(stem, x, steps=2)
+
+
+def test_max_pools_the_kernel_does_not_take_stay_in_pytorch():
+    """ceil mode, returned indices, or an activation read again: the BN chain ends at its activation."""
+    for pool in (nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(2, return_indices=True)):
+        model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), pool)
+        assert _records(knn.swap(model))["0"] == ("fused", "0 -> 1"), pool
+
+    class ReadTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.pool = nn.BatchNorm2d(4), nn.MaxPool2d(2)
+
+        def forward(self, x):
+            a = torch.relu(self.bn(x))
+            return self.pool(a), a
+
+    assert _records(knn.swap(ReadTwice()))["bn"] == ("fused", "bn -> relu")
+
+
 def test_bottleneck_and_identity_shortcut_match_pytorch():
     torch.manual_seed(1)
     block = nn.Sequential(Bottleneck(8, 2), BasicBlock(8, 8))  # identity shortcuts: a plain residual add
@@ -170,12 +202,13 @@ def test_an_in_place_activation_on_a_tensor_read_elsewhere_is_left_in_pytorch():
 def test_swapped_resnet_forward_runs_no_pytorch_batch_norm_relu_or_add():
     torch.manual_seed(5)
     model = knn.swap(resnet18(num_classes=3, width=4))
-    assert not [r for r in model.swap_records if r.action == "kept" and r.module not in ("MaxPool2d",
-                                                                                       "AdaptiveAvgPool2d")]
+    assert not [r for r in model.swap_records if r.action == "kept" and r.module != "AdaptiveAvgPool2d"]
+    assert "conv1 -> bn1 -> relu -> maxpool" in [r.detail for r in model.swap_records]  # the stem: pooled too
     with _AtenOps() as seen:
         model(torch.randn(2, 3, 16, 16))
-    assert {name for name, _ in seen.ops if "batch_norm" in name or "relu" in name} <= {
-        "workbench::batch_norm_stats", "workbench::batch_norm_act"}
+    assert {name for name, _ in seen.ops if "batch_norm" in name or "relu" in name or "pool" in name} <= {
+        "workbench::batch_norm_stats", "workbench::batch_norm_act", "workbench::batch_norm_act_max_pool",
+        "aten::adaptive_avg_pool2d", "aten::mean"}
     assert not [rank for name, rank in seen.ops if name.startswith("aten::add") and rank == 4]  # only the counters'
 
 

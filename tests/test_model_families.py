@@ -512,6 +512,8 @@ _LAUNCHERS = {
     "gemm_backward": (ops.gemm_kernels, "backward", True, lambda a, k: a[4] is not None,
                       lambda a, k: tuple(a[2].shape)[::-1]),
     "bn_forward": (batch_norm, "normalize", False, lambda a, k: a[4] != 0, _bn_key(1)),
+    "bn_max_pool_forward": (batch_norm, "normalize_max_pool", False, lambda a, k: a[2] != 0,
+                            lambda a, k: frozenset([a[1].weight.data_ptr()] if a[1].weight is not None else [])),
     "bn_backward": (batch_norm, "normalize_backward", True, lambda a, k: a[5] != 0, _bn_key(2)),
     "activation": (ops, "run_activation", None, lambda a, k: True, lambda a, k: None),
 }
@@ -604,10 +606,10 @@ def test_every_conv_linear_and_activation_runs_in_triton_with_pytorchs_numerics(
         # one backward) is one Triton launch computing it, alone or fused into the conv, GEMM or BN kernel before it
         for launcher in ("gemm_forward", "gemm_backward"):
             assert {call.key for call in calls if call.launcher == launcher} == linears, (mode, launcher)
-        if mode == "train":
-            for launcher in ("bn_forward", "bn_backward"):
-                assert set().union(*(call.key for call in calls if call.launcher == launcher)) == norms, \
-                    (mode, launcher)
+        if mode == "train":  # (a BN whose activation a max-pool reads: the pooled forward)
+            for launchers in (("bn_forward", "bn_max_pool_forward"), ("bn_backward",)):
+                assert set().union(*(call.key for call in calls if call.launcher in launchers)) == norms, \
+                    (mode, launchers)
         activations = [op for op in (name.partition("::")[2] for name in eager.names) if op in _ACTIVATIONS]
         for backward in (False, True):
             expected_launches = sum(op.endswith("_backward") == backward for op in activations)
