@@ -10,7 +10,7 @@ from torch import nn
 from triton_workbench.kernels import batch_norm_ops
 from triton_workbench.kernels.batch_norm_ops import batch_norm_act
 
-pytestmark = pytest.mark.usefixtures("on_kernel_device")  # CUDA tensors on a GPU machine
+pytestmark = [pytest.mark.usefixtures("on_kernel_device"), pytest.mark.device_portable]  # CUDA tensors on a GPU
 
 
 def _pair(channels: int, **options) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:

@@ -63,7 +63,7 @@ def test_every_step_is_a_workbench_command_or_a_pytest_run_against_the_check_dat
 def test_the_pytest_steps_name_the_gpu_marker_and_the_torch_compile_test():
     gpu_tests, compile_test = [step.argv for step in steps(Path("out"), Path("out/db")) if step.judge == "pytest"]
     options = gpu_tests[3:]  # after `python -m pytest`
-    assert options[options.index("-m") + 1] == "gpu" and options[-1] == str(TESTS)
+    assert options[options.index("-m") + 1] == "gpu or device_portable" and options[-1] == str(TESTS)
     assert options[options.index("-k") + 1] == f"not {COMPILE_TEST}"
     path, _, name = compile_test[-1].partition("::")
     assert name == COMPILE_TEST and "pytest.mark.gpu" in decorators_of_tests(Path(path))[name]

@@ -4,7 +4,7 @@ Steps, each a separate process with its own time limit, run in order against one
 output folder (default runs/gpu-check):
 
 1. the GPU-marked tests (`pytest -m gpu`: bf16/TF32 GEMM, real-NVML energy, racing merges, every ResNet-18 conv
-   launch against float64), torch.compile's aside;
+   launch against float64) and the device-portable ones (the BatchNorm kernels), torch.compile's aside;
 2. a real-NVML `workbench monitor` of a short tuning sweep (the fused GEMM, 4096^3 fp16, 4 configs);
 3. `workbench check-compile model resnet18`: every launch of the swapped ResNet-18's training step compiled
    with this machine's Triton, in parallel (which fills Triton's cache for the next step);
@@ -50,6 +50,7 @@ from triton_workbench.workbench.tables import format_table
 DEFAULT_OUT = Path("runs/gpu-check")
 TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"  # the checkout's tests (not in an installed wheel)
 COMPILE_TEST = "test_model_under_torch_compile_matches_eager"  # in tests/test_ops.py
+GPU_MARKERS = "gpu or device_portable"  # the pytest markers of the tests the GPU check runs
 BUDGET_S = 450.0  # every step together; the check itself adds a few seconds (imports, summary)
 MIN_STEP_S = 10.0  # a step with less time left than this is not started
 GRACE_S = 15.0  # after Ctrl-C at its time limit, a step gets this long to store what it measured
@@ -107,8 +108,9 @@ def steps(out_dir: Path, db: Path, tests_dir: Path = TESTS_DIR, python: str = sy
     tune = workbench_argv(python, "tune", "gemm", "--shape", shape, "--dtype", dtype, "--activation", activation,
                           "--budget", "4", *database)
     return [
-        Step("gpu-tests", "GPU-marked tests (bf16/TF32 GEMM, real NVML, ResNet-18's convs), torch.compile aside",
-             (*pytest, "-m", "gpu", "-k", f"not {COMPILE_TEST}", str(tests_dir)), 240, "pytest"),
+        Step("gpu-tests", "GPU-marked and device-portable tests (bf16/TF32 GEMM, real NVML, ResNet-18's convs, "
+             "BatchNorm), torch.compile aside",
+             (*pytest, "-m", GPU_MARKERS, "-k", f"not {COMPILE_TEST}", str(tests_dir)), 240, "pytest"),
         Step("monitor-tune", "Real-NVML monitor of a 4-config GEMM sweep (4096^3 fp16)",
              workbench_argv(python, "monitor", *database, "--", *tune), 120, "monitor"),
         Step("compile-model", "Every launch of the swapped ResNet-18's step compiled (fills Triton's cache)",
