@@ -245,7 +245,7 @@ def normalize_max_pool_kernel(y_ptr, out_ptr, tap_ptr, mean_ptr, invstd_ptr, wei
     row_ok = rows < ROWS
     column = offsets(cols, INT64)[None, :]
     best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
-    tap = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+    tap = tl.full((BLOCK_M, BLOCK_C), -1, tl.int32)
     for kh in tl.static_range(KH):
         ih = p_h * STRIDE_H - PAD_H + kh * DIL_H
         for kw in tl.static_range(KW):
@@ -523,12 +523,12 @@ class Norm:
         return self.mean, self.invstd, pointer_or(self.weight, fallback), pointer_or(self.bias, fallback)
 
 
-def _check_layout(y: torch.Tensor, **others: torch.Tensor | None) -> None:
+def _check_layout(y: torch.Tensor, y_name: str = "y", **others: torch.Tensor | None) -> None:
     """The kernels address every tensor with y's strides: others must be laid out as y (size-1 dims aside)."""
     for name, other in others.items():
         if other is not None and (other.shape != y.shape or any(
                 a != b for a, b, size in zip(other.stride(), y.stride(), y.shape) if size > 1)):
-            raise ValueError(f"{name} must have y's shape and strides {tuple(y.stride())}, got shape "
+            raise ValueError(f"{name} must have {y_name}'s shape and strides {tuple(y.stride())}, got shape "
                              f"{tuple(other.shape)} and strides {tuple(other.stride())}")
 
 

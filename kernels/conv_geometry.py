@@ -49,17 +49,18 @@ class ConvGeometry:
         return (kh, kw, self.stride_h, self.stride_w, self.pad_top, self.pad_left, self.dilation_h, self.dilation_w)
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """An F.conv2d-style int or pair of ints (a 1-tuple too) as (height, width); TypeError naming `name`."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
-        pair = (value, value)
+        both = (value, value)
     elif (isinstance(value, (tuple, list)) and len(value) in (1, 2)
           and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        pair = (value[0], value[-1])
+        both = (value[0], value[-1])
     else:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
+    return both
 
 
 def make_geometry(
@@ -71,8 +72,8 @@ def make_geometry(
 ) -> ConvGeometry:
     """Validate F.conv2d-style arguments and resolve 'same'/'valid' padding to explicit sides; padding may also
     be four ints (top, bottom, left, right), which the kernels take as they are."""
-    stride_h, stride_w = _pair(stride, "stride")
-    dilation_h, dilation_w = _pair(dilation, "dilation")
+    stride_h, stride_w = pair(stride, "stride")
+    dilation_h, dilation_w = pair(dilation, "dilation")
     if min(stride_h, stride_w) < 1:
         raise ValueError(f"stride must be positive, got {stride!r}")
     if min(dilation_h, dilation_w) < 1:
@@ -95,7 +96,7 @@ def make_geometry(
             raise ValueError(f"padding (top, bottom, left, right) must be non-negative ints, got {padding!r}")
         pads = tuple(padding)
     else:
-        pad_h, pad_w = _pair(padding, "padding")
+        pad_h, pad_w = pair(padding, "padding")
         if min(pad_h, pad_w) < 0:
             raise ValueError(f"padding must be non-negative, got {padding!r}")
         pads = (pad_h, pad_h, pad_w, pad_w)

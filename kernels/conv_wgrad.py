@@ -263,8 +263,8 @@ def _tap_programs(problem: Problem) -> int:
 
 
 def _programs_per_tile(problem: Problem) -> int:
-    """Programs per (co, column) tile as large as the reduction allows: `_tap_programs`, and up to 64 splits of
-    the positions (`_split` picks the count once the tile is chosen)."""
+    """Programs per (co, column) tile as large as the reduction allows, to size the tiles by: `_tap_programs`, and
+    up to 64 splits of the positions (`_split` picks the count, up to 128, once the tile is chosen)."""
     return _tap_programs(problem) * min(64, max(1, _dims(problem)[2] // 512))
 
 
@@ -272,7 +272,8 @@ MIN_STEPS = 4  # K steps per split, at least: below it the pipeline's fill and t
 
 
 def _splits_have_work(config: Config, problem: Problem) -> bool:
-    """A split of the wgrad reduction is worth launching only if each gets at least BLOCK_K positions."""
+    """A split of the wgrad reduction is worth launching only if the splits get a K step (BLOCK_K positions) each
+    on average."""
     return config["SPLIT_K"] == 1 or config["SPLIT_K"] * config["BLOCK_K"] <= _dims(problem)[2]
 
 

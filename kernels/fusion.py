@@ -107,6 +107,7 @@ _METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "
             "tanh_": "tanh"}
 _IN_PLACE_FUNCTIONS = (F.relu_, torch.relu_, F.hardtanh_, F.elu_, torch.celu_, torch.selu_, operator.iadd)
 NO_KERNEL = "no Triton kernel for this module"
+_NO_POOL_CHAIN = "a max-pool runs in a Triton kernel only after a BN -> activation chain that it alone reads"
 # a layer alone or with its activation -> the function that runs it
 LAYER_FUNCTIONS = {nn.Conv2d: chains.conv_act, nn.Conv1d: chains.conv1d_act,
                    nn.ConvTranspose2d: chains.conv_transpose_act, nn.Linear: chains.linear_act}
@@ -204,15 +205,20 @@ class _Graph:
 
     def max_pool(self, node: object) -> bool:
         """A MaxPool2d module the BN kernels can end a chain with: floor mode, no indices returned, a window
-        PyTorch accepts (else PyTorch's own error at the pool)."""
+        `MaxPool` takes (else it stays in PyTorch, which raises its own error for a window it refuses)."""
         if not isinstance(node, fx.Node) or node in self.taken or not behaves_as(self.module(node), nn.MaxPool2d):
             return False
         pool = self.module(node)
         try:
             MaxPool.of_module(pool)
-        except ValueError:
+        except (TypeError, ValueError) as error:
+            self.kept[node] = f"a max-pool the BN kernels do not take: {error}"
             return False
-        return not pool.ceil_mode and not pool.return_indices and len(node.args) == 1 and not node.kwargs
+        reason = self._supported(pool) or ("ceil mode" if pool.ceil_mode else None) or \
+            ("it returns indices" if pool.return_indices else None)
+        if reason is not None:
+            self.kept[node] = reason
+        return reason is None and len(node.args) == 1 and not node.kwargs
 
     def owner(self, node: object) -> nn.Module | None:
         """The module owning the parameter a get_attr node reads, else None."""
@@ -515,6 +521,7 @@ def _kept(g: _Graph) -> Iterable[SwapRecord]:
                 yield SwapRecord(node.name, calls.readable(node.op, node.target), "kept", reason)
             continue
         module = g.module(node)
-        reason = g.kept.get(node) or (NO_KERNEL if not isinstance(module, nn.Identity) else None)
+        reason = g.kept.get(node) or (_NO_POOL_CHAIN if isinstance(module, nn.MaxPool2d) else
+                                      NO_KERNEL if not isinstance(module, nn.Identity) else None)
         if reason is not None:
             yield SwapRecord(str(node.target), type(module).__name__, "kept", reason)

@@ -14,7 +14,7 @@ import torch
 import triton.language as tl
 from torch import nn
 
-from triton_workbench.kernels.conv_geometry import ConvGeometry, make_geometry
+from triton_workbench.kernels.conv_geometry import ConvGeometry, make_geometry, pair
 from triton_workbench.kernels.conv_tiles import offsets
 from triton_workbench.kernels.runtime import jit
 
@@ -23,8 +23,9 @@ MAX_TAPS = 127  # a window's taps numbered in int8
 
 @jit
 def window_max(best, tap_of_best, value, ok, TAP: tl.constexpr):
-    """(maximum, its tap) once `value` (fp32, where `ok`) at window tap TAP is seen."""
-    take = ok & ((value > best) | (value != value))
+    """(maximum, its tap) once `value` (fp32, where `ok`) at window tap TAP is seen; start from (-inf, -1): the
+    first tap inside the input is taken whatever its value (a window of -inf sends its gradient there)."""
+    take = ok & ((value > best) | (value != value) | (tap_of_best < 0))
     return tl.where(take, value, best), tl.where(take, TAP, tap_of_best)
 
 
@@ -70,8 +71,7 @@ class MaxPool:
     def of_module(cls, module: nn.MaxPool2d) -> "MaxPool":
         """`module`'s window (ValueError where PyTorch refuses it); floor mode and no indices are the caller's
         to check."""
-        pair = lambda value: tuple(value) if isinstance(value, (tuple, list)) else (value, value)  # noqa: E731
-        return cls(pair(module.kernel_size), pair(module.stride), pair(module.padding), pair(module.dilation))
+        return cls(*(pair(getattr(module, name), name) for name in ("kernel_size", "stride", "padding", "dilation")))
 
     @classmethod
     def of(cls, arguments: list[int]) -> "MaxPool":
@@ -86,4 +86,7 @@ class MaxPool:
         return self.geometry.constexprs(*self.kernel_size)
 
     def output_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
-        return (*shape[:2], *self.geometry.output_hw(*shape[2:], *self.kernel_size))
+        out = (*shape[:2], *self.geometry.output_hw(*shape[2:], *self.kernel_size))
+        if min(out[2:]) < 1:
+            raise ValueError(f"max-pool output size is too small: input {tuple(shape)} gives {out}")
+        return out

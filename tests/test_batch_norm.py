@@ -145,7 +145,7 @@ POOLS = [((3, 3), (2, 2), (1, 1), (1, 1)),  # ResNet's stem
 def test_bn_act_max_pool_matches_pytorch(pool, layout, training):
     """pool(act(bn(y))) and every gradient against PyTorch in float64; y takes few distinct values, so windows
     hold tied maxima and the gradient must reach the first of them, as in PyTorch; running stats updated."""
-    torch.manual_seed(len(pool[0]) + training)
+    torch.manual_seed(POOLS.index(pool) * 2 + training)
     ours, reference = _pair(5, momentum=0.2)
     ours.train(training), reference.train(training)
     y = torch.randint(-3, 4, (3, 5, 11, 9)).float().contiguous(memory_format=layout).requires_grad_()
@@ -162,25 +162,28 @@ def test_bn_act_max_pool_matches_pytorch(pool, layout, training):
                               (ours.bias.grad, reference.bias.grad)):
         torch.testing.assert_close(ours_grad.double(), wanted, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours.running_mean.double(), reference.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var.double(), reference.running_var, rtol=1e-5, atol=1e-6)
 
 
 def test_bn_act_max_pool_nan_wins_its_windows_and_takes_their_gradient():
     """Running statistics keep a NaN in its place: every window holding it pools to NaN, and the gradient of
-    those windows goes to it (PyTorch's rule: a NaN beats any number; fp16 output)."""
+    those windows goes to it (PyTorch's rule: a NaN beats any number; fp16 output). A border window of -inf
+    sends its gradient to its first tap inside the input, as PyTorch does."""
     ours, reference = _pair(2)
     ours.eval(), reference.eval()
     y = torch.randn(1, 2, 6, 6)
     y[0, 1, 2, 3] = float("nan")
+    y[0, 0, :2, :2] = float("-inf")  # the whole of window (0, 0) inside the input
     y = y.half().requires_grad_()
     y64 = y.detach().double().requires_grad_()
-    out = batch_norm_act(y, ours, activation="relu", pool=batch_norm_ops.MaxPool(*POOLS[0]))
-    expected = torch.nn.functional.max_pool2d(torch.relu(reference(y64)), *POOLS[0])
+    out = batch_norm_act(y, ours, activation="leaky_relu", pool=batch_norm_ops.MaxPool(*POOLS[0]))
+    expected = torch.nn.functional.max_pool2d(torch.nn.functional.leaky_relu(reference(y64)), *POOLS[0])
     assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().sum() == 2  # its two windows
     torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=2e-3, equal_nan=True)
     grad = torch.randn(expected.shape)
     out.backward(grad.half())
     expected.backward(grad.double())
-    assert torch.equal(y.grad.isnan(), y64.grad.isnan())
+    assert torch.equal(y.grad.isnan(), y64.grad.isnan()) and y64.grad[0, 0, 0, 0] != 0
     torch.testing.assert_close(y.grad.double(), y64.grad, rtol=2e-3, atol=2e-3, equal_nan=True)
 
 
@@ -193,5 +196,8 @@ def test_max_pool_op_passes_opcheck_and_bad_pools_are_refused():
                           (y, mean, invstd, weight, bias, True, "relu", 0.01, batch_norm_ops.MaxPool(*POOLS[0]).arguments()))
     with pytest.raises(ValueError, match="padding"):
         batch_norm_ops.MaxPool((3, 3), (2, 2), (2, 2), (1, 1))
+    with pytest.raises(ValueError, match="too small"):  # PyTorch refuses an empty output too
+        batch_norm_act(y.detach()[:, :, :1, :1], nn.BatchNorm2d(3), activation="relu",
+                       pool=batch_norm_ops.MaxPool((3, 3), (1, 1), (0, 0), (1, 1)))
     with pytest.raises(ValueError, match="residual"):
         batch_norm_act(y, nn.BatchNorm2d(3), y, activation="relu", pool=batch_norm_ops.MaxPool(*POOLS[0]))

@@ -110,8 +110,8 @@ def test_matches_pytorch(case, layout):
 @pytest.mark.parametrize("dtype, c_in", [(torch.float32, 3), (torch.float16, 3), (torch.float16, 2), (torch.float32, 5)])
 def test_stem_k_tiles_cover_whole_kernel_rows(dtype, c_in):
     """Few channels, channels_last: padded to whole 8-byte channel runs, a K tile spans a kernel row's
-    (kw, channel) run (the stem's 7x7x3 path); wgrad's programs own kernel rows where the channels are fewer
-    than a 16-byte vector holds; forward and gradients still match PyTorch."""
+    (kw, channel) run (the stem's 7x7x3 path); wgrad's columns span the whole kernel where the channels are
+    fewer than a 16-byte vector holds; forward and gradients still match PyTorch."""
     generator = torch.Generator().manual_seed(c_in)
     x = torch.randn(2, c_in, 11, 10, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(6, c_in, 7, 7, generator=generator).to(dtype)
@@ -541,8 +541,8 @@ def test_resnet18_launches_match_float64_on_a_gpu(spec):
         if spec is not conv_fwd.CONV_FWD_SPEC:
             problem = problem | {"activation": None, "bias": spec is conv_wgrad.CONV_WGRAD_SPEC}
         inputs = spec.make_inputs(problem, device)
-        _assert_close(spec.launch(inputs, spec.default_config(problem)), spec.reference(inputs), FP16_TOLERANCE,
-                      f"{spec.name} {shape['name']}")
+        _assert_close(spec.launch(inputs, spec.default_config(problem)), spec.reference(inputs), 3e-3,
+                      f"{spec.name} {shape['name']}")  # fp16 outputs round by < 5e-4 of the largest; a lost box is more
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
@@ -583,7 +583,8 @@ def test_wgrad_position_boxes():
 def test_wgrad_partial_boxes_and_kernel_wide_columns(layout, block_k):
     """Odd batch and sizes (position boxes partial in images, rows and columns), stride, padding and height
     dilation: in channels_last the columns span the whole kernel's (kh, kw, channel) (`flat_rows`, a bounds
-    check per element), in NCHW one tap's channels; split three ways. Against float64."""
+    check per element), in NCHW one tap's channels; split in up to three (as many as there are boxes).
+    Against float64."""
     generator = torch.Generator().manual_seed(block_k)
     config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "GROUP_M": 1, "num_warps": 2, "num_stages": 2,
               "SPLIT_K": 3}

@@ -97,10 +97,23 @@ def test_stem_conv_bn_relu_max_pool_fuses_and_matches_pytorch(channels_last):
 
 
 def test_max_pools_the_kernel_does_not_take_stay_in_pytorch():
-    """ceil mode, returned indices, or an activation read again: the BN chain ends at its activation."""
-    for pool in (nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(2, return_indices=True)):
+    """ceil mode, returned indices, forward hooks, a window given as PyTorch takes it but `MaxPool` does not, or
+    an activation read again: the BN chain ends at its activation and the pool runs in PyTorch, with why."""
+    hooked = nn.MaxPool2d(2)
+    hooked.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    calls = []
+    for pool, why in ((nn.MaxPool2d(3, 2, 1, ceil_mode=True), "ceil mode"),
+                      (nn.MaxPool2d(2, return_indices=True), "returns indices"), (hooked, "hooks"),
+                      (nn.MaxPool2d(3, stride=()), "do not take")):
         model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), pool)
-        assert _records(knn.swap(model))["0"] == ("fused", "0 -> 1"), pool
+        swapped = knn.swap(copy.deepcopy(model))
+        assert _records(swapped)["0"] == ("fused", "0 -> 1"), pool
+        assert why in _records(swapped)["2"][1] and _records(swapped)["2"][0] == "kept"
+        x = torch.randn(2, 4, 7, 7)
+        torch.testing.assert_close(swapped(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(calls) == 2  # the hooked pool ran, its hook called, in the swapped model as in the original
+    assert _records(knn.swap(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d((3,), 2, 1))))["0"] == \
+        ("fused", "0 -> 1 -> 2")  # a 1-tuple window is PyTorch's (3, 3)
 
     class ReadTwice(nn.Module):
         def __init__(self):
