@@ -7,7 +7,9 @@ one kernel serves both memory formats, with contiguous channel vectors in channe
 
 Every reduction is deterministic: a program reduces a fixed strip of rows into partial results,
 merged in strip order. Forward statistics are per strip (mean, M2) -- centred, so the variance does
-not cancel in fp32 as sum-of-squares does -- merged by Chan et al.'s formula.
+not cancel in fp32 as sum-of-squares does -- merged by Chan et al.'s formula. The backward's per-strip
+sums are merged by the last strip of each channel block to finish (`kernels.arrival`), in its launch,
+so the elementwise pass reads one row of sums per channel.
 
     forward:  out = act((y - mean) * invstd * weight + bias  [+ residual, itself optionally normalised])
     backward: dz = grad * act'(pre); dbias = sum dz, dweight = sum dz * x_hat;
@@ -23,14 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_workbench.kernels import runtime
+from triton_workbench.kernels import arrival, runtime
 from triton_workbench.kernels.activation import apply, derivative
 from triton_workbench.kernels.conv_geometry import memory_format_of, needs_int64
+from triton_workbench.kernels.arrival import last_to_arrive
 from triton_workbench.kernels.conv_tiles import offsets
 from triton_workbench.kernels.max_pool import MaxPool, pooled_gradient, window_max
 from triton_workbench.kernels.runtime import jit
 
-MAX_STRIPS = 128  # partial results per channel: enough programs to fill a GPU, few enough to merge in one pass
+MAX_STRIPS = 512  # partial results per channel: programs to fill a GPU's SMs several times, few enough to merge
 
 
 @jit
@@ -277,7 +280,8 @@ def _activation_grad(grad_ptr, tap_ptr, offs, mask, rows, cols, HW, W, PH, PW, s
 
 
 @jit
-def backward_sums_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+def backward_sums_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, sums_ptr, counter_ptr, mean_ptr, invstd_ptr, weight_ptr,
+                         bias_ptr,
                          r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
                          ROWS, C, HW, stride_n, stride_hw, stride_c, negative_slope, STRIP, STRIPS,
                          tap_ptr, W, PH, PW, sp_n, sp_h, sp_w, sp_c,
@@ -286,7 +290,8 @@ def backward_sums_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, mean_ptr, invstd_ptr,
                          STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
                          DIL_H: tl.constexpr, DIL_W: tl.constexpr,
                          INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per channel over a strip of rows: sum dz, sum dz * x_hat and (R_NORM) sum dz * r_hat -> part[0|1|2, strip, c].
+    """Per channel over a strip of rows: sum dz, sum dz * x_hat and (R_NORM) sum dz * r_hat -> part[0|1|2, strip, c];
+    the last strip of a channel block to finish sums every strip's into sums[0|1|2, c] (`_merge_strips`).
     With POOL, grad is the gradient of the max-pool that followed the activation (`_activation_grad`)."""
     strip = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -312,6 +317,23 @@ def backward_sums_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, mean_ptr, invstd_ptr,
     tl.store(part_ptr + (STRIPS + strip) * C + cols, sum_dz_x, mask=c_ok)
     if R_NORM:
         tl.store(part_ptr + (2 * STRIPS + strip) * C + cols, sum_dz_r, mask=c_ok)
+    if last_to_arrive(counter_ptr + pid_c, STRIPS):
+        _merge_strips(part_ptr, sums_ptr, STRIPS, C, cols, c_ok, 3 if R_NORM else 2, BLOCK_M, BLOCK_C)
+
+
+@jit
+def _merge_strips(part_ptr, sums_ptr, STRIPS, C, cols, c_ok, SUMS: tl.constexpr, BLOCK_S: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """sums[k, c] = part[k, :, c] summed over the strips, BLOCK_S strips a load, in strip order (the same bits
+    whichever strip finished last), for the first SUMS of the k."""
+    for k in tl.static_range(SUMS):
+        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for first in range(0, STRIPS, BLOCK_S):
+            strips = first + tl.arange(0, BLOCK_S)
+            tile = tl.load(part_ptr + (k * STRIPS + strips)[:, None] * C + cols[None, :],
+                           mask=(strips < STRIPS)[:, None] & c_ok[None, :], other=0.0, cache_modifier=".cg")
+            total += tl.sum(tile, 0)
+        tl.store(sums_ptr + k * C + cols, total, mask=c_ok)
 
 
 @jit
@@ -327,10 +349,10 @@ def _input_grad(dz, x_hat, sum_dz, sum_dz_x, rows, cols, c_ok, invstd_ptr, weigh
 
 
 @jit
-def backward_apply_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, dy_ptr, dr_ptr, dweight_ptr, dbias_ptr,
+def backward_apply_kernel(grad_ptr, y_ptr, r_ptr, sums_ptr, dy_ptr, dr_ptr, dweight_ptr, dbias_ptr,
                           dr_weight_ptr, dr_bias_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
                           r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
-                          ROWS, C, HW, stride_n, stride_hw, stride_c, negative_slope, STRIPS,
+                          ROWS, C, HW, stride_n, stride_hw, stride_c, negative_slope,
                           tap_ptr, W, PH, PW, sp_n, sp_h, sp_w, sp_c,
                           AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
                           ACTIVATION: tl.constexpr, POOL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -339,19 +361,16 @@ def backward_apply_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, dy_ptr, dr_ptr, dwei
                           BATCH_STATS: tl.constexpr, R_BATCH_STATS: tl.constexpr,
                           NEED_DY: tl.constexpr, NEED_DR: tl.constexpr, NEED_PARAMS: tl.constexpr,
                           INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dy (and d residual) of one tile from the strips' sums, merged in order; the first row block also writes
-    the affine parameters' gradients (the sums themselves) of each BN that has them."""
+    """dy (and d residual) of one tile from the channels' sums (`backward_sums_kernel`); the first row block also
+    writes the affine parameters' gradients (the sums themselves) of each BN that has them."""
     pid_m = tl.program_id(0)
     offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, pid_m * BLOCK_M, tl.program_id(1),
                                    INT64, BLOCK_M, BLOCK_C)
-    sum_dz = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    sum_dz_x = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_dz = _channel(sums_ptr, cols, c_ok, 0.0)
+    sum_dz_x = _channel(sums_ptr + C, cols, c_ok, 0.0)
     sum_dz_r = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for strip in range(0, STRIPS):
-        sum_dz += _channel(part_ptr + strip * C, cols, c_ok, 0.0)
-        sum_dz_x += _channel(part_ptr + (STRIPS + strip) * C, cols, c_ok, 0.0)
-        if R_NORM:
-            sum_dz_r += _channel(part_ptr + (2 * STRIPS + strip) * C, cols, c_ok, 0.0)
+    if R_NORM:
+        sum_dz_r = _channel(sums_ptr + 2 * C, cols, c_ok, 0.0)
     x_hat, r_hat, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr,
                                         bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
                                         AFFINE, RESIDUAL, R_NORM, R_AFFINE)
@@ -613,23 +632,25 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
     view = _pooled_tiles(rows_view(y)) if pool else rows_view(y)
     strip, strips = view.strips()
     part = torch.empty((3, strips, view.channels), device=y.device, dtype=torch.float32)
+    sums = torch.empty((3, view.channels), device=y.device, dtype=torch.float32)
     flags = _flags(norm, residual, residual_norm)
     r_norm = residual_norm or norm
     pointers = (*norm.pointers(y), *r_norm.pointers(y))
     shape = (view.rows, view.channels, view.hw, *view.strides, float(negative_slope))
     runtime.announce()
-    backward_sums_kernel[(strips, view.channel_blocks)](
-        grad, y, pointer_or(residual, y), part, *pointers, *shape, strip, strips, *pooled, **flags,
-        ACTIVATION=activation_code, **pool_constexprs, INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c,
-        **runtime.LAUNCH_OPTIONS)
+    with arrival.counters(y.device, view.channel_blocks) as counter:
+        backward_sums_kernel[(strips, view.channel_blocks)](
+            grad, y, pointer_or(residual, y), part, sums, counter, *pointers, *shape, strip, strips, *pooled, **flags,
+            ACTIVATION=activation_code, **pool_constexprs, INT64=view.int64, BLOCK_M=view.block_m,
+            BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
     dy = torch.empty_like(y) if need_dy else None
     dr = torch.empty_like(y) if need_dr and residual is not None else None
     params = [parameter_grad(p, y) if need_params else None
               for p in (norm.weight, norm.bias, r_norm.weight if residual_norm else None,
                         r_norm.bias if residual_norm else None)]
     backward_apply_kernel[(view.row_blocks, view.channel_blocks)](
-        grad, y, pointer_or(residual, y), part, pointer_or(dy, y), pointer_or(dr, y), *(pointer_or(p, part) for p in params),
-        *pointers, *shape, strips, *pooled, **flags, ACTIVATION=activation_code, **pool_constexprs,
+        grad, y, pointer_or(residual, y), sums, pointer_or(dy, y), pointer_or(dr, y),
+        *(pointer_or(p, sums) for p in params), *pointers, *shape, *pooled, **flags, ACTIVATION=activation_code, **pool_constexprs,
         BATCH_STATS=norm.batch_stats, R_BATCH_STATS=residual_norm is not None and residual_norm.batch_stats,
         NEED_DY=dy is not None, NEED_DR=dr is not None, NEED_PARAMS=need_params,
         INT64=view.int64, BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)

@@ -115,6 +115,32 @@ def test_strips_whose_last_rows_run_out_still_give_exact_moments(monkeypatch):
         torch.testing.assert_close(invstd.double(), torch.rsqrt(variance + 1e-5), rtol=1e-4, atol=1e-5)
 
 
+def test_backward_sums_of_more_strips_than_one_merge_load_holds():
+    """The backward's per-strip sums are merged by the last strip of each channel block, a tile of strips at a
+    time: 73 strips of 64 rows against 64-strip tiles (two loads, the second partly masked), two channel
+    blocks, a residual with its own BN (three sums): every gradient against float64."""
+    from triton_workbench.kernels import batch_norm
+
+    torch.manual_seed(8)
+    shape = (4, 70, 33, 35)
+    y = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    view = batch_norm.rows_view(y)
+    assert view.strips()[1] == 73 > view.block_m and view.channel_blocks == 2
+    ours, reference = _pair(70)
+    ours_r, reference_r = _pair(70)
+    r = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    y, r = y.requires_grad_(), r.requires_grad_()
+    y64, r64 = (t.detach().double().requires_grad_() for t in (y, r))
+    out = batch_norm_act(y, ours, r, ours_r, activation="relu")
+    expected = torch.relu(reference(y64) + reference_r(r64))
+    grad = torch.randn(shape)
+    out.backward(grad)
+    expected.backward(grad.double())
+    for ours_grad, wanted in ((y.grad, y64.grad), (r.grad, r64.grad), (ours.weight.grad, reference.weight.grad),
+                              (ours_r.weight.grad, reference_r.weight.grad), (ours_r.bias.grad, reference_r.bias.grad)):
+        torch.testing.assert_close(ours_grad.double(), wanted, rtol=1e-4, atol=1e-4)
+
+
 def test_an_empty_batch_is_counted_and_leaves_the_running_stats_as_pytorch_does():
     """Batch statistics of no rows, from the statistics pass and from a conv's launch: num_batches_tracked
     counts the batch, the running stats stay, the output is empty -- as torch.nn.BatchNorm2d."""
