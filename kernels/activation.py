@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import triton
 import triton.language as tl
 
 from triton_workbench.kernels import runtime, tuned
+from triton_workbench.kernels.host_math import cdiv, next_power_of_2
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.spec import (DTYPE_ENTRY, DTYPES, Config, KernelSpec, Problem, choice, dtype_name, flag,
                                           size)
@@ -279,11 +279,11 @@ def run(x: torch.Tensor, name: str | None, negative_slope: float | None = None,
 
 
 def _grid(problem: Problem, config: Config) -> tuple[int, ...]:
-    return (triton.cdiv(problem["numel"], config["BLOCK_SIZE"]),)
+    return (cdiv(problem["numel"], config["BLOCK_SIZE"]),)
 
 
 def _default_config(problem: Problem) -> Config:
-    block = 1024 if problem["numel"] >= 1024 else max(128, triton.next_power_of_2(problem["numel"]))
+    block = 1024 if problem["numel"] >= 1024 else max(128, next_power_of_2(problem["numel"]))
     return {"BLOCK_SIZE": block, "num_warps": 4 if block >= 512 else 2}
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import triton
 import triton.language as tl
 
 from triton_workbench.kernels import arrival, runtime
@@ -30,6 +29,7 @@ from triton_workbench.kernels.activation import apply, derivative
 from triton_workbench.kernels.conv_geometry import memory_format_of, needs_int64
 from triton_workbench.kernels.arrival import last_to_arrive
 from triton_workbench.kernels.conv_tiles import offsets
+from triton_workbench.kernels.host_math import cdiv, next_power_of_2
 from triton_workbench.kernels.max_pool import MaxPool, pooled_gradient, window_max
 from triton_workbench.kernels.runtime import jit
 
@@ -417,16 +417,16 @@ class RowsView:
 
     @property
     def row_blocks(self) -> int:
-        return triton.cdiv(self.rows, self.block_m)
+        return cdiv(self.rows, self.block_m)
 
     @property
     def channel_blocks(self) -> int:
-        return triton.cdiv(self.channels, self.block_c)
+        return cdiv(self.channels, self.block_c)
 
     def strips(self) -> tuple[int, int]:
         """(rows per strip, strips): at most MAX_STRIPS strips of whole row blocks."""
-        per_strip = triton.cdiv(self.row_blocks, MAX_STRIPS) * self.block_m
-        return per_strip, triton.cdiv(self.rows, per_strip)
+        per_strip = cdiv(self.row_blocks, MAX_STRIPS) * self.block_m
+        return per_strip, cdiv(self.rows, per_strip)
 
 
 def rows_view(y: torch.Tensor) -> RowsView:
@@ -434,8 +434,8 @@ def rows_view(y: torch.Tensor) -> RowsView:
     when they are in memory (channels_last), else rows; about 4096 elements per tile."""
     n, c, h, w = y.shape
     sn, sc, _, sw = y.stride()
-    block_c = min(64, triton.next_power_of_2(c)) if sc == 1 else min(16, triton.next_power_of_2(c))
-    block_m = max(16, min(4096 // block_c, triton.next_power_of_2(n * h * w)))
+    block_c = min(64, next_power_of_2(c)) if sc == 1 else min(16, next_power_of_2(c))
+    block_m = max(16, min(4096 // block_c, next_power_of_2(n * h * w)))
     return RowsView(n * h * w, c, h * w, (sn, sw, sc), needs_int64(y), block_m, block_c)
 
 
@@ -450,12 +450,12 @@ MOMENT_GROUP = tl.constexpr(64)  # table rows a conv epilogue merges into one gr
 
 def moments_rows(rows: int) -> int:
     """Table rows of a conv epilogue's moments of `rows` output rows (one per MOMENT_ROWS)."""
-    return triton.cdiv(rows, MOMENT_ROWS.value)
+    return cdiv(rows, MOMENT_ROWS.value)
 
 
 def moment_groups(rows: int) -> int:
     """Group rows of a conv epilogue's moments of `rows` output rows (one per MOMENT_GROUP table rows)."""
-    return triton.cdiv(moments_rows(rows), MOMENT_GROUP.value)
+    return cdiv(moments_rows(rows), MOMENT_GROUP.value)
 
 
 def moments_table(strips: int, channels: int, device: torch.device) -> torch.Tensor:
@@ -471,7 +471,7 @@ def moments_of(y: torch.Tensor, strip: int | None = None) -> torch.Tensor:
         return moments_table(0, view.channels, y.device)
     strip = strip or view.strips()[0]
     view = replace(view, block_m=min(view.block_m, strip))
-    strips = triton.cdiv(view.rows, strip)
+    strips = cdiv(view.rows, strip)
     part = moments_table(strips, view.channels, y.device)
     runtime.announce()
     partial_moments_kernel[(strips, view.channel_blocks)](
@@ -519,7 +519,7 @@ def finalize(part: torch.Tensor, running: Running) -> tuple[torch.Tensor, torch.
         if running.batches is not None:
             running.batches.add_(1)
         return mean.fill_(float("nan")), invstd.fill_(float("nan"))
-    block_c = min(64, triton.next_power_of_2(channels))
+    block_c = min(64, next_power_of_2(channels))
     runtime.announce()
     finalize_kernel[(1,)](
         part, mean, invstd, *running.pointers(mean), channels, part.shape[0], *running.constants(),

@@ -19,10 +19,10 @@ import dataclasses
 from typing import Any, Callable
 
 import torch
-import triton
 import triton.language as tl
 
 from triton_workbench.kernels import runtime, tuned
+from triton_workbench.kernels.host_math import cdiv, next_power_of_2
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.activation import activation_code, apply, parameter
 from triton_workbench.kernels.conv_fwd import CONV_FWD_SPEC
@@ -79,9 +79,9 @@ def spatial_constraints(dims: Dims) -> tuple[Callable[[Config, Problem], bool], 
     def fits_problem(config: Config, problem: Problem) -> bool:
         """No block extends more than one power of two beyond the problem (4 columns, 8 channels stay allowed)."""
         rows, cols, channels = dims(problem)
-        return (config["BLOCK_H"] <= triton.next_power_of_2(rows)
-                and config["BLOCK_W"] <= max(4, triton.next_power_of_2(cols))
-                and config["BLOCK_C"] <= max(8, triton.next_power_of_2(channels)))
+        return (config["BLOCK_H"] <= next_power_of_2(rows)
+                and config["BLOCK_W"] <= max(4, next_power_of_2(cols))
+                and config["BLOCK_C"] <= max(8, next_power_of_2(channels)))
 
     return threads_fit, fits_problem
 
@@ -95,9 +95,9 @@ def spatial_default_config(dims: Dims) -> Callable[[Problem], Config]:
     def default_config(problem: Problem) -> Config:
         rows, cols, channels = dims(problem)
         nhwc = problem["layout"] == "nhwc"
-        config = {"BLOCK_H": min(4, triton.next_power_of_2(rows)),
-                  "BLOCK_W": min(8 if nhwc else 32, max(4, triton.next_power_of_2(cols))),
-                  "BLOCK_C": min(64 if nhwc else 8, max(8, triton.next_power_of_2(channels)))}
+        config = {"BLOCK_H": min(4, next_power_of_2(rows)),
+                  "BLOCK_W": min(8 if nhwc else 32, max(4, next_power_of_2(cols))),
+                  "BLOCK_C": min(64 if nhwc else 8, max(8, next_power_of_2(channels)))}
         values = config["BLOCK_H"] * config["BLOCK_W"] * config["BLOCK_C"]
         config["num_warps"] = max(1, min(4, values // (512 if nhwc else 256)))
         return config
@@ -108,8 +108,8 @@ def spatial_default_config(dims: Dims) -> Callable[[Problem], Config]:
 def spatial_grid(dims: Dims) -> Callable[[Problem, Config], tuple[int, ...]]:
     def grid(problem: Problem, config: Config) -> tuple[int, ...]:
         rows, cols, channels = dims(problem)
-        tiles = triton.cdiv(rows, config["BLOCK_H"]) * triton.cdiv(cols, config["BLOCK_W"])
-        return problem["n"] * tiles, triton.cdiv(channels, config["BLOCK_C"])
+        tiles = cdiv(rows, config["BLOCK_H"]) * cdiv(cols, config["BLOCK_W"])
+        return problem["n"] * tiles, cdiv(channels, config["BLOCK_C"])
 
     return grid
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import triton
 import triton.language as tl
 
 from triton_workbench.kernels import hardware, runtime, tuned
+from triton_workbench.kernels.host_math import cdiv, next_power_of_2
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.conv_depthwise import (SPATIAL_PARAMS, depthwise_spec, holds_tile, spatial_constraints,
                                                      spatial_default_config, spatial_grid, spatial_tile, taps_major)
@@ -97,8 +97,8 @@ def depthwise_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor
     runtime.announce()
     weight = taps_major(weight)
     for taps_h, taps_w in stride_phases(problem):
-        grid = (n * triton.cdiv(taps_h.rows, config["BLOCK_H"]) * triton.cdiv(taps_w.rows, config["BLOCK_W"]),
-                triton.cdiv(c_in, config["BLOCK_C"]))
+        grid = (n * cdiv(taps_h.rows, config["BLOCK_H"]) * cdiv(taps_w.rows, config["BLOCK_W"]),
+                cdiv(c_in, config["BLOCK_C"]))
         depthwise_dgrad_kernel[grid](
             dz, weight, dx, taps_h.rows, taps_w.rows, ho, wo, c_in, *dz.stride(), *dx.stride(),
             taps_h.phase, taps_w.phase, geometry.stride_h, geometry.stride_w, taps_h.first, taps_w.first,
@@ -120,7 +120,7 @@ def _dgrad_grid(problem: Problem, config: Config) -> tuple[int, ...]:
     """All phases' programs together (one launch each)."""
     per_phase = [spatial_grid(lambda _: (taps_h.rows, taps_w.rows, problem["c_in"]))(problem, config)
                  for taps_h, taps_w in stride_phases(problem)]
-    return sum(tiles for tiles, _ in per_phase), triton.cdiv(problem["c_in"], config["BLOCK_C"])
+    return sum(tiles for tiles, _ in per_phase), cdiv(problem["c_in"], config["BLOCK_C"])
 
 
 def _dgrad_launch(inputs: dict[str, Any], config: Config) -> torch.Tensor:
@@ -215,13 +215,13 @@ def _rows(problem: Problem) -> int:
 
 def _positions_per_split(problem: Problem, config: Config) -> int:
     positions = _wgrad_dims(problem)[0]
-    return triton.cdiv(triton.cdiv(max(positions, 1), config["SPLIT"]), config["BLOCK_P"]) * config["BLOCK_P"]
+    return cdiv(cdiv(max(positions, 1), config["SPLIT"]), config["BLOCK_P"]) * config["BLOCK_P"]
 
 
 def _wgrad_grid(problem: Problem, config: Config) -> tuple[int, ...]:
     positions, channels = _wgrad_dims(problem)
-    splits = triton.cdiv(max(positions, 1), _positions_per_split(problem, config))  # no empty split
-    return triton.cdiv(channels, config["BLOCK_C"]), _rows(problem), splits
+    splits = cdiv(max(positions, 1), _positions_per_split(problem, config))  # no empty split
+    return cdiv(channels, config["BLOCK_C"]), _rows(problem), splits
 
 
 def _wgrad_threads_fit(config: Config, problem: Problem) -> bool:
@@ -232,8 +232,8 @@ def _wgrad_fits_problem(config: Config, problem: Problem) -> bool:
     """No block extends more than one power of two beyond the problem (16 positions, 8 channels stay allowed),
     and every split gets at least BLOCK_P positions."""
     positions, channels = _wgrad_dims(problem)
-    return (config["BLOCK_P"] <= max(16, triton.next_power_of_2(positions))
-            and config["BLOCK_C"] <= max(8, triton.next_power_of_2(channels))
+    return (config["BLOCK_P"] <= max(16, next_power_of_2(positions))
+            and config["BLOCK_C"] <= max(8, next_power_of_2(channels))
             and (config["SPLIT"] == 1 or config["SPLIT"] * config["BLOCK_P"] <= positions))
 
 
@@ -242,10 +242,10 @@ def _wgrad_default_config(problem: Problem) -> Config:
     positions split until the grid has 8 programs per SM of an H100 SXM (enough warps in flight to keep a
     memory-bound loop busy), keeping >= 8 position blocks per split."""
     positions, channels = _wgrad_dims(problem)
-    config = {"BLOCK_P": min(64, max(16, triton.next_power_of_2(positions))),
-              "BLOCK_C": min(64, max(8, triton.next_power_of_2(channels))), "SPLIT": 1}
+    config = {"BLOCK_P": min(64, max(16, next_power_of_2(positions))),
+              "BLOCK_C": min(64, max(8, next_power_of_2(channels))), "SPLIT": 1}
     config["num_warps"] = max(1, min(4, config["BLOCK_P"] * config["BLOCK_C"] // 1024))
-    programs = triton.cdiv(channels, config["BLOCK_C"]) * _rows(problem)
+    programs = cdiv(channels, config["BLOCK_C"]) * _rows(problem)
     for split in DEPTHWISE_WGRAD_SPEC.params["SPLIT"]:
         if split * config["BLOCK_P"] * 8 > positions:
             break

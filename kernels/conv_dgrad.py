@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import triton
 import triton.language as tl
 
 from triton_workbench.kernels import runtime, tuned
+from triton_workbench.kernels.host_math import cdiv
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, empty_in_layout_of,
                                                     gemm_dims_dgrad, memory_format_of, needs_int64, problem_geometry,
@@ -207,7 +207,7 @@ def _grid(problem: Problem, config: Config) -> tuple[int, ...]:
     _, cols, _ = gemm_dims_dgrad(problem)
     phases_h, phases_w = _phases(problem)
     rows = problem["n"] * phases_h[0].rows * phases_w[0].rows if phases_h and phases_w else 0
-    return (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]), problem["groups"],
+    return (cdiv(rows, config["BLOCK_M"]) * cdiv(cols, config["BLOCK_N"]), problem["groups"],
             len(phases_h) * len(phases_w))
 
 

@@ -13,10 +13,10 @@ from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import torch
-import triton
 import triton.language as tl
 
 from triton_workbench.kernels import arrival, runtime, tuned
+from triton_workbench.kernels.host_math import cdiv
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.activation import activation_code, apply, parameter
 from triton_workbench.kernels.arrival import last_to_arrive
@@ -224,7 +224,7 @@ def conv2d_forward(
     c_in_g = weight.shape[1]
     grid = _grid(problem, config)
     running = statistics or Running(None, None, None, None, 0.0)
-    channel_blocks = triton.cdiv(c_out // geometry.groups, config["BLOCK_N"]) * geometry.groups
+    channel_blocks = cdiv(c_out // geometry.groups, config["BLOCK_N"]) * geometry.groups
     # a counter per channel block, one for them all, one per channel block and moments group
     counters = channel_blocks * (1 + row_groups) + 1
     with arrival.counters(x.device, counters) if statistics else nullcontext(y) as counter:
@@ -247,7 +247,7 @@ def conv2d_forward(
 
 def _grid(problem: Problem, config: Config) -> tuple[int, ...]:
     rows, cols, _ = gemm_dims_fwd(problem)
-    return triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]), problem["groups"]
+    return cdiv(rows, config["BLOCK_M"]) * cdiv(cols, config["BLOCK_N"]), problem["groups"]
 
 
 def _bytes(problem: Problem) -> int:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import triton
 import triton.language as tl
 
 from triton_workbench.kernels import hardware
+from triton_workbench.kernels.host_math import cdiv, next_power_of_2
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.gemm import fits_shared_memory, tile_coordinates
 from triton_workbench.kernels.spec import Config, Problem
@@ -108,9 +108,9 @@ def tile_constraints(dims: Dims, k_floor: KFloor | None = None) -> tuple:
     def fits_problem(config: Config, problem: Problem) -> bool:
         """No tile extends more than one power of two beyond the problem (16 and 32 stay allowed)."""
         rows, cols, depth = dims(problem)
-        return (config["BLOCK_M"] <= max(32, triton.next_power_of_2(rows))
-                and config["BLOCK_N"] <= max(16, triton.next_power_of_2(cols))
-                and config["BLOCK_K"] <= max(16, triton.next_power_of_2(max(depth, k_floor(problem) if k_floor else 0))))
+        return (config["BLOCK_M"] <= max(32, next_power_of_2(rows))
+                and config["BLOCK_N"] <= max(16, next_power_of_2(cols))
+                and config["BLOCK_K"] <= max(16, next_power_of_2(max(depth, k_floor(problem) if k_floor else 0))))
 
     def k_tile_fits(config: Config, problem: Problem) -> bool:
         return k_floor is None or config["BLOCK_K"] >= k_floor(problem)
@@ -127,14 +127,14 @@ def tile_default_config(dims: Dims, k_floor: KFloor | None = None, programs_per_
     def default_config(problem: Problem) -> Config:
         rows, cols, depth = dims(problem)
         floor = k_floor(problem) if k_floor else 0
-        block_k = max(16, triton.next_power_of_2(floor)) if floor else min(64, max(16, triton.next_power_of_2(depth)))
-        config = {"BLOCK_M": 128, "BLOCK_N": min(128, max(16, triton.next_power_of_2(cols))), "BLOCK_K": block_k,
+        block_k = max(16, next_power_of_2(floor)) if floor else min(64, max(16, next_power_of_2(depth)))
+        config = {"BLOCK_M": 128, "BLOCK_N": min(128, max(16, next_power_of_2(cols))), "BLOCK_K": block_k,
                   "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
         per_tile = programs_per_tile(problem) if programs_per_tile else problem["groups"]
-        while (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]) * per_tile
+        while (cdiv(rows, config["BLOCK_M"]) * cdiv(cols, config["BLOCK_N"]) * per_tile
                < hardware.H100_SXM.sm_count and max(config["BLOCK_M"], config["BLOCK_N"]) > 64):
             config["BLOCK_N" if config["BLOCK_N"] > 64 else "BLOCK_M"] //= 2
-        config["BLOCK_M"] = min(config["BLOCK_M"], max(32, triton.next_power_of_2(rows)))
+        config["BLOCK_M"] = min(config["BLOCK_M"], max(32, next_power_of_2(rows)))
         tile = config["BLOCK_M"] * config["BLOCK_N"]
         config["num_warps"] = 8 if tile > 64 * 32 * 4 else 4 if tile >= 256 * 4 else 2
         while not _gathers_fit(config, problem) and config["BLOCK_K"] > max(16, floor):

@@ -20,11 +20,11 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import triton
 import triton.language as tl
 
 from triton_workbench.kernels import arrival, hardware, runtime, tuned
 from triton_workbench.kernels.arrival import last_to_arrive
+from triton_workbench.kernels.host_math import cdiv
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, needs_int64, output_hw,
                                                     pad_channels, problem_geometry, problem_of, stem_channels)
@@ -218,7 +218,7 @@ def _boxes(problem: Problem, config: Config) -> int:
     """`position_box`es over the output."""
     ho, wo = output_hw(problem)
     box = position_box(problem["n"], ho, wo, config["BLOCK_K"])
-    return math.prod(triton.cdiv(size, side) for size, side in zip((problem["n"], ho, wo), box))
+    return math.prod(cdiv(size, side) for size, side in zip((problem["n"], ho, wo), box))
 
 
 def _whole_boxes(problem: Problem, config: Config) -> bool:
@@ -240,13 +240,13 @@ def _unmasked(problem: Problem, config: Config) -> bool:
 
 
 def _boxes_per_split(problem: Problem, config: Config) -> int:
-    return triton.cdiv(max(_boxes(problem, config), 1), config["SPLIT_K"])
+    return cdiv(max(_boxes(problem, config), 1), config["SPLIT_K"])
 
 
 def _grid(problem: Problem, config: Config) -> tuple[int, ...]:
     rows, cols, _ = _dims(problem)
-    splits = triton.cdiv(max(_boxes(problem, config), 1), _boxes_per_split(problem, config))  # no empty split
-    return triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]), _tap_programs(problem), splits
+    splits = cdiv(max(_boxes(problem, config), 1), _boxes_per_split(problem, config))  # no empty split
+    return cdiv(rows, config["BLOCK_M"]) * cdiv(cols, config["BLOCK_N"]), _tap_programs(problem), splits
 
 
 def _dims(problem: Problem) -> tuple[int, int, int]:

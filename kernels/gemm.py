@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import triton
 import triton.language as tl
 
 from triton_workbench.kernels import hardware, runtime, tuned
+from triton_workbench.kernels.host_math import cdiv, next_power_of_2
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.activation import (ACTIVATION_ENTRY, activation_code, apply, parameter,
                                                  derivative, torch_activation)
@@ -219,7 +219,7 @@ def backward(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pre: torc
 
 
 def grid(problem: Problem, config: Config) -> tuple[int, ...]:
-    return (triton.cdiv(problem["M"], config["BLOCK_M"]) * triton.cdiv(problem["N"], config["BLOCK_N"]),)
+    return (cdiv(problem["M"], config["BLOCK_M"]) * cdiv(problem["N"], config["BLOCK_N"]),)
 
 
 def shared_bytes_estimate(config: Config, problem: Problem) -> int:
@@ -263,8 +263,8 @@ def _uses_its_warps(config: Config, problem: Problem) -> bool:
 
 def default_config(problem: Problem) -> Config:
     """A sound heuristic: 128x128 tiles for big problems, smaller ones for small M or N."""
-    block_m = min(128, max(32, triton.next_power_of_2(problem["M"])))
-    block_n = min(128, max(32, triton.next_power_of_2(problem["N"])))
+    block_m = min(128, max(32, next_power_of_2(problem["M"])))
+    block_n = min(128, max(32, next_power_of_2(problem["N"])))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "GROUP_M": 8,
             "num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 3}
 
