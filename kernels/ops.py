@@ -21,9 +21,9 @@ from triton_workbench.kernels.batch_norm import Running, batch_moments
 from triton_workbench.kernels.conv_depthwise import depthwise_forward, is_depthwise
 from triton_workbench.kernels.conv_depthwise_grad import depthwise_input_grad, depthwise_weight_grad
 from triton_workbench.kernels.conv_dgrad import conv2d_input_grad
-from triton_workbench.kernels.conv_fwd import conv2d_forward, flat_row
+from triton_workbench.kernels.conv_fwd import conv2d_forward
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, empty_in_layout_of, make_geometry,
-                                                    memory_format_of, pad_channels, problem_of)
+                                                    memory_format_of)
 from triton_workbench.kernels.conv_wgrad import conv2d_bias_grad, conv2d_weight_grad
 from triton_workbench.kernels import gemm as gemm_kernels
 from triton_workbench.kernels import runtime
@@ -498,10 +498,6 @@ def _checked_conv(x, weight, bias, stride, padding, dilation, groups, residual) 
         # as PyTorch's convs: a channels_last weight runs the conv channels_last (one copy where x is not;
         # none for a single channel, dense in both layouts)
         batched = batched.contiguous(memory_format=torch.channels_last)
-    if row := flat_row(problem_of(batched, weight.shape, geometry, None, bias is not None)):
-        # the stem's few channels padded to whole 8-byte runs here, once: the op then saves the padded input,
-        # so its wgrad does not pad again, and autograd's pad backward slices the gradients
-        batched, weight = pad_channels(batched, row // weight.shape[3]), pad_channels(weight, row // weight.shape[3])
     if residual is not None:
         residual = _residual_like(residual, batched, (batched.shape[0], weight.shape[0], ho, wo))
     g = geometry
