@@ -33,7 +33,8 @@ from triton_workbench.kernels.host_math import cdiv, next_power_of_2
 from triton_workbench.kernels.max_pool import MaxPool, pooled_gradient, window_max
 from triton_workbench.kernels.runtime import jit
 
-MAX_STRIPS = 512  # partial results per channel: programs to fill a GPU's SMs several times, few enough to merge
+MAX_STRIPS = 128  # partial results per channel: enough programs to fill a GPU, few enough to merge in one pass
+BACKWARD_STRIPS = 512  # the backward's sums: merged by their last strip, a tile of strips per load, so more of them
 
 
 @jit
@@ -423,9 +424,9 @@ class RowsView:
     def channel_blocks(self) -> int:
         return cdiv(self.channels, self.block_c)
 
-    def strips(self) -> tuple[int, int]:
-        """(rows per strip, strips): at most MAX_STRIPS strips of whole row blocks."""
-        per_strip = cdiv(self.row_blocks, MAX_STRIPS) * self.block_m
+    def strips(self, limit: int | None = None) -> tuple[int, int]:
+        """(rows per strip, strips): at most `limit` (default MAX_STRIPS) strips of whole row blocks."""
+        per_strip = cdiv(self.row_blocks, limit or MAX_STRIPS) * self.block_m
         return per_strip, cdiv(self.rows, per_strip)
 
 
@@ -630,7 +631,7 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
     pooled = (taps, y.shape[3], *taps.shape[2:], *_nhwc_strides(taps))
     pool_constexprs = {"POOL": pool is not None, **_window_constexprs(pool[0] if pool else None)}
     view = _pooled_tiles(rows_view(y)) if pool else rows_view(y)
-    strip, strips = view.strips()
+    strip, strips = view.strips(BACKWARD_STRIPS)
     part = torch.empty((3, strips, view.channels), device=y.device, dtype=torch.float32)
     sums = torch.empty((3, view.channels), device=y.device, dtype=torch.float32)
     flags = _flags(norm, residual, residual_norm)
