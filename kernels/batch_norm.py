@@ -9,7 +9,9 @@ Every reduction is deterministic: a program reduces a fixed strip of rows into p
 merged in strip order. Forward statistics are per strip (mean, M2) -- centred, so the variance does
 not cancel in fp32 as sum-of-squares does -- merged by Chan et al.'s formula. The backward's per-strip
 sums are merged by the last strip of each channel block to finish (`kernels.arrival`), in its launch,
-so the elementwise pass reads one row of sums per channel.
+so the elementwise pass reads one row of sums per channel; where a conv's dgrad forms the gradient of
+the chain's output, its epilogue forms the sums instead (`ChainSums`, `tile_sums`) and the sums pass
+does not run.
 
     forward:  out = act((y - mean) * invstd * weight + bias  [+ residual, itself optionally normalised])
     backward: dz = grad * act'(pre); dbias = sum dz, dweight = sum dz * x_hat;
@@ -25,7 +27,7 @@ import torch
 import triton.language as tl
 
 from triton_workbench.kernels import arrival, runtime
-from triton_workbench.kernels.activation import apply, derivative
+from triton_workbench.kernels.activation import activation_code, apply, derivative
 from triton_workbench.kernels.conv_geometry import memory_format_of, needs_int64
 from triton_workbench.kernels.arrival import last_to_arrive
 from triton_workbench.kernels.conv_tiles import offsets
@@ -217,17 +219,23 @@ def _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, 
 
 
 @jit
-def normalize_kernel(y_ptr, r_ptr, out_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+def normalize_kernel(y_ptr, r_ptr, out_ptr, token_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
                      r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
                      ROWS, C, HW, stride_n, stride_hw, stride_c, negative_slope,
                      AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
-                     ACTIVATION: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out = act(normalise(y) [+ residual or normalise(residual)]) for one tile; out and residual share y's strides."""
+                     ACTIVATION: tl.constexpr, TOKEN: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """out = act(normalise(y) [+ residual or normalise(residual)]) for one tile; out and residual share y's strides.
+    With TOKEN, the first row block zeroes token[3, C] (`ChainSums`: an output's defined value, no launch of its own)."""
     offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, tl.program_id(0) * BLOCK_M,
                                    tl.program_id(1), INT64, BLOCK_M, BLOCK_C)
     _, _, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
                                 r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr, AFFINE, RESIDUAL, R_NORM, R_AFFINE)
     tl.store(out_ptr + offs, apply(pre, ACTIVATION, negative_slope).to(out_ptr.dtype.element_ty), mask=mask)
+    if TOKEN:
+        if tl.program_id(0) == 0:
+            for k in tl.static_range(3):
+                tl.store(token_ptr + k * C + cols, tl.zeros(cols.shape, dtype=tl.float32), mask=c_ok)
 
 
 @jit
@@ -303,38 +311,66 @@ def backward_sums_kernel(grad_ptr, y_ptr, r_ptr, part_ptr, sums_ptr, counter_ptr
     sum_dz_r = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for start in range(strip * STRIP, strip * STRIP + STRIP, BLOCK_M):
         offs, mask, _, _ = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, start, pid_c, INT64, BLOCK_M, BLOCK_C)
-        x_hat, r_hat, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr,
-                                            bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
-                                            AFFINE, RESIDUAL, R_NORM, R_AFFINE)
         grad = _activation_grad(grad_ptr, tap_ptr, offs, mask, start + tl.arange(0, BLOCK_M), cols, HW, W, PH, PW,
                                 sp_n, sp_h, sp_w, sp_c, POOL, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
                                 INT64)
-        dz = tl.where(mask, grad * derivative(pre, ACTIVATION, negative_slope), 0.0)
-        sum_dz += tl.sum(dz, 0)
-        sum_dz_x += tl.sum(dz * x_hat, 0)
-        if R_NORM:
-            sum_dz_r += tl.sum(dz * r_hat, 0)
-    tl.store(part_ptr + strip * C + cols, sum_dz, mask=c_ok)
-    tl.store(part_ptr + (STRIPS + strip) * C + cols, sum_dz_x, mask=c_ok)
-    if R_NORM:
-        tl.store(part_ptr + (2 * STRIPS + strip) * C + cols, sum_dz_r, mask=c_ok)
+        dz, dz_x, dz_r = tile_sums(grad, y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr,
+                                   bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr, negative_slope,
+                                   AFFINE, RESIDUAL, R_NORM, R_AFFINE, ACTIVATION)
+        sum_dz += dz
+        sum_dz_x += dz_x
+        sum_dz_r += dz_r
+    store_sums(part_ptr, strip, STRIPS, C, cols, c_ok, sum_dz, sum_dz_x, sum_dz_r, R_NORM)
     if last_to_arrive(counter_ptr + pid_c, STRIPS):
-        _merge_strips(part_ptr, sums_ptr, STRIPS, C, cols, c_ok, 3 if R_NORM else 2, BLOCK_M, BLOCK_C)
+        merge_sums(part_ptr, STRIPS, 0, STRIPS, sums_ptr, 0, 1, C, cols, c_ok, 3 if R_NORM else 2)
 
 
 @jit
-def _merge_strips(part_ptr, sums_ptr, STRIPS, C, cols, c_ok, SUMS: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
-    """sums[k, c] = part[k, :, c] summed over the strips, BLOCK_S strips a load, in strip order (the same bits
-    whichever strip finished last), for the first SUMS of the k."""
+def tile_sums(grad, y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+              r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr, negative_slope,
+              AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
+              ACTIVATION: tl.constexpr):
+    """Per column of a tile: (sum dz, sum dz * x_hat, sum dz * r_hat (0 without R_NORM)), dz = grad * act'(pre),
+    grad (fp32) the gradient of the chain's output at the tile, whose y (and residual) are at `offs`."""
+    x_hat, r_hat, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr,
+                                        bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+                                        AFFINE, RESIDUAL, R_NORM, R_AFFINE)
+    dz = tl.where(mask, grad * derivative(pre, ACTIVATION, negative_slope), 0.0)
+    sum_dz_r = tl.zeros((dz.shape[1],), dtype=tl.float32)
+    if R_NORM:
+        sum_dz_r = tl.sum(dz * r_hat, 0)
+    return tl.sum(dz, 0), tl.sum(dz * x_hat, 0), sum_dz_r
+
+
+@jit
+def store_sums(part_ptr, row, ROWS, C, cols, c_ok, sum_dz, sum_dz_x, sum_dz_r, R_NORM: tl.constexpr):
+    """Row `row` of a sums table part[3, ROWS, C] (the third sum with R_NORM only)."""
+    tl.store(part_ptr + row * C + cols, sum_dz, mask=c_ok)
+    tl.store(part_ptr + (ROWS + row) * C + cols, sum_dz_x, mask=c_ok)
+    if R_NORM:
+        tl.store(part_ptr + (2 * ROWS + row) * C + cols, sum_dz_r, mask=c_ok)
+
+
+@jit
+def sum_rows(part_ptr, first, count, C, cols, c_ok):
+    """Per column, rows [first, first + count) of the fp32 table part[:, C] summed, SUM_ROWS rows a load, in row
+    order (deterministic: the same bits whichever program runs it)."""
+    total = tl.zeros(cols.shape, dtype=tl.float32)
+    for start in range(first, first + count, SUM_ROWS):
+        rows = start + tl.arange(0, SUM_ROWS)
+        tile = tl.load(part_ptr + rows[:, None] * C + cols[None, :],
+                       mask=(rows < first + count)[:, None] & c_ok[None, :], other=0.0, cache_modifier=".cg")
+        total += tl.sum(tile, 0)
+    return total
+
+
+@jit
+def merge_sums(part_ptr, ROWS, first, count, out_ptr, out_row, OUT_ROWS, C, cols, c_ok, SUMS: tl.constexpr):
+    """out[k, out_row, c] = part[k, first:first + count, c] summed (`sum_rows`) for the first SUMS of the k, both
+    sums tables ([3, ROWS, C] and [3, OUT_ROWS, C]; they may be one)."""
     for k in tl.static_range(SUMS):
-        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for first in range(0, STRIPS, BLOCK_S):
-            strips = first + tl.arange(0, BLOCK_S)
-            tile = tl.load(part_ptr + (k * STRIPS + strips)[:, None] * C + cols[None, :],
-                           mask=(strips < STRIPS)[:, None] & c_ok[None, :], other=0.0, cache_modifier=".cg")
-            total += tl.sum(tile, 0)
-        tl.store(sums_ptr + k * C + cols, total, mask=c_ok)
+        total = sum_rows(part_ptr + k * ROWS * C, first, count, C, cols, c_ok)
+        tl.store(out_ptr + (k * OUT_ROWS + out_row) * C + cols, total, mask=c_ok)
 
 
 @jit
@@ -447,6 +483,7 @@ def pointer_or(tensor: torch.Tensor | None, fallback: torch.Tensor) -> torch.Ten
 # constexpr: the conv epilogue reads them too (host code takes .value)
 MOMENT_ROWS = tl.constexpr(32)  # output rows per moments-table row a conv epilogue writes: the spaces' least BLOCK_M
 MOMENT_GROUP = tl.constexpr(64)  # table rows a conv epilogue merges into one group row first (2048 output rows)
+SUM_ROWS = tl.constexpr(32)  # sums-table rows `sum_rows` loads at once
 
 
 def moments_rows(rows: int) -> int:
@@ -543,6 +580,39 @@ class Norm:
         return self.mean, self.invstd, pointer_or(self.weight, fallback), pointer_or(self.bias, fallback)
 
 
+@dataclass
+class ChainSums:
+    """A fused BN chain, act(norm(y) [+ residual or residual_norm(residual)]) (`normalize`), whose backward sums
+    the kernel that forms the gradient of its output forms too, in its epilogue (a conv's dgrad:
+    `conv_dgrad.conv2d_input_grad_with_sums`); `token`, an output of the chain's op, carries them back to the
+    chain's backward as its gradient, so that the sums launch is saved."""
+
+    token: torch.Tensor
+    y: torch.Tensor
+    norm: Norm
+    residual: torch.Tensor | None
+    residual_norm: Norm | None
+    activation: str | None
+    negative_slope: float
+
+    def fits(self, output: torch.Tensor) -> bool:
+        """Whether the chain's output is `output`'s shape and layout (the epilogue reads y where it writes)."""
+        return all(t is None or (t.shape == output.shape and t.stride() == output.stride())
+                   for t in (self.y, self.residual))
+
+    def count(self) -> int:
+        """The sums formed: of dz and dz * x_hat, and dz * r_hat for a normalised residual."""
+        return 3 if self.residual_norm is not None else 2
+
+    def arguments(self) -> tuple:
+        """The kernel's tensors: y, the residual, the two norms' (mean, invstd, weight, bias)."""
+        return (self.y, pointer_or(self.residual, self.y), *self.norm.pointers(self.y),
+                *(self.residual_norm or self.norm).pointers(self.y))
+
+    def constexprs(self) -> dict[str, object]:
+        return {**_flags(self.norm, self.residual, self.residual_norm), "ACTIVATION": activation_code(self.activation)}
+
+
 def _check_layout(y: torch.Tensor, y_name: str = "y", **others: torch.Tensor | None) -> None:
     """The kernels address every tensor with y's strides: others must be laid out as y (size-1 dims aside)."""
     for name, other in others.items():
@@ -553,19 +623,23 @@ def _check_layout(y: torch.Tensor, y_name: str = "y", **others: torch.Tensor | N
 
 
 def normalize(y: torch.Tensor, norm: Norm, residual: torch.Tensor | None, residual_norm: Norm | None,
-              activation_code: int, negative_slope: float) -> torch.Tensor:
-    """act(norm(y) [+ residual or residual_norm(residual)]): a new tensor laid out as y (and residual, which
-    must share y's strides)."""
+              activation_code: int, negative_slope: float, token: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(act(norm(y) [+ residual or residual_norm(residual)]): a new tensor laid out as y (and residual, which
+    must share y's strides), with `token` a [3, C] fp32 tensor of zeros (`ChainSums`), else None)."""
     _check_layout(y, residual=residual)
     view = rows_view(y)
     out = torch.empty_like(y)
+    zeros = torch.empty((3, view.channels), device=y.device, dtype=torch.float32) if token else None
+    if out.numel() == 0:
+        return out, zeros.zero_() if token else None
     runtime.announce()
     normalize_kernel[(view.row_blocks, view.channel_blocks)](
-        y, pointer_or(residual, y), out, *norm.pointers(y), *(residual_norm or norm).pointers(y),
+        y, pointer_or(residual, y), out, pointer_or(zeros, y), *norm.pointers(y), *(residual_norm or norm).pointers(y),
         view.rows, view.channels, view.hw, *view.strides, float(negative_slope),
-        **_flags(norm, residual, residual_norm), ACTIVATION=activation_code, INT64=view.int64,
+        **_flags(norm, residual, residual_norm), ACTIVATION=activation_code, TOKEN=token, INT64=view.int64,
         BLOCK_M=view.block_m, BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
-    return out
+    return out, zeros
 
 
 def normalize_max_pool(y: torch.Tensor, norm: Norm, activation_code: int, negative_slope: float, pool: MaxPool
@@ -620,10 +694,12 @@ def parameter_grad(parameter: torch.Tensor | None, y: torch.Tensor) -> torch.Ten
 def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual: torch.Tensor | None,
                        residual_norm: Norm | None, activation_code: int, negative_slope: float,
                        need_dy: bool, need_dr: bool, need_params: bool,
-                       pool: tuple[MaxPool, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, ...]:
+                       pool: tuple[MaxPool, torch.Tensor] | None = None, sums: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor | None, ...]:
     """(dy, d residual, d weight, d bias, d residual weight, d residual bias) of `normalize`, the parameter
     gradients in their parameters' dtypes; None where not needed. grad must share y's strides; with `pool`
-    (the window and the taps of `normalize_max_pool`), grad is the pooled output's, with the taps' strides."""
+    (the window and the taps of `normalize_max_pool`), grad is the pooled output's, with the taps' strides.
+    `sums` ([3, C] fp32): the channels' sums, formed already where grad was (`ChainSums`): one launch, not two."""
     _check_layout(y, residual=residual, **({} if pool else {"grad": grad}))
     if pool:
         _check_layout(pool[1], grad=grad)
@@ -631,19 +707,24 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
     pooled = (taps, y.shape[3], *taps.shape[2:], *_nhwc_strides(taps))
     pool_constexprs = {"POOL": pool is not None, **_window_constexprs(pool[0] if pool else None)}
     view = _pooled_tiles(rows_view(y)) if pool else rows_view(y)
-    strip, strips = view.strips(BACKWARD_STRIPS)
-    part = torch.empty((3, strips, view.channels), device=y.device, dtype=torch.float32)
-    sums = torch.empty((3, view.channels), device=y.device, dtype=torch.float32)
     flags = _flags(norm, residual, residual_norm)
     r_norm = residual_norm or norm
     pointers = (*norm.pointers(y), *r_norm.pointers(y))
     shape = (view.rows, view.channels, view.hw, *view.strides, float(negative_slope))
     runtime.announce()
-    with arrival.counters(y.device, view.channel_blocks) as counter:
-        backward_sums_kernel[(strips, view.channel_blocks)](
-            grad, y, pointer_or(residual, y), part, sums, counter, *pointers, *shape, strip, strips, *pooled, **flags,
-            ACTIVATION=activation_code, **pool_constexprs, INT64=view.int64, BLOCK_M=view.block_m,
-            BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
+    if sums is not None:
+        if sums.shape != (3, view.channels) or sums.dtype != torch.float32:
+            raise ValueError(f"sums must be fp32 [3, {view.channels}], got {sums.dtype} {tuple(sums.shape)}")
+        sums = sums.contiguous()
+    else:
+        strip, strips = view.strips(BACKWARD_STRIPS)
+        part = torch.empty((3, strips, view.channels), device=y.device, dtype=torch.float32)
+        sums = torch.empty((3, view.channels), device=y.device, dtype=torch.float32)
+        with arrival.counters(y.device, view.channel_blocks) as counter:
+            backward_sums_kernel[(strips, view.channel_blocks)](
+                grad, y, pointer_or(residual, y), part, sums, counter, *pointers, *shape, strip, strips, *pooled,
+                **flags, ACTIVATION=activation_code, **pool_constexprs, INT64=view.int64, BLOCK_M=view.block_m,
+                BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
     dy = torch.empty_like(y) if need_dy else None
     dr = torch.empty_like(y) if need_dr and residual is not None else None
     params = [parameter_grad(p, y) if need_params else None

@@ -51,17 +51,25 @@ def _normalize_op(y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, wei
                   bias: Optional[torch.Tensor], batch_stats: bool, residual: Optional[torch.Tensor],
                   r_mean: Optional[torch.Tensor], r_invstd: Optional[torch.Tensor], r_weight: Optional[torch.Tensor],
                   r_bias: Optional[torch.Tensor], r_batch_stats: bool, activation: Optional[str],
-                  negative_slope: float) -> torch.Tensor:
-    """act((y - mean) * invstd * weight + bias [+ residual, or the same of the residual's own statistics])."""
+                  negative_slope: float, hand_sums: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act((y - mean) * invstd * weight + bias [+ residual, or the same of the residual's own statistics]), a
+    token): with `hand_sums` the token is [3, C] fp32 zeros whose gradient, where it has one, is the backward
+    sums, formed by the output's reader (`kernels.batch_norm.ChainSums`); else it is empty."""
     norm, residual_norm = _norms(mean, invstd, weight, bias, batch_stats, r_mean, r_invstd, r_weight, r_bias,
                                  r_batch_stats)
-    return kernels.normalize(y, norm, residual, residual_norm, activation_code(activation), negative_slope)
+    out, token = kernels.normalize(y, norm, residual, residual_norm, activation_code(activation), negative_slope,
+                                   hand_sums)
+    return out, token if token is not None else _token(y, False)
 
 
 @_normalize_op.register_fake
 def _(y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
-      activation, negative_slope):
-    return torch.empty_like(y)
+      activation, negative_slope, hand_sums):
+    return torch.empty_like(y), _token(y, hand_sums)
+
+
+def _token(y: torch.Tensor, hand_sums: bool) -> torch.Tensor:
+    return y.new_empty((3, y.shape[1]) if hand_sums else _EMPTY, dtype=torch.float32)
 
 
 @torch.library.custom_op("workbench::batch_norm_act_max_pool", mutates_args=())
@@ -87,23 +95,24 @@ def _normalize_backward_op(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tens
                            r_invstd: Optional[torch.Tensor], r_weight: Optional[torch.Tensor],
                            r_bias: Optional[torch.Tensor], r_batch_stats: bool, activation: Optional[str],
                            negative_slope: float, need_y: bool, need_residual: bool, need_params: bool,
-                           taps: Optional[torch.Tensor] = None, pool: Optional[list[int]] = None
+                           taps: Optional[torch.Tensor] = None, pool: Optional[list[int]] = None,
+                           sums: Optional[torch.Tensor] = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor]:
     """(dy, d residual, d weight, d bias, d residual weight, d residual bias), each parameter gradient in its
     parameter's dtype (written so by the kernel); empty where not needed. With `pool` and `taps`, grad is that of
-    `_normalize_max_pool_op`'s output."""
+    `_normalize_max_pool_op`'s output; `sums`: the backward sums, formed by grad's producer."""
     norm, residual_norm = _norms(mean, invstd, weight, bias, batch_stats, r_mean, r_invstd, r_weight, r_bias,
                                  r_batch_stats)
     grads = kernels.normalize_backward(grad, y, norm, residual, residual_norm, activation_code(activation),
                                        negative_slope, need_y, need_residual, need_params,
-                                       (MaxPool.of(pool), taps) if pool is not None else None)
+                                       (MaxPool.of(pool), taps) if pool is not None else None, sums)
     return tuple(g if g is not None else y.new_empty(_EMPTY) for g in grads)
 
 
 @_normalize_backward_op.register_fake
 def _(grad, y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
-      activation, negative_slope, need_y, need_residual, need_params, taps=None, pool=None):
+      activation, negative_slope, need_y, need_residual, need_params, taps=None, pool=None, sums=None):
     params = [kernels.parameter_grad(p, y) if need_params else y.new_empty(_EMPTY)
               for p in (weight, bias, r_weight, r_bias)]
     return (torch.empty_like(y) if need_y else y.new_empty(_EMPTY),
@@ -112,26 +121,30 @@ def _(grad, y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invs
 
 def _setup_context(ctx, inputs, output) -> None:
     (y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
-     activation, negative_slope) = inputs
+     activation, negative_slope, _) = inputs
     ctx.flags = (batch_stats, r_batch_stats, activation, negative_slope)
+    ctx.set_materialize_grads(False)  # the token's gradient: None unless its reader formed the sums
     ctx.save_for_backward(y, mean, invstd, weight, bias, residual, r_mean, r_invstd, r_weight, r_bias)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, sums):
+    if grad is None:  # only the token was read: nothing reached the output
+        return (None,) * 15
     y, mean, invstd, weight, bias, residual, r_mean, r_invstd, r_weight, r_bias = ctx.saved_tensors
     batch_stats, r_batch_stats, activation, negative_slope = ctx.flags
     needs = ctx.needs_input_grad
     need_params = any(needs[index] for index in (3, 4, 9, 10))
     dy, dr, dweight, dbias, dr_weight, dr_bias = _normalize_backward_op(
         grad.contiguous(memory_format=memory_format_of(y)), y, mean, invstd, weight, bias, batch_stats, residual, r_mean,
-        r_invstd, r_weight, r_bias, r_batch_stats, activation, negative_slope, needs[0], needs[6], need_params)
+        r_invstd, r_weight, r_bias, r_batch_stats, activation, negative_slope, needs[0], needs[6], need_params,
+        sums=sums if sums is not None and sums.numel() else None)  # (no token, or an empty one: no sums)
 
     def wanted(index: int, gradient: torch.Tensor, of: torch.Tensor | None) -> torch.Tensor | None:
         return gradient if needs[index] and of is not None else None
 
     return (wanted(0, dy, y), None, None, wanted(3, dweight, weight), wanted(4, dbias, bias), None,
             wanted(6, dr, residual), None, None, wanted(9, dr_weight, r_weight), wanted(10, dr_bias, r_bias),
-            None, None, None)
+            None, None, None, None)
 
 
 _normalize_op.register_autograd(_backward, setup_context=_setup_context)
@@ -219,6 +232,18 @@ def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor |
     The output has y's memory format; a residual of another dtype is added in the promoted one, or, with
     `in_place` (the model wrote `y += residual`), cast to y's as PyTorch's in-place add does.
     """
+    return batch_norm_act_chain(y, bn, residual, residual_bn, activation, negative_slope, stats, in_place,
+                                residual_stats, pool)[0]
+
+
+def batch_norm_act_chain(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
+                         residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
+                         negative_slope: float | None = None, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         in_place: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         pool: MaxPool | None = None, hand_sums: bool = False
+                         ) -> tuple[torch.Tensor, kernels.ChainSums | None]:
+    """(`batch_norm_act`'s output, the chain for its reader to form its backward sums with, `hand_sums` asking:
+    `ops.conv2d_with_statistics(chain=...)` -- None where no backward will run, or with a pool)."""
     residual_norm = None
     if residual is not None:
         if residual.shape != y.shape:
@@ -229,13 +254,16 @@ def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor |
         residual_norm = statistics(residual, residual_bn, residual_stats) if residual_bn is not None else None
     y = _rows_ready(y)
     norm = statistics(y, bn, stats)
+    slope = parameter(activation, negative_slope)
     if pool is not None:
         if residual is not None:
             raise ValueError("a max-pool after the activation is fused without a residual only")
         return _normalize_max_pool_op(y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, activation,
-                                      parameter(activation, negative_slope), pool.arguments())[0]
+                                      slope, pool.arguments())[0], None
     r = residual_norm
-    return _normalize_op(y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, residual,
-                         r.mean if r else None, r.invstd if r else None, r.weight if r else None,
-                         r.bias if r else None, bool(r and r.batch_stats), activation,
-                         parameter(activation, negative_slope))
+    out, token = _normalize_op(y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, residual,
+                               r.mean if r else None, r.invstd if r else None, r.weight if r else None,
+                               r.bias if r else None, bool(r and r.batch_stats), activation, slope, hand_sums)
+    if not (hand_sums and out.requires_grad):
+        return out, None
+    return out, kernels.ChainSums(token, y, norm, residual, residual_norm, activation, slope)

@@ -19,6 +19,9 @@ behaviour with `model.train()` / `model.eval()` exactly as the original.
     conv_transpose_act                            the conv's dgrad kernel, then bias and activation
     prelu                                         a PReLU module's learnable slopes, one kernel
 
+A chain whose output only a conv_bn_act reads hands that call its `ChainSums` (`hand_sums`, `x_chain`): the
+conv's dgrad launch forms the chain's backward sums, and the chain's backward is one elementwise pass.
+
 A residual that is itself a conv -> BN (a downsample shortcut) comes in raw, with its BN as
 `residual_bn` and that BN's batch statistics from the conv's launch as `residual_stats`, when that BN
 uses batch statistics: its normalisation happens inside the consumer's fused kernel instead of in a
@@ -31,7 +34,9 @@ import torch
 from torch import nn
 
 from triton_workbench.kernels import ops
-from triton_workbench.kernels.batch_norm_ops import batch_norm_act, check_input, running_of, uses_batch_stats
+from triton_workbench.kernels.batch_norm import ChainSums
+from triton_workbench.kernels.batch_norm_ops import (batch_norm_act, batch_norm_act_chain, check_input, running_of,
+                                                     uses_batch_stats)
 from triton_workbench.kernels.conv_geometry import make_geometry
 from triton_workbench.kernels.conv_transpose import conv_transpose2d
 from triton_workbench.kernels.max_pool import MaxPool
@@ -98,18 +103,20 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: 
                 residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
                 negative_slope: float | None = None, defer: bool = False, in_place: bool = False,
                 hand_on: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pool: nn.MaxPool2d | None = None) -> torch.Tensor | tuple:
+                pool: nn.MaxPool2d | None = None, hand_sums: bool = False, x_chain: ChainSums | None = None
+                ) -> torch.Tensor | tuple:
     """act(bn(conv(x)) [+ residual]), then `pool` (a max-pool, no residual) in the same kernel; with `defer`,
     (conv(x), bn's batch statistics of it) while bn uses batch statistics -- the consumer normalises it with
     them (`residual_stats`, see the module docstring) -- else (bn(conv(x)), None). `in_place`: the add was
-    `out += residual`, whose result keeps out's dtype. With `hand_on`, (the result, x handed on:
-    `ops.conv2d_with_statistics`) for x's other readers, whose gradient of x the conv's dgrad launch then adds
-    where it can."""
+    `out += residual`, whose result keeps out's dtype. With `hand_on` or `hand_sums`, (the result, x handed
+    on, the chain for the result's reader to form its backward sums with: `batch_norm_act_chain`); x's other
+    readers read the x handed on, and the conv's dgrad launch adds their gradient of x where it can
+    (`ops.conv2d_with_statistics`). `x_chain`: the chain whose output x is, this call its only reader."""
     if defer:
         return _deferred(x, conv, bn)
-    out, handed = _conv_bn_act(x, conv, bn, residual, residual_bn, activation, negative_slope, in_place,
-                               residual_stats, pool)
-    return (out, handed) if hand_on else out
+    out, handed, chain = _conv_bn_act(x, conv, bn, residual, residual_bn, activation, negative_slope, in_place,
+                                      residual_stats, pool, hand_sums, x_chain)
+    return (out, handed, chain) if hand_on or hand_sums else out
 
 
 def _deferred(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d
@@ -127,37 +134,43 @@ def _deferred(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d
 def _conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: torch.Tensor | None,
                  residual_bn: nn.BatchNorm2d | None, activation: str | None, negative_slope: float | None,
                  in_place: bool, residual_stats: tuple[torch.Tensor, torch.Tensor] | None,
-                 pool: nn.MaxPool2d | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(`conv_bn_act`'s result, x handed on: x itself but where the batch-statistics conv hands it on)."""
+                 pool: nn.MaxPool2d | None = None, hand_sums: bool = False, x_chain: ChainSums | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, ChainSums | None]:
+    """(`conv_bn_act`'s result, x handed on: x itself but where the batch-statistics conv hands it on, the
+    result's chain where `hand_sums` asks and there is one)."""
     residual, residual_bn = _residual_for(residual, residual_bn)
     if residual is not None and not _fuses(residual, _conv_output_shape(x, conv), _compute_dtype(x), in_place):
-        out, handed = _conv_bn_act(x, conv, bn, None, None, None, None, False, None)
+        out, handed, _ = _conv_bn_act(x, conv, bn, None, None, None, None, False, None, x_chain=x_chain)
         return _add_in_pytorch(out, residual, residual_bn, residual_stats, activation, negative_slope,
-                               in_place), handed
+                               in_place), handed, None
     if uses_batch_stats(bn):  # the statistics come from the conv's launch
         check_input(_conv_output_shape(x, conv), bn)
         y, mean, invstd, handed = ops.conv2d_with_statistics(x, conv.weight, conv.bias, conv.stride, conv.padding,
-                                                             conv.dilation, conv.groups, running_of(bn))
-        return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, (mean, invstd), in_place,
-                              residual_stats, _window(pool)), handed
+                                                             conv.dilation, conv.groups, running_of(bn), x_chain)
+        out, chain = batch_norm_act_chain(y, bn, residual, residual_bn, activation, negative_slope, (mean, invstd),
+                                          in_place, residual_stats, _window(pool), hand_sums)
+        return out, handed, chain
     if residual_bn is not None:  # this BN runs on running stats but the shortcut's on the batch's: apply it first
         residual, residual_bn = batch_norm_act(residual, residual_bn, stats=residual_stats), None
     out = _conv(x, conv, *folded(conv, bn), activation, negative_slope, residual)
-    return (pool(out) if pool is not None else out), x  # folded: the conv's epilogue ends the chain, PyTorch pools
+    return (pool(out) if pool is not None else out), x, None  # folded: the conv's epilogue ends it, PyTorch pools
 
 
 def bn_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None,
            residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
            negative_slope: float | None = None, in_place: bool = False,
            residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-           pool: nn.MaxPool2d | None = None) -> torch.Tensor:
-    """act(bn(y) [+ residual]), then `pool` (a max-pool, no residual), in one fused kernel after the statistics."""
+           pool: nn.MaxPool2d | None = None, hand_sums: bool = False) -> torch.Tensor | tuple:
+    """act(bn(y) [+ residual]), then `pool` (a max-pool, no residual), in one fused kernel after the statistics;
+    with `hand_sums`, (that, the chain for its reader to form the backward sums with) as `conv_bn_act`."""
     residual, residual_bn = _residual_for(residual, residual_bn)
     if residual is not None and not _fuses(residual, y.shape, None, in_place):
-        return _add_in_pytorch(bn_act(y, bn), residual, residual_bn, residual_stats, activation, negative_slope,
-                               in_place)
-    return batch_norm_act(y, bn, residual, residual_bn, activation, negative_slope, in_place=in_place,
-                          residual_stats=residual_stats, pool=_window(pool))
+        out = _add_in_pytorch(bn_act(y, bn), residual, residual_bn, residual_stats, activation, negative_slope,
+                              in_place)
+        return (out, None) if hand_sums else out
+    out, chain = batch_norm_act_chain(y, bn, residual, residual_bn, activation, negative_slope, in_place=in_place,
+                                      residual_stats=residual_stats, pool=_window(pool), hand_sums=hand_sums)
+    return (out, chain) if hand_sums else out
 
 
 def _window(pool: nn.MaxPool2d | None) -> MaxPool | None:

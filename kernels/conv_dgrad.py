@@ -8,7 +8,9 @@ the row's phase ih mod stride alone. So the input is split into its stride x str
 each phase is a stride-1 correlation of dz with that phase's taps: no tensor-core work is spent on
 the zeros a strided forward leaves between outputs, and no tap is tested per row. All phases run
 in one launch, a grid dimension picking the phase, each phase's code specialised to its taps.
-dz = dy * act'(z) comes in formed (`ops` forms it once for dgrad and wgrad).
+dz = dy * act'(z) comes in formed (`ops` forms it once for dgrad and wgrad). Where x is a fused BN
+chain's output (`batch_norm.ChainSums`), the epilogue also forms that chain's backward sums from the
+dx it stores, merged in the launch (`_chain_sums`), so that the chain's backward skips its sums pass.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from contextlib import nullcontext
+
 import torch
 import triton.language as tl
 
-from triton_workbench.kernels import runtime, tuned
+from triton_workbench.kernels import arrival, runtime, tuned
+from triton_workbench.kernels.arrival import last_to_arrive
+from triton_workbench.kernels.batch_norm import ChainSums, merge_sums, pointer_or, store_sums, sum_rows, tile_sums
+from triton_workbench.kernels.gemm import tile_coordinates
 from triton_workbench.kernels.host_math import cdiv
 from triton_workbench.kernels.runtime import jit
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, dot_precision, empty_in_layout_of,
@@ -69,13 +76,18 @@ def phase_taps(size: int, kernel: int, stride: int, pad: int, dilation: int) -> 
 def _phase_dgrad(
     dz_ptr, w_ptr, dx_ptr, add_ptr, N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
     sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    y_ptr, r_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+    part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
-    I: tl.constexpr, J: tl.constexpr, ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
+    I: tl.constexpr, J: tl.constexpr, ADD: tl.constexpr, SUMS: tl.constexpr, AFFINE: tl.constexpr,
+    RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr, ACTIVATION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx of the stride phase PHASES_H[I] x PHASES_W[J] (each a `PhaseTaps` as a tuple) for this program's
-    tile, a stride-1 correlation of dz with the phase's taps, plus with ADD the tile of `add`; programs past
-    the phase's tiles do nothing. (The phase is indexed here rather than passed: Triton 3.6, PyTorch 2.11's,
+    tile, a stride-1 correlation of dz with the phase's taps, plus with ADD the tile of `add`, and with SUMS
+    the backward sums of the BN chain whose output x is (`_chain_sums`); programs past the phase's tiles do
+    nothing. (The phase is indexed here rather than passed: Triton 3.6, PyTorch 2.11's,
     cannot pass a tuple element of a constexpr tuple to a jit function.)"""
     PHASE_H, FIRST_KH, COUNT_H, STEP_H, BASE_H, OH_STEP = PHASES_H[I]
     PHASE_W, FIRST_KW, COUNT_W, STEP_W, BASE_W, OW_STEP = PHASES_W[J]
@@ -125,7 +137,58 @@ def _phase_dgrad(
         dx_ok = m_ok[:, None] & n_ok[None, :]
         if ADD:  # another reader's gradient of x, laid out as dx
             acc += tl.load(add_ptr + dx_offsets, mask=dx_ok, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=dx_ok)
+        dx = acc.to(dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + dx_offsets, dx, mask=dx_ok)
+        if SUMS:
+            _chain_sums(dx.to(tl.float32), dx_offsets, dx_ok, group * C_in_g + offs_n, n_ok, M, N, H, W, C_in_g,
+                        GROUP_M, y_ptr, r_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr,
+                        r_weight_ptr, r_bias_ptr, part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
+                        STRIDE_H, STRIDE_W, PHASES_H, PHASES_W, I, J, SUMS, AFFINE, RESIDUAL, R_NORM, R_AFFINE,
+                        ACTIVATION, BLOCK_M, BLOCK_N)
+
+
+@jit
+def _chain_sums(dx, dx_offsets, dx_ok, channels, c_ok, M, N, H, W, C_in_g, GROUP_M,
+                y_ptr, r_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr,
+                r_bias_ptr, part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
+                STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
+                I: tl.constexpr, J: tl.constexpr, SUMS: tl.constexpr, AFFINE: tl.constexpr, RESIDUAL: tl.constexpr,
+                R_NORM: tl.constexpr, R_AFFINE: tl.constexpr, ACTIVATION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The BN chain's backward sums (`batch_norm.tile_sums`) of this tile of dx (fp32, as stored: what the BN's
+    elementwise backward reads), merged in the launch as the forward's statistics are: each tile writes a row of
+    a sums table part[3, rows, C] -- rows: every phase's tiles, then every phase's groups of SUM_GROUP tiles --,
+    the last tile of a group to finish sums the group's rows into its group row, and the last group of a channel
+    block, every group row into sums[3, C], in (phase, group) order: deterministic."""
+    PHASES: tl.constexpr = len(PHASES_H) * len(PHASES_W)
+    tiles_m = tl.num_programs(0) // tl.cdiv(C_in_g, BLOCK_N)  # the first (largest) phase's row tiles
+    groups_m = tl.cdiv(tiles_m, SUM_GROUP)
+    rows = PHASES * (tiles_m + groups_m)
+    C = C_in_g * tl.num_programs(1)
+    phase = I * len(PHASES_W) + J
+    pid_m, pid_n = tile_coordinates(M, C_in_g, GROUP_M, BLOCK_M, BLOCK_N)
+    sum_dz, sum_dz_x, sum_dz_r = tile_sums(dx, y_ptr, r_ptr, dx_offsets, dx_ok, channels, c_ok, mean_ptr, invstd_ptr,
+                                           weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+                                           negative_slope, AFFINE, RESIDUAL, R_NORM, R_AFFINE, ACTIVATION)
+    store_sums(part_ptr, phase * tiles_m + pid_m, rows, C, channels, c_ok, sum_dz, sum_dz_x, sum_dz_r, R_NORM)
+    blocks = tl.cdiv(C_in_g, BLOCK_N) * tl.num_programs(1)
+    block = tl.program_id(1) * tl.cdiv(C_in_g, BLOCK_N) + pid_n
+    sum_group = pid_m // SUM_GROUP
+    group_row = PHASES * tiles_m + phase * groups_m + sum_group
+    tiles = tl.minimum(SUM_GROUP, tl.cdiv(M, BLOCK_M) - sum_group * SUM_GROUP)
+    if last_to_arrive(counter_ptr + blocks + (phase * groups_m + sum_group) * blocks + block, tiles):
+        merge_sums(part_ptr, rows, phase * tiles_m + sum_group * SUM_GROUP, tiles, part_ptr, group_row, rows, C,
+                   channels, c_ok, SUMS)
+        if last_to_arrive(counter_ptr + block, SUM_GROUPS):
+            for k in tl.static_range(SUMS):
+                total = tl.zeros(channels.shape, dtype=tl.float32)
+                for i in tl.static_range(len(PHASES_H)):
+                    for j in tl.static_range(len(PHASES_W)):
+                        phase_rows = N * ((H - PHASES_H[i][0] + STRIDE_H - 1) // STRIDE_H) * \
+                            ((W - PHASES_W[j][0] + STRIDE_W - 1) // STRIDE_W)
+                        total += sum_rows(part_ptr + k * rows * C, PHASES * tiles_m + (i * len(PHASES_W) + j) * groups_m,
+                                          tl.cdiv(tl.cdiv(phase_rows, BLOCK_M), SUM_GROUP), C, channels, c_ok)
+                tl.store(sums_ptr + k * C + channels, total, mask=c_ok)
 
 
 @jit
@@ -133,20 +196,26 @@ def conv2d_dgrad_kernel(
     dz_ptr, w_ptr, dx_ptr, add_ptr,
     N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
     sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    y_ptr, r_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+    part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
-    ADD: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ADD: tl.constexpr, SUMS: tl.constexpr, AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr,
+    R_AFFINE: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx for one (input-position tile, input-channel tile, group, stride phase): program_id(2) picks the
     phase (PHASES_H x PHASES_W, each phase's `PhaseTaps` as a tuple), whose code is specialised to its
-    taps at compile time, one branch per phase."""
+    taps at compile time, one branch per phase. With SUMS (2 or 3), also the backward sums of the BN chain
+    whose output x is (its y, residual and norms: `batch_norm.ChainSums`) into sums[SUMS, C]."""
     for i in tl.static_range(len(PHASES_H)):
         for j in tl.static_range(len(PHASES_W)):
             if tl.program_id(2) == i * len(PHASES_W) + j:
                 _phase_dgrad(dz_ptr, w_ptr, dx_ptr, add_ptr, N, H, W, Ho, Wo, C_in_g, C_out_g, GROUP_M,
                              sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
-                             STRIDE_H, STRIDE_W, PHASES_H, PHASES_W, i, j, ADD, DOT_PRECISION, INT64, EVEN_K,
-                             BLOCK_M, BLOCK_N, BLOCK_K)
+                             y_ptr, r_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr,
+                             r_weight_ptr, r_bias_ptr, part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
+                             STRIDE_H, STRIDE_W, PHASES_H, PHASES_W, i, j, ADD, SUMS, AFFINE, RESIDUAL, R_NORM,
+                             R_AFFINE, ACTIVATION, DOT_PRECISION, INT64, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometry: ConvGeometry,
@@ -154,6 +223,23 @@ def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, g
     """grad_input of conv2d(x, weight) for the output gradient dz [+ `add`, x's gradient from its other readers,
     shaped as x], shaped, typed and laid out like x (only its metadata is read). One launch: every stride
     phase's programs in it."""
+    return _input_grad(dz, weight, x, geometry, config, add, None)[0]
+
+
+def conv2d_input_grad_with_sums(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometry: ConvGeometry,
+                                chain: ChainSums, config: Config | None = None, add: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`conv2d_input_grad`, the backward sums [3, C] fp32 of the BN chain whose output x is, `chain`, which
+    must be laid out as x): the chain's backward then runs without its sums launch. One launch; no sums (None)
+    where nothing launches (an empty x or dz): the chain forms them itself."""
+    if not chain.fits(x):
+        raise ValueError(f"the BN chain's tensors must have x's shape {tuple(x.shape)} and strides {x.stride()}")
+    return _input_grad(dz, weight, x, geometry, config, add, chain)
+
+
+def _input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometry: ConvGeometry,
+                config: Config | None, add: torch.Tensor | None, chain: ChainSums | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = dz.shape[2:]
@@ -161,26 +247,44 @@ def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, g
     config = config if config is not None else tuned.config_for(CONV_DGRAD_SPEC, problem)
     dx = empty_in_layout_of(x, (n, c_in, h, w))
     if dx.numel() == 0:
-        return dx
+        return dx, None
     if add is not None:
         add = add.contiguous(memory_format=memory_format_of(dx))
     if dz.numel() == 0:
-        return dx.copy_(add) if add is not None else dx.zero_()
+        return (dx.copy_(add) if add is not None else dx.zero_()), None
+    sums = torch.empty((3, c_in), device=x.device, dtype=torch.float32) if chain else None
     if channels_last(x):
         weight = weight.contiguous(memory_format=torch.channels_last)  # input channels contiguous, as dx's
     runtime.announce()
     phases_h, phases_w = _phases(problem)
-    conv2d_dgrad_kernel[_grid(problem, config)](
-        dz, weight, dx, add if add is not None else dx,
-        n, h, w, ho, wo, c_in_g, c_out // geometry.groups, config["GROUP_M"],
-        *dz.stride(), *weight.stride(), *dx.stride(), geometry.stride_h, geometry.stride_w,
-        tuple(_constants(t) for t in phases_h), tuple(_constants(t) for t in phases_w), ADD=add is not None,
-        DOT_PRECISION=dot_precision(weight.dtype), INT64=needs_int64(dz, weight, dx),
-        EVEN_K=(c_out // geometry.groups) % config["BLOCK_K"] == 0,
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
-    )
-    return dx
+    grid = _grid(problem, config)
+    sum_groups = sum(cdiv(cdiv(n * taps_h.rows * taps_w.rows, config["BLOCK_M"]), SUM_GROUP.value)
+                     for taps_h in phases_h for taps_w in phases_w)
+    phases = len(phases_h) * len(phases_w)
+    tiles_m = grid[0] // cdiv(c_in_g, config["BLOCK_N"])
+    groups_m = cdiv(tiles_m, SUM_GROUP.value)
+    blocks = cdiv(c_in_g, config["BLOCK_N"]) * geometry.groups
+    part = torch.empty((3, phases * (tiles_m + groups_m), c_in), device=x.device, dtype=torch.float32) if chain else dx
+    # per channel block: a counter for its groups, one per phase and group for its tiles
+    with arrival.counters(x.device, blocks * (1 + phases * groups_m)) if chain else nullcontext(dx) as counter:
+        conv2d_dgrad_kernel[grid](
+            dz, weight, dx, add if add is not None else dx,
+            n, h, w, ho, wo, c_in_g, c_out // geometry.groups, config["GROUP_M"],
+            *dz.stride(), *weight.stride(), *dx.stride(), *(chain.arguments() if chain else (dx,) * 10),
+            part, pointer_or(sums, dx), counter, sum_groups, float(chain.negative_slope) if chain else 0.0,
+            geometry.stride_h, geometry.stride_w,
+            tuple(_constants(t) for t in phases_h), tuple(_constants(t) for t in phases_w), ADD=add is not None,
+            SUMS=chain.count() if chain else 0, **(chain.constexprs() if chain else _NO_CHAIN),
+            DOT_PRECISION=dot_precision(weight.dtype), INT64=needs_int64(dz, weight, dx),
+            EVEN_K=(c_out // geometry.groups) % config["BLOCK_K"] == 0,
+            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
+        )
+    return dx, sums
+
+
+_NO_CHAIN = {"AFFINE": False, "RESIDUAL": False, "R_NORM": False, "R_AFFINE": False, "ACTIVATION": 0}
+SUM_GROUP = tl.constexpr(32)  # row tiles whose chain sums the last of them to finish merges into one group row
 
 
 def _constants(taps: PhaseTaps) -> tuple[int, ...]:

@@ -11,7 +11,9 @@ activation module used at several places, functional calls, in-place variants):
 
 Each link but the last must have no other user. A residual that is itself conv -> BN with no
 other user (a downsample shortcut) is deferred: it stays raw and the consumer's fused kernel
-normalises it. The rewritten nodes call `kernels.chains` functions with the model's own modules
+normalises it. A conv_bn_act call hands its input on to the input's later readers (their gradient is
+added in its dgrad launch), and where it is then the only reader of a BN chain's output, that chain
+hands it what the dgrad launch needs to form the chain's backward sums too (`ChainSums`). The rewritten nodes call `kernels.chains` functions with the model's own modules
 (get_attr nodes), so parameters, buffers, state_dict keys and train/eval behaviour are the
 original model's. `fuse` returns a torch.fx.GraphModule that shares the model's top-level children,
 parameters and buffers (the whole module tree, used or not), and a record per decision.
@@ -465,6 +467,7 @@ def fuse(gm: fx.GraphModule, supported: Callable[[nn.Module], str | None], activ
     for chain in sorted(found, key=lambda c: not c.defer):  # a deferred shortcut before its consumer
         _rewrite(g, chain)
     _hand_on_inputs(g)
+    _hand_sums_to_readers(g)
     records += _functional_layers(g)
     records += _kept(g)
     gm.graph.lint()
@@ -483,14 +486,45 @@ def _hand_on_inputs(g: _Graph) -> None:
         later = [user for user in source.users if user is not node and position(user) > position(node)]
         if not later:
             continue
-        node.kwargs = {**node.kwargs, "hand_on": True}
-        with g.graph.inserting_after(node):
-            handed = g.graph.call_function(operator.getitem, (node, 1))
-        with g.graph.inserting_after(node):
-            out = g.graph.call_function(operator.getitem, (node, 0))
-        node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in (out, handed))
+        handed = _item(g, node, 1, {"hand_on": True})
         for user in later:
             user.replace_input_with(source, handed)
+
+
+def _hand_sums_to_readers(g: _Graph) -> None:
+    """Where a conv_bn_act call is the only reader of a BN chain's output (its other readers read what the call
+    hands on), the chain hands the call what its dgrad launch needs to form the chain's backward sums
+    (`hand_sums=True`, `x_chain=`): the chain's backward then runs without its sums launch."""
+    for node in list(g.graph.nodes):
+        if node.target is not chains.conv_bn_act or node.kwargs.get("defer"):
+            continue
+        value = node.args[0]
+        producer = value.args[0] if value.target is operator.getitem and _returns_tuple(value.args[0]) and \
+            value.args[1] == 0 else value
+        if producer.target not in (chains.conv_bn_act, chains.bn_act) or producer.kwargs.get("defer") or \
+                producer.kwargs.get("pool") is not None or list(value.users) != [node]:
+            continue
+        node.kwargs = {**node.kwargs, "x_chain": _item(g, producer, -1, {"hand_sums": True})}
+
+
+def _returns_tuple(node: fx.Node) -> bool:
+    """Whether a rewritten chain call returns a tuple (its value and what it hands on) rather than its value."""
+    return node.op == "call_function" and (node.kwargs.get("hand_on") or node.kwargs.get("hand_sums")) is True
+
+
+def _item(g: _Graph, node: fx.Node, index: int, flag: dict[str, bool]) -> fx.Node:
+    """A getitem node of item `index` of the tuple that chain call `node` returns once given `flag` (its readers
+    of a plain value, if it returned one, now read item 0)."""
+    if not _returns_tuple(node):
+        with g.graph.inserting_after(node):
+            value = g.graph.call_function(operator.getitem, (node, 0))
+        node.replace_all_uses_with(value, delete_user_cb=lambda user: user is not value)
+    node.kwargs = {**node.kwargs, **flag}
+    item = next((user for user in node.users if user.args[1:] == (index,)), None)
+    if item is None:
+        with g.graph.inserting_after(node):
+            item = g.graph.call_function(operator.getitem, (node, index))
+    return item
 
 
 def _functional_layers(g: _Graph) -> Iterable[SwapRecord]:

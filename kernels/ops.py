@@ -17,10 +17,10 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from triton_workbench.kernels.activation import PARAMETERS, activation_code, default_parameter
 from triton_workbench.kernels.activation import output_like, run as run_activation
-from triton_workbench.kernels.batch_norm import Running, batch_moments
+from triton_workbench.kernels.batch_norm import ChainSums, Norm, Running, batch_moments
 from triton_workbench.kernels.conv_depthwise import depthwise_forward, is_depthwise
 from triton_workbench.kernels.conv_depthwise_grad import depthwise_input_grad, depthwise_weight_grad
-from triton_workbench.kernels.conv_dgrad import conv2d_input_grad
+from triton_workbench.kernels.conv_dgrad import conv2d_input_grad, conv2d_input_grad_with_sums
 from triton_workbench.kernels.conv_fwd import conv2d_forward
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, empty_in_layout_of, make_geometry,
                                                     memory_format_of)
@@ -369,6 +369,40 @@ def _(grad_out, x, weight, pre, stride, padding, dilation, groups, activation, n
             else x.new_empty(_EMPTY))
 
 
+@torch.library.custom_op("workbench::conv2d_input_grad_chain_sums", mutates_args=())
+def _input_grad_sums_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                        padding: list[int], dilation: list[int], groups: int, add_to_x: Optional[torch.Tensor],
+                        y: torch.Tensor, residual: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+                        bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                        r_mean: Optional[torch.Tensor], r_invstd: Optional[torch.Tensor],
+                        r_weight: Optional[torch.Tensor], r_bias: Optional[torch.Tensor], activation: Optional[str],
+                        negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad x [+ add_to_x], the backward sums [3, C] of the BN chain whose output x is (its y, residual, norms,
+    activation: `batch_norm.ChainSums`), empty where the dgrad launched nothing: the chain forms them) in one
+    dgrad launch."""
+    residual_norm = Norm(r_mean, r_invstd, r_weight, r_bias, False) if r_mean is not None else None
+    chain = ChainSums(None, y, Norm(mean, invstd, bn_weight, bn_bias, False), residual, residual_norm, activation,
+                      negative_slope)
+    grad_x, sums = conv2d_input_grad_with_sums(grad_out, weight, x, _geometry(stride, padding, dilation, groups),
+                                               chain, add=add_to_x)
+    return grad_x, sums if sums is not None else x.new_empty(_EMPTY, dtype=torch.float32)
+
+
+@_input_grad_sums_op.register_fake
+def _(grad_out, x, weight, stride, padding, dilation, groups, add_to_x, y, residual, mean, invstd, bn_weight, bn_bias,
+      r_mean, r_invstd, r_weight, r_bias, activation, negative_slope):
+    sums = (3, x.shape[1]) if x.numel() and grad_out.numel() else _EMPTY
+    return empty_in_layout_of(x, x.shape), x.new_empty(sums, dtype=torch.float32)
+
+
+def _chain_arguments(chain: ChainSums) -> tuple:
+    """`_input_grad_sums_op`'s arguments for the chain."""
+    r = chain.residual_norm
+    return (chain.y, chain.residual, chain.norm.mean, chain.norm.invstd, chain.norm.weight, chain.norm.bias,
+            r.mean if r else None, r.invstd if r else None, r.weight if r else None, r.bias if r else None,
+            chain.activation, chain.negative_slope)
+
+
 def _conv2d_setup_context(ctx, inputs, output) -> None:
     x, weight, bias, stride, padding, dilation, groups, activation, negative_slope, keep_pre, residual = inputs
     ctx.geometry_args = (stride, padding, dilation, groups)
@@ -391,12 +425,12 @@ def _conv2d_backward(ctx, grad_y, _grad_pre):
 
 
 def _conv_grads(ctx, grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                pre: torch.Tensor, need_residual: bool, add_to_x: torch.Tensor | None = None
+                pre: torch.Tensor, need_residual: bool, add_to_x: torch.Tensor | None = None, skip_x: bool = False
                 ) -> tuple[torch.Tensor | None, ...]:
     """(grad x [+ add_to_x], grad weight, grad bias, grad residual) of a conv whose ctx holds its geometry and
-    activation, None where not needed (its first three inputs are x, weight, bias)."""
+    activation, None where not needed (its first three inputs are x, weight, bias) or `skip_x`."""
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    needed = (need_x, need_weight, need_bias and bias is not None, need_residual)
+    needed = (need_x and not skip_x, need_weight, need_bias and bias is not None, need_residual)
     grads = _conv2d_backward_op(grad_y, x, weight, pre, *ctx.geometry_args, ctx.activation, ctx.negative_slope,
                                 *needed, add_to_x)
     return tuple(grad if need else None for grad, need in zip(grads, needed))
@@ -410,15 +444,18 @@ class _ConvStatistics(torch.autograd.Function):
     register its autograd formula with torch.library). The statistics carry none: the BatchNorm backward
     that uses them differentiates through them itself. With `hand_on`, x is also an output (a view of it):
     its other readers read that instead, so their gradient of x arrives here and is added in the dgrad launch,
-    not by an add of autograd's."""
+    not by an add of autograd's. With `chain` (x is that BN chain's output, and this conv's gradient of x its
+    whole gradient), the dgrad launch also forms the chain's backward sums, returned as the gradient of the
+    chain's `token`: its backward reads them there instead of launching their pass."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, running_mean, running_var,
-                num_batches_tracked, momentum, eps, hand_on):
+                num_batches_tracked, momentum, eps, hand_on, token, chain):
         y, stats = _conv2d_statistics_op(x, weight, bias, stride, padding, dilation, groups, running_mean,
                                          running_var, num_batches_tracked, momentum, eps)
         ctx.geometry_args = (stride, padding, dilation, groups)
         ctx.activation, ctx.negative_slope = None, 0.0
+        ctx.chain = chain
         ctx.save_for_backward(x, weight, bias)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
@@ -428,27 +465,38 @@ class _ConvStatistics(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_stats, grad_handed=None):
         x, weight, bias = ctx.saved_tensors
         if grad_y is None:
-            return (grad_handed,) + (None,) * 12
+            return (grad_handed,) + (None,) * 14
+        fused = ctx.chain is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[13]
+        if fused:
+            fused_x, sums = _input_grad_sums_op(grad_y, x, weight, *ctx.geometry_args, grad_handed,
+                                                *_chain_arguments(ctx.chain))
         grad_x, grad_weight, grad_bias, _ = _conv_grads(ctx, grad_y, x, weight, bias, x.new_empty(_EMPTY), False,
-                                                        grad_handed)
-        return (grad_x, grad_weight, grad_bias) + (None,) * 10
+                                                        grad_handed, skip_x=fused)
+        if not fused:
+            return (grad_x, grad_weight, grad_bias) + (None,) * 12
+        return (fused_x, grad_weight, grad_bias) + (None,) * 10 + (sums if sums.numel() else None, None)
 
 
 def conv2d_with_statistics(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            stride: int | tuple[int, int], padding: int | tuple[int, ...] | str,
-                           dilation: int | tuple[int, int], groups: int, running: Running
+                           dilation: int | tuple[int, int], groups: int, running: Running,
+                           chain: ChainSums | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(F.conv2d(x, weight, bias, ...), its batch mean and 1 / sqrt(var + eps) per channel, fp32, and x handed
     on): what a following BatchNorm needs, computed in the conv's launch instead of passes over y, that BN's
     `running` stats updated there as torch.nn.BatchNorm2d does in training. x's other readers should read the
     x handed on: their gradient of x is then added in this conv's dgrad launch (where x needs a gradient and
-    runs as it is given: no dtype or layout conversion). x is 4-D."""
+    runs as it is given: no dtype or layout conversion). x is 4-D. `chain`: the BN chain whose output x is,
+    when this conv's gradient of x is all of x's gradient (x's other readers read it handed on): its backward
+    sums are then formed in the dgrad launch (`_ConvStatistics`), where that runs x as it is given."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, C, H, W] for batch statistics, got shape {tuple(x.shape)}")
     batched, weight, bias, _, geometry_args = _checked_conv(x, weight, bias, stride, padding, dilation, groups, None)
     hand_on = batched is x and x.requires_grad and torch.is_grad_enabled()
+    fused = hand_on and chain is not None and chain.fits(x) and not is_depthwise(x.shape[1], weight.shape[0], groups)
     y, stats, *handed = _ConvStatistics.apply(batched, weight, bias, *geometry_args, running.mean, running.var,
-                                              running.batches, running.momentum, running.eps, hand_on)
+                                              running.batches, running.momentum, running.eps, hand_on,
+                                              chain.token if fused else None, chain if fused else None)
     return y, stats[0], stats[1], handed[0] if handed else x
 
 
@@ -554,6 +602,11 @@ def _conv2d_backward_flops(grad_shape, x_shape, w_shape, pre_shape, stride, padd
     return conv_flop_count(x_shape, w_shape, grad_shape) * (int(need_x) + int(need_weight))
 
 
+@register_flop_formula(torch.ops.workbench.conv2d_input_grad_chain_sums)
+def _input_grad_sums_flops(grad_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, grad_shape)  # (the chain's sums: elementwise work, not counted)
+
+
 # ---------------------------------------------------------------------------------------------
 # double backward: not implemented, said so plainly instead of a hint to register a formula
 
@@ -572,4 +625,4 @@ def refuse_double_backward(*backward_ops) -> None:
         backward_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
 
 
-refuse_double_backward(_gemm_backward_op, _activation_backward_op, _conv2d_backward_op)
+refuse_double_backward(_gemm_backward_op, _activation_backward_op, _conv2d_backward_op, _input_grad_sums_op)

@@ -94,9 +94,9 @@ def test_ops_pass_opcheck():
     r_mean, r_invstd = batch_norm_ops._stats_op(r.detach(), None, None, None, 0.1, 1e-5)
     torch.library.opcheck(batch_norm_ops._stats_op, (y.detach(), torch.zeros(4), torch.ones(4), None, 0.1, 1e-5))
     torch.library.opcheck(batch_norm_ops._normalize_op, (y, mean, invstd, weight, bias, True, r, r_mean, r_invstd,
-                                                         None, None, True, "relu", 0.01))
+                                                         None, None, True, "relu", 0.01, True))
     torch.library.opcheck(batch_norm_ops._normalize_op, (y, mean, invstd, None, None, False, None, None, None,
-                                                         None, None, False, None, 0.01))
+                                                         None, None, False, None, 0.01, False))
 
 
 def test_strips_whose_last_rows_run_out_still_give_exact_moments(monkeypatch):
@@ -116,16 +116,17 @@ def test_strips_whose_last_rows_run_out_still_give_exact_moments(monkeypatch):
 
 
 def test_backward_sums_of_more_strips_than_one_merge_load_holds():
-    """The backward's per-strip sums are merged by the last strip of each channel block, a tile of strips at a
-    time: 73 strips of 64 rows against 64-strip tiles (two loads, the second partly masked), two channel
-    blocks, a residual with its own BN (three sums): every gradient against float64."""
+    """The backward's per-strip sums are merged by the last strip of each channel block, SUM_ROWS strips at a
+    time: 73 strips of 64 rows against 32-strip loads (three, the last partly masked), two channel blocks, a
+    residual with its own BN (three sums): every gradient against float64."""
     from triton_workbench.kernels import batch_norm
 
     torch.manual_seed(8)
     shape = (4, 70, 33, 35)
     y = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     view = batch_norm.rows_view(y)
-    assert view.strips(batch_norm.BACKWARD_STRIPS)[1] == 73 > view.block_m and view.channel_blocks == 2
+    assert view.strips(batch_norm.BACKWARD_STRIPS)[1] == 73 > 2 * batch_norm.SUM_ROWS.value
+    assert view.channel_blocks == 2
     ours, reference = _pair(70)
     ours_r, reference_r = _pair(70)
     r = torch.randn(shape).contiguous(memory_format=torch.channels_last)
