@@ -182,6 +182,7 @@ class ForwardOutputs(NamedTuple):
     y: torch.Tensor  # act(conv2d(x, weight) + bias + residual)
     pre: torch.Tensor | None  # the pre-activation, when kept
     stats: torch.Tensor | None  # y's batch mean and 1 / sqrt(var + eps) per channel (fp32 [2, C]), when asked for
+    padded: torch.Tensor | None  # x with the channels the kernel computed with (`pad_channels`), where it padded
 
 
 def conv2d_forward(
@@ -192,7 +193,8 @@ def conv2d_forward(
 ) -> ForwardOutputs:
     """act(conv2d(x, weight) + bias + residual), the pre-activation if keep_pre and there is an activation,
     and with `statistics` (no activation, no residual) y's batch statistics for a following BatchNorm,
-    whose running stats they update, all in the one launch (see the kernel).
+    whose running stats they update, all in the one launch (see the kernel); and x as the kernel read it where
+    it padded its few channels (the stem's: the wgrad can read the same instead of padding again).
 
     x is 4-D; the outputs have its memory format, and so must the residual (shaped as the output). Arguments
     are assumed validated (kernels.conv2d does that).
@@ -214,11 +216,13 @@ def conv2d_forward(
     table = moments_table(tile_rows + row_groups, c_out, x.device) if statistics else None
     stats = torch.empty((2, c_out), device=x.device, dtype=torch.float32) if statistics else None
     if y.numel() == 0:
-        return ForwardOutputs(y, pre, torch.stack(finalize(table, statistics)) if statistics else None)
+        return ForwardOutputs(y, pre, torch.stack(finalize(table, statistics)) if statistics else None, None)
     runtime.announce()
     c_flat = flat_channels(problem, config["BLOCK_K"])
+    padded = None
     if c_flat:
         x, weight = pad_channels(x, c_flat), pad_channels(weight, c_flat)
+        padded = x if c_flat > c_in_g else None
     if channels_last(x):
         weight = weight.contiguous(memory_format=torch.channels_last)  # channel runs along K, as x's
     c_in_g = weight.shape[1]
@@ -242,7 +246,19 @@ def conv2d_forward(
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
             num_warps=config["num_warps"], num_stages=config["num_stages"], **runtime.LAUNCH_OPTIONS,
         )
-    return ForwardOutputs(y, pre, stats)
+    return ForwardOutputs(y, pre, stats, padded)
+
+
+def padded_input(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry, bias: bool) -> torch.Tensor | None:
+    """An empty tensor shaped and laid out as `conv2d_forward`'s x padded to the channels the kernel computes with
+    (`ForwardOutputs.padded`), or None where it reads x as it is: a fake op's output. Every config of the space
+    covers a kernel row (its k_floor, `flat_row`), so the tuned one pads exactly where the problem has rows."""
+    problem = problem_of(x, weight.shape, geometry, None, bias)
+    c_flat = flat_row(problem) // problem["kw"]
+    if c_flat <= weight.shape[1]:
+        return None
+    return torch.empty((x.shape[0], c_flat, *x.shape[2:]), device=x.device, dtype=x.dtype,
+                       memory_format=torch.channels_last)
 
 
 def _grid(problem: Problem, config: Config) -> tuple[int, ...]:

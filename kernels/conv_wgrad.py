@@ -168,10 +168,12 @@ def position_box(n: int, ho: int, wo: int, block_k: int) -> tuple[int, int, int]
 
 
 def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry,
-                       bias_grad: bool = True, config: Config | None = None,
+                       bias_grad: bool = True, config: Config | None = None, padded: torch.Tensor | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad_weight shaped, typed and laid out like weight, grad_bias or None) of conv2d(x, weight) + b for the
-    output gradient dz, in one launch: the SPLIT_K fp32 partials are summed in split order by the kernel."""
+    output gradient dz, in one launch: the SPLIT_K fp32 partials are summed in split order by the kernel.
+    `padded`: x with zero channels appended, channels_last (the forward's, `ForwardOutputs.padded`), read
+    instead of padding x again where the kernel computes with that many channels."""
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     ho, wo = dz.shape[2:]
@@ -180,7 +182,7 @@ def conv2d_weight_grad(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     grid = _grid(problem, config)
     channels = _channels(problem)
     if channels > c_in_g:
-        x = pad_channels(x, channels)
+        x = padded if padded is not None and padded.shape[1] == channels else pad_channels(x, channels)
     # (co, kh, kw, ci): channels_last strides once permuted. Every tile is stored whole: nothing is left unwritten
     dw = torch.empty((c_out, kh, kw, channels), device=x.device, dtype=weight.dtype)
     split = grid[2] > 1

@@ -21,7 +21,7 @@ from triton_workbench.kernels.batch_norm import ChainSums, Norm, Running, batch_
 from triton_workbench.kernels.conv_depthwise import depthwise_forward, is_depthwise
 from triton_workbench.kernels.conv_depthwise_grad import depthwise_input_grad, depthwise_weight_grad
 from triton_workbench.kernels.conv_dgrad import conv2d_input_grad, conv2d_input_grad_with_sums
-from triton_workbench.kernels.conv_fwd import conv2d_forward
+from triton_workbench.kernels.conv_fwd import conv2d_forward, padded_input
 from triton_workbench.kernels.conv_geometry import (ConvGeometry, channels_last, empty_in_layout_of, make_geometry,
                                                     memory_format_of)
 from triton_workbench.kernels.conv_wgrad import conv2d_bias_grad, conv2d_weight_grad
@@ -287,7 +287,7 @@ def _conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if is_depthwise(x.shape[1], weight.shape[0], groups):  # the direct kernel
         y, pre = depthwise_forward(x, weight, bias, geometry, activation, negative_slope, keep_pre, residual=residual)
     else:
-        y, pre, _ = conv2d_forward(x, weight, bias, geometry, activation, negative_slope, keep_pre, residual=residual)
+        y, pre = conv2d_forward(x, weight, bias, geometry, activation, negative_slope, keep_pre, residual=residual)[:2]
     return y, pre if pre is not None else x.new_empty(_EMPTY)
 
 
@@ -309,35 +309,42 @@ def _conv2d_statistics_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
                           padding: list[int], dilation: list[int], groups: int,
                           running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                           num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float], eps: float
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conv2d(x, weight) + bias, its batch mean and 1 / sqrt(var + eps) per channel as fp32 [2, C]) for a
-    following BatchNorm, whose running stats (those given) they update: one launch of the conv kernel,
-    or for a depthwise conv the direct kernel and a statistics pass."""
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(conv2d(x, weight) + bias, its batch mean and 1 / sqrt(var + eps) per channel as fp32 [2, C], x as the
+    kernel read it where it padded its few channels, else empty) for a following BatchNorm, whose running stats
+    (those given) they update: one launch of the conv kernel, or for a depthwise conv the direct kernel and a
+    statistics pass. (The padded x is the stem's: its wgrad reads it instead of padding x again.)"""
     geometry = _geometry(stride, padding, dilation, groups)
     running = Running(running_mean, running_var, num_batches_tracked, momentum, eps)
     if is_depthwise(x.shape[1], weight.shape[0], groups):
         y, _ = depthwise_forward(x, weight, bias, geometry)
-        return y, torch.stack(batch_moments(y, running))
-    y, _, stats = conv2d_forward(x, weight, bias, geometry, statistics=running)
-    return y, stats
+        return y, torch.stack(batch_moments(y, running)), x.new_empty(_EMPTY)
+    y, _, stats, padded = conv2d_forward(x, weight, bias, geometry, statistics=running)
+    return y, stats, padded if padded is not None else x.new_empty(_EMPTY)
 
 
 @_conv2d_statistics_op.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, running_mean, running_var, num_batches_tracked, momentum,
       eps):
+    geometry = _geometry(stride, padding, dilation, groups)
+    padded = padded_input(x, weight, geometry, bias is not None) if not is_depthwise(x.shape[1], weight.shape[0],
+                                                                                      groups) else None
     return (_empty_conv_output(x, weight, stride, padding, dilation, groups),
-            x.new_empty((2, weight.shape[0]), dtype=torch.float32))
+            x.new_empty((2, weight.shape[0]), dtype=torch.float32),
+            padded if padded is not None else x.new_empty(_EMPTY))
 
 
 @torch.library.custom_op("workbench::conv2d_backward", mutates_args=())
 def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor,
                         stride: list[int], padding: list[int], dilation: list[int], groups: int,
                         activation: Optional[str], negative_slope: float, need_x: bool, need_weight: bool,
-                        need_bias: bool, need_residual: bool, add_to_x: Optional[torch.Tensor]
+                        need_bias: bool, need_residual: bool, add_to_x: Optional[torch.Tensor],
+                        x_padded: Optional[torch.Tensor] = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for x (dgrad kernel, plus `add_to_x`: x's gradient from its other readers, added in the same
-    launch), weight and bias (wgrad kernel) and the residual (dz itself) from dz = dy * act'(pre), formed once
-    by the activation kernel for all; empty where not needed."""
+    launch), weight and bias (wgrad kernel, reading `x_padded`, the forward's padded x, where there is one) and
+    the residual (dz itself) from dz = dy * act'(pre), formed once by the activation kernel for all; empty where
+    not needed."""
     geometry = _geometry(stride, padding, dilation, groups)
     dz = run_activation(pre, activation, negative_slope, grad=grad_out) if activation is not None else grad_out
     depthwise = is_depthwise(x.shape[1], weight.shape[0], groups)
@@ -350,7 +357,8 @@ def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     elif need_x:
         grad_x = input_grad(dz, weight, x, geometry, add=add_to_x)
     if need_weight:
-        grad_weight, grad_bias = weight_grad(dz, x, weight, geometry, bias_grad=need_bias)
+        padded = {} if depthwise else {"padded": x_padded}
+        grad_weight, grad_bias = weight_grad(dz, x, weight, geometry, bias_grad=need_bias, **padded)
     elif need_bias:
         grad_bias = conv2d_bias_grad(dz, weight.dtype)
     return (grad_x if grad_x is not None else x.new_empty(_EMPTY),
@@ -361,7 +369,7 @@ def _conv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
 
 @_conv2d_backward_op.register_fake
 def _(grad_out, x, weight, pre, stride, padding, dilation, groups, activation, negative_slope, need_x, need_weight,
-      need_bias, need_residual, add_to_x):
+      need_bias, need_residual, add_to_x, x_padded=None):
     return (empty_in_layout_of(x, x.shape) if need_x else x.new_empty(_EMPTY),
             empty_in_layout_of(weight, weight.shape) if need_weight else x.new_empty(_EMPTY),
             x.new_empty(weight.shape[0]) if need_bias else x.new_empty(_EMPTY),
@@ -425,14 +433,15 @@ def _conv2d_backward(ctx, grad_y, _grad_pre):
 
 
 def _conv_grads(ctx, grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                pre: torch.Tensor, need_residual: bool, add_to_x: torch.Tensor | None = None, skip_x: bool = False
-                ) -> tuple[torch.Tensor | None, ...]:
+                pre: torch.Tensor, need_residual: bool, add_to_x: torch.Tensor | None = None, skip_x: bool = False,
+                x_padded: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """(grad x [+ add_to_x], grad weight, grad bias, grad residual) of a conv whose ctx holds its geometry and
-    activation, None where not needed (its first three inputs are x, weight, bias) or `skip_x`."""
+    activation, None where not needed (its first three inputs are x, weight, bias) or `skip_x`; `x_padded`: the
+    forward's padded x, for the wgrad."""
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     needed = (need_x and not skip_x, need_weight, need_bias and bias is not None, need_residual)
     grads = _conv2d_backward_op(grad_y, x, weight, pre, *ctx.geometry_args, ctx.activation, ctx.negative_slope,
-                                *needed, add_to_x)
+                                *needed, add_to_x, x_padded)
     return tuple(grad if need else None for grad, need in zip(grads, needed))
 
 
@@ -451,19 +460,19 @@ class _ConvStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, running_mean, running_var,
                 num_batches_tracked, momentum, eps, hand_on, token, chain):
-        y, stats = _conv2d_statistics_op(x, weight, bias, stride, padding, dilation, groups, running_mean,
-                                         running_var, num_batches_tracked, momentum, eps)
+        y, stats, padded = _conv2d_statistics_op(x, weight, bias, stride, padding, dilation, groups, running_mean,
+                                                 running_var, num_batches_tracked, momentum, eps)
         ctx.geometry_args = (stride, padding, dilation, groups)
         ctx.activation, ctx.negative_slope = None, 0.0
         ctx.chain = chain
-        ctx.save_for_backward(x, weight, bias)
-        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(x, weight, bias, padded)
+        ctx.mark_non_differentiable(stats, padded)
         ctx.set_materialize_grads(False)
         return (y, stats, x) if hand_on else (y, stats)
 
     @staticmethod
     def backward(ctx, grad_y, _grad_stats, grad_handed=None):
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, padded = ctx.saved_tensors
         if grad_y is None:
             return (grad_handed,) + (None,) * 14
         fused = ctx.chain is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[13]
@@ -471,7 +480,8 @@ class _ConvStatistics(torch.autograd.Function):
             fused_x, sums = _input_grad_sums_op(grad_y, x, weight, *ctx.geometry_args, grad_handed,
                                                 *_chain_arguments(ctx.chain))
         grad_x, grad_weight, grad_bias, _ = _conv_grads(ctx, grad_y, x, weight, bias, x.new_empty(_EMPTY), False,
-                                                        grad_handed, skip_x=fused)
+                                                        grad_handed, skip_x=fused,
+                                                        x_padded=padded if padded.numel() else None)
         if not fused:
             return (grad_x, grad_weight, grad_bias) + (None,) * 12
         return (fused_x, grad_weight, grad_bias) + (None,) * 10 + (sums if sums.numel() else None, None)

@@ -194,7 +194,7 @@ def test_multiple_tiles_split_k_and_channel_tails(int64, monkeypatch):
     bias = torch.randn(18, generator=generator)
     geometry = make_geometry((3, 2), stride=(2, 1), padding=(1, 1))
     config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 2, "num_stages": 2}
-    y, pre, _ = conv_fwd.conv2d_forward(x, weight, bias, geometry, "gelu", keep_pre=True, config=config)
+    y, pre = conv_fwd.conv2d_forward(x, weight, bias, geometry, "gelu", keep_pre=True, config=config)[:2]
     reference = F.conv2d(x.double(), weight.double(), bias.double(), (2, 1), (1, 1))
     _assert_close(pre, reference, FP32_TOLERANCE, "pre-activation")
     _assert_close(y, F.gelu(reference), FP32_TOLERANCE, "output")
@@ -484,7 +484,7 @@ def test_statistics_in_the_conv_launch_match_batch_norm_and_count_each_batch_onc
     expected_mean, expected_var = torch.zeros(38, dtype=torch.float64), torch.ones(38, dtype=torch.float64)
     for step in range(3):
         x = (torch.randn(3, 6, *hw, generator=generator) * 2 + step).contiguous(memory_format=torch.channels_last)
-        y, _, stats = conv_fwd.conv2d_forward(x, weight, None, geometry, config=config, statistics=running)
+        y, _, stats, _ = conv_fwd.conv2d_forward(x, weight, None, geometry, config=config, statistics=running)
         reference = F.conv2d(x.double(), weight.double(), padding=1, groups=groups)
         _assert_close(y, reference, FP32_TOLERANCE, "y")
         factor = 1 / (step + 1) if momentum is None else momentum
@@ -514,7 +514,7 @@ def test_statistics_merges_racing_on_a_gpu_give_the_reference_and_the_same_bits(
     x = x.contiguous(memory_format=torch.channels_last)
     weight = (torch.randn(64, 64, 3, 3, device=device, generator=generator) * 0.05).half()
     geometry = make_geometry((3, 3), 1, 1, 1, 1)
-    y, _, stats = conv_fwd.conv2d_forward(x, weight, None, geometry,
+    y, _, stats, _ = conv_fwd.conv2d_forward(x, weight, None, geometry,
                                           statistics=batch_norm.Running(None, None, None, 0.1, 1e-5))
     reference = y.double()
     _assert_close(stats[0], reference.mean((0, 2, 3)), FP32_TOLERANCE, "mean")

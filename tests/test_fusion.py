@@ -83,9 +83,15 @@ def test_basic_block_with_downsample_fuses_everything_and_matches_pytorch(channe
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_stem_conv_bn_relu_max_pool_fuses_and_matches_pytorch(channels_last):
+def test_stem_conv_bn_relu_max_pool_fuses_and_matches_pytorch(channels_last, monkeypatch):
     """ResNet's stem (7x7 stride-2 conv -> BN -> ReLU -> 3x3 stride-2 max-pool) on odd sizes: the pool in the BN
-    kernel in training (the conv folded with BN and PyTorch's pool in eval); outputs, gradients, running stats."""
+    kernel in training (the conv folded with BN and PyTorch's pool in eval); outputs, gradients, running stats.
+    In channels_last the kernels compute with 4 channels: the wgrad reads the forward's padded x."""
+    from triton_workbench.kernels import conv_wgrad
+
+    padded_in_wgrad = []
+    pad = conv_wgrad.pad_channels
+    monkeypatch.setattr(conv_wgrad, "pad_channels", lambda t, channels: padded_in_wgrad.append(t) or pad(t, channels))
     torch.manual_seed(7)
     stem = nn.Sequential(nn.Conv2d(3, 5, 7, 2, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU(inplace=True),
                          nn.MaxPool2d(3, 2, 1))
@@ -94,6 +100,7 @@ def test_stem_conv_bn_relu_max_pool_fuses_and_matches_pytorch(channels_last):
         stem, x = stem.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     assert _records(knn.swap(copy.deepcopy(stem))) == {"0": ("fused", "0 -> 1 -> 2 -> 3")}
     _check_against_float64(stem, x, steps=2)
+    assert not padded_in_wgrad
 
 
 def test_max_pools_the_kernel_does_not_take_stay_in_pytorch():
