@@ -17,8 +17,8 @@ The step runs on the meta device (shapes only) under a dispatch mode that record
 So the figures are an analytic model of DRAM traffic (no cache reuse, no partial writes: an upper
 bound for a kernel that reads only part of an input), not a measurement. One undercount: a kernel that
 reads back what it wrote in the same launch (the split-K or moments partials its last programs merge,
-`kernels.arrival`) is charged for the write only. One overcount: the first step of a process also
-records the one-time zeroing of the cached arrival counters.
+`kernels.arrival`) is charged for the write only. The step counted is a second one: the first of a
+process also does one-time work a training loop does not repeat (zeroing the cached arrival counters).
 The optimizer step is the same for both models and left out.
 """
 
@@ -39,7 +39,8 @@ from torch.utils._pytree import tree_leaves
 from triton_workbench.kernels.aot import Launch
 
 CATEGORIES = {  # substring of the op name -> what it is, in the table; the first match wins (addmm is linear)
-    "conv2d_backward": "conv backward", "convolution_backward": "conv backward", "conv": "conv forward",
+    "conv2d_backward": "conv backward", "convolution_backward": "conv backward", "conv2d_input_grad": "conv backward",
+    "conv": "conv forward",
     "batch_norm": "batch norm", "relu": "activation", "threshold_backward": "activation",
     "activation": "activation", "gemm": "linear", "mm": "linear", "add": "add",
 }
@@ -206,14 +207,16 @@ def _recording_launches(record: Callable[[Any, Launch], None]) -> Iterator[None]
 
 def step_kernels(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype,
                  on_launch: Callable[[Any, Launch], None] | None = None) -> list[Kernel]:
-    """The kernels of one training step (forward, cross-entropy, backward) of `model` on the meta device,
-    channels_last in `dtype`; `on_launch(kernel, Launch)` is also told of each Triton launch. The model is
-    moved to the meta device."""
+    """The kernels of a training step (forward, cross-entropy, backward) of `model` on the meta device,
+    channels_last in `dtype`, after a first step (see the module docstring); `on_launch(kernel, Launch)` is also
+    told of each Triton launch. The model is moved to the meta device."""
     model = model.to(device="meta", dtype=dtype, memory_format=torch.channels_last).train()
     x = torch.empty(input_shape, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
     labels = torch.zeros(input_shape[0], device="meta", dtype=torch.long)
-    with StepRecorder(model, on_launch) as recorder:
-        F.cross_entropy(model(x), labels).backward()
+    for told in (None, on_launch):
+        model.zero_grad(set_to_none=True)  # as an optimizer's zero_grad: no accumulation into the first's
+        with StepRecorder(model, told) as recorder:
+            F.cross_entropy(model(x), labels).backward()
     return recorder.kernels
 
 
