@@ -29,15 +29,21 @@ def with_sums(normalised_residual: bool):
     return dataclasses.replace(CONV_DGRAD_SPEC, launch=launch)
 
 
-variants = {"plain": CONV_DGRAD_SPEC, "sums2": with_sums(False), "sums3": with_sums(True)}
-for arch in (90, 80):
-    for shape in RESNET18_CONV_SHAPES[1:]:  # the stem's input needs no gradient
-        problem = resnet18_problem(shape, batch=64) | {"activation": None, "bias": False}
-        config = CONV_DGRAD_SPEC.default_config(problem)
-        for label, spec in variants.items():
-            for launch in aot.compile_launches(spec, problem, config, arch):
-                report = ceilings.inspect(CONV_DGRAD_SPEC, problem, config, arch, launch, hardware.reference_gpu(arch))
-                loop = report.get("loop") or {}
-                print(f"sm_{arch} {shape['name']:20s} {label:6s} regs {report['registers']:4d} spills "
-                      f"{report['spill_bytes']:3d} loop {loop.get('instructions', '-'):>4} ceiling "
-                      f"{report.get('tensor_issue_ceiling')}", flush=True)
+def main() -> None:
+    variants = {"plain": CONV_DGRAD_SPEC, "sums2": with_sums(False), "sums3": with_sums(True)}
+    for arch in (90, 80):
+        for shape in RESNET18_CONV_SHAPES[1:]:  # the stem's input needs no gradient
+            problem = resnet18_problem(shape, batch=64) | {"activation": None, "bias": False}
+            config = CONV_DGRAD_SPEC.default_config(problem)
+            for label, spec in variants.items():
+                for launch in aot.compile_launches(spec, problem, config, arch):
+                    report = ceilings.inspect(CONV_DGRAD_SPEC, problem, config, arch, launch,
+                                              hardware.reference_gpu(arch))
+                    loop = report.get("loop") or {}
+                    print(f"sm_{arch} {shape['name']:20s} {label:6s} regs {report['registers']:4d} spills "
+                          f"{report['spill_bytes']:3d} loop {loop.get('instructions', '-'):>4} ceiling "
+                          f"{report.get('tensor_issue_ceiling')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -226,7 +226,8 @@ def normalize_kernel(y_ptr, r_ptr, out_ptr, token_ptr, mean_ptr, invstd_ptr, wei
                      ACTIVATION: tl.constexpr, TOKEN: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_C: tl.constexpr):
     """out = act(normalise(y) [+ residual or normalise(residual)]) for one tile; out and residual share y's strides.
-    With TOKEN, the first row block zeroes token[3, C] (`ChainSums`: an output's defined value, no launch of its own)."""
+    With TOKEN, the first row block zeroes token[3, C] (`ChainSums`: an output's defined value, no launch of its
+    own)."""
     offs, mask, cols, c_ok = _tile(ROWS, C, HW, stride_n, stride_hw, stride_c, tl.program_id(0) * BLOCK_M,
                                    tl.program_id(1), INT64, BLOCK_M, BLOCK_C)
     _, _, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
@@ -344,7 +345,9 @@ def tile_sums(grad, y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, 
 
 @jit
 def store_sums(part_ptr, row, ROWS, C, cols, c_ok, sum_dz, sum_dz_x, sum_dz_r, R_NORM: tl.constexpr):
-    """Row `row` of a sums table part[3, ROWS, C] (the third sum with R_NORM only)."""
+    """Row `row` of a sums table part[3, ROWS, C] (the third sum with R_NORM only; int64 offsets, as everywhere in
+    the table: 3 x ROWS x C may pass 2**31 where the tensor summed does)."""
+    row = tl.cast(row, tl.int64)
     tl.store(part_ptr + row * C + cols, sum_dz, mask=c_ok)
     tl.store(part_ptr + (ROWS + row) * C + cols, sum_dz_x, mask=c_ok)
     if R_NORM:
@@ -358,7 +361,7 @@ def sum_rows(part_ptr, first, count, C, cols, c_ok):
     total = tl.zeros(cols.shape, dtype=tl.float32)
     for start in range(first, first + count, SUM_ROWS):
         rows = start + tl.arange(0, SUM_ROWS)
-        tile = tl.load(part_ptr + rows[:, None] * C + cols[None, :],
+        tile = tl.load(part_ptr + tl.cast(rows, tl.int64)[:, None] * C + cols[None, :],
                        mask=(rows < first + count)[:, None] & c_ok[None, :], other=0.0, cache_modifier=".cg")
         total += tl.sum(tile, 0)
     return total
@@ -369,8 +372,8 @@ def merge_sums(part_ptr, ROWS, first, count, out_ptr, out_row, OUT_ROWS, C, cols
     """out[k, out_row, c] = part[k, first:first + count, c] summed (`sum_rows`) for the first SUMS of the k, both
     sums tables ([3, ROWS, C] and [3, OUT_ROWS, C]; they may be one)."""
     for k in tl.static_range(SUMS):
-        total = sum_rows(part_ptr + k * ROWS * C, first, count, C, cols, c_ok)
-        tl.store(out_ptr + (k * OUT_ROWS + out_row) * C + cols, total, mask=c_ok)
+        total = sum_rows(part_ptr + tl.cast(k * ROWS, tl.int64) * C, first, count, C, cols, c_ok)
+        tl.store(out_ptr + (k * OUT_ROWS + tl.cast(out_row, tl.int64)) * C + cols, total, mask=c_ok)
 
 
 @jit
@@ -585,15 +588,31 @@ class ChainSums:
     """A fused BN chain, act(norm(y) [+ residual or residual_norm(residual)]) (`normalize`), whose backward sums
     the kernel that forms the gradient of its output forms too, in its epilogue (a conv's dgrad:
     `conv_dgrad.conv2d_input_grad_with_sums`); `token`, an output of the chain's op, carries them back to the
-    chain's backward as its gradient, so that the sums launch is saved."""
+    chain's backward as its gradient, so that the sums launch is saved (None where nothing carries them)."""
 
-    token: torch.Tensor
+    token: torch.Tensor | None
     y: torch.Tensor
     norm: Norm
     residual: torch.Tensor | None
     residual_norm: Norm | None
     activation: str | None
     negative_slope: float
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """y, the residual, the norm's and the residual norm's (mean, invstd, weight, bias): what `of` takes."""
+        r = self.residual_norm
+        return (self.y, self.residual, self.norm.mean, self.norm.invstd, self.norm.weight, self.norm.bias,
+                *((r.mean, r.invstd, r.weight, r.bias) if r else (None,) * 4))
+
+    @classmethod
+    def of(cls, tensors: tuple[torch.Tensor | None, ...], activation: str | None, negative_slope: float
+           ) -> "ChainSums":
+        """The chain (without its token) from `tensors()`'s tensors (the norms' batch_stats flags, which the sums
+        do not read, False)."""
+        y, residual, mean, invstd, weight, bias, r_mean, r_invstd, r_weight, r_bias = tensors
+        residual_norm = Norm(r_mean, r_invstd, r_weight, r_bias, False) if r_mean is not None else None
+        return cls(None, y, Norm(mean, invstd, weight, bias, False), residual, residual_norm, activation,
+                   negative_slope)
 
     def fits(self, output: torch.Tensor) -> bool:
         """Whether the chain's output is `output`'s shape and layout (the epilogue reads y where it writes)."""
@@ -713,6 +732,8 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
     shape = (view.rows, view.channels, view.hw, *view.strides, float(negative_slope))
     runtime.announce()
     if sums is not None:
+        if pool is not None:
+            raise ValueError("sums are formed by grad's producer only without a pool")
         if sums.shape != (3, view.channels) or sums.dtype != torch.float32:
             raise ValueError(f"sums must be fp32 [3, {view.channels}], got {sums.dtype} {tuple(sums.shape)}")
         sums = sums.contiguous()

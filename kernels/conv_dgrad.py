@@ -16,10 +16,9 @@ dx it stores, merged in the launch (`_chain_sums`), so that the chain's backward
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
-
-from contextlib import nullcontext
 
 import torch
 import triton.language as tl
@@ -79,7 +78,8 @@ def _phase_dgrad(
     y_ptr, r_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
     part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
-    I: tl.constexpr, J: tl.constexpr, ADD: tl.constexpr, SUMS: tl.constexpr, AFFINE: tl.constexpr,
+    I: tl.constexpr, J: tl.constexpr, ADD: tl.constexpr, SUMS: tl.constexpr, SUM_GROUP: tl.constexpr,
+    AFFINE: tl.constexpr,
     RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr, ACTIVATION: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -91,8 +91,8 @@ def _phase_dgrad(
     cannot pass a tuple element of a constexpr tuple to a jit function.)"""
     PHASE_H, FIRST_KH, COUNT_H, STEP_H, BASE_H, OH_STEP = PHASES_H[I]
     PHASE_W, FIRST_KW, COUNT_W, STEP_W, BASE_W, OW_STEP = PHASES_W[J]
-    Hq = (H - PHASE_H + STRIDE_H - 1) // STRIDE_H  # the input rows and columns of this phase
-    Wq = (W - PHASE_W + STRIDE_W - 1) // STRIDE_W
+    Hq = _phase_size(H, PHASE_H, STRIDE_H)  # the input rows and columns of this phase
+    Wq = _phase_size(W, PHASE_W, STRIDE_W)
     M = N * Hq * Wq
     if tl.program_id(0) < tl.cdiv(M, BLOCK_M) * tl.cdiv(C_in_g, BLOCK_N):
         group = tl.program_id(1)
@@ -143,8 +143,14 @@ def _phase_dgrad(
             _chain_sums(dx.to(tl.float32), dx_offsets, dx_ok, group * C_in_g + offs_n, n_ok, M, N, H, W, C_in_g,
                         GROUP_M, y_ptr, r_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr,
                         r_weight_ptr, r_bias_ptr, part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
-                        STRIDE_H, STRIDE_W, PHASES_H, PHASES_W, I, J, SUMS, AFFINE, RESIDUAL, R_NORM, R_AFFINE,
-                        ACTIVATION, BLOCK_M, BLOCK_N)
+                        STRIDE_H, STRIDE_W, PHASES_H, PHASES_W, I, J, SUMS, SUM_GROUP, AFFINE, RESIDUAL, R_NORM,
+                        R_AFFINE, ACTIVATION, BLOCK_M, BLOCK_N)
+
+
+@jit
+def _phase_size(size, PHASE: tl.constexpr, STRIDE: tl.constexpr):
+    """The positions ih < size with ih mod STRIDE = PHASE."""
+    return (size - PHASE + STRIDE - 1) // STRIDE
 
 
 @jit
@@ -152,9 +158,9 @@ def _chain_sums(dx, dx_offsets, dx_ok, channels, c_ok, M, N, H, W, C_in_g, GROUP
                 y_ptr, r_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr,
                 r_bias_ptr, part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
                 STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
-                I: tl.constexpr, J: tl.constexpr, SUMS: tl.constexpr, AFFINE: tl.constexpr, RESIDUAL: tl.constexpr,
-                R_NORM: tl.constexpr, R_AFFINE: tl.constexpr, ACTIVATION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                I: tl.constexpr, J: tl.constexpr, SUMS: tl.constexpr, SUM_GROUP: tl.constexpr,
+                AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
+                ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The BN chain's backward sums (`batch_norm.tile_sums`) of this tile of dx (fp32, as stored: what the BN's
     elementwise backward reads), merged in the launch as the forward's statistics are: each tile writes a row of
     a sums table part[3, rows, C] -- rows: every phase's tiles, then every phase's groups of SUM_GROUP tiles --,
@@ -184,9 +190,10 @@ def _chain_sums(dx, dx_offsets, dx_ok, channels, c_ok, M, N, H, W, C_in_g, GROUP
                 total = tl.zeros(channels.shape, dtype=tl.float32)
                 for i in tl.static_range(len(PHASES_H)):
                     for j in tl.static_range(len(PHASES_W)):
-                        phase_rows = N * ((H - PHASES_H[i][0] + STRIDE_H - 1) // STRIDE_H) * \
-                            ((W - PHASES_W[j][0] + STRIDE_W - 1) // STRIDE_W)
-                        total += sum_rows(part_ptr + k * rows * C, PHASES * tiles_m + (i * len(PHASES_W) + j) * groups_m,
+                        phase_rows = N * _phase_size(H, PHASES_H[i][0], STRIDE_H) * \
+                            _phase_size(W, PHASES_W[j][0], STRIDE_W)
+                        first = PHASES * tiles_m + (i * len(PHASES_W) + j) * groups_m
+                        total += sum_rows(part_ptr + tl.cast(k * rows, tl.int64) * C, first,
                                           tl.cdiv(tl.cdiv(phase_rows, BLOCK_M), SUM_GROUP), C, channels, c_ok)
                 tl.store(sums_ptr + k * C + channels, total, mask=c_ok)
 
@@ -199,8 +206,9 @@ def conv2d_dgrad_kernel(
     y_ptr, r_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
     part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
-    ADD: tl.constexpr, SUMS: tl.constexpr, AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr,
-    R_AFFINE: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
+    ADD: tl.constexpr, SUMS: tl.constexpr, SUM_GROUP: tl.constexpr, AFFINE: tl.constexpr, RESIDUAL: tl.constexpr,
+    R_NORM: tl.constexpr, R_AFFINE: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT64: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx for one (input-position tile, input-channel tile, group, stride phase): program_id(2) picks the
@@ -214,8 +222,8 @@ def conv2d_dgrad_kernel(
                              sdzn, sdzc, sdzh, sdzw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
                              y_ptr, r_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, r_mean_ptr, r_invstd_ptr,
                              r_weight_ptr, r_bias_ptr, part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
-                             STRIDE_H, STRIDE_W, PHASES_H, PHASES_W, i, j, ADD, SUMS, AFFINE, RESIDUAL, R_NORM,
-                             R_AFFINE, ACTIVATION, DOT_PRECISION, INT64, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                             STRIDE_H, STRIDE_W, PHASES_H, PHASES_W, i, j, ADD, SUMS, SUM_GROUP, AFFINE, RESIDUAL,
+                             R_NORM, R_AFFINE, ACTIVATION, DOT_PRECISION, INT64, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def conv2d_input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometry: ConvGeometry,
@@ -230,10 +238,8 @@ def conv2d_input_grad_with_sums(dz: torch.Tensor, weight: torch.Tensor, x: torch
                                 chain: ChainSums, config: Config | None = None, add: torch.Tensor | None = None
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(`conv2d_input_grad`, the backward sums [3, C] fp32 of the BN chain whose output x is, `chain`, which
-    must be laid out as x): the chain's backward then runs without its sums launch. One launch; no sums (None)
-    where nothing launches (an empty x or dz): the chain forms them itself."""
-    if not chain.fits(x):
-        raise ValueError(f"the BN chain's tensors must have x's shape {tuple(x.shape)} and strides {x.stride()}")
+    must be laid out as dx, i.e. as x where x is dense): the chain's backward then runs without its sums launch.
+    One launch; no sums (None) where nothing launches (an empty x or dz): the chain forms them itself."""
     return _input_grad(dz, weight, x, geometry, config, add, chain)
 
 
@@ -246,6 +252,8 @@ def _input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometr
     problem = problem_of(x, weight.shape, geometry, None, False)
     config = config if config is not None else tuned.config_for(CONV_DGRAD_SPEC, problem)
     dx = empty_in_layout_of(x, (n, c_in, h, w))
+    if chain is not None and not chain.fits(dx):
+        raise ValueError(f"the BN chain's tensors must have dx's shape {tuple(dx.shape)} and strides {dx.stride()}")
     if dx.numel() == 0:
         return dx, None
     if add is not None:
@@ -258,15 +266,17 @@ def _input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometr
     runtime.announce()
     phases_h, phases_w = _phases(problem)
     grid = _grid(problem, config)
-    sum_groups = sum(cdiv(cdiv(n * taps_h.rows * taps_w.rows, config["BLOCK_M"]), SUM_GROUP.value)
-                     for taps_h in phases_h for taps_w in phases_w)
-    phases = len(phases_h) * len(phases_w)
-    tiles_m = grid[0] // cdiv(c_in_g, config["BLOCK_N"])
-    groups_m = cdiv(tiles_m, SUM_GROUP.value)
-    blocks = cdiv(c_in_g, config["BLOCK_N"]) * geometry.groups
-    part = torch.empty((3, phases * (tiles_m + groups_m), c_in), device=x.device, dtype=torch.float32) if chain else dx
-    # per channel block: a counter for its groups, one per phase and group for its tiles
-    with arrival.counters(x.device, blocks * (1 + phases * groups_m)) if chain else nullcontext(dx) as counter:
+    part, sum_groups, counters = dx, 0, 0
+    if chain is not None:  # the sums table: every phase's row tiles (the grid's), then every phase's groups of them
+        tiles_m = grid[0] // cdiv(c_in_g, config["BLOCK_N"])
+        groups_m = cdiv(tiles_m, SUM_GROUP)
+        part = torch.empty((3, len(phases_h) * len(phases_w) * (tiles_m + groups_m), c_in), device=x.device,
+                           dtype=torch.float32)
+        sum_groups = sum(cdiv(cdiv(n * taps_h.rows * taps_w.rows, config["BLOCK_M"]), SUM_GROUP)
+                         for taps_h in phases_h for taps_w in phases_w)
+        # per channel block: a counter for its groups, one per phase and group for its tiles
+        counters = cdiv(c_in_g, config["BLOCK_N"]) * geometry.groups * (1 + len(phases_h) * len(phases_w) * groups_m)
+    with arrival.counters(x.device, counters) if chain else nullcontext(dx) as counter:
         conv2d_dgrad_kernel[grid](
             dz, weight, dx, add if add is not None else dx,
             n, h, w, ho, wo, c_in_g, c_out // geometry.groups, config["GROUP_M"],
@@ -274,7 +284,7 @@ def _input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometr
             part, pointer_or(sums, dx), counter, sum_groups, float(chain.negative_slope) if chain else 0.0,
             geometry.stride_h, geometry.stride_w,
             tuple(_constants(t) for t in phases_h), tuple(_constants(t) for t in phases_w), ADD=add is not None,
-            SUMS=chain.count() if chain else 0, **(chain.constexprs() if chain else _NO_CHAIN),
+            SUMS=chain.count() if chain else 0, SUM_GROUP=SUM_GROUP, **(chain.constexprs() if chain else _NO_CHAIN),
             DOT_PRECISION=dot_precision(weight.dtype), INT64=needs_int64(dz, weight, dx),
             EVEN_K=(c_out // geometry.groups) % config["BLOCK_K"] == 0,
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
@@ -284,7 +294,7 @@ def _input_grad(dz: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, geometr
 
 
 _NO_CHAIN = {"AFFINE": False, "RESIDUAL": False, "R_NORM": False, "R_AFFINE": False, "ACTIVATION": 0}
-SUM_GROUP = tl.constexpr(32)  # row tiles whose chain sums the last of them to finish merges into one group row
+SUM_GROUP = 32  # row tiles whose chain sums the last of them to finish merges into one group row
 
 
 def _constants(taps: PhaseTaps) -> tuple[int, ...]:

@@ -251,11 +251,13 @@ def conv2d_forward(
 
 def padded_input(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry, bias: bool) -> torch.Tensor | None:
     """An empty tensor shaped and laid out as `conv2d_forward`'s x padded to the channels the kernel computes with
-    (`ForwardOutputs.padded`), or None where it reads x as it is: a fake op's output. Every config of the space
-    covers a kernel row (its k_floor, `flat_row`), so the tuned one pads exactly where the problem has rows."""
+    (`ForwardOutputs.padded`) when it runs with the tuned config, or None where it reads x as it is (or launches
+    nothing): a fake op's output. Every config of the space covers a kernel row (its k_floor, `flat_row`), and
+    `tuned.config_for` serves valid configs only, so that config pads exactly where the problem has rows."""
     problem = problem_of(x, weight.shape, geometry, None, bias)
     c_flat = flat_row(problem) // problem["kw"]
-    if c_flat <= weight.shape[1]:
+    ho, wo = geometry.output_hw(*x.shape[2:], *weight.shape[2:])
+    if c_flat <= weight.shape[1] or x.shape[0] * weight.shape[0] * ho * wo == 0:
         return None
     return torch.empty((x.shape[0], c_flat, *x.shape[2:]), device=x.device, dtype=x.dtype,
                        memory_format=torch.channels_last)

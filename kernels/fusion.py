@@ -12,8 +12,9 @@ activation module used at several places, functional calls, in-place variants):
 Each link but the last must have no other user. A residual that is itself conv -> BN with no
 other user (a downsample shortcut) is deferred: it stays raw and the consumer's fused kernel
 normalises it. A conv_bn_act call hands its input on to the input's later readers (their gradient is
-added in its dgrad launch), and where it is then the only reader of a BN chain's output, that chain
-hands it what the dgrad launch needs to form the chain's backward sums too (`ChainSums`). The rewritten nodes call `kernels.chains` functions with the model's own modules
+added in its dgrad launch), and where it is then the only reader of a BN chain's output, reading it
+once, that chain hands it what the dgrad launch needs to form the chain's backward sums too
+(`ChainSums`). The rewritten nodes call `kernels.chains` functions with the model's own modules
 (get_attr nodes), so parameters, buffers, state_dict keys and train/eval behaviour are the
 original model's. `fuse` returns a torch.fx.GraphModule that shares the model's top-level children,
 parameters and buffers (the whole module tree, used or not), and a record per decision.
@@ -31,6 +32,7 @@ from torch import fx, nn
 
 from triton_workbench.kernels import calls, chains, ops
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
+from triton_workbench.kernels.conv_depthwise import is_depthwise
 from triton_workbench.kernels.max_pool import MaxPool
 
 
@@ -492,8 +494,9 @@ def _hand_on_inputs(g: _Graph) -> None:
 
 
 def _hand_sums_to_readers(g: _Graph) -> None:
-    """Where a conv_bn_act call is the only reader of a BN chain's output (its other readers read what the call
-    hands on), the chain hands the call what its dgrad launch needs to form the chain's backward sums
+    """Where a conv_bn_act call is the only reader of a BN chain's output and reads it once, as its input (its
+    other readers read what the call hands on), and its conv is not depthwise (whose direct dgrad has no such
+    epilogue), the chain hands the call what its dgrad launch needs to form the chain's backward sums
     (`hand_sums=True`, `x_chain=`): the chain's backward then runs without its sums launch."""
     for node in list(g.graph.nodes):
         if node.target is not chains.conv_bn_act or node.kwargs.get("defer"):
@@ -501,10 +504,20 @@ def _hand_sums_to_readers(g: _Graph) -> None:
         value = node.args[0]
         producer = value.args[0] if value.target is operator.getitem and _returns_tuple(value.args[0]) and \
             value.args[1] == 0 else value
+        conv = g.gm.get_submodule(node.args[1].target)
         if producer.target not in (chains.conv_bn_act, chains.bn_act) or producer.kwargs.get("defer") or \
-                producer.kwargs.get("pool") is not None or list(value.users) != [node]:
+                producer.kwargs.get("pool") is not None or list(value.users) != [node] or \
+                _reads(node, value) != 1 or is_depthwise(conv.in_channels, conv.out_channels, conv.groups):
             continue
-        node.kwargs = {**node.kwargs, "x_chain": _item(g, producer, -1, {"hand_sums": True})}
+        chain = _item(g, producer, -1, {"hand_sums": True})  # (before reading node.kwargs: it may rewrite them)
+        node.kwargs = {**node.kwargs, "x_chain": chain}
+
+
+def _reads(node: fx.Node, value: fx.Node) -> int:
+    """How many of `node`'s arguments are `value`."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda arg: found.append(arg) or arg)
+    return sum(arg is value for arg in found)
 
 
 def _returns_tuple(node: fx.Node) -> bool:

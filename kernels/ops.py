@@ -17,7 +17,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from triton_workbench.kernels.activation import PARAMETERS, activation_code, default_parameter
 from triton_workbench.kernels.activation import output_like, run as run_activation
-from triton_workbench.kernels.batch_norm import ChainSums, Norm, Running, batch_moments
+from triton_workbench.kernels.batch_norm import ChainSums, Running, batch_moments
 from triton_workbench.kernels.conv_depthwise import depthwise_forward, is_depthwise
 from triton_workbench.kernels.conv_depthwise_grad import depthwise_input_grad, depthwise_weight_grad
 from triton_workbench.kernels.conv_dgrad import conv2d_input_grad, conv2d_input_grad_with_sums
@@ -388,9 +388,8 @@ def _input_grad_sums_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     """(grad x [+ add_to_x], the backward sums [3, C] of the BN chain whose output x is (its y, residual, norms,
     activation: `batch_norm.ChainSums`), empty where the dgrad launched nothing: the chain forms them) in one
     dgrad launch."""
-    residual_norm = Norm(r_mean, r_invstd, r_weight, r_bias, False) if r_mean is not None else None
-    chain = ChainSums(None, y, Norm(mean, invstd, bn_weight, bn_bias, False), residual, residual_norm, activation,
-                      negative_slope)
+    chain = ChainSums.of((y, residual, mean, invstd, bn_weight, bn_bias, r_mean, r_invstd, r_weight, r_bias),
+                         activation, negative_slope)
     grad_x, sums = conv2d_input_grad_with_sums(grad_out, weight, x, _geometry(stride, padding, dilation, groups),
                                                chain, add=add_to_x)
     return grad_x, sums if sums is not None else x.new_empty(_EMPTY, dtype=torch.float32)
@@ -401,14 +400,6 @@ def _(grad_out, x, weight, stride, padding, dilation, groups, add_to_x, y, resid
       r_mean, r_invstd, r_weight, r_bias, activation, negative_slope):
     sums = (3, x.shape[1]) if x.numel() and grad_out.numel() else _EMPTY
     return empty_in_layout_of(x, x.shape), x.new_empty(sums, dtype=torch.float32)
-
-
-def _chain_arguments(chain: ChainSums) -> tuple:
-    """`_input_grad_sums_op`'s arguments for the chain."""
-    r = chain.residual_norm
-    return (chain.y, chain.residual, chain.norm.mean, chain.norm.invstd, chain.norm.weight, chain.norm.bias,
-            r.mean if r else None, r.invstd if r else None, r.weight if r else None, r.bias if r else None,
-            chain.activation, chain.negative_slope)
 
 
 def _conv2d_setup_context(ctx, inputs, output) -> None:
@@ -441,7 +432,7 @@ def _conv_grads(ctx, grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     needed = (need_x and not skip_x, need_weight, need_bias and bias is not None, need_residual)
     grads = _conv2d_backward_op(grad_y, x, weight, pre, *ctx.geometry_args, ctx.activation, ctx.negative_slope,
-                                *needed, add_to_x, x_padded)
+                                *needed, add_to_x if needed[0] else None, x_padded)
     return tuple(grad if need else None for grad, need in zip(grads, needed))
 
 
@@ -464,24 +455,24 @@ class _ConvStatistics(torch.autograd.Function):
                                                  running_var, num_batches_tracked, momentum, eps)
         ctx.geometry_args = (stride, padding, dilation, groups)
         ctx.activation, ctx.negative_slope = None, 0.0
-        ctx.chain = chain
-        ctx.save_for_backward(x, weight, bias, padded)
-        ctx.mark_non_differentiable(stats, padded)
+        ctx.chain = (chain.activation, chain.negative_slope) if chain is not None else None  # its tensors: saved
+        kept = padded if padded.numel() and ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(x, weight, bias, kept, *(chain.tensors() if chain is not None else ()))
+        ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
         return (y, stats, x) if hand_on else (y, stats)
 
     @staticmethod
     def backward(ctx, grad_y, _grad_stats, grad_handed=None):
-        x, weight, bias, padded = ctx.saved_tensors
+        x, weight, bias, padded, *chain = ctx.saved_tensors
         if grad_y is None:
             return (grad_handed,) + (None,) * 14
         fused = ctx.chain is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[13]
         if fused:
-            fused_x, sums = _input_grad_sums_op(grad_y, x, weight, *ctx.geometry_args, grad_handed,
-                                                *_chain_arguments(ctx.chain))
+            fused_x, sums = _input_grad_sums_op(grad_y, x, weight, *ctx.geometry_args, grad_handed, *chain,
+                                                *ctx.chain)
         grad_x, grad_weight, grad_bias, _ = _conv_grads(ctx, grad_y, x, weight, bias, x.new_empty(_EMPTY), False,
-                                                        grad_handed, skip_x=fused,
-                                                        x_padded=padded if padded.numel() else None)
+                                                        grad_handed, skip_x=fused, x_padded=padded)
         if not fused:
             return (grad_x, grad_weight, grad_bias) + (None,) * 12
         return (fused_x, grad_weight, grad_bias) + (None,) * 10 + (sums if sums.numel() else None, None)

@@ -53,26 +53,28 @@ def _expected_sums(grad: torch.Tensor, chain: ChainSums) -> list[torch.Tensor]:
 @pytest.mark.device_portable
 @pytest.mark.usefixtures("on_kernel_device")
 @pytest.mark.parametrize("case", [
-    # (n, c_in, h, w, c_out, kernel, stride, padding, residual, residual normalised, activation, channels_last)
-    (2, 5, 9, 7, 6, 3, 1, 1, False, False, "relu", False),
-    (3, 16, 9, 11, 8, 3, 2, 1, True, True, "relu", True),  # stride phases of unequal rows (9 x 11)
-    (2, 8, 7, 5, 4, 1, 2, 0, True, False, "leaky_relu", False),  # a 1x1 downsample's phases: taps in one only
-    (5, 16, 17, 15, 16, 3, 2, 1, True, True, "gelu", True),
-    (4, 24, 16, 16, 16, 3, 1, 1, False, False, None, True),  # two channel blocks, an identity chain
+    # (n, c_in, h, w, c_out, kernel, stride, padding, residual, residual normalised, activation, channels_last,
+    #  groups)
+    (2, 5, 9, 7, 6, 3, 1, 1, False, False, "relu", False, 1),
+    (3, 16, 9, 11, 8, 3, 2, 1, True, True, "relu", True, 1),  # stride phases of unequal rows (9 x 11)
+    (2, 8, 7, 5, 4, 1, 2, 0, True, False, "leaky_relu", False, 1),  # a 1x1 downsample's phases: taps in one only
+    (5, 16, 17, 15, 16, 3, 2, 1, True, True, "gelu", True, 1),
+    (4, 24, 16, 16, 16, 3, 1, 1, False, False, None, True, 1),  # two channel blocks, an identity chain
+    (2, 32, 9, 7, 8, 3, 2, 1, True, True, "relu", True, 2),  # two groups of 16 channels: their blocks apart
 ])
 def test_sums_in_the_dgrad_launch_match_float64_and_leave_dx_as_it_was(case, monkeypatch):
     """Small tiles and 2-tile groups: several groups per phase, the last one short, merged by whichever tile
-    finishes last; the affine-free BN too (the last case). dx is bit for bit the plain dgrad's."""
-    n, c_in, h, w, c_out, kernel, stride, padding, residual, residual_norm, activation, channels_last = case
-    monkeypatch.setattr(conv_dgrad, "SUM_GROUP", conv_dgrad.tl.constexpr(2))
+    finishes last; the affine-free BN too (the identity case). dx is bit for bit the plain dgrad's."""
+    n, c_in, h, w, c_out, kernel, stride, padding, residual, residual_norm, activation, channels_last, groups = case
+    monkeypatch.setattr(conv_dgrad, "SUM_GROUP", 2)
     torch.manual_seed(sum(case[:8]))
     layout = torch.channels_last if channels_last else torch.contiguous_format
     like = lambda: torch.randn(n, c_in, h, w).contiguous(memory_format=layout)  # noqa: E731
     chain = ChainSums(None, like(), _norm(c_in, affine=activation is not None), like() if residual else None,
                       _norm(c_in) if residual_norm else None, activation, 0.2 if activation == "leaky_relu" else 0.0)
-    geometry = make_geometry((kernel, kernel), stride, padding, 1, 1)
+    geometry = make_geometry((kernel, kernel), stride, padding, 1, groups)
     dz = torch.randn(n, c_out, *geometry.output_hw(h, w, kernel, kernel)).contiguous(memory_format=layout)
-    weight = torch.randn(c_out, c_in, kernel, kernel)
+    weight = torch.randn(c_out, c_in // groups, kernel, kernel)
     x = torch.empty_like(chain.y)
     dx, sums = conv2d_input_grad_with_sums(dz, weight, x, geometry, chain, config=_SMALL)
     assert torch.equal(dx, conv2d_input_grad(dz, weight, x, geometry, config=_SMALL))
@@ -106,7 +108,7 @@ def test_resnet18_dgrads_with_sums_match_float64_on_a_gpu():
 def test_a_chain_laid_out_otherwise_than_x_is_refused():
     chain = ChainSums(None, torch.randn(2, 4, 5, 5), _norm(4), None, None, "relu", 0.0)
     x = torch.empty(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
-    with pytest.raises(ValueError, match="x's shape"):
+    with pytest.raises(ValueError, match="dx's shape"):
         conv2d_input_grad_with_sums(torch.randn(2, 4, 5, 5), torch.randn(4, 4, 3, 3), x,
                                     make_geometry((3, 3), 1, 1, 1, 1), chain)
 
@@ -184,3 +186,66 @@ def test_a_chain_read_before_its_conv_or_by_an_eval_bn_conv_keeps_its_own_sums()
     swapped = knn.swap(copy.deepcopy(block))
     assert any("x_chain" in node.kwargs for node in _chain_calls(swapped))
     _check_against_float64(block, torch.randn(2, 4, 6, 5), steps=2)
+
+
+def test_a_conv_reading_the_chain_twice_or_only_its_handed_input_gets_no_or_no_usable_sums():
+    """A conv that reads the chain's output also as its residual takes part of the output's gradient only: no
+    hand-off (a chain that crashed the forward, and would give wrong sums). A conv whose own output takes no
+    gradient while its handed-on input does: the chain forms its sums itself. Both against float64."""
+
+    class ReadTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(y)) + y)
+
+    class HandedOnly(ReadTwice):
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return self.bn2(self.conv2(y)), y * 2.0
+
+    torch.manual_seed(24)
+    swapped = knn.swap(ReadTwice())
+    assert not any("x_chain" in node.kwargs for node in _chain_calls(swapped))
+    _check_against_float64(ReadTwice(), torch.randn(2, 4, 6, 5), steps=2)
+
+    model = HandedOnly()
+    swapped = knn.swap(copy.deepcopy(model))
+    assert any("x_chain" in node.kwargs for node in _chain_calls(swapped))
+    x = torch.randn(2, 4, 6, 5)
+    grads = []
+    for net, inputs in ((swapped, x), (copy.deepcopy(model).double(), x.double())):
+        inputs = inputs.requires_grad_()
+        net(inputs)[1].sum().backward()  # the conv's output takes no gradient
+        grads.append((inputs.grad, net.conv1.weight.grad, net.bn1.weight.grad, net.bn1.bias.grad))
+    for ours, reference in zip(*grads):
+        assert relative_error(ours, reference) < 2e-4
+
+
+def test_the_reading_convs_backward_keeps_no_chain_tensor_alive(monkeypatch):
+    """The chain's tensors are saved for the backward as tensors (saved-tensor hooks, version checks), not held
+    on the conv's context: after backward, with the loss still referenced, the chain's input is freed."""
+    import gc
+    import weakref
+
+    inputs = []
+    original = chains.batch_norm_act_chain
+
+    def recording(*args, **kwargs):
+        out, chain = original(*args, **kwargs)
+        if chain is not None:
+            inputs.append(weakref.ref(chain.y))
+        return out, chain
+
+    torch.manual_seed(25)
+    swapped = knn.swap(BasicBlock(4, 4))
+    monkeypatch.setattr(chains, "batch_norm_act_chain", recording)
+    out = swapped(torch.randn(2, 4, 6, 5, requires_grad=True))
+    assert len(inputs) == 1  # bn1's chain, read by conv2
+    out.sum().backward()
+    gc.collect()
+    assert inputs[0]() is None

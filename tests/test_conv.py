@@ -269,6 +269,12 @@ def test_opcheck(activation, keep_pre, channels_last, residual):
             torch.library.opcheck(torch.ops.workbench.conv2d_statistics.default,
                                   (x.detach(), weight.detach(), bias.detach(), [2, 1], [1, 0, 1, 1], [1, 1], 1,
                                    torch.zeros(4), torch.ones(4), torch.tensor(0), momentum, 1e-5))
+        # a stem: 3 channels_last channels the kernel pads to 4, returned for the wgrad (fake and real agree)
+        stem = (x.detach().contiguous(memory_format=torch.channels_last), torch.randn(4, 3, 7, 7, generator=generator))
+        torch.library.opcheck(torch.ops.workbench.conv2d_statistics.default,
+                              (*stem, None, [2, 2], [3, 3, 3, 3], [1, 1], 1, None, None, None, 0.1, 1e-5))
+        assert torch.ops.workbench.conv2d_statistics(*stem, None, [2, 2], [3, 3, 3, 3], [1, 1], 1, None, None, None,
+                                                     0.1, 1e-5)[2].shape == (1, 4, 5, 4)
 
 
 def test_gradient_without_kept_preactivation_recomputes_it():

@@ -87,11 +87,12 @@ def test_stem_conv_bn_relu_max_pool_fuses_and_matches_pytorch(channels_last, mon
     """ResNet's stem (7x7 stride-2 conv -> BN -> ReLU -> 3x3 stride-2 max-pool) on odd sizes: the pool in the BN
     kernel in training (the conv folded with BN and PyTorch's pool in eval); outputs, gradients, running stats.
     In channels_last the kernels compute with 4 channels: the wgrad reads the forward's padded x."""
-    from triton_workbench.kernels import conv_wgrad
+    from triton_workbench.kernels import conv_fwd, conv_wgrad
 
-    padded_in_wgrad = []
-    pad = conv_wgrad.pad_channels
-    monkeypatch.setattr(conv_wgrad, "pad_channels", lambda t, channels: padded_in_wgrad.append(t) or pad(t, channels))
+    padded = {"forward": [], "wgrad": []}  # the 3-channel tensors each pads
+    for module, name in ((conv_fwd, "forward"), (conv_wgrad, "wgrad")):
+        monkeypatch.setattr(module, "pad_channels", lambda t, channels, pad=module.pad_channels, name=name: (
+            padded[name].append(t.shape[1]) if t.shape[1] < channels else None) or pad(t, channels))
     torch.manual_seed(7)
     stem = nn.Sequential(nn.Conv2d(3, 5, 7, 2, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU(inplace=True),
                          nn.MaxPool2d(3, 2, 1))
@@ -100,7 +101,8 @@ def test_stem_conv_bn_relu_max_pool_fuses_and_matches_pytorch(channels_last, mon
         stem, x = stem.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     assert _records(knn.swap(copy.deepcopy(stem))) == {"0": ("fused", "0 -> 1 -> 2 -> 3")}
     _check_against_float64(stem, x, steps=2)
-    assert not padded_in_wgrad
+    # x and the weight in each forward (two steps, then eval), never again in a wgrad
+    assert padded == {"forward": [3, 3] * 3 if channels_last else [], "wgrad": []}
 
 
 def test_max_pools_the_kernel_does_not_take_stay_in_pytorch():
