@@ -161,18 +161,24 @@ def test_a_stage_boundary_forms_every_chains_sums_in_a_dgrad_and_matches_pytorch
     _check_against_float64(model, torch.randn(2, 8, 9, 9).contiguous(memory_format=layout), steps=3)
 
 
+class _ChainThenConv(nn.Module):
+    """A BN chain, conv1 -> bn1 -> ReLU, whose output `reads` gives conv2 -> bn2 (and whatever else reads it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.reads(torch.relu(self.bn1(self.conv1(x))))
+
+
 def test_a_chain_read_before_its_conv_or_by_an_eval_bn_conv_keeps_its_own_sums():
     """An earlier reader of the chain's output adds to its gradient after the conv's dgrad: no hand-off. A reader
     conv whose BN is in eval mode (folded) takes no sums: the chain forms its own. Both match float64."""
 
-    class EarlyReader(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            y = torch.relu(self.bn1(self.conv1(x)))
+    class EarlyReader(_ChainThenConv):
+        def reads(self, y):
             early = y * 0.5
             return self.bn2(self.conv2(y)) + early
 
@@ -193,19 +199,12 @@ def test_a_conv_reading_the_chain_twice_or_only_its_handed_input_gets_no_or_no_u
     hand-off (a chain that crashed the forward, and would give wrong sums). A conv whose own output takes no
     gradient while its handed-on input does: the chain forms its sums itself. Both against float64."""
 
-    class ReadTwice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            y = torch.relu(self.bn1(self.conv1(x)))
+    class ReadTwice(_ChainThenConv):
+        def reads(self, y):
             return torch.relu(self.bn2(self.conv2(y)) + y)
 
-    class HandedOnly(ReadTwice):
-        def forward(self, x):
-            y = torch.relu(self.bn1(self.conv1(x)))
+    class HandedOnly(_ChainThenConv):
+        def reads(self, y):
             return self.bn2(self.conv2(y)), y * 2.0
 
     torch.manual_seed(24)
