@@ -615,9 +615,11 @@ class ChainSums:
                    negative_slope)
 
     def fits(self, output: torch.Tensor) -> bool:
-        """Whether the chain's output is `output`'s shape and layout (the epilogue reads y where it writes)."""
-        return all(t is None or (t.shape == output.shape and t.stride() == output.stride())
-                   for t in (self.y, self.residual))
+        """Whether the chain's output is `output`'s shape and layout, size-1 dims aside (the epilogue reads y
+        where it writes)."""
+        return all(t is None or (t.shape == output.shape and all(
+            a == b for a, b, size in zip(t.stride(), output.stride(), output.shape) if size > 1))
+            for t in (self.y, self.residual))
 
     def count(self) -> int:
         """The sums formed: of dz and dz * x_hat, and dz * r_hat for a normalised residual."""

@@ -467,7 +467,8 @@ class _ConvStatistics(torch.autograd.Function):
         x, weight, bias, padded, *chain = ctx.saved_tensors
         if grad_y is None:
             return (grad_handed,) + (None,) * 14
-        fused = ctx.chain is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[13]
+        fused = ctx.chain is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[13] and \
+            ChainSums.of(chain, *ctx.chain).fits(_dx_layout(x))  # else the chain forms its sums itself
         if fused:
             fused_x, sums = _input_grad_sums_op(grad_y, x, weight, *ctx.geometry_args, grad_handed, *chain,
                                                 *ctx.chain)
@@ -476,6 +477,11 @@ class _ConvStatistics(torch.autograd.Function):
         if not fused:
             return (grad_x, grad_weight, grad_bias) + (None,) * 12
         return (fused_x, grad_weight, grad_bias) + (None,) * 10 + (sums if sums.numel() else None, None)
+
+
+def _dx_layout(x: torch.Tensor) -> torch.Tensor:
+    """A meta tensor shaped and laid out as the dgrad lays out x's gradient (no memory: for its strides)."""
+    return empty_in_layout_of(x.to("meta"), x.shape)
 
 
 def conv2d_with_statistics(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -248,3 +248,17 @@ def test_the_reading_convs_backward_keeps_no_chain_tensor_alive(monkeypatch):
     out.sum().backward()
     gc.collect()
     assert inputs[0]() is None
+
+
+def test_a_chain_of_one_position_in_channels_last_hands_its_sums_on_and_matches_pytorch():
+    """A strided conv takes a channels_last 2 x 2 input to N x C x 1 x 1, which keeps channels_last strides while
+    its gradient (`memory_format_of`: contiguous) gets NCHW ones: they differ on size-1 dims only (a late ResNet
+    stage at a small input), where the hand-off must still fit."""
+    torch.manual_seed(26)
+    block = BasicBlock(4, 4, stride=2).to(memory_format=torch.channels_last)
+    x = torch.randn(3, 4, 2, 2).contiguous(memory_format=torch.channels_last)
+    with _AtenOps() as ops:
+        knn.swap(copy.deepcopy(block))(x.clone().requires_grad_()).sum().backward()
+    assert [name for name, _ in ops.ops].count("workbench::conv2d_input_grad_chain_sums") == 1
+    _check_against_float64(block, x, steps=2)
+
