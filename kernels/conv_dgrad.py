@@ -79,10 +79,9 @@ def _phase_dgrad(
     part_ptr, sums_ptr, counter_ptr, SUM_GROUPS, negative_slope,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
     I: tl.constexpr, J: tl.constexpr, ADD: tl.constexpr, SUMS: tl.constexpr, SUM_GROUP: tl.constexpr,
-    AFFINE: tl.constexpr,
-    RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr, ACTIVATION: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INT64: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
+    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx of the stride phase PHASES_H[I] x PHASES_W[J] (each a `PhaseTaps` as a tuple) for this program's
     tile, a stride-1 correlation of dz with the phase's taps, plus with ADD the tile of `add`, and with SUMS
@@ -208,8 +207,7 @@ def conv2d_dgrad_kernel(
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
     ADD: tl.constexpr, SUMS: tl.constexpr, SUM_GROUP: tl.constexpr, AFFINE: tl.constexpr, RESIDUAL: tl.constexpr,
     R_NORM: tl.constexpr, R_AFFINE: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INT64: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx for one (input-position tile, input-channel tile, group, stride phase): program_id(2) picks the
     phase (PHASES_H x PHASES_W, each phase's `PhaseTaps` as a tuple), whose code is specialised to its
