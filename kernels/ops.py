@@ -480,8 +480,9 @@ class _ConvStatistics(torch.autograd.Function):
 
 
 def _dx_layout(x: torch.Tensor) -> torch.Tensor:
-    """A meta tensor shaped and laid out as the dgrad lays out x's gradient (no memory: for its strides)."""
-    return empty_in_layout_of(x.to("meta"), x.shape)
+    """A meta tensor shaped and laid out as the dgrad lays out x's gradient (`empty_in_layout_of`), for its
+    strides: no memory, no copy."""
+    return torch.empty(x.shape, device="meta", memory_format=memory_format_of(x))
 
 
 def conv2d_with_statistics(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

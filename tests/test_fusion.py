@@ -221,16 +221,18 @@ def test_an_in_place_activation_on_a_tensor_read_elsewhere_is_left_in_pytorch():
     torch.testing.assert_close(swapped(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_swapped_resnet_forward_runs_no_pytorch_batch_norm_relu_or_add():
+def test_swapped_resnet_training_step_runs_no_pytorch_batch_norm_relu_or_add():
+    """Forward and backward: BatchNorm, ReLU and the residual adds (and their gradients) in Triton ops only."""
     torch.manual_seed(5)
     model = knn.swap(resnet18(num_classes=3, width=4))
     assert not [r for r in model.swap_records if r.action == "kept" and r.module != "AdaptiveAvgPool2d"]
     assert "conv1 -> bn1 -> relu -> maxpool" in [r.detail for r in model.swap_records]  # the stem: pooled too
     with _AtenOps() as seen:
-        model(torch.randn(2, 3, 16, 16))
-    assert {name for name, _ in seen.ops if "batch_norm" in name or "relu" in name or "pool" in name} <= {
+        model(torch.randn(2, 3, 16, 16, requires_grad=True)).sum().backward()
+    assert {name for name, _ in seen.ops if "batch_norm" in name or "relu" in name or "pool" in name
+            or "threshold" in name} <= {
         "workbench::batch_norm_stats", "workbench::batch_norm_act", "workbench::batch_norm_act_max_pool",
-        "aten::adaptive_avg_pool2d", "aten::mean"}
+        "workbench::batch_norm_act_backward", "aten::adaptive_avg_pool2d", "aten::mean"}
     assert not [rank for name, rank in seen.ops if name.startswith("aten::add") and rank == 4]  # only the counters'
 
 
