@@ -32,6 +32,7 @@ from triton_workbench.kernels.conv_geometry import memory_format_of, needs_int64
 from triton_workbench.kernels.arrival import last_to_arrive
 from triton_workbench.kernels.conv_tiles import offsets
 from triton_workbench.kernels.host_math import cdiv, next_power_of_2
+from triton_workbench.kernels.global_average_pool import GlobalAveragePool, averaged_gradient
 from triton_workbench.kernels.max_pool import MaxPool, pooled_gradient, window_max
 from triton_workbench.kernels.runtime import jit
 
@@ -277,15 +278,43 @@ def normalize_max_pool_kernel(y_ptr, out_ptr, tap_ptr, mean_ptr, invstd_ptr, wei
 
 
 @jit
+def normalize_average_kernel(y_ptr, r_ptr, out_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+                             r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr,
+                             C, HW, stride_n, stride_hw, stride_c, so_n, so_c, negative_slope,
+                             AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, R_NORM: tl.constexpr, R_AFFINE: tl.constexpr,
+                             ACTIVATION: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    """out[n, c] = the mean over image n's positions of act(normalise(y) [+ residual or normalise(residual)]), for
+    one (image, channel block): the activation is never stored; averaged as stored (rounded to out's dtype)."""
+    image = tl.program_id(0)
+    first = image * HW
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for start in range(first, first + HW, BLOCK_M):
+        offs, mask, cols, c_ok = _tile(first + HW, C, HW, stride_n, stride_hw, stride_c, start, tl.program_id(1),
+                                       INT64, BLOCK_M, BLOCK_C)
+        _, _, pre = _pre_activation(y_ptr, r_ptr, offs, mask, cols, c_ok, mean_ptr, invstd_ptr, weight_ptr,
+                                    bias_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, r_bias_ptr, AFFINE, RESIDUAL,
+                                    R_NORM, R_AFFINE)
+        value = apply(pre, ACTIVATION, negative_slope).to(out_ptr.dtype.element_ty).to(tl.float32)
+        total += tl.sum(tl.where(mask, value, 0.0), 0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tl.store(out_ptr + offsets(image, INT64) * so_n + offsets(cols, INT64) * so_c,
+             (total / HW).to(out_ptr.dtype.element_ty), mask=cols < C)
+
+
+@jit
 def _activation_grad(grad_ptr, tap_ptr, offs, mask, rows, cols, HW, W, PH, PW, sp_n, sp_h, sp_w, sp_c,
                      POOL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr,
                      STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr,
                      DIL_W: tl.constexpr, INT64: tl.constexpr):
-    """d loss / d activation output (fp32) of a tile: grad's, or with POOL gathered from the gradient of the max-pool
-    that read the activation (`max_pool.pooled_gradient`)."""
-    if POOL:
+    """d loss / d activation output (fp32) of a tile: grad's, or that of the pool that read the activation (POOL:
+    1 a max-pool, gathered through its taps, `max_pool.pooled_gradient`; 2 a global average,
+    `global_average_pool.averaged_gradient`; grad laid out as the pool's output, strides sp_*)."""
+    if POOL == 1:
         return pooled_gradient(grad_ptr, tap_ptr, rows, cols, mask, HW, W, PH, PW, sp_n, sp_h, sp_w, sp_c,
                                KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, INT64)
+    if POOL == 2:
+        return averaged_gradient(grad_ptr, rows, cols, mask, HW, sp_n, sp_c, INT64)
     return tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -682,6 +711,26 @@ def normalize_max_pool(y: torch.Tensor, norm: Norm, activation_code: int, negati
     return out, taps
 
 
+def normalize_average(y: torch.Tensor, norm: Norm, residual: torch.Tensor | None, residual_norm: Norm | None,
+                      activation_code: int, negative_slope: float) -> torch.Tensor:
+    """GlobalAveragePool(act(norm(y) [+ residual or residual_norm(residual)])): [N, C, 1, 1] in y's memory format,
+    one launch; the activation itself is never stored (`normalize_backward` with the pool spreads the pooled
+    gradient)."""
+    _check_layout(y, residual=residual)
+    out = torch.empty(GlobalAveragePool.output_shape(y.shape), device=y.device, dtype=y.dtype,
+                      memory_format=memory_format_of(y))
+    if y.numel() == 0:
+        return out.fill_(float("nan"))  # PyTorch's mean of no positions
+    view = rows_view(y)
+    runtime.announce()
+    normalize_average_kernel[(y.shape[0], view.channel_blocks)](
+        y, pointer_or(residual, y), out, *norm.pointers(y), *(residual_norm or norm).pointers(y),
+        view.channels, view.hw, *view.strides, out.stride(0), out.stride(1), float(negative_slope),
+        **_flags(norm, residual, residual_norm), ACTIVATION=activation_code, INT64=view.int64,
+        BLOCK_M=min(view.block_m, next_power_of_2(view.hw)), BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
+    return out
+
+
 def _pooled_tiles(view: RowsView) -> RowsView:
     """A quarter of the usual tile for the kernels that walk a pool's windows (taps unrolled, one load or gather
     each): at 4096 elements they take 255 registers and spill on sm_80 and sm_90 (`workbench check-compile`)."""
@@ -694,10 +743,10 @@ def _nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return sn, sh, sw, sc
 
 
-def _window_constexprs(pool: MaxPool | None) -> dict[str, int]:
-    """The pool's window as the kernels' constexprs (unit values without a pool)."""
+def _window_constexprs(pool: MaxPool | GlobalAveragePool | None) -> dict[str, int]:
+    """The pool's window as the kernels' constexprs (unit values without a max-pool's)."""
     names = ("KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W")
-    return dict(zip(names, pool.constexprs() if pool else (1,) * 8))
+    return dict(zip(names, pool.constexprs() if isinstance(pool, MaxPool) else (1,) * 8))
 
 
 def _flags(norm: Norm, residual: torch.Tensor | None, residual_norm: Norm | None) -> dict[str, bool]:
@@ -715,19 +764,22 @@ def parameter_grad(parameter: torch.Tensor | None, y: torch.Tensor) -> torch.Ten
 def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual: torch.Tensor | None,
                        residual_norm: Norm | None, activation_code: int, negative_slope: float,
                        need_dy: bool, need_dr: bool, need_params: bool,
-                       pool: tuple[MaxPool, torch.Tensor] | None = None, sums: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor | None, ...]:
+                       pool: tuple[MaxPool, torch.Tensor] | GlobalAveragePool | None = None,
+                       sums: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """(dy, d residual, d weight, d bias, d residual weight, d residual bias) of `normalize`, the parameter
     gradients in their parameters' dtypes; None where not needed. grad must share y's strides; with `pool`
-    (the window and the taps of `normalize_max_pool`), grad is the pooled output's, with the taps' strides.
-    `sums` ([3, C] fp32): the channels' sums, formed already where grad was (`ChainSums`): one launch, not two."""
+    (the window and the taps of `normalize_max_pool`, or the global average of `normalize_average`), grad is
+    the pooled output's (with the taps' strides for a max-pool). `sums` ([3, C] fp32): the channels' sums,
+    formed already where grad was (`ChainSums`): one launch, not two."""
+    maximum = pool if isinstance(pool, tuple) else None
     _check_layout(y, residual=residual, **({} if pool else {"grad": grad}))
-    if pool:
-        _check_layout(pool[1], grad=grad)
-    taps = pool[1] if pool else y
+    if maximum:
+        _check_layout(maximum[1], grad=grad)
+    taps = maximum[1] if maximum else grad if pool else y
     pooled = (taps, y.shape[3], *taps.shape[2:], *_nhwc_strides(taps))
-    pool_constexprs = {"POOL": pool is not None, **_window_constexprs(pool[0] if pool else None)}
-    view = _pooled_tiles(rows_view(y)) if pool else rows_view(y)
+    pool_constexprs = {"POOL": MaxPool.CODE if maximum else pool.CODE if pool else 0,
+                       **_window_constexprs(maximum[0] if maximum else None)}
+    view = _pooled_tiles(rows_view(y)) if maximum else rows_view(y)
     flags = _flags(norm, residual, residual_norm)
     r_norm = residual_norm or norm
     pointers = (*norm.pointers(y), *r_norm.pointers(y))

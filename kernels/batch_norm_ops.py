@@ -19,6 +19,7 @@ from triton_workbench.kernels import batch_norm as kernels
 from triton_workbench.kernels.activation import activation_code, parameter
 from triton_workbench.kernels.batch_norm import Norm
 from triton_workbench.kernels.conv_geometry import memory_format_of
+from triton_workbench.kernels.global_average_pool import GlobalAveragePool
 from triton_workbench.kernels.max_pool import MaxPool
 from triton_workbench.kernels.ops import refuse_double_backward
 
@@ -88,6 +89,24 @@ def _(y, mean, invstd, weight, bias, batch_stats, activation, negative_slope, po
     return out, torch.empty_like(out, dtype=torch.int8)
 
 
+@torch.library.custom_op("workbench::batch_norm_act_average", mutates_args=())
+def _normalize_average_op(y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.Tensor],
+                          bias: Optional[torch.Tensor], batch_stats: bool, residual: Optional[torch.Tensor],
+                          r_mean: Optional[torch.Tensor], r_invstd: Optional[torch.Tensor],
+                          r_weight: Optional[torch.Tensor], r_bias: Optional[torch.Tensor], r_batch_stats: bool,
+                          activation: Optional[str], negative_slope: float) -> torch.Tensor:
+    """AdaptiveAvgPool2d(1) of `_normalize_op`'s output, [N, C, 1, 1], that output never stored."""
+    norm, residual_norm = _norms(mean, invstd, weight, bias, batch_stats, r_mean, r_invstd, r_weight, r_bias,
+                                 r_batch_stats)
+    return kernels.normalize_average(y, norm, residual, residual_norm, activation_code(activation), negative_slope)
+
+
+@_normalize_average_op.register_fake
+def _(y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
+      activation, negative_slope):
+    return y.new_empty(GlobalAveragePool.output_shape(y.shape)).contiguous(memory_format=memory_format_of(y))
+
+
 @torch.library.custom_op("workbench::batch_norm_act_backward", mutates_args=())
 def _normalize_backward_op(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], batch_stats: bool,
@@ -96,23 +115,25 @@ def _normalize_backward_op(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tens
                            r_bias: Optional[torch.Tensor], r_batch_stats: bool, activation: Optional[str],
                            negative_slope: float, need_y: bool, need_residual: bool, need_params: bool,
                            taps: Optional[torch.Tensor] = None, pool: Optional[list[int]] = None,
-                           sums: Optional[torch.Tensor] = None
+                           sums: Optional[torch.Tensor] = None, average: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor]:
     """(dy, d residual, d weight, d bias, d residual weight, d residual bias), each parameter gradient in its
     parameter's dtype (written so by the kernel); empty where not needed. With `pool` and `taps`, grad is that of
-    `_normalize_max_pool_op`'s output; `sums`: the backward sums, formed by grad's producer."""
+    `_normalize_max_pool_op`'s output, with `average` `_normalize_average_op`'s; `sums`: the backward sums,
+    formed by grad's producer."""
     norm, residual_norm = _norms(mean, invstd, weight, bias, batch_stats, r_mean, r_invstd, r_weight, r_bias,
                                  r_batch_stats)
+    window = (MaxPool.of(pool), taps) if pool is not None else GlobalAveragePool() if average else None
     grads = kernels.normalize_backward(grad, y, norm, residual, residual_norm, activation_code(activation),
-                                       negative_slope, need_y, need_residual, need_params,
-                                       (MaxPool.of(pool), taps) if pool is not None else None, sums)
+                                       negative_slope, need_y, need_residual, need_params, window, sums)
     return tuple(g if g is not None else y.new_empty(_EMPTY) for g in grads)
 
 
 @_normalize_backward_op.register_fake
 def _(grad, y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
-      activation, negative_slope, need_y, need_residual, need_params, taps=None, pool=None, sums=None):
+      activation, negative_slope, need_y, need_residual, need_params, taps=None, pool=None, sums=None,
+      average=False):
     params = [kernels.parameter_grad(p, y) if need_params else y.new_empty(_EMPTY)
               for p in (weight, bias, r_weight, r_bias)]
     return (torch.empty_like(y) if need_y else y.new_empty(_EMPTY),
@@ -130,24 +151,40 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad, sums):
     if grad is None:  # only the token was read: nothing reached the output
         return (None,) * 15
+    return _chain_grads(ctx, grad, sums=sums if sums is not None and sums.numel() else None) + (None,)  # token: empty
+
+
+def _average_backward(ctx, grad):
+    return (None,) * 14 if grad is None else _chain_grads(ctx, grad, average=True)
+
+
+def _chain_grads(ctx, grad: torch.Tensor, **how: object) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of `_normalize_op`'s (or a pooled variant's) first 14 inputs, `how` passed to the backward op
+    (sums formed by grad's producer, or a global average's grad)."""
     y, mean, invstd, weight, bias, residual, r_mean, r_invstd, r_weight, r_bias = ctx.saved_tensors
     batch_stats, r_batch_stats, activation, negative_slope = ctx.flags
     needs = ctx.needs_input_grad
     need_params = any(needs[index] for index in (3, 4, 9, 10))
+    layout = grad if how.get("average") else y  # (a pooled gradient keeps its own: the kernels read its strides)
     dy, dr, dweight, dbias, dr_weight, dr_bias = _normalize_backward_op(
-        grad.contiguous(memory_format=memory_format_of(y)), y, mean, invstd, weight, bias, batch_stats, residual, r_mean,
-        r_invstd, r_weight, r_bias, r_batch_stats, activation, negative_slope, needs[0], needs[6], need_params,
-        sums=sums if sums is not None and sums.numel() else None)  # (no token, or an empty one: no sums)
+        grad.contiguous(memory_format=memory_format_of(layout)), y, mean, invstd, weight, bias, batch_stats, residual,
+        r_mean, r_invstd, r_weight, r_bias, r_batch_stats, activation, negative_slope, needs[0], needs[6],
+        need_params, **how)
 
     def wanted(index: int, gradient: torch.Tensor, of: torch.Tensor | None) -> torch.Tensor | None:
         return gradient if needs[index] and of is not None else None
 
     return (wanted(0, dy, y), None, None, wanted(3, dweight, weight), wanted(4, dbias, bias), None,
             wanted(6, dr, residual), None, None, wanted(9, dr_weight, r_weight), wanted(10, dr_bias, r_bias),
-            None, None, None, None)
+            None, None, None)
+
+
+def _setup_average_context(ctx, inputs, output) -> None:
+    _setup_context(ctx, (*inputs, False), output)
 
 
 _normalize_op.register_autograd(_backward, setup_context=_setup_context)
+_normalize_average_op.register_autograd(_average_backward, setup_context=_setup_average_context)
 refuse_double_backward(_normalize_backward_op)
 
 
@@ -223,11 +260,12 @@ def batch_norm_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor |
                    residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
                    negative_slope: float | None = None, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
                    in_place: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   pool: MaxPool | None = None) -> torch.Tensor:
+                   pool: MaxPool | GlobalAveragePool | None = None) -> torch.Tensor:
     """act(bn(y) [+ residual, or residual_bn(residual)]) in one Triton kernel after the statistics, with
     `torch.nn.BatchNorm2d`'s semantics for each BN (train/eval, running stats, affine, eps, momentum); y's
     batch statistics are `stats` when its producer computed them (`ops.conv2d_with_statistics`), and the
-    residual's `residual_stats`. With `pool` (no residual), max-pool(act(bn(y))) in that kernel.
+    residual's `residual_stats`. With `pool`, pooled in that kernel: a max-pool (no residual) or a global
+    average.
 
     The output has y's memory format; a residual of another dtype is added in the promoted one, or, with
     `in_place` (the model wrote `y += residual`), cast to y's as PyTorch's in-place add does.
@@ -240,7 +278,7 @@ def batch_norm_act_chain(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Te
                          residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
                          negative_slope: float | None = None, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
                          in_place: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         pool: MaxPool | None = None, hand_sums: bool = False
+                         pool: MaxPool | GlobalAveragePool | None = None, hand_sums: bool = False
                          ) -> tuple[torch.Tensor, kernels.ChainSums | None]:
     """(`batch_norm_act`'s output, the chain for its reader to form its backward sums with, `hand_sums` asking:
     `ops.conv2d_with_statistics(chain=...)` -- None where no backward will run, or with a pool)."""
@@ -255,15 +293,18 @@ def batch_norm_act_chain(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Te
     y = _rows_ready(y)
     norm = statistics(y, bn, stats)
     slope = parameter(activation, negative_slope)
-    if pool is not None:
+    if isinstance(pool, MaxPool):
         if residual is not None:
             raise ValueError("a max-pool after the activation is fused without a residual only")
         return _normalize_max_pool_op(y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, activation,
                                       slope, pool.arguments())[0], None
     r = residual_norm
-    out, token = _normalize_op(y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, residual,
-                               r.mean if r else None, r.invstd if r else None, r.weight if r else None,
-                               r.bias if r else None, bool(r and r.batch_stats), activation, slope, hand_sums)
+    arguments = (y, norm.mean, norm.invstd, norm.weight, norm.bias, norm.batch_stats, residual, r.mean if r else None,
+                 r.invstd if r else None, r.weight if r else None, r.bias if r else None, bool(r and r.batch_stats),
+                 activation, slope)
+    if pool is not None:
+        return _normalize_average_op(*arguments), None
+    out, token = _normalize_op(*arguments, hand_sums)
     if not (hand_sums and out.requires_grad):
         return out, None
     return out, kernels.ChainSums(token, y, norm, residual, residual_norm, activation, slope)

@@ -12,7 +12,7 @@ behaviour with `model.train()` / `model.eval()` exactly as the original.
                                                   with bias + residual + activation in its epilogue
     bn_act:       act(bn(y) [+ residual])         the statistics and the fused kernel
     ... -> max-pool (either, no residual)         batch statistics: the pool in the fused kernel, which
-                                                  stores only the pooled values (and each one's window tap);
+    ... -> AdaptiveAvgPool2d(1) (either)          stores only the pooled values (and a max's window tap);
                                                   running statistics with a conv: PyTorch's pool after it
     conv_act, conv1d_act, linear_act              one kernel with the activation in its epilogue (a Conv1d
                                                   as a 2-D conv of unit height)
@@ -39,6 +39,7 @@ from triton_workbench.kernels.batch_norm_ops import (batch_norm_act, batch_norm_
                                                      uses_batch_stats)
 from triton_workbench.kernels.conv_geometry import make_geometry
 from triton_workbench.kernels.conv_transpose import conv_transpose2d
+from triton_workbench.kernels.global_average_pool import GlobalAveragePool
 from triton_workbench.kernels.max_pool import MaxPool
 from triton_workbench.kernels.prelu import prelu as prelu_kernel
 
@@ -103,9 +104,10 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: 
                 residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
                 negative_slope: float | None = None, defer: bool = False, in_place: bool = False,
                 hand_on: bool = False, residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pool: nn.MaxPool2d | None = None, hand_sums: bool = False, x_chain: ChainSums | None = None
+                pool: nn.Module | None = None, hand_sums: bool = False, x_chain: ChainSums | None = None
                 ) -> torch.Tensor | tuple:
-    """act(bn(conv(x)) [+ residual]), then `pool` (a max-pool, no residual) in the same kernel; with `defer`,
+    """act(bn(conv(x)) [+ residual]), then `pool` (a max-pool, no residual, or an AdaptiveAvgPool2d to 1 x 1) in
+    the same kernel; with `defer`,
     (conv(x), bn's batch statistics of it) while bn uses batch statistics -- the consumer normalises it with
     them (`residual_stats`, see the module docstring) -- else (bn(conv(x)), None). `in_place`: the add was
     `out += residual`, whose result keeps out's dtype. With `hand_on` or `hand_sums`, (the result, x handed
@@ -134,15 +136,15 @@ def _deferred(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d
 def _conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: torch.Tensor | None,
                  residual_bn: nn.BatchNorm2d | None, activation: str | None, negative_slope: float | None,
                  in_place: bool, residual_stats: tuple[torch.Tensor, torch.Tensor] | None,
-                 pool: nn.MaxPool2d | None = None, hand_sums: bool = False, x_chain: ChainSums | None = None
+                 pool: nn.Module | None = None, hand_sums: bool = False, x_chain: ChainSums | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, ChainSums | None]:
     """(`conv_bn_act`'s result, x handed on: x itself but where the batch-statistics conv hands it on, the
     result's chain where `hand_sums` asks and there is one)."""
     residual, residual_bn = _residual_for(residual, residual_bn)
     if residual is not None and not _fuses(residual, _conv_output_shape(x, conv), _compute_dtype(x), in_place):
         out, handed, _ = _conv_bn_act(x, conv, bn, None, None, None, None, False, None, x_chain=x_chain)
-        return _add_in_pytorch(out, residual, residual_bn, residual_stats, activation, negative_slope,
-                               in_place), handed, None
+        out = _add_in_pytorch(out, residual, residual_bn, residual_stats, activation, negative_slope, in_place)
+        return (pool(out) if pool is not None else out), handed, None
     if uses_batch_stats(bn):  # the statistics come from the conv's launch
         check_input(_conv_output_shape(x, conv), bn)
         y, mean, invstd, handed = ops.conv2d_with_statistics(x, conv.weight, conv.bias, conv.stride, conv.padding,
@@ -160,21 +162,25 @@ def bn_act(y: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = 
            residual_bn: nn.BatchNorm2d | None = None, activation: str | None = None,
            negative_slope: float | None = None, in_place: bool = False,
            residual_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-           pool: nn.MaxPool2d | None = None, hand_sums: bool = False) -> torch.Tensor | tuple:
-    """act(bn(y) [+ residual]), then `pool` (a max-pool, no residual), in one fused kernel after the statistics;
+           pool: nn.Module | None = None, hand_sums: bool = False) -> torch.Tensor | tuple:
+    """act(bn(y) [+ residual]), then `pool` (as `conv_bn_act`), in one fused kernel after the statistics;
     with `hand_sums`, (that, the chain for its reader to form the backward sums with) as `conv_bn_act`."""
     residual, residual_bn = _residual_for(residual, residual_bn)
     if residual is not None and not _fuses(residual, y.shape, None, in_place):
         out = _add_in_pytorch(bn_act(y, bn), residual, residual_bn, residual_stats, activation, negative_slope,
                               in_place)
+        out = pool(out) if pool is not None else out
         return (out, None) if hand_sums else out
     out, chain = batch_norm_act_chain(y, bn, residual, residual_bn, activation, negative_slope, in_place=in_place,
                                       residual_stats=residual_stats, pool=_window(pool), hand_sums=hand_sums)
     return (out, chain) if hand_sums else out
 
 
-def _window(pool: nn.MaxPool2d | None) -> MaxPool | None:
-    return MaxPool.of_module(pool) if pool is not None else None
+def _window(pool: nn.Module | None) -> MaxPool | GlobalAveragePool | None:
+    """The kernels' form of a pool module (an nn.MaxPool2d, or an nn.AdaptiveAvgPool2d to 1 x 1)."""
+    if pool is None:
+        return None
+    return GlobalAveragePool() if GlobalAveragePool.takes(pool) else MaxPool.of_module(pool)
 
 
 def _conv_output_shape(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, ...]:

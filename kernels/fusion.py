@@ -6,6 +6,7 @@ activation module used at several places, functional calls, in-place variants):
     conv -> BN [-> + residual] [-> activation]      -> chains.conv_bn_act
     BN [-> + residual] [-> activation]              -> chains.bn_act
     either, activation-ended without a residual, -> MaxPool2d (ResNet's stem): the same, pooled
+    either, activation-ended, -> AdaptiveAvgPool2d(1) (a classifier's head): the same, averaged
     conv -> activation, linear -> activation        -> chains.conv_act, chains.linear_act
     conv, linear, activation alone                  -> the same, without the rest
 
@@ -33,6 +34,7 @@ from torch import fx, nn
 from triton_workbench.kernels import calls, chains, ops
 from triton_workbench.kernels.activation import DEFAULT_NEGATIVE_SLOPE
 from triton_workbench.kernels.conv_depthwise import is_depthwise
+from triton_workbench.kernels.global_average_pool import GlobalAveragePool
 from triton_workbench.kernels.max_pool import MaxPool
 
 
@@ -224,6 +226,15 @@ class _Graph:
             self.kept[node] = reason
         return reason is None and len(node.args) == 1 and not node.kwargs
 
+    def average_pool(self, node: object) -> bool:
+        """An AdaptiveAvgPool2d to 1 x 1 the BN kernels can end a chain with (`GlobalAveragePool`)."""
+        if not isinstance(node, fx.Node) or node in self.taken or not GlobalAveragePool.takes(self.module(node)):
+            return False
+        reason = self._supported(self.module(node))
+        if reason is not None:
+            self.kept[node] = reason
+        return reason is None and len(node.args) == 1 and not node.kwargs
+
     def owner(self, node: object) -> nn.Module | None:
         """The module owning the parameter a get_attr node reads, else None."""
         if not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -337,18 +348,25 @@ def _match(g: _Graph) -> list[Chain]:
             chain.residual_bn = residual
         return chain
 
+    def pooled(chain: Chain) -> Chain:
+        """The chain with the pool that alone reads its activation, where the kernels take it (a global average,
+        or a max-pool without a residual)."""
+        node = chain.activation.node
+        pool = next(iter(node.users)) if len(node.users) == 1 else None
+        if pool is not None and (g.average_pool(pool) or (chain.add is None and g.max_pool(pool))):
+            chain.pool = pool
+            chain.nodes.append(pool)
+        return chain
+
     for node in list(g.graph.nodes):
         act = g.activation(node)
         if act is None or not g.only_user(act.source, node):
             continue
         chain = Chain(source=act.source, activation=act, nodes=[node])
         if (fused := residual_chain(act.source, chain)) is not None:
-            take(fused)
+            take(pooled(fused))
         elif g.bn(act.source):
-            if len(node.users) == 1 and g.max_pool(pool := next(iter(node.users))):
-                chain.pool = pool
-                chain.nodes.append(pool)
-            take(norm_chain(act.source, chain))
+            take(norm_chain(act.source, pooled(chain)))
         elif g.conv(act.source) or g.conv1d(act.source) or g.conv_transpose(act.source) or g.linear(act.source):
             kind = "linear" if g.linear(act.source) else "conv"
             setattr(chain, kind, act.source)

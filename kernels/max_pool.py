@@ -58,6 +58,8 @@ def pooled_gradient(grad_ptr, tap_ptr, rows, cols, mask, HW, W, PH, PW, sp_n, sp
 class MaxPool:
     """A max-pool's window (an `nn.MaxPool2d`'s kernel_size, stride, padding, dilation; floor mode)."""
 
+    CODE = 1  # the kernels' POOL constexpr (a global average's is 2)
+
     def __init__(self, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                  dilation: tuple[int, int]) -> None:
         self.kernel_size = kernel_size

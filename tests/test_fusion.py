@@ -105,6 +105,27 @@ def test_stem_conv_bn_relu_max_pool_fuses_and_matches_pytorch(channels_last, mon
     assert padded == {"forward": [3, 3] * 3 if channels_last else [], "wgrad": []}
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_classifier_head_averages_in_the_bn_kernel_and_matches_pytorch(channels_last):
+    """... -> BN -> + residual -> ReLU -> AdaptiveAvgPool2d(1): the average in the normalise kernel (the block's
+    output never stored; its backward spreads the pooled gradient), with and without a residual; eval folds the
+    conv and pools in PyTorch. Odd sizes, against float64; a pool to 2 x 2 stays in PyTorch."""
+    torch.manual_seed(28)
+    heads = {"0.conv2 -> 0.bn2 -> + residual -> 0.relu -> 1": (
+        nn.Sequential(BasicBlock(4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten()), torch.randn(3, 4, 7, 5)),
+        "0 -> 1 -> 2 -> 3": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                           nn.AdaptiveAvgPool2d((1, 1))), torch.randn(3, 3, 7, 5))}
+    for chain, (head, x) in heads.items():
+        if channels_last:
+            head, x = head.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        records = knn.swap(copy.deepcopy(head)).swap_records
+        assert chain in [r.detail for r in records]
+        assert not [r for r in records if r.action == "kept" and r.module != "Flatten"]
+        _check_against_float64(head, x, steps=2)
+    pooled_to_two = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+    assert [r.module for r in knn.swap(pooled_to_two).swap_records if r.action == "kept"] == ["AdaptiveAvgPool2d"]
+
+
 def test_max_pools_the_kernel_does_not_take_stay_in_pytorch():
     """ceil mode, returned indices, forward hooks, a window given as PyTorch takes it but `MaxPool` does not, or
     an activation read again: the BN chain ends at its activation and the pool runs in PyTorch, with why."""
@@ -225,14 +246,16 @@ def test_swapped_resnet_training_step_runs_no_pytorch_batch_norm_relu_or_add():
     """Forward and backward: BatchNorm, ReLU and the residual adds (and their gradients) in Triton ops only."""
     torch.manual_seed(5)
     model = knn.swap(resnet18(num_classes=3, width=4))
-    assert not [r for r in model.swap_records if r.action == "kept" and r.module != "AdaptiveAvgPool2d"]
-    assert "conv1 -> bn1 -> relu -> maxpool" in [r.detail for r in model.swap_records]  # the stem: pooled too
+    assert not [r for r in model.swap_records if r.action == "kept"]
+    details = [r.detail for r in model.swap_records]
+    assert "conv1 -> bn1 -> relu -> maxpool" in details  # the stem: pooled too, and the head averaged
+    assert "layer4.1.conv2 -> layer4.1.bn2 -> + residual -> layer4.1.relu -> avgpool" in details
     with _AtenOps() as seen:
         model(torch.randn(2, 3, 16, 16, requires_grad=True)).sum().backward()
     assert {name for name, _ in seen.ops if "batch_norm" in name or "relu" in name or "pool" in name
             or "threshold" in name} <= {
         "workbench::batch_norm_stats", "workbench::batch_norm_act", "workbench::batch_norm_act_max_pool",
-        "workbench::batch_norm_act_backward", "aten::adaptive_avg_pool2d", "aten::mean"}
+        "workbench::batch_norm_act_average", "workbench::batch_norm_act_backward"}
     assert not [rank for name, rank in seen.ops if name.startswith("aten::add") and rank == 4]  # only the counters'
 
 

@@ -37,7 +37,8 @@ def test_the_swapped_block_runs_its_own_launchers_and_moves_fewer_bytes():
     names = collections.Counter(kernel.name for kernel in ours)
     assert names["conv2d_fwd_kernel"] == 4 and not names["aten::pad"]
     assert not names["partial_moments_kernel"] and not names["finalize_kernel"]  # every BN's statistics: its conv's
-    assert names["normalize_kernel"] == 3  # the downsample's BN is normalised inside the block's last kernel
+    assert names["normalize_kernel"] == 2  # the downsample's BN is normalised inside the block's last kernel,
+    assert names["normalize_average_kernel"] == 1  # which also averages the output: AdaptiveAvgPool2d(1) in it
     assert names["conv2d_dgrad_kernel"] == 3  # one launch per conv, a stride-2 one's four phases in it
     assert names["conv2d_wgrad_kernel"] == 4 and not names["aten::sum"]  # split-K partials summed in the launch
     assert not names["aten::add"]  # the block input's two gradients (conv1's, the downsample's) summed in a dgrad
