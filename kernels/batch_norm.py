@@ -773,6 +773,9 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
     formed already where grad was (`ChainSums`): one launch, not two."""
     maximum = pool if isinstance(pool, tuple) else None
     _check_layout(y, residual=residual, **({} if pool else {"grad": grad}))
+    if pool is not None and not maximum and tuple(grad.shape) != GlobalAveragePool.output_shape(y.shape):
+        raise ValueError(f"an average's gradient must have shape {GlobalAveragePool.output_shape(y.shape)}, "
+                         f"got {tuple(grad.shape)}")
     if maximum:
         _check_layout(maximum[1], grad=grad)
     taps = maximum[1] if maximum else grad if pool else y

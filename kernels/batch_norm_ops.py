@@ -104,7 +104,8 @@ def _normalize_average_op(y: torch.Tensor, mean: torch.Tensor, invstd: torch.Ten
 @_normalize_average_op.register_fake
 def _(y, mean, invstd, weight, bias, batch_stats, residual, r_mean, r_invstd, r_weight, r_bias, r_batch_stats,
       activation, negative_slope):
-    return y.new_empty(GlobalAveragePool.output_shape(y.shape)).contiguous(memory_format=memory_format_of(y))
+    return torch.empty(GlobalAveragePool.output_shape(y.shape), device=y.device, dtype=y.dtype,
+                       memory_format=memory_format_of(y))
 
 
 @torch.library.custom_op("workbench::batch_norm_act_backward", mutates_args=())

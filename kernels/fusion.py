@@ -228,9 +228,11 @@ class _Graph:
 
     def average_pool(self, node: object) -> bool:
         """An AdaptiveAvgPool2d to 1 x 1 the BN kernels can end a chain with (`GlobalAveragePool`)."""
-        if not isinstance(node, fx.Node) or node in self.taken or not GlobalAveragePool.takes(self.module(node)):
+        module = self.module(node) if isinstance(node, fx.Node) else None
+        if module is None or node in self.taken or not (GlobalAveragePool.takes(module) and
+                                                        behaves_as(module, nn.AdaptiveAvgPool2d)):
             return False
-        reason = self._supported(self.module(node))
+        reason = self._supported(module)
         if reason is not None:
             self.kept[node] = reason
         return reason is None and len(node.args) == 1 and not node.kwargs

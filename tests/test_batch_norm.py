@@ -97,6 +97,10 @@ def test_ops_pass_opcheck():
                                                          None, None, True, "relu", 0.01, True))
     torch.library.opcheck(batch_norm_ops._normalize_op, (y, mean, invstd, None, None, False, None, None, None,
                                                          None, None, False, None, 0.01, False))
+    torch.library.opcheck(batch_norm_ops._normalize_average_op, (y, mean, invstd, weight, bias, True, r, r_mean,
+                                                                 r_invstd, None, None, True, "relu", 0.01))
+    torch.library.opcheck(batch_norm_ops._normalize_average_op, (y, mean, invstd, None, None, False, None, None,
+                                                                 None, None, None, False, "gelu", 0.01))
 
 
 def test_strips_whose_last_rows_run_out_still_give_exact_moments(monkeypatch):
@@ -228,3 +232,26 @@ def test_max_pool_op_passes_opcheck_and_bad_pools_are_refused():
                        pool=batch_norm_ops.MaxPool((3, 3), (1, 1), (0, 0), (1, 1)))
     with pytest.raises(ValueError, match="residual"):
         batch_norm_act(y, nn.BatchNorm2d(3), y, activation="relu", pool=batch_norm_ops.MaxPool(*POOLS[0]))
+
+
+def test_the_average_of_a_chain_is_pytorchs_mean_of_the_stored_activation():
+    """`normalize_average` (fp16, channels_last, odd 7 x 6 images) against PyTorch's mean of the activation as
+    stored (rounded to fp16), in float64: the sum in fp32, one rounding at the end; a NaN and an inf reach their
+    own image and channel only."""
+    from triton_workbench.kernels import batch_norm
+    from triton_workbench.kernels.activation import activation_code
+
+    torch.manual_seed(29)
+    y = torch.randn(3, 5, 7, 6).half().contiguous(memory_format=torch.channels_last)
+    y[1, 2, 3, 4], y[2, 0, 0, 0] = float("nan"), float("inf")
+    norm = batch_norm.Norm(torch.randn(5), torch.rand(5) + 0.5, torch.rand(5) + 0.5, torch.randn(5), True)
+    out = batch_norm.normalize_average(y, norm, None, None, activation_code("relu"), 0.0)
+    channel = lambda t: t.double()[None, :, None, None]  # noqa: E731
+    stored = torch.relu((y.double() - channel(norm.mean)) * channel(norm.invstd) * channel(norm.weight)
+                        + channel(norm.bias)).half().double()
+    expected = stored.mean((2, 3), keepdim=True).half().double()
+    assert out.shape == (3, 5, 1, 1) and out.dtype == torch.float16
+    assert out[1, 2].isnan().all() and out[2, 0].isinf().all()
+    finite = expected.isfinite()
+    assert finite.sum() == 13 and torch.equal(out.double()[~finite].isnan(), expected[~finite].isnan())
+    torch.testing.assert_close(out.double()[finite], expected[finite], rtol=1e-3, atol=1e-3)

@@ -113,8 +113,12 @@ def test_a_classifier_head_averages_in_the_bn_kernel_and_matches_pytorch(channel
     torch.manual_seed(28)
     heads = {"0.conv2 -> 0.bn2 -> + residual -> 0.relu -> 1": (
         nn.Sequential(BasicBlock(4, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten()), torch.randn(3, 4, 7, 5)),
+        "0.conv2 -> 0.bn2 -> + residual (its BN fused) -> 0.relu -> 1": (  # the downsample's BN: three sums
+        nn.Sequential(BasicBlock(4, 6, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten()), torch.randn(3, 4, 9, 7)),
         "0 -> 1 -> 2 -> 3": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                           nn.AdaptiveAvgPool2d((1, 1))), torch.randn(3, 3, 7, 5))}
+                                           nn.AdaptiveAvgPool2d((1, 1))), torch.randn(3, 3, 7, 5)),
+        "0 -> 1 -> 2": (nn.Sequential(nn.BatchNorm2d(3), nn.ReLU6(), nn.AdaptiveAvgPool2d(1)),  # BN alone: eval too
+                        torch.randn(3, 3, 7, 5) * 4)}
     for chain, (head, x) in heads.items():
         if channels_last:
             head, x = head.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -122,8 +126,11 @@ def test_a_classifier_head_averages_in_the_bn_kernel_and_matches_pytorch(channel
         assert chain in [r.detail for r in records]
         assert not [r for r in records if r.action == "kept" and r.module != "Flatten"]
         _check_against_float64(head, x, steps=2)
-    pooled_to_two = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
-    assert [r.module for r in knn.swap(pooled_to_two).swap_records if r.action == "kept"] == ["AdaptiveAvgPool2d"]
+    hooked = nn.AdaptiveAvgPool2d(1)
+    hooked.register_forward_hook(lambda module, args, out: None)
+    for pool in (nn.AdaptiveAvgPool2d(2), hooked):  # another size; a hook the fused kernel would skip
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), pool)
+        assert [r.module for r in knn.swap(model).swap_records if r.action == "kept"] == ["AdaptiveAvgPool2d"]
 
 
 def test_max_pools_the_kernel_does_not_take_stay_in_pytorch():
@@ -252,10 +259,12 @@ def test_swapped_resnet_training_step_runs_no_pytorch_batch_norm_relu_or_add():
     assert "layer4.1.conv2 -> layer4.1.bn2 -> + residual -> layer4.1.relu -> avgpool" in details
     with _AtenOps() as seen:
         model(torch.randn(2, 3, 16, 16, requires_grad=True)).sum().backward()
-    assert {name for name, _ in seen.ops if "batch_norm" in name or "relu" in name or "pool" in name
+    names = {name for name, _ in seen.ops}
+    assert {name for name in names if "batch_norm" in name or "relu" in name or "pool" in name
             or "threshold" in name} <= {
         "workbench::batch_norm_stats", "workbench::batch_norm_act", "workbench::batch_norm_act_max_pool",
         "workbench::batch_norm_act_average", "workbench::batch_norm_act_backward"}
+    assert "workbench::batch_norm_act_average" in names and not names & {"aten::mean", "aten::adaptive_avg_pool2d"}
     assert not [rank for name, rank in seen.ops if name.startswith("aten::add") and rank == 4]  # only the counters'
 
 
