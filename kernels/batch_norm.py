@@ -772,6 +772,14 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
     the pooled output's (with the taps' strides for a max-pool). `sums` ([3, C] fp32): the channels' sums,
     formed already where grad was (`ChainSums`): one launch, not two."""
     maximum = pool if isinstance(pool, tuple) else None
+    r_norm = residual_norm or norm
+    dy = torch.empty_like(y) if need_dy else None
+    dr = torch.empty_like(y) if need_dr and residual is not None else None
+    params = [parameter_grad(p, y) if need_params else None
+              for p in (norm.weight, norm.bias, r_norm.weight if residual_norm else None,
+                        r_norm.bias if residual_norm else None)]
+    if y.numel() == 0:  # no rows (an empty batch): nothing flows, the parameters' gradients are zero, as PyTorch's
+        return dy, dr, *(p.zero_() if p is not None else None for p in params)
     _check_layout(y, residual=residual, **({} if pool else {"grad": grad}))
     if pool is not None and not maximum and tuple(grad.shape) != GlobalAveragePool.output_shape(y.shape):
         raise ValueError(f"an average's gradient must have shape {GlobalAveragePool.output_shape(y.shape)}, "
@@ -784,7 +792,6 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
                        **_window_constexprs(maximum[0] if maximum else None)}
     view = _pooled_tiles(rows_view(y)) if maximum else rows_view(y)
     flags = _flags(norm, residual, residual_norm)
-    r_norm = residual_norm or norm
     pointers = (*norm.pointers(y), *r_norm.pointers(y))
     shape = (view.rows, view.channels, view.hw, *view.strides, float(negative_slope))
     runtime.announce()
@@ -803,11 +810,6 @@ def normalize_backward(grad: torch.Tensor, y: torch.Tensor, norm: Norm, residual
                 grad, y, pointer_or(residual, y), part, sums, counter, *pointers, *shape, strip, strips, *pooled,
                 **flags, ACTIVATION=activation_code, **pool_constexprs, INT64=view.int64, BLOCK_M=view.block_m,
                 BLOCK_C=view.block_c, **runtime.LAUNCH_OPTIONS)
-    dy = torch.empty_like(y) if need_dy else None
-    dr = torch.empty_like(y) if need_dr and residual is not None else None
-    params = [parameter_grad(p, y) if need_params else None
-              for p in (norm.weight, norm.bias, r_norm.weight if residual_norm else None,
-                        r_norm.bias if residual_norm else None)]
     backward_apply_kernel[(view.row_blocks, view.channel_blocks)](
         grad, y, pointer_or(residual, y), sums, pointer_or(dy, y), pointer_or(dr, y),
         *(pointer_or(p, sums) for p in params), *pointers, *shape, *pooled, **flags, ACTIVATION=activation_code, **pool_constexprs,

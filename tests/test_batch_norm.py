@@ -148,19 +148,25 @@ def test_backward_sums_of_more_strips_than_one_merge_load_holds():
 
 def test_an_empty_batch_is_counted_and_leaves_the_running_stats_as_pytorch_does():
     """Batch statistics of no rows, from the statistics pass and from a conv's launch: num_batches_tracked
-    counts the batch, the running stats stay, the output is empty -- as torch.nn.BatchNorm2d."""
+    counts the batch, the running stats stay, the output is empty, and the backward gives empty input and zero
+    parameter gradients -- as torch.nn.BatchNorm2d."""
     from triton_workbench.kernels import chains
 
     for conv in (None, nn.Conv2d(2, 3, 3, padding=1, bias=False)):
         reference = nn.BatchNorm2d(3, momentum=None)
         reference.running_mean.fill_(1), reference.running_var.fill_(2)
         ours = copy.deepcopy(reference)
-        x = torch.randn(0, 3 if conv is None else 2, 4, 4)
+        x = torch.randn(0, 3 if conv is None else 2, 4, 4, requires_grad=True)
         out = chains.bn_act(x, ours, activation="relu") if conv is None else chains.conv_bn_act(x, conv, ours)
         expected = reference(x if conv is None else conv(x))
         assert out.shape == expected.shape
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             assert torch.equal(getattr(ours, name), getattr(reference, name)), name
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+        expected.sum().backward()
+        for name in ("weight", "bias"):
+            assert torch.equal(getattr(ours, name).grad, getattr(reference, name).grad), name
 
 
 # ---------------------------------------------------------------------------------------------
