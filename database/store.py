@@ -130,6 +130,20 @@ def runs_match(run_id: int | Sequence[int] | None) -> tuple[str, tuple[int, ...]
     return f"run_id IN ({', '.join('?' * len(ids))})", ids
 
 
+def _use_wal(connection: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (it stays so), unless another connection has. Switching takes an exclusive lock
+    and SQLite answers "database is locked" at once, without the busy timeout, to the second of two processes
+    opening a new file together: that one waits and looks again, up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as error:
+            if ("locked" not in str(error) and "busy" not in str(error)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Database:
     """A handle on one workbench database file; cheap to create, one connection per process."""
 
@@ -167,8 +181,7 @@ class Database:
             connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                          check_same_thread=False)  # fmt: skip
             connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                connection.execute("PRAGMA journal_mode = WAL")
+            _use_wal(connection)
             connection.execute("PRAGMA synchronous = NORMAL")
             if self._schema_changes(connection):  # a new (or older) file: create or add what is missing, once
                 connection.execute("BEGIN IMMEDIATE")

