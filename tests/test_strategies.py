@@ -113,7 +113,7 @@ def test_auto_refines_within_two_changes_of_the_best_on_every_other_ask_from_50_
     def bowl(config: dict) -> float:
         return 1.0 + sum((value - 2) ** 2 for value in config.values())
 
-    strategy = make_strategy("auto", space, seed=1, stagnation=0)  # the refinement centre stays the best
+    strategy = make_strategy("auto", space, seed=1, basins=1)  # the refinement centre stays the best
     best, far_from_best = None, {"refining": 0, "exploring": 0}
     for told in range(90):
         config = strategy.ask()
@@ -156,7 +156,7 @@ def test_stagnation_moves_refinement_to_the_next_elite_config():
     strategy = make_strategy("auto", space, seed=0, **options)
     best, second = (0, 0, 0, 0, 0, 0), (4, 4, 4, 4, 4, 4)
     told(strategy, {best: 1.0, second: 2.0, (2, 2, 2, 2, 2, 2): 3.0})
-    near = lambda centre: {tuple(space.table[row]) for row in strategy._local_candidates()} <= {
+    near = lambda centre: {tuple(space.table[row]) for row in strategy._local_candidates(0.0)[0]} <= {
         tuple(space.table[row]) for row in np.flatnonzero(space.hamming_distances(space.row(dict(zip("abcdef", centre)))) <= 1)}
     assert near(best)  # 2 evaluations since the best: still refining around it
     told(strategy, {(1, 2, 3, 4, 0, 1): 5.0, (3, 1, 4, 0, 2, 2): 5.0})
@@ -165,6 +165,33 @@ def test_stagnation_moves_refinement_to_the_next_elite_config():
     assert near((2, 2, 2, 2, 2, 2))  # 8 without improvement: the third
     told(strategy, {(0, 1, 0, 1, 0, 1): 0.5})
     assert near((0, 1, 0, 1, 0, 1))  # an improvement: back to the (new) best
+
+
+def test_basin_centres_are_the_best_configs_farther_than_the_radius_from_every_better_one():
+    strategy = make_strategy("auto", six_by_five(), seed=0, local_radius=2)
+    best, tie, near_best, far, near_far = (0,) * 6, (4,) * 6, (0, 0, 1, 1, 0, 0), (0, 0, 0, 4, 4, 4), (0, 0, 0, 4, 4, 3)
+    told(strategy, {best: 1.0, near_far: 1.5, tie: 1.0, near_best: 1.1, far: 1.2, (2, 2, 2, 2, 2, 2): math.inf})
+    centres = [tuple(strategy.space.table[row]) for row in strategy._basin_centres(5)]
+    assert centres == [best, tie, far]  # near_best and near_far sit in better basins; failures never count
+    assert [tuple(strategy.space.table[row]) for row in strategy._basin_centres(2)] == [best, tie]
+
+
+def test_stagnant_refinement_spreads_over_the_basins_each_judged_by_its_own_best():
+    space = six_by_five()
+    strategy = make_strategy("auto", space, seed=0, basins=2, basin_stagnation=3, local_radius=1)
+    best, second = (0,) * 6, (4,) * 6
+    told(strategy, {best: 1.0, second: 2.0})
+    ball = lambda centre: set(np.flatnonzero(space.hamming_distances(space.row(dict(zip("abcdef", centre)))) <= 1))
+    rows, baselines = strategy._local_candidates(0.0)
+    assert set(rows) == ball(best) - set(strategy.observed_rows)  # 1 evaluation since the best: around it only
+    told(strategy, {(1, 2, 3, 4, 0, 1): 5.0, (3, 1, 4, 0, 2, 2): 5.0})
+    rows, baselines = strategy._local_candidates(0.0)
+    assert set(rows) == (ball(best) | ball(second)) - set(strategy.observed_rows)
+    around_second = np.isin(rows, list(ball(second)))
+    assert np.allclose(baselines[~around_second], math.log(1.0)) and np.allclose(baselines[around_second], math.log(2.0))
+    told(strategy, {(0, 0, 0, 0, 0, 1): 0.5})
+    rows, _ = strategy._local_candidates(math.log(0.5))
+    assert not set(rows) & ball(second)  # an improvement: back to the (new) best alone
 
 
 def test_spreads_one_ask_in_explore_every_while_stagnating_and_never_on_a_refining_one():

@@ -35,7 +35,8 @@ def sequence(asks: int, **options) -> list[dict]:
 def test_defaults_are_the_documented_choices():
     defaults = {name: default for name, default, _ in ForestOptions.documentation()}
     assert defaults == {"initial_samples": 10, "trees": 24, "pool_size": 3000, "neighbourhood_of": 3,
-                        "exploit_after": 50, "exploit_every": 2, "local_radius": 2, "elite": 8, "offspring": 0,
+                        "exploit_after": 50, "exploit_every": 2, "local_radius": 2, "basins": 4, "basin_stagnation": 10,
+                        "elite": 8, "offspring": 0,
                         "stagnation": 0, "explore_every": 4, "split_features": 1.0, "failure_penalty": 0.5}
     assert all(doc for _, _, doc in ForestOptions.documentation())
     assert make_strategy("auto", bowl_space()).options == ForestOptions()
@@ -47,8 +48,8 @@ def test_the_defaults_given_explicitly_change_nothing():
 
 
 def test_an_option_changes_the_search():
-    # refine within one change of the best on every ask from the 12th observation on
-    options = {"exploit_after": 12, "exploit_every": 1, "local_radius": 1}
+    # refine within one change of the best (one basin) on every ask from the 12th observation on
+    options = {"exploit_after": 12, "exploit_every": 1, "local_radius": 1, "basins": 1}
     asked = sequence(40, **options)
     best = None
     for told, config in enumerate(asked):
