@@ -30,14 +30,19 @@ BUDGETS = [25, 50, 100, 200, 500]
 # the replay's batch (configs asked before any is told, as `tune` asks a batch to compile ahead).
 VARIANTS: dict[str, dict[str, object]] = {
     "defaults": {},
+    "one-basin": {"basins": 1},  # the previous defaults: refinement around the best config only
+    "basins-8": {"basins": 8},
+    "basins-at-once": {"basin_stagnation": 0},  # spread over the basins from the first refining ask
+    "batch-4": {"batch": 4},  # compile-ahead: 4 configs asked before any is told
+    # tried against the previous defaults (one basin); stagnation > 0 replaces the basins by the elite in turn
     "offspring+stagnation": {"offspring": 400, "stagnation": 40},
-    "split-0.3": {"split_features": 0.3},  # 1.8x faster fits
-    "split-0.3+offspring": {"split_features": 0.3, "offspring": 400},
+    "split-0.3": {"split_features": 0.3, "basins": 1},  # 1.8x faster fits
+    "split-0.3+offspring": {"split_features": 0.3, "offspring": 400, "basins": 1},
     "split-0.3+stagnation": {"split_features": 0.3, "stagnation": 40},
     "split-0.3+offspring+stagnation": {"split_features": 0.3, "offspring": 400, "stagnation": 40},
     "split-0.3+offspring+stagnation-no-spread": {"split_features": 0.3, "offspring": 400, "stagnation": 40,
                                                  "explore_every": 0},
-    "batch-4": {"batch": 4},  # compile-ahead: 4 configs asked before any is told
+    "one-basin+batch-4": {"batch": 4, "basins": 1},
 }
 
 

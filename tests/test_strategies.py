@@ -170,9 +170,11 @@ def test_stagnation_moves_refinement_to_the_next_elite_config():
 def test_basin_centres_are_the_best_configs_farther_than_the_radius_from_every_better_one():
     strategy = make_strategy("auto", six_by_five(), seed=0, local_radius=2)
     best, tie, near_best, far, near_far = (0,) * 6, (4,) * 6, (0, 0, 1, 1, 0, 0), (0, 0, 0, 4, 4, 4), (0, 0, 0, 4, 4, 3)
-    told(strategy, {best: 1.0, near_far: 1.5, tie: 1.0, near_best: 1.1, far: 1.2, (2, 2, 2, 2, 2, 2): math.inf})
+    tie_near_best = (0, 0, 0, 0, 0, 1)  # as good as the best, observed later, one change from it
+    told(strategy, {best: 1.0, near_far: 1.5, tie: 1.0, near_best: 1.1, far: 1.2, (2, 2, 2, 2, 2, 2): math.inf,
+                    tie_near_best: 1.0})
     centres = [tuple(strategy.space.table[row]) for row in strategy._basin_centres(5)]
-    assert centres == [best, tie, far]  # near_best and near_far sit in better basins; failures never count
+    assert centres == [best, tie, far]  # the others sit in better (or earlier) basins; failures never count
     assert [tuple(strategy.space.table[row]) for row in strategy._basin_centres(2)] == [best, tie]
 
 
@@ -188,10 +190,51 @@ def test_stagnant_refinement_spreads_over_the_basins_each_judged_by_its_own_best
     rows, baselines = strategy._local_candidates(0.0)
     assert set(rows) == (ball(best) | ball(second)) - set(strategy.observed_rows)
     around_second = np.isin(rows, list(ball(second)))
-    assert np.allclose(baselines[~around_second], math.log(1.0)) and np.allclose(baselines[around_second], math.log(2.0))
+    assert np.allclose(baselines[~around_second], math.log(1.0))
+    assert np.allclose(baselines[around_second], math.log(2.0))
     told(strategy, {(0, 0, 0, 0, 0, 1): 0.5})
     rows, _ = strategy._local_candidates(math.log(0.5))
     assert not set(rows) & ball(second)  # an improvement: back to the (new) best alone
+
+
+def test_a_candidate_two_centres_reach_is_judged_by_the_better_and_none_left_falls_back_to_the_pool():
+    space = six_by_five()
+    strategy = make_strategy("auto", space, seed=0, basins=2, basin_stagnation=0, local_radius=1)
+    best, second = (0,) * 6, (0, 0, 0, 0, 1, 1)  # two changes apart: both centres, their balls overlap
+    told(strategy, {best: 1.0, second: 2.0})
+    rows, baselines = strategy._local_candidates(0.0)
+    shared = [space.row(dict(zip("abcdef", key))) for key in ((0, 0, 0, 0, 0, 1), (0, 0, 0, 0, 1, 0))]
+    assert np.allclose(baselines[np.isin(rows, shared)], math.log(1.0))
+    small = Space({"a": [0, 1, 2], "b": [0, 1, 2]})
+    lone = make_strategy("auto", small, seed=0, basins=1, local_radius=1)
+    told(lone, {(0, 0): 1.0, (1, 0): 2.0, (2, 0): 2.0, (0, 1): 2.0, (0, 2): 2.0})  # the best's ball, all asked
+    rows, baseline = lone._local_candidates(-1.0)
+    assert sorted(rows) == sorted(np.flatnonzero(~lone.asked)) and baseline == -1.0
+
+
+class _FixedTree:
+    """Stands in for a fitted tree: predicts `means[row] + offset` for the features of `row`."""
+
+    def __init__(self, means: dict[int, float], offset: float):
+        self.tree_ = self
+        self.means, self.offset = means, offset
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return np.array([[self.means.get(int(row), 9.0) + self.offset] for row in features[:, 0]])
+
+
+def test_refining_asks_weigh_each_candidate_against_its_own_basin():
+    space = six_by_five()
+    strategy = make_strategy("auto", space, seed=0, basins=2, basin_stagnation=0, local_radius=1, exploit_after=0,
+                             exploit_every=1, initial_samples=2)
+    best, second = (0,) * 6, (4,) * 6
+    told(strategy, {best: 1.0, second: 2.0})
+    ball = lambda centre: np.flatnonzero(space.hamming_distances(space.row(dict(zip("abcdef", centre)))) == 1)
+    # the model: a little worse than the incumbent around it, a little better than the second basin around that one
+    means = {int(r): math.log(1.0) + 0.05 for r in ball(best)} | {int(r): math.log(2.0) - 0.1 for r in ball(second)}
+    strategy._features = np.arange(space.size, dtype=np.float32)[:, None]  # a row's feature is its index
+    strategy._fit = lambda: [_FixedTree(means, -0.01), _FixedTree(means, 0.01)]
+    assert strategy._next_row() in ball(second)  # judged against the incumbent, a config near it would win
 
 
 def test_spreads_one_ask_in_explore_every_while_stagnating_and_never_on_a_refining_one():
