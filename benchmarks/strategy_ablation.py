@@ -7,7 +7,8 @@ the held-out ones.
 Rows (the `compare` layout, the variant in the strategy column) are appended to
 benchmarks/results/strategy_ablation.csv per (variant, seed) as they finish, and finished ones are
 skipped on a rerun, so an interrupted run loses nothing (a file written for other landscapes or budgets
-is refused; change a variant's options under a new name). The table printed at the end is the mean
+is refused; change a variant's options under a new name -- and rename the "defaults" rows when the
+defaults change, or they are kept as finished). The table printed at the end is the mean
 fraction of the optimum over the landscapes per budget, ± its standard error over seeds
 (`compare.summary_with_errors`: each seed's mean over the landscapes is one sample).
 """

@@ -212,6 +212,20 @@ def test_a_candidate_two_centres_reach_is_judged_by_the_better_and_none_left_fal
     assert sorted(rows) == sorted(np.flatnonzero(~lone.asked)) and baseline == -1.0
 
 
+def test_elite_stagnation_ignores_the_basins_and_judges_against_the_best_and_failures_are_no_centres():
+    space = six_by_five()
+    strategy = make_strategy("auto", space, seed=0, stagnation=2, elite=2, basin_stagnation=0, local_radius=1)
+    told(strategy, {(0,) * 6: 1.0, (4,) * 6: 2.0, (2,) * 6: 3.0})  # 2 without improvement: the second elite
+    rows, baseline = strategy._local_candidates(-5.0)
+    second = space.row(dict(zip("abcdef", (4,) * 6)))
+    assert set(rows) == set(np.flatnonzero(space.hamming_distances(second) == 1)) and baseline == -5.0
+    failing = make_strategy("auto", space, seed=0)
+    told(failing, {(0,) * 6: math.inf, (4,) * 6: math.inf})
+    assert len(failing._basin_centres(4)) == 0
+    rows, baseline = failing._local_candidates(0.0)  # the usual pool, against the best
+    assert len(rows) == 3000 and not failing.asked[rows].any() and baseline == 0.0
+
+
 class _FixedTree:
     """Stands in for a fitted tree: predicts `means[row] + offset` for the features of `row`."""
 

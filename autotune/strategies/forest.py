@@ -26,15 +26,16 @@ Why this design:
   rather than 100 observations, and radius 2 rather than 1, together raised the 100- and 200-evaluation
   results on all five landscapes.
 - After `basin_stagnation` (10) evaluations without improvement, refinement spreads over the best config of
-  each of `basins` (4) basins -- observed configs more than `local_radius` changes from every better one --
+  each of the `basins` (4) best basins -- observed configs more than `local_radius` changes from every better one --
   and judges each candidate by the improvement expected over its own basin's best, not the incumbent's.
   Refining around the incumbent alone walks its plateau while a worse basin, the slope of an isolated optimum,
-  is not followed: on the synthetic needle 5 of 15 seeds were still on the best plateau at 200 evaluations,
+  is not followed: on the synthetic needle 5 of 15 seeds were still on the plateau 0.7 of the optimum at 200,
   having seen configs two changes from the optimum by their 40th-170th. Judged against the incumbent, that
   slope's candidates never win (its configs are worse); judged against their own basin, they do (needle at
   200: 0.900 -> 0.960). The cost: refining asks go to worse basins while the incumbent's neighbourhood
-  still holds the optimum (convolution_A100 0.916 -> 0.909 at 500, the eight development landscapes
-  0.989 -> 0.988; 15 seeds).
+  still holds the optimum (15 seeds: convolution_A100 0.906 -> 0.891 at 200 and 0.916 -> 0.909 at 500;
+  at 100 all ten landscapes 0.959 -> 0.956, the interactions 0.988 -> 0.972; at 500 the eight development
+  landscapes 0.989 -> 0.988).
 - Asked but untold configs (parallel compile) are fitted at the mean observed value ("constant liar"),
   so a batch of asks spreads out instead of piling onto one spot.
 - Tried for the late phase (100-500 evaluations) and left off by default, because none was clearly
@@ -43,8 +44,8 @@ Why this design:
   the elite in the scored pool (`offspring`, a genetic algorithm's recombination judged by the model),
   moving the refinement centre through the elite after `stagnation` evaluations without improvement with
   one ask in `explore_every` spread out, and splits over a random 30% of the features (`split_features`,
-  1.8x faster fits). The spread-out asks and the 30% splits lost the synthetic needle that one basin
-  finds by 500 evaluations (all against one basin, the defaults of the time).
+  1.8x faster fits). The spread-out asks and the 30% splits each lost the synthetic needle in a seed where
+  one basin finds it by 500 evaluations (all against one basin, the defaults of the time).
 
 Every number above is an option (`ForestOptions`; `make_strategy("auto", space, trees=48)`, `tune(...,
 strategy_options={...})`, `workbench tune --strategy-option trees=48`); the defaults are the choices
@@ -215,7 +216,7 @@ class ForestSearch(Strategy):
         """The `count` best observed rows that did not fail, best first."""
         values = np.asarray(self.observed_values)
         order = np.argsort(values, kind="stable")[:count]  # ties: the first observed first
-        return np.asarray(self.observed_rows)[order[np.isfinite(values[order])]]
+        return np.asarray(self.observed_rows, dtype=np.int64)[order[np.isfinite(values[order])]]
 
     def _stagnant_for(self) -> int:
         """Evaluations since the best value so far was first observed."""
@@ -248,7 +249,8 @@ class ForestSearch(Strategy):
         """The best observed config of each of the `count` best basins, best first: configs that did not fail,
         more than `options.local_radius` changes from every better observed config (ties: from every earlier
         one), so that a second, worse basin -- the slope of an isolated optimum -- is refined too, not only the
-        incumbent's plateau."""
+        incumbent's plateau. O(n * d) memory; time O(n^2 * d) at worst (fewer than `count` basins), the scan
+        stopping at the `count`-th centre (at once for 1)."""
         ranked = self._best_rows(len(self.observed_rows))
         table, centres = self.space.table[ranked], []
         for i in range(len(ranked)):
